@@ -1,0 +1,122 @@
+"""Frozen configuration dataclasses, validated with messages that name the offending value.
+
+Config is data: the engine, workers and launchers receive these objects; nothing reads flags or
+environment variables behind their back.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+EXPERT_BACKENDS = ("dense", "ragged_dot", "pallas")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unsupported or inconsistent."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of an MoE decoder; one object covers every supported family."""
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_experts: int
+    top_k: int
+    d_expert: int                      # routed expert intermediate size
+    norm_topk_prob: bool               # renormalise the top-k gate weights to sum to 1
+    d_shared: int = 0                  # shared expert intermediate size (qwen2_moe); 0 = none
+    qkv_bias: bool = False             # qwen2_moe
+    qk_norm: bool = False              # qwen3_moe: RMSNorm on q and k per head before RoPE
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    max_position: int = 4096
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.family in FAMILIES,
+                 f"unknown model family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "n_experts", "top_k", "d_expert", "max_position"):
+            _require(getattr(self, name) > 0, f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        _require(self.n_heads % self.n_kv_heads == 0,
+                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        _require(self.top_k <= self.n_experts,
+                 f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        _require(self.d_shared >= 0, f"d_shared must be >= 0, got {self.d_shared}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache of one attention worker. Page 0 is reserved as the padding sink."""
+    page_size: int = 16
+    num_pages: int = 256               # per attention worker, including the reserved page 0
+
+    def __post_init__(self) -> None:
+        _require(self.page_size > 0, f"CacheConfig.page_size must be > 0, got {self.page_size}")
+        _require(self.num_pages >= 2,
+                 f"CacheConfig.num_pages must be >= 2 (page 0 is reserved), got {self.num_pages}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the service is laid out and scheduled."""
+    num_attention_workers: int = 2
+    num_expert_workers: int = 4
+    expert_backend: str = "ragged_dot"
+    prefill_chunk: int = 32            # max prompt tokens of one request per step (chunked prefill)
+    max_step_tokens: int = 256         # token budget of one step on one AW
+    max_running: int = 64              # requests in the running batch of one AW
+    transfer_deadline_s: float = 30.0  # bounded wait on every cross-worker transfer
+    dtype: str = "float32"             # activation/param dtype on device
+
+    def __post_init__(self) -> None:
+        _require(self.num_attention_workers >= 1,
+                 f"num_attention_workers must be >= 1, got {self.num_attention_workers}")
+        _require(self.num_expert_workers >= 1,
+                 f"num_expert_workers must be >= 1, got {self.num_expert_workers}")
+        _require(self.expert_backend in EXPERT_BACKENDS,
+                 f"unknown expert_backend {self.expert_backend!r}; choose from {EXPERT_BACKENDS}")
+        _require(self.prefill_chunk > 0, f"prefill_chunk must be > 0, got {self.prefill_chunk}")
+        _require(self.max_step_tokens >= self.prefill_chunk,
+                 f"max_step_tokens={self.max_step_tokens} < prefill_chunk={self.prefill_chunk}")
+        _require(self.max_running > 0, f"max_running must be > 0, got {self.max_running}")
+        _require(self.transfer_deadline_s > 0,
+                 f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
+        _require(self.dtype in ("float32", "bfloat16", "float16"),
+                 f"unsupported dtype {self.dtype!r}; use float32, bfloat16 or float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding: greedy when temperature == 0, else seeded temperature / top-p."""
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple = ()
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def tiny_model_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
+    """The embedded default model: small enough for 2 CPU cores, every feature switched on."""
+    base = dict(family=family, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                head_dim=16, n_experts=8, top_k=2, d_expert=32, norm_topk_prob=family != "qwen2_moe",
+                d_shared=48 if family == "qwen2_moe" else 0, qkv_bias=family == "qwen2_moe",
+                qk_norm=family == "qwen3_moe", rope_theta=10000.0, rms_eps=1e-6, max_position=512)
+    base.update(overrides)
+    return ModelConfig(**base)
+

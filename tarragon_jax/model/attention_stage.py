@@ -1,0 +1,76 @@
+"""Attention-worker stage programs: pure jitted functions of (params, state, inputs).
+
+One decode/prefill step on an AW runs, for every layer, `attention_layer` (attention over the
+paged KV cache, router, shared expert), hands the post-norm hidden states to the forwarding
+engine, and folds the expert outputs back in with `combine`. Tokens are a flat ragged batch:
+token t belongs to block-table row slot_T[t] at position pos_T[t] (prefill chunks and decode
+tokens mix freely); padded tokens point at an all-zero block-table row, i.e. the sink page 0.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tarragon_jax.config import ModelConfig
+from tarragon_jax.model import layers
+from tarragon_jax.model.router import route
+
+
+@jax.jit
+def embed(attn: dict, ids_T: jax.Array) -> jax.Array:
+    return attn["embed"][ids_T]
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
+def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax.Array,
+                    x_TxD: jax.Array, pos_T: jax.Array, slot_T: jax.Array, tables_BxP: jax.Array):
+    """k/v_pages [num_pages, page_size, KV, hd] are donated and returned updated.
+
+    Returns (h_TxD residual after attention, hn_TxD expert input, ids_Txk, w_Txk,
+             shared_TxD shared-expert output or zeros, k_pages, v_pages).
+    """
+    ps = k_pages.shape[1]
+    q, k, v = layers.qkv(lp, layers.rms_norm(x_TxD, lp["input_norm"], cfg.rms_eps), pos_T, cfg)
+    tables_T = tables_BxP[slot_T]                                   # [T, P]
+    page_T = jnp.take_along_axis(tables_T, (pos_T // ps)[:, None], axis=1)[:, 0]
+    k_pages = k_pages.at[page_T, pos_T % ps].set(k.astype(k_pages.dtype))
+    v_pages = v_pages.at[page_T, pos_T % ps].set(v.astype(v_pages.dtype))
+    T, P = tables_T.shape
+    k_ctx = k_pages[tables_T].reshape(T, P * ps, cfg.n_kv_heads, cfg.head_dim)   # [T, C, KV, hd]
+    v_ctx = v_pages[tables_T].reshape(T, P * ps, cfg.n_kv_heads, cfg.head_dim)
+    mask_TxC = jnp.arange(P * ps)[None, :] <= pos_T[:, None]
+    h = x_TxD + layers.gqa_attention(q, k_ctx.astype(q.dtype), v_ctx.astype(q.dtype), mask_TxC) @ lp["wo"]
+    hn = layers.rms_norm(h, lp["post_norm"], cfg.rms_eps)
+    ids, w = route(hn, lp["router"], cfg.top_k, cfg.norm_topk_prob)
+    shared = layers.shared_expert(lp["shared"], hn) if "shared" in lp else jnp.zeros_like(hn)
+    return h, hn, ids, w, shared, k_pages, v_pages
+
+
+@jax.jit
+def gather_rows(hn_TxD: jax.Array, rows_N: jax.Array) -> jax.Array:
+    """The expert-input rows bound for one EW (forwarding engine's send buffer)."""
+    return hn_TxD[rows_N]
+
+
+@jax.jit
+def combine(h_TxD: jax.Array, shared_TxD: jax.Array, w_Txk: jax.Array, ys: tuple, toks: tuple,
+            ks: tuple) -> jax.Array:
+    """x_next = h + (sum over returned rows of gate weight * expert output + shared).
+
+    ys[i] [N_i, D] came back from one EW; toks[i]/ks[i] [N_i] say which (token, k) each row was.
+    Padded rows carry weight 0 via k == -1.
+    """
+    moe = jnp.zeros_like(h_TxD, dtype=jnp.float32)
+    for y, t, k in zip(ys, toks, ks):
+        gate = jnp.where(k >= 0, w_Txk[t, jnp.maximum(k, 0)], 0).astype(jnp.float32)
+        moe = moe.at[t].add(gate[:, None] * y.astype(jnp.float32))
+    return h_TxD + (moe.astype(h_TxD.dtype) + shared_TxD)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def lm_head(cfg: ModelConfig, attn: dict, x_TxD: jax.Array, last_B: jax.Array) -> jax.Array:
+    """f32 logits [B, V] at the rows that end a request's tokens in this step."""
+    x = layers.rms_norm(x_TxD[last_B], attn["final_norm"], cfg.rms_eps)
+    return (x @ attn["lm_head"]).astype(jnp.float32)

@@ -1,0 +1,70 @@
+"""Shared per-token math (norms, RoPE, SwiGLU, GQA attention), written to match transformers.
+
+Parameter layout (plain pytrees, see hf_loader):
+  attention side  {"embed" [V, D], "final_norm" [D], "lm_head" [D, V], "layers": [layer, ...]}
+  layer           {"input_norm" [D], "post_norm" [D], "wq" [D, H*hd], "wk"/"wv" [D, KV*hd],
+                   "wo" [H*hd, D], "router" [D, E], optional "bq"/"bk"/"bv", "q_norm"/"k_norm" [hd],
+                   optional "shared": {"w_gate" [D, Fs], "w_up" [D, Fs], "w_down" [Fs, D], "gate" [D]}}
+  expert side     [ {"w_gate" [E, D, F], "w_up" [E, D, F], "w_down" [E, F, D]} per layer ]
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tarragon_jax.config import ModelConfig
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in f32 and cast back before the weight, as transformers does."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w * y.astype(x.dtype)
+
+
+def rope(x_TxHxd: jax.Array, pos_T: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, non-interleaved halves (transformers' rotate_half convention)."""
+    hd = x_TxHxd.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    ang = pos_T.astype(jnp.float32)[:, None] * inv_freq[None, :]          # [T, hd/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[:, None, :]                # [T, 1, hd]
+    cos, sin = jnp.cos(ang).astype(x_TxHxd.dtype), jnp.sin(ang).astype(x_TxHxd.dtype)
+    x1, x2 = jnp.split(x_TxHxd, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_TxHxd * cos + rotated * sin
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
+    """Projections, optional bias and per-head q/k norm, then RoPE. Returns q [T,H,hd], k/v [T,KV,hd]."""
+    T = xn_TxD.shape[0]
+    q, k, v = xn_TxD @ layer["wq"], xn_TxD @ layer["wk"], xn_TxD @ layer["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    q = q.reshape(T, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(T, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, layer["q_norm"], cfg.rms_eps), rms_norm(k, layer["k_norm"], cfg.rms_eps)
+    return rope(q, pos_T, cfg.rope_theta), rope(k, pos_T, cfg.rope_theta), v
+
+
+def gqa_attention(q_TxHxd: jax.Array, k_TxCxKxd: jax.Array, v_TxCxKxd: jax.Array,
+                  mask_TxC: jax.Array) -> jax.Array:
+    """Each query token attends over its own C keys; softmax in f32. Returns [T, H*hd]."""
+    T, H, hd = q_TxHxd.shape
+    kv = k_TxCxKxd.shape[2]
+    q = q_TxHxd.reshape(T, kv, H // kv, hd)
+    s = jnp.einsum("tkgd,tckd->tkgc", q, k_TxCxKxd).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
+    s = jnp.where(mask_TxC[:, None, None, :], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v_TxCxKxd.dtype)
+    return jnp.einsum("tkgc,tckd->tkgd", p, v_TxCxKxd).reshape(T, H * hd)
+
+
+def shared_expert(shared: dict, hn_TxD: jax.Array) -> jax.Array:
+    """Qwen2-MoE shared expert with its sigmoid gate."""
+    gate = jax.nn.sigmoid(hn_TxD @ shared["gate"])[:, None]
+    return gate * swiglu(hn_TxD, shared["w_gate"], shared["w_up"], shared["w_down"])

@@ -1,0 +1,41 @@
+"""A built-in random model (`--model tiny`): needs no files, exercises every family feature."""
+from __future__ import annotations
+
+import numpy as np
+
+from tarragon_jax.config import ModelConfig, tiny_model_config
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
+    """Weights scaled so logits and router choices are well separated (no greedy near-ties)."""
+    rng = np.random.default_rng(seed)
+    D, H, KV, hd, E, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_experts, cfg.d_expert
+
+    def w(*shape, scale=None):
+        s = scale if scale is not None else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
+        return (rng.standard_normal(shape) * s).astype(dtype)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(dtype)
+
+    layers, experts = [], []
+    for _ in range(cfg.n_layers):
+        lp = {"input_norm": norm(D), "post_norm": norm(D), "wq": w(D, H * hd), "wk": w(D, KV * hd),
+              "wv": w(D, KV * hd), "wo": w(H * hd, D), "router": w(D, E, scale=1.0)}
+        if cfg.qkv_bias:
+            lp.update(bq=w(H * hd, scale=0.1), bk=w(KV * hd, scale=0.1), bv=w(KV * hd, scale=0.1))
+        if cfg.qk_norm:
+            lp.update(q_norm=norm(hd), k_norm=norm(hd))
+        if cfg.d_shared:
+            lp["shared"] = {"w_gate": w(D, cfg.d_shared), "w_up": w(D, cfg.d_shared),
+                            "w_down": w(cfg.d_shared, D), "gate": w(D, scale=0.2)}
+        layers.append(lp)
+        experts.append({"w_gate": w(E, D, F), "w_up": w(E, D, F), "w_down": w(E, F, D)})
+    attn = {"embed": w(cfg.vocab_size, D, scale=1.0), "final_norm": norm(D),
+            "lm_head": w(D, cfg.vocab_size, scale=2.0 / np.sqrt(D)), "layers": layers}
+    return {"attn": attn, "experts": experts}
+
+
+def tiny_model(family: str = "qwen2_moe", seed: int = 0, **overrides) -> tuple[ModelConfig, dict]:
+    cfg = tiny_model_config(family, **overrides)
+    return cfg, random_params(cfg, seed)

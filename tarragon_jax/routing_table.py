@@ -1,0 +1,53 @@
+"""Expert routing table (ERT): (layer, logical expert) -> ordered live replicas (EW, slot).
+
+Immutable and versioned: every change makes a new table with version + 1, so an AW can tell
+which placement a dispatch was resolved against. Plain Python; every AW holds its own copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Replica:
+    ew: int        # expert worker index
+    slot: int      # position of the expert's weights in that EW's per-layer weight stack
+
+
+class NoLiveReplica(LookupError):
+    """An expert has no replica left; the controller must load its weights somewhere."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingTable:
+    version: int
+    n_layers: int
+    n_experts: int
+    _replicas: Mapping[tuple[int, int], tuple[Replica, ...]]
+
+    @classmethod
+    def build(cls, n_layers: int, n_experts: int,
+              replicas: Mapping[tuple[int, int], tuple[Replica, ...]], version: int = 0) -> "RoutingTable":
+        missing = [(l, e) for l in range(n_layers) for e in range(n_experts) if not replicas.get((l, e))]
+        if missing:
+            raise NoLiveReplica(f"no replica for (layer, expert) {missing[:4]}")
+        return cls(version, n_layers, n_experts, dict(replicas))
+
+    def replicas(self, layer: int, expert: int) -> tuple[Replica, ...]:
+        return self._replicas[(layer, expert)]
+
+    def resolve(self, layer: int, expert: int) -> Replica:
+        """The replica to send to now: the first live one in order."""
+        reps = self._replicas[(layer, expert)]
+        if not reps:
+            raise NoLiveReplica(f"no live replica of expert {expert} in layer {layer}")
+        return reps[0]
+
+    def resolve_layer(self, layer: int) -> tuple[list[int], list[int]]:
+        """(ew, slot) for every expert of a layer, as two lists indexed by expert id."""
+        reps = [self.resolve(layer, e) for e in range(self.n_experts)]
+        return [r.ew for r in reps], [r.slot for r in reps]
+
+    def ews(self) -> set[int]:
+        return {r.ew for reps in self._replicas.values() for r in reps}

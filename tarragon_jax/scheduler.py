@@ -1,0 +1,100 @@
+"""Continuous batching for one attention worker: admission under the page budget, chunked prefill.
+
+Every step, waiting requests are admitted FIFO while they fit (pages reserved for their whole
+length, so a running request never stalls for pages); then running requests get tokens: one each
+for those decoding, then prefill chunks of at most `prefill_chunk` while the step budget lasts.
+Requests join and leave the running batch at any step. Host-only (numpy).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from tarragon_jax.block_manager import BlockManager
+from tarragon_jax.sequence import Sequence, SeqState
+
+
+def bucket(n: int, minimum: int) -> int:
+    """Next power of two >= max(n, minimum): bounds the number of compiled shapes."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """Flat ragged token batch of one AW step, padded to bucketed shapes."""
+    seqs: list[Sequence]          # requests with tokens in this step, in row order
+    chunks: list[int]             # tokens each contributes
+    ids_T: np.ndarray             # int32 [T]
+    pos_T: np.ndarray             # int32 [T]
+    slot_T: np.ndarray            # int32 [T]  row in tables_BxP (padding -> last, all-zero row)
+    tables_BxP: np.ndarray        # int32 [B, P] page ids (0 = sink)
+    last_B: np.ndarray            # int32 [B]  index of each row's last token (padding -> 0)
+    emits: list[bool]             # whether the row's chunk reaches the end of its tokens
+    n_tokens: int                 # real tokens (T minus padding)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_running: int, max_step_tokens: int, prefill_chunk: int):
+        self.blocks = blocks
+        self.max_running, self.max_step_tokens, self.prefill_chunk = max_running, max_step_tokens, prefill_chunk
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq.max_len):
+                break                                     # FIFO: the head waits for pages
+            self.waiting.popleft()
+            self.blocks.allocate(seq.request_id, seq.max_len)
+            seq.state = SeqState.RUNNING
+            self.running.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+
+    def schedule(self) -> StepBatch | None:
+        self._admit()
+        budget = self.max_step_tokens
+        picked: list[tuple[Sequence, int]] = []
+        decoding = [s for s in self.running if s.num_pending == 1]
+        prefilling = [s for s in self.running if s.num_pending > 1]
+        for s in decoding + prefilling:
+            n = min(s.num_pending, self.prefill_chunk, budget)
+            if n <= 0:
+                break
+            picked.append((s, n))
+            budget -= n
+        return self._build(picked) if picked else None
+
+    def _build(self, picked: list[tuple[Sequence, int]]) -> StepBatch:
+        ps = self.blocks.page_size
+        n_tok = sum(n for _, n in picked)
+        T = bucket(n_tok, 8)
+        B = bucket(len(picked) + 1, 4)                    # +1: an all-zero row for padding tokens
+        P = bucket(max(self.blocks.pages_for(s.num_cached + n) for s, n in picked), 1)
+        ids, pos = np.zeros(T, np.int32), np.zeros(T, np.int32)
+        slot = np.full(T, B - 1, np.int32)
+        tables, last = np.zeros((B, P), np.int32), np.zeros(B, np.int32)
+        emits, t = [], 0
+        for row, (s, n) in enumerate(picked):
+            pages = self.blocks.block_table(s.request_id)[:P]
+            tables[row, :len(pages)] = pages
+            ids[t:t + n] = s.tokens[s.num_cached:s.num_cached + n]
+            pos[t:t + n] = np.arange(s.num_cached, s.num_cached + n)
+            slot[t:t + n] = row
+            last[row] = t + n - 1
+            emits.append(s.num_cached + n == s.num_tokens)
+            t += n
+        return StepBatch([s for s, _ in picked], [n for _, n in picked], ids, pos, slot, tables, last,
+                         emits, n_tok)
