@@ -1,0 +1,130 @@
+"""Each family against transformers on the same checkpoint (fixtures from make_fixtures.py)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tarragon_jax.config import ConfigError, EngineConfig, SamplingParams
+from tarragon_jax.engine import Engine
+from tarragon_jax.model import reference
+from tarragon_jax.model.hf_loader import CheckpointError, load_checkpoint
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16"]
+
+
+def _expected(name):
+    with open(os.path.join(FIX, name, "expected.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_reference_matches_transformers_logits_and_greedy(name):
+    cfg, params = load_checkpoint(os.path.join(FIX, name))
+    exp = _expected(name)
+    for prompt, want_logits, want_tokens in zip(exp["prompts"], exp["last_logits"], exp["greedy_new_tokens"]):
+        logits = np.asarray(reference.forward(cfg, params, np.asarray(prompt, np.int32)))[-1]
+        want = np.asarray(want_logits, np.float32)
+        # 1e-4 relative to the logit scale (transformers computes in f32 with another op order)
+        assert np.max(np.abs(logits - want)) <= 1e-4 * np.max(np.abs(want)), name
+        assert reference.greedy_generate(cfg, params, prompt, len(want_tokens)) == want_tokens
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_engine_matches_transformers_greedy(name):
+    cfg, params = load_checkpoint(os.path.join(FIX, name))
+    exp = _expected(name)
+    eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=4, prefill_chunk=16))
+    outs = eng.generate(exp["prompts"], SamplingParams(max_new_tokens=len(exp["greedy_new_tokens"][0])))
+    assert outs == exp["greedy_new_tokens"]
+
+
+def test_bf16_weights_load_as_requested_dtype():
+    cfg, p16 = load_checkpoint(os.path.join(FIX, "qwen3_moe_bf16"))
+    _, p32 = load_checkpoint(os.path.join(FIX, "qwen3_moe"))
+    assert p16["attn"]["embed"].dtype == np.float32
+    np.testing.assert_allclose(p16["attn"]["embed"], p32["attn"]["embed"], rtol=1e-2, atol=1e-2)
+    _, pb = load_checkpoint(os.path.join(FIX, "qwen3_moe_bf16"), dtype=np.float16)
+    assert pb["experts"][0]["w_gate"].dtype == np.float16 and pb["experts"][0]["w_gate"].shape == (8, 64, 32)
+
+
+def _copy(tmp_path, name="qwen2_moe"):
+    dst = tmp_path / name
+    shutil.copytree(os.path.join(FIX, name), dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _rewrite_tensors(path, fn):
+    from safetensors.numpy import load_file, save_file
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    fn(tensors)
+    save_file(tensors, str(f))
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_no_weights(tmp_path):
+    d = _copy(tmp_path)
+    os.remove(d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"no \*.safetensors"):
+        load_checkpoint(str(d))
+
+
+def test_missing_shard(tmp_path):
+    d = _copy(tmp_path, "mixtral")
+    os.remove(d / "model-00002-of-00003.safetensors")
+    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors"):
+        load_checkpoint(str(d))
+
+
+def test_unknown_family(tmp_path):
+    d = _copy(tmp_path)
+    _edit_config(d, architectures=["LlamaForCausalLM"], model_type="llama")
+    with pytest.raises(ConfigError, match="unknown model family.*LlamaForCausalLM"):
+        load_checkpoint(str(d))
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "yarn"),
+    (dict(mlp_only_layers=[1]), "mlp_only_layers"),
+    (dict(vocab_size=None), "vocab_size"),
+])
+def test_unsupported_config_fields(tmp_path, change, field):
+    d = _copy(tmp_path)
+    _edit_config(d, **change)
+    with pytest.raises(ConfigError, match=field):
+        load_checkpoint(str(d))
+
+
+def test_missing_and_misshaped_and_extra_tensors(tmp_path):
+    d = _copy(tmp_path)
+    _rewrite_tensors(d, lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.experts.3.up_proj.weight'"):
+        load_checkpoint(str(d))
+    d = _copy(tmp_path / "b")
+    _rewrite_tensors(d, lambda t: t.update({"model.norm.weight": np.ones(63, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \(63,\), expected \(64,\)"):
+        load_checkpoint(str(d))
+    d = _copy(tmp_path / "c")
+    _rewrite_tensors(d, lambda t: t.update({"model.layers.0.mlp.mystery.weight": np.ones(3, np.float32)}))
+    with pytest.raises(CheckpointError, match="unexpected tensors.*mystery"):
+        load_checkpoint(str(d))
