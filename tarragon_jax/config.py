@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
-EXPERT_BACKENDS = ("dense", "ragged_dot", "pallas")
+EXPERT_BACKENDS = ("auto", "dense", "ragged_dot", "pallas")
 
 
 class ConfigError(ValueError):
@@ -72,7 +72,7 @@ class EngineConfig:
     """How the service is laid out and scheduled."""
     num_attention_workers: int = 2
     num_expert_workers: int = 4
-    expert_backend: str = "ragged_dot"
+    expert_backend: str = "auto"      # auto: Pallas kernel on GPU/TPU, ragged_dot on CPU
     prefill_chunk: int = 32            # max prompt tokens of one request per step (chunked prefill)
     max_step_tokens: int = 256         # token budget of one step on one AW
     max_running: int = 64              # requests in the running batch of one AW

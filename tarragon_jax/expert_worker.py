@@ -20,11 +20,19 @@ class ExpertInput:
     slot_N: np.ndarray
 
 
+def resolve_backend(backend: str, platform: str) -> str:
+    """`auto` picks the Pallas kernel where it compiles natively; on CPU it would only interpret."""
+    if backend != "auto":
+        return backend
+    return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "ragged_dot"
+
+
 class ExpertWorker:
     def __init__(self, index: int, handle: WorkerHandle, hosted: list[list[int]], experts: list[dict],
                  backend: str, dtype):
         """hosted[layer] = expert ids in slot order; experts = host weights of every expert."""
-        self.index, self.handle, self.backend = index, handle, backend
+        self.index, self.handle = index, handle
+        self.backend = resolve_backend(backend, handle.devices[0].platform)
         self.hosted = [list(h) for h in hosted]
         self.weights = [handle.put({k: np.asarray(experts[l][k][ids]).astype(dtype) for k in experts[l]})
                         for l, ids in enumerate(self.hosted)]
