@@ -1,8 +1,10 @@
 """Attention worker (AW): owns its requests, their paged KV cache, and the attention-side params.
 
 The AW's data path per step: embed -> for each layer (attention + router, forwarding engine
-exchange with the EWs, combine) -> LM head -> sample. The engine drives the layer loop across
-AWs so each EW sees one layer's tokens from every AW together.
+exchange with the EWs, combine) -> LM head -> sample -> snapshot newly filled KV blocks to the
+checkpoint store (asynchronously). The engine drives the layer loop across AWs so each EW sees
+one layer's tokens from every AW together. A request moved here after its AW failed restores its
+committed blocks on admission and recomputes only the positions after them.
 """
 from __future__ import annotations
 
@@ -12,15 +14,16 @@ import jax
 import numpy as np
 
 from tarragon_jax.block_manager import BlockManager
+from tarragon_jax.checkpoint_store import BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
 from tarragon_jax.forwarding_engine import ForwardingEngine
-from tarragon_jax.kv_cache import allocate_pages
+from tarragon_jax.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.model import attention_stage as stage
 from tarragon_jax.routing_table import RoutingTable
 from tarragon_jax.runtime import WorkerHandle
 from tarragon_jax.sampling import sample
-from tarragon_jax.scheduler import Scheduler, StepBatch
-from tarragon_jax.sequence import Sequence
+from tarragon_jax.scheduler import Scheduler, StepBatch, bucket
+from tarragon_jax.sequence import Sequence, SeqState
 from tarragon_jax.transport import Transport
 
 
@@ -33,20 +36,36 @@ class LayerOut:
     shared: jax.Array
 
 
+@dataclasses.dataclass
+class RestoreStats:
+    """What moving requests here cost: for the recovery breakdown."""
+    requests: int = 0
+    blocks: int = 0
+    fallbacks: int = 0                    # missing/corrupt snapshot -> recomputed from tokens
+    tokens_recomputed: int = 0
+    seconds: float = 0.0
+
+
 class AttentionWorker:
     def __init__(self, index: int, handle: WorkerHandle, model: ModelConfig, attn_params: dict,
-                 cache: CacheConfig, engine: EngineConfig, transport: Transport, ert: RoutingTable, dtype):
-        self.index, self.handle, self.model = index, handle, model
+                 cache: CacheConfig, engine: EngineConfig, transport: Transport, ert: RoutingTable, dtype,
+                 store: CheckpointStore | None, clock):
+        self.index, self.handle, self.model, self.store, self.clock = index, handle, model, store, clock
         self.params = handle.put(jax.tree.map(lambda a: np.asarray(a).astype(dtype), attn_params))
         self.pages = allocate_pages(model, cache, handle, dtype)
         self.blocks = BlockManager(cache.num_pages, cache.page_size)
         self.scheduler = Scheduler(self.blocks, engine.max_running, engine.max_step_tokens,
                                    engine.prefill_chunk)
         self.refe = ForwardingEngine(index, handle, transport, ert)
+        self.restored = RestoreStats()
         self._dev: dict = {}
 
     def start_step(self) -> StepBatch | None:
-        """Pick this step's tokens and embed them; None when the AW has nothing to run."""
+        """Admit, restore moved requests, pick this step's tokens and embed them; None if idle."""
+        self.handle.check()
+        for seq in self.scheduler.admit():
+            if seq.restore_pending:
+                self._restore(seq)
         batch = self.scheduler.schedule()
         if batch is not None:
             self._dev = dict(zip(("ids", "pos", "slot", "tables", "last"), self.handle.put(
@@ -54,18 +73,44 @@ class AttentionWorker:
             self._dev["x"] = stage.embed(self.params, self._dev["ids"])
         return batch
 
+    def _restore(self, seq: Sequence) -> None:
+        t0, ps = self.clock(), self.blocks.page_size
+        seq.restore_pending = False
+        usable = (seq.num_tokens - 1) // ps               # the last token must stay pending
+        n = 0
+        if self.store is not None and usable:
+            try:
+                data = self.store.restore(seq.request_id)[:usable]
+                n = len(data)
+                pages = np.asarray(self.blocks.block_table(seq.request_id)[:n], np.int32)
+                self.pages = write_blocks(self.pages, *self.handle.put((pages, data)))
+            except (SnapshotMissing, SnapshotCorrupt):
+                n, self.restored.fallbacks = 0, self.restored.fallbacks + 1
+        seq.num_cached = n * ps
+        seq.recompute_until = seq.num_tokens - 1
+        self.restored.requests += 1
+        self.restored.blocks += n
+        self.restored.tokens_recomputed += seq.num_tokens - 1 - n * ps
+        self.restored.seconds += self.clock() - t0
+
     def attend(self, layer: int) -> LayerOut:
+        self.handle.check()
         d, kv = self._dev, self.pages[layer]
         h, hn, ids, w, shared, kv["k"], kv["v"] = stage.attention_layer(
             self.model, self.params["layers"][layer], kv["k"], kv["v"], d["x"], d["pos"], d["slot"],
             d["tables"])
         return LayerOut(h, hn, ids, w, shared)
 
-    def combine(self, out: LayerOut, ys: tuple, toks: tuple, ks: tuple) -> None:
+    def combine(self, out: LayerOut, returned: list[tuple]) -> None:
+        """returned: (y, tok, k) per answered Rows, from the forwarding engine."""
+        self.handle.check()
+        ys, toks, ks = (tuple(r[i] for r in returned) for i in range(3))
         self._dev["x"] = stage.combine(out.h, out.shared, out.w, ys, toks, ks)
 
-    def finish_step(self, batch: StepBatch) -> list[tuple[Sequence, int]]:
-        """Sample for every row whose chunk ended its tokens; advance cache progress of all rows."""
+    def finish_step(self, batch: StepBatch) -> list[tuple[Sequence, int, bool]]:
+        """Sample for every row whose chunk ended its tokens; advance cache progress of all rows;
+        snapshot newly filled blocks. Returns (seq, token, is_new_to_the_user) per sampled row."""
+        self.handle.check()
         logits = stage.lm_head(self.model, self.params, self._dev["x"], self._dev["last"])
         B = len(batch.last_B)
         sp = [s.sampling for s in batch.seqs] + [batch.seqs[0].sampling] * (B - len(batch.seqs))
@@ -73,10 +118,38 @@ class AttentionWorker:
             np.array([p.temperature for p in sp], np.float32), np.array([p.top_p for p in sp], np.float32),
             np.array([p.seed for p in sp], np.uint32),
             np.array([len(s.output) for s in batch.seqs] + [0] * (B - len(batch.seqs)), np.int32)))))
-        emitted = []
+        emitted, filled = [], []
+        ps = self.blocks.page_size
         for row, (s, n) in enumerate(zip(batch.seqs, batch.chunks)):
+            full = range(s.num_cached // ps, (s.num_cached + n) // ps)
             s.num_cached += n
             if batch.emits[row]:
-                s.append(int(toks[row]))
-                emitted.append((s, int(toks[row])))
+                emitted.append((s, int(toks[row]), s.append(int(toks[row]))))
+            if s.state is not SeqState.FINISHED:
+                filled += [BlockRef(s.request_id, b) for b in full]
+        self._snapshot(filled)
         return emitted
+
+    def _snapshot(self, refs: list[BlockRef]) -> None:
+        """Hand newly filled blocks to the store; it copies and writes in the background."""
+        if self.store is None or not refs:
+            return
+        pages = [self.blocks.block_table(r.request_id)[r.block] for r in refs]
+        ids = np.zeros(bucket(len(pages), 4), np.int32)
+        ids[:len(pages)] = pages
+        self.store.snapshot(self.index, refs, read_blocks(self.pages, self.handle.put(ids))[:len(refs)])
+
+    def release(self, seq: Sequence) -> None:
+        """A finished request leaves: its pages return to the pool and its snapshots are dropped."""
+        self.scheduler.finish(seq)
+        if self.store is not None:
+            self.store.drop(seq.request_id)
+
+    def live_requests(self) -> list[Sequence]:
+        return [s for s in list(self.scheduler.waiting) + self.scheduler.running if s.state is not SeqState.FINISHED]
+
+    def kill(self) -> None:
+        """Fail-stop: params and KV pages are deleted; every later call raises WorkerFailed."""
+        self.handle.alive = False
+        for a in jax.tree.leaves((self.params, self.pages, self._dev)):
+            a.delete()

@@ -9,6 +9,7 @@ import dataclasses
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 EXPERT_BACKENDS = ("auto", "dense", "ragged_dot", "pallas")
+RECOVERIES = ("tarragon", "restart")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,11 @@ class EngineConfig:
     max_running: int = 64              # requests in the running batch of one AW
     transfer_deadline_s: float = 30.0  # bounded wait on every cross-worker transfer
     dtype: str = "float32"             # activation/param dtype on device
+    recovery: str = "tarragon"         # tarragon: mask failures; restart: tear everything down (baseline)
+    resilience: bool = True            # shadows + KV snapshots + heartbeats (off: the overhead baseline)
+    shadow_budget: float = 1.0         # fraction of an EW's primary-expert memory spent on shadows
+    checkpoint_dir: str | None = None  # KV snapshots (any Orbax path); None: a fresh dir under the temp dir
+    heartbeat_interval_s: float = 0.05 # controller liveness probes of idle workers
 
     def __post_init__(self) -> None:
         _require(self.num_attention_workers >= 1,
@@ -92,6 +98,10 @@ class EngineConfig:
         _require(self.max_running > 0, f"max_running must be > 0, got {self.max_running}")
         _require(self.transfer_deadline_s > 0,
                  f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
+        _require(self.recovery in RECOVERIES, f"unknown recovery {self.recovery!r}; choose from {RECOVERIES}")
+        _require(self.shadow_budget >= 0, f"shadow_budget must be >= 0, got {self.shadow_budget}")
+        _require(self.heartbeat_interval_s > 0,
+                 f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         _require(self.dtype in ("float32", "bfloat16", "float16"),
                  f"unsupported dtype {self.dtype!r}; use float32, bfloat16 or float16")
 

@@ -2,26 +2,27 @@
 
 request -> engine (validate, assign to an AW) -> AW (attention + router) -> forwarding engine ->
 EWs (one grouped FFN per layer over every AW's tokens) -> AW (combine, next layer, LM head) ->
-token out. `step()` runs one iteration of that for every AW with work and returns the tokens it
+token out. `step()` runs one iteration of that for every live AW and returns the tokens it
 produced; `stream()` iterates them until nothing is left.
+
+Every cross-worker call can raise WorkerFailed. The engine reports it to the controller and then
+carries on with what the controller decided: an EW's rows of the current layer are replayed to
+the next replica (only the AWs that used it), a failed AW drops out of the step (its requests
+were moved), and under `recovery=restart` the whole cluster is rebuilt.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence as Seq
+from typing import Callable, Iterator, Sequence as Seq
 
-import jax.numpy as jnp
 import numpy as np
 
-from tarragon_jax.attention_worker import AttentionWorker
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig, SamplingParams
-from tarragon_jax.errors import RequestError
-from tarragon_jax.expert_worker import ExpertWorker
+from tarragon_jax.controller import Controller, RecoveryRecord
+from tarragon_jax.errors import RequestError, WorkerFailed
+from tarragon_jax.faults import FaultInjector
 from tarragon_jax.metrics import Metrics
-from tarragon_jax.placement import primary_placement
-from tarragon_jax.runtime import LocalRuntime
 from tarragon_jax.sequence import Sequence, SeqState
-from tarragon_jax.transport import Transport
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,24 +34,33 @@ class TokenEvent:
     finish_reason: str = ""
 
 
+class _Restart(Exception):
+    def __init__(self, rec: RecoveryRecord):
+        self.rec = rec
+
+
 class Engine:
     def __init__(self, model: ModelConfig, params: dict, engine: EngineConfig = EngineConfig(),
                  cache: CacheConfig = CacheConfig(), devices: list | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, faults: FaultInjector | None = None,
+                 load_params: Callable[[], dict] | None = None):
+        """load_params: re-reads the weights from the checkpoint files (the restart baseline)."""
         self.model, self.config, self.cache = model, engine, cache
         self.metrics = metrics or Metrics()
-        dtype = jnp.dtype(engine.dtype)
-        aw_handles, ew_handles = LocalRuntime(devices).workers(engine.num_attention_workers,
-                                                                engine.num_expert_workers)
-        hosted, self.ert = primary_placement(model.n_layers, model.n_experts, engine.num_expert_workers)
-        self.transport = Transport(engine.transfer_deadline_s)
-        self.ew_handles = ew_handles
-        self.ews = [ExpertWorker(j, h, hosted[j], params["experts"], engine.expert_backend, dtype)
-                    for j, h in enumerate(ew_handles)]
-        self.aws = [AttentionWorker(i, h, model, params["attn"], cache, engine, self.transport, self.ert, dtype)
-                    for i, h in enumerate(aw_handles)]
+        self.faults = faults or FaultInjector([])
+        self.controller = Controller(model, params, engine, cache, devices, self.metrics.clock, load_params)
         self.requests: dict[int, Sequence] = {}
+        self.step_index = 0
+        self.replayed_rows = 0
         self._next_id = 0
+
+    @property
+    def aws(self):
+        return self.controller.aws
+
+    @property
+    def ews(self):
+        return self.controller.ews
 
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt_ids: Seq[int], sampling: SamplingParams = SamplingParams()) -> int:
@@ -60,7 +70,7 @@ class Engine:
         self._next_id += 1
         seq = Sequence(rid, prompt, sampling, min(len(prompt) + sampling.max_new_tokens, self.model.max_position))
         self.requests[rid] = seq
-        min(self.aws, key=lambda a: a.scheduler.num_requests).scheduler.add(seq)
+        min(self.controller.live_aws(), key=lambda a: a.scheduler.num_requests).scheduler.add(seq)
         self.metrics.submitted(rid)
         return rid
 
@@ -79,49 +89,114 @@ class Engine:
         if len(prompt) >= self.model.max_position:
             raise RequestError(f"prompt too long: {len(prompt)} tokens, model context is "
                                f"{self.model.max_position} (need room for at least one new token)")
-        need = self.aws[0].blocks.pages_for(min(len(prompt) + sampling.max_new_tokens, self.model.max_position))
-        if need > self.aws[0].blocks.capacity:
+        blocks = self.aws[0].blocks
+        need = blocks.pages_for(min(len(prompt) + sampling.max_new_tokens, self.model.max_position))
+        if need > blocks.capacity:
             raise RequestError(f"request needs {need} KV pages, an attention worker has "
-                               f"{self.aws[0].blocks.capacity}; lower max_new_tokens or raise num_pages")
+                               f"{blocks.capacity}; lower max_new_tokens or raise num_pages")
         return prompt
 
     @property
     def has_work(self) -> bool:
-        return any(a.scheduler.num_requests for a in self.aws)
+        return any(s.state is not SeqState.FINISHED for s in self.requests.values())
+
+    # ---- failures ---------------------------------------------------------------------------
+    def _failure(self, name: str, reason: str, source: str) -> None:
+        rec = self.controller.failed(name, reason, source)
+        if rec is not None and self.config.recovery == "restart":
+            raise _Restart(rec)
+
+    def _inject(self, layer: int | None) -> None:
+        prefill = {a.index for a in self.controller.live_aws() if any(s.num_pending > 1 for s in a.live_requests())}
+        for spec in self.faults.due(self.step_index, layer, prefill_aws=prefill,
+                                    recovering=self.controller.recovering):
+            name = f"{spec.kind}{spec.index}"
+            if self.controller.worker(name).handle.alive:
+                self.controller.kill(name)
+
+    def _guard(self, fn, *args):
+        """Run an AW-side call; a WorkerFailed is reported and turns into None."""
+        try:
+            return fn(*args)
+        except WorkerFailed as f:
+            self._failure(f.worker, f.reason, "call")
+            return None
 
     # ---- the data path --------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        batches = {a.index: b for a in self.aws if (b := a.start_step()) is not None}
-        active = [a for a in self.aws if a.index in batches]
-        for layer in range(self.model.n_layers):
-            outs = {a.index: a.attend(layer) for a in active}
-            sent = {a.index: a.refe.dispatch(layer, outs[a.index].hn, np.asarray(outs[a.index].ids),
-                                             batches[a.index].n_tokens, self.ew_handles) for a in active}
-            results = self._run_experts(layer, sent)
-            for a in active:
-                ys, toks, ks = a.refe.collect(sent[a.index], results[a.index], self.ew_handles)
-                a.combine(outs[a.index], ys, toks, ks)
-        events = []
-        for a in active:
-            for seq, tok in a.finish_step(batches[a.index]):
-                self.metrics.token(seq.request_id)
-                if seq.state is SeqState.FINISHED:
-                    a.scheduler.finish(seq)
-                events.append(TokenEvent(seq.request_id, tok, len(seq.output) - 1,
-                                         seq.state is SeqState.FINISHED, seq.finish_reason))
+        try:
+            for rec in self.controller.tick():
+                if self.config.recovery == "restart":
+                    raise _Restart(rec)
+            self._inject(None)
+            events = self._step()
+        except _Restart as r:
+            live = [s for s in self.requests.values() if s.state is not SeqState.FINISHED]
+            self.controller.restart(live, r.rec)
+            events = []
+        self.step_index += 1
         self.metrics.steps += 1
         return events
 
-    def _run_experts(self, layer: int, sent: dict) -> dict[int, dict]:
-        """Each EW runs once over the rows every AW sent it; returns aw -> ew -> output rows."""
-        results: dict[int, dict] = {aw: {} for aw in sent}
-        for ew in self.ews:
-            mine = [(aw, o) for aw, outs in sent.items() for o in outs if o.ew == ew.index]
-            if mine:
-                ys = ew.run_layer(layer, [o.msg for _, o in mine])
-                for (aw, _), y in zip(mine, ys):
-                    results[aw][ew.index] = y
-        return results
+    def _step(self) -> list[TokenEvent]:
+        active = {}
+        for aw in self.controller.live_aws():
+            batch = self._guard(aw.start_step)
+            if batch is not None:
+                active[aw.index] = (aw, batch)
+        for layer in range(self.model.n_layers):
+            self._inject(layer)
+            outs, ids = {}, {}
+            for i, (aw, batch) in list(active.items()):
+                outs[i] = self._guard(aw.attend, layer)
+                ids[i] = None if outs[i] is None else self._guard(np.asarray, outs[i].ids)
+                if ids[i] is None:
+                    del active[i]
+            returned = self._exchange(layer, active, outs, ids)
+            for i, (aw, _) in list(active.items()):
+                if self._guard(aw.combine, outs[i], returned[i]) is None and not aw.handle.alive:
+                    del active[i]
+        events = []
+        for aw, batch in active.values():
+            for seq, tok, new in self._guard(aw.finish_step, batch) or []:
+                if seq.state is SeqState.FINISHED:
+                    aw.release(seq)
+                if new:
+                    self.metrics.token(seq.request_id)
+                    events.append(TokenEvent(seq.request_id, tok, len(seq.output) - 1,
+                                             seq.state is SeqState.FINISHED, seq.finish_reason))
+        return events
+
+    def _exchange(self, layer: int, active: dict, outs: dict, ids: dict) -> dict[int, list]:
+        """Send every AW's rows of this layer, run each EW once over the rows from all AWs, bring
+        the outputs back; rows bound for an EW that fails are replanned and replayed."""
+        todo = [(i, rows) for i, (aw, batch) in active.items()
+                for rows in aw.refe.plan(layer, ids[i], batch.n_tokens)]
+        returned: dict[int, list] = {i: [] for i in active}
+        while todo:
+            by_ew: dict[int, list] = {}
+            for i, rows in todo:
+                by_ew.setdefault(rows.ew, []).append((i, rows))
+            todo = []
+            for j, items in sorted(by_ew.items()):
+                items = [(i, r) for i, r in items if i in active]
+                ew = self.ews[j]
+                try:
+                    msgs = [active[i][0].refe.send(outs[i].hn, r, ew.handle) for i, r in items]
+                    ys = ew.run_layer(layer, msgs)
+                    got = [(i, active[i][0].refe.receive(y, r, ew.handle)) for (i, r), y in zip(items, ys)]
+                except WorkerFailed as f:
+                    self._failure(f.worker, f.reason, "call")
+                    if f.worker == ew.handle.name:          # replay these rows to the next replica
+                        self.replayed_rows += sum(len(r.tok) for _, r in items)
+                        todo += [(i, r2) for i, r in items for r2 in active[i][0].refe.replan(layer, r)]
+                    else:                                   # an AW died: the others retry as they were
+                        active.pop(int(f.worker[2:]), None)
+                        todo += [(i, r) for i, r in items if i in active]
+                    continue
+                for i, out in got:
+                    returned[i].append(out)
+        return returned
 
     def stream(self) -> Iterator[TokenEvent]:
         while self.has_work:
@@ -135,4 +210,4 @@ class Engine:
         return [list(self.requests[i].output) for i in ids]
 
     def close(self) -> None:
-        self.transport.close()
+        self.controller.shutdown()

@@ -1,6 +1,11 @@
 """Expert worker (EW): hosts expert weight stacks per layer and runs one grouped FFN over the
 tokens of a layer from every AW. Stateless apart from weights, so a replayed input gives the
-same output anywhere the expert lives."""
+same output on any replica of the expert.
+
+Slots of a layer are its primaries (0..P-1), then shadows and experts loaded after a failure
+(P..). Shadows live in a separate stack that the program touches only when a row targets one,
+so idle shadows cost memory, not compute (the paper keeps shadows inactive for the same reason).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,13 +16,7 @@ import numpy as np
 from tarragon_jax.model.expert_stage import expert_layer
 from tarragon_jax.runtime import WorkerHandle
 
-
-@dataclasses.dataclass
-class ExpertInput:
-    """One AW's rows for this EW and layer: x on the EW's mesh, slot per row (-1 = padding)."""
-    aw: int
-    x_NxD: jax.Array
-    slot_N: np.ndarray
+_KEYS = ("w_gate", "w_up", "w_down")
 
 
 def resolve_backend(backend: str, platform: str) -> str:
@@ -27,23 +26,55 @@ def resolve_backend(backend: str, platform: str) -> str:
     return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "ragged_dot"
 
 
+@dataclasses.dataclass
+class ExpertInput:
+    """One AW's rows for this EW and layer: x on the EW's mesh, slot per row (-1 = padding)."""
+    aw: int
+    x_NxD: jax.Array
+    slot_N: np.ndarray
+
+
 class ExpertWorker:
-    def __init__(self, index: int, handle: WorkerHandle, hosted: list[list[int]], experts: list[dict],
-                 backend: str, dtype):
-        """hosted[layer] = expert ids in slot order; experts = host weights of every expert."""
-        self.index, self.handle = index, handle
+    def __init__(self, index: int, handle: WorkerHandle, primaries: list[list[int]],
+                 shadows: list[list[int]], experts: list[dict], backend: str, dtype):
+        """primaries/shadows[layer] = expert ids in slot order; experts = host weights of every expert."""
+        self.index, self.handle, self.dtype = index, handle, dtype
         self.backend = resolve_backend(backend, handle.devices[0].platform)
-        self.hosted = [list(h) for h in hosted]
-        self.weights = [handle.put({k: np.asarray(experts[l][k][ids]).astype(dtype) for k in experts[l]})
-                        for l, ids in enumerate(self.hosted)]
+        self.slots = [list(p) + list(s) for p, s in zip(primaries, shadows)]
+        self.n_primary = [len(p) for p in primaries]
+        self.weights = [self._stack(experts[l], p) for l, p in enumerate(primaries)]
+        self.extra = [self._stack(experts[l], s) if s else None for l, s in enumerate(shadows)]
+
+    def _stack(self, layer_experts: dict, ids: list[int]) -> dict:
+        return self.handle.put({k: np.asarray(layer_experts[k][ids]).astype(self.dtype) for k in _KEYS})
+
+    def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> list[int]:
+        """Load experts from host memory into new extra slots (no replica left elsewhere);
+        returns their slots. The extra stack grows, so this layer's program recompiles once."""
+        new = self._stack(layer_experts, ids)
+        old = self.extra[layer]
+        self.extra[layer] = new if old is None else jax.tree.map(
+            lambda a, b: jax.numpy.concatenate([a, b]), old, new)
+        first = len(self.slots[layer])
+        self.slots[layer] += list(ids)
+        return list(range(first, first + len(ids)))
 
     def run_layer(self, layer: int, inputs: list[ExpertInput]) -> list[jax.Array]:
         """Outputs per input, in input order and row order; padding rows come back as zeros."""
+        self.handle.check()
         slots = np.concatenate([i.slot_N for i in inputs])
-        n_slots = len(self.hosted[layer])
+        use_extra = bool((slots >= self.n_primary[layer]).any())
+        n_slots = len(self.slots[layer]) if use_extra else self.n_primary[layer]
         perm = np.argsort(np.where(slots < 0, n_slots, slots), kind="stable").astype(np.int32)
         inv = np.argsort(perm).astype(np.int32)
         sizes = np.bincount(slots[slots >= 0], minlength=n_slots).astype(np.int32)
-        out = expert_layer(self.weights[layer], tuple(i.x_NxD for i in inputs),
-                           *self.handle.put((perm, inv, sizes)), backend=self.backend)
+        out = expert_layer(self.weights[layer], self.extra[layer] if use_extra else None,
+                           tuple(i.x_NxD for i in inputs), *self.handle.put((perm, inv, sizes)),
+                           backend=self.backend)
         return list(out)
+
+    def kill(self) -> None:
+        """Fail-stop: the device buffers are gone and every later call raises WorkerFailed."""
+        self.handle.alive = False
+        for a in jax.tree.leaves((self.weights, self.extra)):
+            a.delete()

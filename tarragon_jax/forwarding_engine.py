@@ -2,8 +2,10 @@
 expert worker that serves them per the routing table, send each EW its rows, and bring the
 outputs back with a bounded wait for the combine.
 
-The resilience layer plugs in here: a WorkerFailed from `collect` names the EW whose rows must be
-replayed to the next replica.
+On a failed EW the engine calls `replan` for exactly the rows that were bound for it: the same
+(token, k, expert) rows, resolved again under the newer routing table (a shadow or another
+primary), are replayed; nothing else is redone. Expert compute is stateless and deterministic,
+so the replayed outputs are the ones the failed EW would have returned.
 """
 from __future__ import annotations
 
@@ -21,43 +23,53 @@ from tarragon_jax.transport import Transport
 
 
 @dataclasses.dataclass
-class Outbound:
-    """What went to one EW: the message plus how to fold its answer back in."""
+class Rows:
+    """This AW's rows bound for one EW in one layer (real rows only; padding is added on send)."""
     ew: int
-    msg: ExpertInput
-    tok_N: np.ndarray        # token row of each sent row (padding -> 0)
-    k_N: np.ndarray          # which of the token's top-k it is (padding -> -1)
+    tok: np.ndarray          # token row in the AW's step batch
+    k: np.ndarray            # which of the token's top-k
+    expert: np.ndarray       # logical expert id
+    slot: np.ndarray         # slot on the EW
+
+    def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tok, k, slot) padded to a bucketed length; padding rows: token 0, k -1, slot -1."""
+        n = bucket(len(self.tok), 8)
+        return tuple(np.pad(a, (0, n - len(a)), constant_values=c).astype(np.int32)
+                     for a, c in ((self.tok, 0), (self.k, -1), (self.slot, -1)))
 
 
 class ForwardingEngine:
     def __init__(self, aw: int, handle: WorkerHandle, transport: Transport, ert: RoutingTable):
         self.aw, self.handle, self.transport, self.ert = aw, handle, transport, ert
 
-    def plan(self, layer: int, ids_Txk: np.ndarray, n_tokens: int) -> dict[int, tuple]:
-        """ew -> (rows, ks, slots) for the real tokens, resolved through the ERT."""
+    def publish(self, ert: RoutingTable) -> None:
+        """Adopt a newer routing table (the controller broadcasts every version)."""
+        if ert.version > self.ert.version:
+            self.ert = ert
+
+    def _resolve(self, layer: int, tok, k, expert) -> list[Rows]:
         ew_of, slot_of = (np.asarray(a) for a in self.ert.resolve_layer(layer))
+        ews = ew_of[expert]
+        return [Rows(int(w), tok[ews == w], k[ews == w], expert[ews == w], slot_of[expert[ews == w]])
+                for w in np.unique(ews)]
+
+    def plan(self, layer: int, ids_Txk: np.ndarray, n_tokens: int) -> list[Rows]:
+        """Every (token, k) of the real tokens, grouped by the EW the ERT resolves its expert to."""
         ids = ids_Txk[:n_tokens]
         tok, k = np.nonzero(np.ones_like(ids, bool))
-        e = ids[tok, k]
-        ews = ew_of[e]
-        return {int(w): (tok[ews == w], k[ews == w], slot_of[e[ews == w]]) for w in np.unique(ews)}
+        return self._resolve(layer, tok, k, ids[tok, k])
 
-    def dispatch(self, layer: int, hn_TxD: jax.Array, ids_Txk: np.ndarray, n_tokens: int,
-                 ews: list[WorkerHandle]) -> list[Outbound]:
-        out = []
-        for w, (tok, k, slot) in self.plan(layer, ids_Txk, n_tokens).items():
-            n = bucket(len(tok), 8)
-            tok_p, k_p, slot_p = (np.pad(a, (0, n - len(a)), constant_values=c).astype(np.int32)
-                                  for a, c in ((tok, 0), (k, -1), (slot, -1)))
-            x = gather_rows(hn_TxD, self.handle.put(tok_p))
-            out.append(Outbound(w, ExpertInput(self.aw, self.transport.send(x, ews[w]), slot_p), tok_p, k_p))
-        return out
+    def replan(self, layer: int, rows: Rows) -> list[Rows]:
+        """The same rows, resolved under the current (newer) ERT: the replay after an EW failure."""
+        return self._resolve(layer, rows.tok, rows.k, rows.expert)
 
-    def collect(self, outbound: list[Outbound], results: dict[int, jax.Array],
-                ews: list[WorkerHandle]) -> tuple[tuple, tuple, tuple]:
-        """(ys, toks, ks) on this AW's mesh; raises WorkerFailed for an EW that died or timed out."""
-        ys = tuple(self.transport.send(self.transport.wait(results[o.ew], ews[o.ew]), self.handle)
-                   for o in outbound)
-        toks = tuple(self.handle.put(o.tok_N) for o in outbound)
-        ks = tuple(self.handle.put(o.k_N) for o in outbound)
-        return ys, toks, ks
+    def send(self, hn_TxD: jax.Array, rows: Rows, ew: WorkerHandle) -> ExpertInput:
+        tok, _, slot = rows.padded()
+        x = gather_rows(hn_TxD, self.handle.put(tok))
+        return ExpertInput(self.aw, self.transport.send(x, ew), slot)
+
+    def receive(self, y_NxD: jax.Array, rows: Rows, ew: WorkerHandle) -> tuple:
+        """(y, tok, k) on this AW's mesh; raises WorkerFailed if the EW died or missed the deadline."""
+        tok, k, _ = rows.padded()
+        y = self.transport.send(self.transport.wait(y_NxD, ew), self.handle)
+        return (y, *self.handle.put((tok, k)))

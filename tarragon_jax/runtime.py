@@ -1,16 +1,20 @@
 """How a worker exists. `local`: a subset of this process's devices with its own Mesh.
 
-With enough devices (8 simulated CPU devices by default, or real GPUs) every worker gets disjoint
-devices; with fewer (one GPU), workers share devices round-robin but keep separate meshes, stage
-programs and buffers, so the datapath is the same.
+With enough devices (8 simulated CPU devices by default, or real GPUs) every worker gets its own
+device and the rest are spares for replacement workers; with fewer (one GPU), workers share
+devices round-robin but keep separate meshes, stage programs and buffers, so the datapath is
+the same. A killed worker's handle refuses every call (WorkerFailed), like a dead process.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tarragon_jax.errors import WorkerFailed
 
 
 @dataclasses.dataclass
@@ -24,19 +28,42 @@ class WorkerHandle:
         self.mesh = Mesh(np.array(self.devices), ("d",))
         self.sharding = NamedSharding(self.mesh, PartitionSpec())     # replicated on its mesh
 
+    def check(self) -> None:
+        if not self.alive:
+            raise WorkerFailed(self.name, "worker is dead")
+
     def put(self, tree):
+        self.check()
         return jax.device_put(tree, self.sharding)
+
+    def probe(self) -> bool:
+        """Heartbeat: the worker is marked alive and its devices still run a tiny program."""
+        if not self.alive:
+            return False
+        return int(jax.device_put(jnp.int32(1), self.sharding) + 1) == 2
 
 
 class LocalRuntime:
     def __init__(self, devices: list | None = None):
         self.devices = list(devices) if devices is not None else jax.devices()
+        self._used: list = []
+
+    def _pick(self) -> tuple:
+        free = [d for d in self.devices if d not in self._used]
+        dev = free[0] if free else self.devices[len(self._used) % len(self.devices)]
+        self._used.append(dev)
+        return (dev,)
 
     def workers(self, num_aws: int, num_ews: int) -> tuple[list[WorkerHandle], list[WorkerHandle]]:
         """AWs take the first devices, EWs the next ones; wrap around only when devices run out."""
-        n = len(self.devices)
-        pick = lambda i: (self.devices[i % n],)
-        aws = [WorkerHandle(f"aw{i}", pick(i)) for i in range(num_aws)]
-        ews = [WorkerHandle(f"ew{j}", pick(num_aws + j)) for j in range(num_ews)]
+        aws = [WorkerHandle(f"aw{i}", self._pick()) for i in range(num_aws)]
+        ews = [WorkerHandle(f"ew{j}", self._pick()) for j in range(num_ews)]
         return aws, ews
 
+    def replacement(self, failed: WorkerHandle) -> WorkerHandle:
+        """A handle with the failed worker's name on a spare device, or, with no spare left, on the
+        failed worker's own device once it is back (a new mesh either way, so programs recompile)."""
+        free = [d for d in self.devices if d not in self._used]
+        dev = free[0] if free else failed.devices[0]
+        self._used.append(dev)
+        return WorkerHandle(failed.name, (dev,))

@@ -2,7 +2,8 @@
 
 Every step, waiting requests are admitted FIFO while they fit (pages reserved for their whole
 length, so a running request never stalls for pages); then running requests get tokens: one each
-for those decoding, then prefill chunks of at most `prefill_chunk` while the step budget lasts.
+for those decoding, then prefill chunks of at most `prefill_chunk` while the step budget lasts
+(a request recomputing after a move gets the whole budget: one chunked pass).
 Requests join and leave the running batch at any step. Host-only (numpy).
 """
 from __future__ import annotations
@@ -49,7 +50,9 @@ class Scheduler:
     def num_requests(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def _admit(self) -> None:
+    def admit(self) -> list[Sequence]:
+        """Move waiting requests into the running batch while pages last; returns the admitted."""
+        admitted = []
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq.max_len):
@@ -58,19 +61,22 @@ class Scheduler:
             self.blocks.allocate(seq.request_id, seq.max_len)
             seq.state = SeqState.RUNNING
             self.running.append(seq)
+            admitted.append(seq)
+        return admitted
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
 
     def schedule(self) -> StepBatch | None:
-        self._admit()
+        """This step's tokens for the running batch (call admit() first)."""
         budget = self.max_step_tokens
         picked: list[tuple[Sequence, int]] = []
         decoding = [s for s in self.running if s.num_pending == 1]
         prefilling = [s for s in self.running if s.num_pending > 1]
         for s in decoding + prefilling:
-            n = min(s.num_pending, self.prefill_chunk, budget)
+            chunk = self.max_step_tokens if s.num_cached < s.recompute_until else self.prefill_chunk
+            n = min(s.num_pending, chunk, budget)
             if n <= 0:
                 break
             picked.append((s, n))

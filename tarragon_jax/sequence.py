@@ -23,6 +23,9 @@ class Sequence:
     num_cached: int = 0                   # leading tokens whose KV is in the AW's cache
     state: SeqState = SeqState.WAITING
     finish_reason: str = ""
+    restore_pending: bool = False         # moved to a new AW: restore committed KV on admission
+    recompute_until: int = 0              # positions below this are recomputed in one chunked pass
+    replay: list[int] = dataclasses.field(default_factory=list)   # restart baseline: tokens to regenerate silently
 
     @property
     def tokens(self) -> list[int]:
@@ -37,8 +40,14 @@ class Sequence:
         """Tokens not yet in the cache: the prompt remainder in prefill, the last token in decode."""
         return self.num_tokens - self.num_cached
 
-    def append(self, token: int) -> None:
+    def append(self, token: int) -> bool:
+        """Record a generated token; False when it regenerates one the user already has (restart)."""
         self.output.append(token)
+        if len(self.output) <= len(self.replay):
+            if token != self.replay[len(self.output) - 1]:
+                raise AssertionError(f"request {self.request_id}: regenerated token {token} differs from "
+                                     f"{self.replay[len(self.output) - 1]} at index {len(self.output) - 1}")
+            return False
         if token in self.sampling.stop_token_ids:
             self.finish_reason = "stop"
         elif len(self.output) >= self.sampling.max_new_tokens:
@@ -47,3 +56,14 @@ class Sequence:
             self.finish_reason = "length"
         if self.finish_reason:
             self.state = SeqState.FINISHED
+        return True
+
+    def reset_for_restart(self) -> None:
+        """Restart baseline: every cached and generated position is lost and redone step by step."""
+        self.replay = list(self.output)
+        self.output, self.num_cached, self.recompute_until = [], 0, 0
+        self.state, self.restore_pending = SeqState.WAITING, False
+
+    def move(self) -> None:
+        """Tarragon: the request moves to another AW, restores what was committed, recomputes the rest."""
+        self.num_cached, self.state, self.restore_pending = 0, SeqState.WAITING, True

@@ -57,15 +57,17 @@ def gather_rows(hn_TxD: jax.Array, rows_N: jax.Array) -> jax.Array:
 @jax.jit
 def combine(h_TxD: jax.Array, shared_TxD: jax.Array, w_Txk: jax.Array, ys: tuple, toks: tuple,
             ks: tuple) -> jax.Array:
-    """x_next = h + (sum over returned rows of gate weight * expert output + shared).
+    """x_next = h + (sum over k of gate weight * expert output + shared).
 
-    ys[i] [N_i, D] came back from one EW; toks[i]/ks[i] [N_i] say which (token, k) each row was.
-    Padded rows carry weight 0 via k == -1.
+    ys[i] [N_i, D] came back from one EW; toks[i]/ks[i] [N_i] say which (token, k) each row was
+    (padding: k == -1, dropped). Outputs are first placed at [token, k] and then summed in k
+    order, so the result does not depend on which EW answered or in which order (replays).
     """
-    moe = jnp.zeros_like(h_TxD, dtype=jnp.float32)
+    T, K = w_Txk.shape
+    y_TxKxD = jnp.zeros((T, K, h_TxD.shape[1]), jnp.float32)
     for y, t, k in zip(ys, toks, ks):
-        gate = jnp.where(k >= 0, w_Txk[t, jnp.maximum(k, 0)], 0).astype(jnp.float32)
-        moe = moe.at[t].add(gate[:, None] * y.astype(jnp.float32))
+        y_TxKxD = y_TxKxD.at[t, jnp.where(k >= 0, k, K)].set(y.astype(jnp.float32), mode="drop")
+    moe = jnp.einsum("tk,tkd->td", w_Txk.astype(jnp.float32), y_TxKxD)
     return h_TxD + (moe.astype(h_TxD.dtype) + shared_TxD)
 
 

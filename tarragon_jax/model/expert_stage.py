@@ -16,9 +16,12 @@ from pallas_kernels.swiglu_ffn import grouped_swiglu_ffn
 
 
 @functools.partial(jax.jit, static_argnames=("backend",))
-def expert_layer(weights: dict, xs: tuple, perm_N: jax.Array, inv_perm_N: jax.Array,
+def expert_layer(weights: dict, extra: dict | None, xs: tuple, perm_N: jax.Array, inv_perm_N: jax.Array,
                  group_sizes_S: jax.Array, *, backend: str) -> tuple:
-    """weights: {"w_gate" [S, D, F], "w_up" [S, D, F], "w_down" [S, F, D]}; xs[i] [N_i, D]."""
+    """weights: {"w_gate" [P, D, F], "w_up" [P, D, F], "w_down" [P, F, D]} primaries; extra: the same
+    for shadow/loaded slots P.., or None when no row targets them; xs[i] [N_i, D]."""
+    if extra is not None:
+        weights = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), weights, extra)
     x_NxD = jnp.concatenate(xs, axis=0)
     y_sorted = grouped_swiglu_ffn(x_NxD[perm_N], weights["w_gate"], weights["w_up"], weights["w_down"],
                                   group_sizes_S, backend=backend)

@@ -1,0 +1,355 @@
+"""Checkpoint store: asynchronous, incremental snapshots of attention-worker KV blocks (paper 2.4, 2.6).
+
+An AW hands `snapshot()` a device array of whole KV blocks; the call only starts the device->host
+copy and enqueues, so the decode loop never waits on storage. One background thread turns each
+snapshot into numpy, checksums every block (crc32), writes one Orbax checkpoint per call
+(`directory/aw{aw}/{seq:08d}`, a flat pytree `{"r{rid}_b{block}": [L, 2, page_size, kv, hd]}`)
+and only then *commits* the blocks: the manifest (per request: block -> checkpoint, crc) and the
+host memory tier are updated under one lock. A request's committed token index is its contiguous
+committed block prefix from block 0 times page_size; a failed AW's requests are restored from that
+prefix on another AW (memory tier first, else an Orbax partial restore of just that request's
+keys) and only the tokens after it are recomputed.
+
+Checksums are ours, not Orbax's: Orbax 0.12.8 / tensorstore return silently changed values after
+bytes of a data file are overwritten, and a partial restore of a key that is not in the
+checkpoint returns the placeholder instead of raising. Compression is off by default: KV values
+barely compress (random-like mantissas) and zstd would take host CPU from the engine thread.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import tempfile
+import threading
+import time
+import zlib
+from typing import Any, Callable
+
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotMissing(LookupError):
+    """Nothing committed for a request/block, or its checkpoint files are gone."""
+
+
+class SnapshotCorrupt(ValueError):
+    """A block's checksum does not match, or its checkpoint cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRef:
+    request_id: int
+    block: int            # block b holds token positions [b * page_size, (b + 1) * page_size)
+
+    @property
+    def key(self) -> str:
+        return f"r{self.request_id}_b{self.block}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """Where a committed block lives and what it must hash to."""
+    path: str             # checkpoint directory holding it
+    key: str
+    crc: int
+    shape: tuple
+    dtype: np.dtype
+    seq: int
+    aw: int
+
+
+@dataclasses.dataclass
+class _Job:
+    seq: int
+    aw: int
+    refs: list[BlockRef]
+    blocks: Any           # jax.Array (host copy in flight) or np.ndarray, [n, L, 2, ps, kv, hd]
+    epochs: list[int]     # per ref: the request's drop epoch when enqueued (stale -> not committed)
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+class _Timer:
+    def __init__(self):
+        self.n, self.total, self.max = 0, 0.0, 0.0
+
+    def add(self, s: float) -> None:
+        self.n, self.total, self.max = self.n + 1, self.total + s, max(self.max, s)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else 0.0
+
+
+class CheckpointStore:
+    """KV snapshots of all AWs; thread-safe (engine thread calls, one background writer).
+
+    Disk restore costs about one Orbax partial restore (~3 ms of overhead) per checkpoint that
+    holds the request's blocks, so a request snapshotted one block per decode step reads many
+    small checkpoints; the memory tier avoids that. A restore racing a drop() or re-snapshot of
+    the same request may find its files deleted and raise SnapshotMissing.
+    """
+
+    def __init__(self, directory: str | None = None, *, memory_tier: bool = True,
+                 clock: Callable[[], float] = time.perf_counter, use_compression: bool = False):
+        self._own_dir = directory is None
+        self.directory = epath.Path(directory if directory is not None
+                                    else tempfile.mkdtemp(prefix="tarragon_kv_"))
+        self.memory_tier = memory_tier
+        self._clock = clock
+        self._saver = ocp.PyTreeCheckpointer(use_compression=use_compression)
+        self._reader = ocp.PyTreeCheckpointer(use_compression=use_compression)
+        self._read_lock = threading.Lock()          # one Orbax restore at a time per store
+        self._lock = threading.Lock()               # manifest, memory tier, counters
+        self._idle = threading.Condition(self._lock)
+        self._manifest: dict[int, dict[int, _Entry]] = {}
+        self._memory: dict[tuple[int, int], np.ndarray] = {}
+        self._live: dict[str, int] = {}             # checkpoint path -> committed entries in it
+        self._epoch: dict[int, int] = {}            # request -> times dropped (while jobs in flight)
+        self._pending = 0
+        self._seq = self._first_seq()
+        self._errors: list[str] = []
+        self._n_snapshots = self._n_blocks = self._n_bytes = 0
+        self._blocked, self._save = _Timer(), _Timer()
+        self._closed = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
+        self._thread.start()
+
+    # ---- engine-side API ---------------------------------------------------------------------
+    def snapshot(self, aw: int, refs: list[BlockRef], blocks) -> None:
+        """Queue blocks [n, L, 2, page_size, kv, hd] for a durable write; returns without waiting."""
+        t0 = self._clock()
+        shape = tuple(blocks.shape)
+        if len(shape) != 6 or shape[0] != len(refs) or shape[2] != 2:
+            raise ValueError(f"blocks must be [n={len(refs)}, L, 2, page_size, kv, hd], got {shape}")
+        if len(set(refs)) != len(refs):
+            raise ValueError(f"duplicate BlockRefs in one snapshot: {refs}")
+        if not refs:
+            return
+        if hasattr(blocks, "copy_to_host_async"):
+            blocks.copy_to_host_async()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("snapshot() on a closed CheckpointStore")
+            seq, self._seq = self._seq, self._seq + 1
+            self._pending += 1
+            job = _Job(seq, aw, list(refs), blocks, [self._epoch.get(r.request_id, 0) for r in refs])
+            self._n_snapshots += 1
+            self._n_blocks += len(refs)
+            self._n_bytes += int(np.prod(shape)) * np.dtype(blocks.dtype).itemsize
+            self._queue.put(job)
+            self._blocked.add(self._clock() - t0)
+
+    def committed_blocks(self, request_id: int) -> int:
+        """Length of the contiguous committed block prefix starting at block 0."""
+        with self._lock:
+            return self._prefix(self._manifest.get(request_id, {}))
+
+    def committed_tokens(self, request_id: int, page_size: int) -> int:
+        return self.committed_blocks(request_id) * page_size
+
+    def requests(self) -> list[int]:
+        """Requests with at least one committed block."""
+        with self._lock:
+            return sorted(self._manifest)
+
+    def restore(self, request_id: int, num_blocks: int | None = None) -> np.ndarray:
+        """The committed prefix (or its first num_blocks) as [n, L, 2, page_size, kv, hd], verified."""
+        with self._lock:
+            entries = self._manifest.get(request_id, {})
+            n_pre = self._prefix(entries)
+            n = n_pre if num_blocks is None else num_blocks
+            if num_blocks is not None and num_blocks < 1:
+                raise ValueError(f"request {request_id}: num_blocks must be >= 1, got {num_blocks}")
+            if not entries:
+                raise SnapshotMissing(f"request {request_id}: no committed KV blocks")
+            if n_pre == 0 or n > n_pre:
+                raise SnapshotMissing(f"request {request_id}: block {n_pre} is not committed "
+                                      f"(committed prefix {n_pre} blocks, asked for {num_blocks or 'all'})")
+            chosen = [entries[b] for b in range(n)]
+            mem = [self._memory.get((request_id, b)) for b in range(n)]
+        out: list[np.ndarray | None] = list(mem)
+        by_path: dict[str, list[int]] = {}
+        for b, m in enumerate(mem):
+            if m is None:
+                by_path.setdefault(chosen[b].path, []).append(b)
+        for path, bs in by_path.items():
+            got = self._read(request_id, path, [chosen[b] for b in bs])
+            for b in bs:
+                out[b] = got[chosen[b].key]
+        for b, (e, a) in enumerate(zip(chosen, out)):
+            tier = "memory-tier" if mem[b] is not None else f"disk ({e.path})"
+            if a.shape != e.shape or a.dtype != e.dtype:
+                raise SnapshotCorrupt(f"request {request_id} block {b}: {tier} copy has {a.dtype}{a.shape}, "
+                                      f"snapshot was {e.dtype}{e.shape}")
+            if _crc(a) != e.crc:
+                raise SnapshotCorrupt(f"request {request_id} block {b}: checksum mismatch in the {tier} copy")
+        return np.stack(out)
+
+    def drop(self, request_id: int) -> None:
+        """Forget a finished request; in-flight snapshots of it will not commit; files go lazily."""
+        with self._lock:
+            self._epoch[request_id] = self._epoch.get(request_id, 0) + 1
+            entries = self._manifest.pop(request_id, {})
+            dead = []
+            for b, e in entries.items():
+                self._memory.pop((request_id, b), None)
+                if self._unref(e.path):
+                    dead.append(e.path)
+            if self._closed:
+                return                               # writer stopped: files stay until rmtree
+            self._pending += len(dead)
+        for p in dead:
+            self._queue.put(p)                       # str job: delete that checkpoint directory
+
+    def drop_memory_tier(self) -> None:
+        """Forget the host copies (tests, or under host memory pressure): restores read disk."""
+        with self._lock:
+            self._memory.clear()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every queued snapshot (and file deletion) is done; TimeoutError otherwise."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._pending == 0, timeout):
+                raise TimeoutError(f"{self._pending} checkpoint jobs still in flight after {timeout} s")
+
+    def close(self) -> None:
+        """Finish queued work, stop the writer; delete the directory only if the store made it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.wait()
+        self._queue.put(None)
+        self._thread.join()
+        if self._own_dir:
+            self.directory.rmtree(missing_ok=True)
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def errors(self) -> list[str]:
+        """Messages of failed background saves (their blocks stayed uncommitted)."""
+        with self._lock:
+            return list(self._errors)
+
+    @property
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "snapshots": self._n_snapshots, "blocks": self._n_blocks, "bytes": self._n_bytes,
+                "blocked_mean_s": self._blocked.mean, "blocked_max_s": self._blocked.max,
+                "save_mean_s": self._save.mean, "save_max_s": self._save.max,
+                "failed": len(self._errors), "pending": self._pending,
+                "committed_blocks": sum(len(e) for e in self._manifest.values()),
+                "memory_bytes": sum(a.nbytes for a in self._memory.values()),
+            }
+
+    # ---- internals ---------------------------------------------------------------------------
+    @staticmethod
+    def _prefix(entries: dict[int, _Entry]) -> int:
+        n = 0
+        while n in entries:
+            n += 1
+        return n
+
+    def _first_seq(self) -> int:
+        """Continue after checkpoints already in a reused directory (Orbax refuses to overwrite)."""
+        if self._own_dir or not self.directory.exists():
+            return 0
+        seqs = [int(p.name.split(".")[0]) for p in self.directory.glob("aw*/*")
+                if p.name.split(".")[0].isdigit()]
+        return max(seqs, default=-1) + 1
+
+    def _unref(self, path: str) -> bool:
+        """Caller holds the lock; True when no committed block lives in `path` any more."""
+        self._live[path] -= 1
+        if self._live[path] == 0:
+            del self._live[path]
+            return True
+        return False
+
+    def _write(self, path: epath.Path, tree: dict[str, np.ndarray]) -> None:
+        self._saver.save(path, tree)
+
+    def _read(self, request_id: int, path: str, entries: list[_Entry]) -> dict[str, np.ndarray]:
+        """Orbax partial restore of just these keys of one checkpoint."""
+        keys = [e.key for e in entries]
+        if not epath.Path(path).exists():
+            raise SnapshotMissing(f"request {request_id}: checkpoint {path} holding {keys} is gone")
+        args = ocp.args.PyTreeRestore(item={k: 0 for k in keys}, partial_restore=True,
+                                      restore_args={k: ocp.RestoreArgs(restore_type=np.ndarray) for k in keys})
+        try:
+            with self._read_lock:
+                got = self._reader.restore(path, args=args)
+        except FileNotFoundError as e:
+            raise SnapshotMissing(f"request {request_id}: checkpoint {path} is gone: {e}") from e
+        except Exception as e:
+            raise SnapshotCorrupt(f"request {request_id}: checkpoint {path} unreadable for {keys}: {e}") from e
+        for k in keys:                   # partial_restore hands back the placeholder for absent keys
+            if not isinstance(got.get(k), np.ndarray):
+                raise SnapshotCorrupt(f"request {request_id}: key {k} missing from checkpoint {path}")
+        return got
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                if isinstance(job, str):
+                    epath.Path(job).rmtree(missing_ok=True)
+                else:
+                    self._save_job(job)
+            except Exception as e:                   # keep the writer alive; blocks stay uncommitted
+                what = job if isinstance(job, str) else f"snapshot {job.seq} of aw {job.aw} ({job.refs})"
+                log.exception("checkpoint job failed: %s", what)
+                with self._lock:
+                    self._errors.append(f"{what}: {type(e).__name__}: {e}")
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._epoch.clear()          # no job holds an epoch any more
+                    self._idle.notify_all()
+
+    def _save_job(self, job: _Job) -> None:
+        t0 = self._clock()
+        host = np.array(job.blocks)                  # waits for the async host copy; owns its memory
+        job.blocks = None
+        host.flags.writeable = False
+        crcs = [_crc(host[i]) for i in range(len(job.refs))]
+        path = self.directory / f"aw{job.aw}" / f"{job.seq:08d}"
+        self._write(path, {r.key: host[i] for i, r in enumerate(job.refs)})
+        dead = []
+        with self._lock:
+            for i, r in enumerate(job.refs):
+                if self._epoch.get(r.request_id, 0) != job.epochs[i]:
+                    continue                         # dropped while in flight
+                blocks = self._manifest.setdefault(r.request_id, {})
+                old = blocks.get(r.block)
+                if old is not None and self._unref(old.path):
+                    dead.append(old.path)
+                blocks[r.block] = _Entry(str(path), r.key, crcs[i], host.shape[1:], host.dtype, job.seq, job.aw)
+                self._live[str(path)] = self._live.get(str(path), 0) + 1
+                if self.memory_tier:                 # own copy: a dropped neighbour frees its bytes
+                    blk = host[i] if len(job.refs) == 1 else host[i].copy()
+                    blk.flags.writeable = False
+                    self._memory[(r.request_id, r.block)] = blk
+            if str(path) not in self._live:
+                dead.append(str(path))               # every block dropped before it committed
+            self._save.add(self._clock() - t0)
+        for p in dead:
+            epath.Path(p).rmtree(missing_ok=True)

@@ -1,0 +1,225 @@
+"""Controller: health events -> recovery actions, and the workers it owns.
+
+Control only: it never touches tokens. It builds the workers, turns failures reported by the
+datapath (failed calls, missed deadlines) or its own heartbeats into new routing-table versions,
+request moves and replacement workers, and runs the restart baseline. Policy lives in
+placement.py / recovery.py, detection in health.py, mechanism in the workers.
+
+EW failure (tarragon): the ERT is derived again without the failed EW (shadows take over);
+experts left with no replica are loaded from host memory onto a live EW before the ERT is
+published; a replacement EW is built on a spare device in a background thread (weights, compile)
+and joins at a step boundary with a newer ERT. AW failure: its live requests move round-robin to
+healthy AWs, which restore committed KV blocks from the checkpoint store; a replacement AW is
+built in the background and takes new requests once ready.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from tarragon_jax.attention_worker import AttentionWorker
+from tarragon_jax.checkpoint_store import CheckpointStore
+from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.expert_worker import ExpertInput, ExpertWorker
+from tarragon_jax.health import HealthMonitor
+from tarragon_jax.placement import Placement, place
+from tarragon_jax.recovery import plan_aw_failure, plan_expert_routing
+from tarragon_jax.routing_table import RoutingTable
+from tarragon_jax.runtime import LocalRuntime, WorkerHandle
+from tarragon_jax.sequence import Sequence
+from tarragon_jax.transport import Transport
+
+
+@dataclasses.dataclass
+class RecoveryRecord:
+    """One failure, as the benchmark's breakdown reports it (seconds; None = not applicable)."""
+    worker: str
+    kind: str                            # "ew" | "aw"
+    detected_by: str
+    detect_s: float | None               # injection -> detection
+    reroute_s: float = 0.0               # new ERT published (incl. host loads of orphaned experts)
+    orphans_loaded: int = 0
+    requests_moved: int = 0
+    replacement_ready_s: float | None = None   # detection -> replacement worker joined (weights + compile)
+    restart_s: float | None = None       # restart baseline: teardown + reload + recompile
+
+
+class Controller:
+    def __init__(self, model: ModelConfig, params: dict, engine: EngineConfig, cache: CacheConfig,
+                 devices: list | None, clock: Callable[[], float] = time.perf_counter,
+                 load_params: Callable[[], dict] | None = None):
+        self.model, self.config, self.cache, self.clock = model, engine, cache, clock
+        self.params, self.load_params, self.devices = params, load_params, devices
+        self.health = HealthMonitor(clock)
+        self.records: list[RecoveryRecord] = []
+        self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
+        self._jobs: list[tuple[concurrent.futures.Future, Callable]] = []
+        self._last_heartbeat = clock()
+        self._build()
+
+    # ---- building the cluster --------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, dtype = self.config, jax.numpy.dtype(self.config.dtype)
+        self.dtype = dtype
+        self.runtime = LocalRuntime(self.devices)
+        aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
+        budget = cfg.shadow_budget if cfg.resilience else 0.0
+        self.placement: Placement = place(self.model.n_layers, self.model.n_experts, cfg.num_expert_workers, budget)
+        self.ert: RoutingTable = self.placement.ert
+        self.transport = Transport(cfg.transfer_deadline_s)
+        self.store = CheckpointStore(cfg.checkpoint_dir) if cfg.resilience else None
+        self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
+        self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
+
+    def _new_ew(self, j: int, handle: WorkerHandle) -> ExpertWorker:
+        return ExpertWorker(j, handle, self.placement.primaries[j], self.placement.shadows[j],
+                            self.params["experts"], self.config.expert_backend, self.dtype)
+
+    def _new_aw(self, i: int, handle: WorkerHandle) -> AttentionWorker:
+        return AttentionWorker(i, handle, self.model, self.params["attn"], self.cache, self.config,
+                               self.transport, self.ert, self.dtype, self.store, self.clock)
+
+    def live_aws(self) -> list[AttentionWorker]:
+        return [a for a in self.aws if a.handle.alive]
+
+    def worker(self, name: str):
+        return {w.handle.name: w for w in self.aws + self.ews}[name]
+
+    # ---- failures ----------------------------------------------------------------------------
+    def kill(self, name: str) -> None:
+        """Fault injection: fail-stop the worker now (detection happens on the next call/heartbeat)."""
+        self.worker(name).kill()
+        self.health.killed(name)
+
+    def failed(self, name: str, reason: str, source: str) -> RecoveryRecord | None:
+        """A datapath call or heartbeat found `name` dead. Returns the record of a new failure."""
+        if not self.health.report_failure(name, reason, source):
+            return None
+        return self._act(name, source)
+
+    def _act(self, name: str, source: str) -> RecoveryRecord:
+        rec = RecoveryRecord(name, name[:2], source, self.health.detection_latency_s(name))
+        self.records.append(rec)
+        if self.config.recovery == "tarragon":
+            (self._ew_failed if rec.kind == "ew" else self._aw_failed)(rec)
+        return rec
+
+    def _ew_failed(self, rec: RecoveryRecord) -> None:
+        t0 = self.clock()
+        ert, rec.orphans_loaded = self._derive_ert()
+        self._publish(ert)
+        rec.reroute_s = self.clock() - t0
+        j = int(rec.worker[2:])
+        self._start(lambda: self._replacement_ew(j), lambda ew: self._join_ew(ew, rec, t0))
+
+    def _aw_failed(self, rec: RecoveryRecord) -> None:
+        t0 = self.clock()
+        i = int(rec.worker[2:])
+        dead, healthy = self.aws[i], [a.index for a in self.live_aws()]
+        moving = {s.request_id: s for s in dead.live_requests()}
+        by_aw = {a.index: [s.request_id for s in a.live_requests()] for a in self.live_aws()}
+        by_aw[i] = list(moving)
+        for rid, target in plan_aw_failure(by_aw, i, healthy).items():
+            seq = moving[rid]
+            seq.move()
+            self.aws[target].scheduler.add(seq)
+        rec.requests_moved = len(moving)
+        rec.reroute_s = self.clock() - t0
+        self._start(lambda: self._new_aw(i, self.runtime.replacement(dead.handle)),
+                    lambda aw: self._join_aw(aw, rec, t0))
+
+    def _derive_ert(self) -> tuple[RoutingTable, int]:
+        """Plan the table for the live EWs (recovery.plan_expert_routing) and carry out the host
+        loads of experts left without a replica. Returns (ERT, number of experts loaded)."""
+        live = {ew.index: ew for ew in self.ews if ew.handle.alive}
+        ert, loads = plan_expert_routing(self.placement, {ew.index for ew in self.ews} - set(live),
+                                         {j: ew.slots for j, ew in live.items()}, self.ert.version + 1)
+        for j, layer, expert in loads:
+            layer_experts = {k: self.params["experts"][layer][k] for k in ("w_gate", "w_up", "w_down")}
+            live[j].load_experts(layer, [expert], layer_experts)
+        return ert, len(loads)
+
+    def _publish(self, ert: RoutingTable) -> None:
+        self.ert = ert
+        for aw in self.aws:
+            aw.refe.publish(ert)
+
+    # ---- background replacements --------------------------------------------------------------
+    def _start(self, build: Callable, join: Callable) -> None:
+        self._jobs.append((self._bg.submit(build), join))
+
+    def _replacement_ew(self, j: int) -> ExpertWorker:
+        """Weights from host memory onto a spare device, then compile its programs (warm-up)."""
+        ew = self._new_ew(j, self.runtime.replacement(self.ews[j].handle))
+        for layer in range(self.model.n_layers):
+            x = ew.handle.put(np.zeros((8, self.model.d_model), self.dtype))
+            jax.block_until_ready(ew.run_layer(layer, [ExpertInput(0, x, np.zeros(8, np.int32))]))
+        return ew
+
+    def _join_ew(self, ew: ExpertWorker, rec: RecoveryRecord, t0: float) -> None:
+        self.ews[ew.index] = ew
+        self.health.revive(ew.handle.name)
+        self._publish(self._derive_ert()[0])
+        rec.replacement_ready_s = self.clock() - t0
+
+    def _join_aw(self, aw: AttentionWorker, rec: RecoveryRecord, t0: float) -> None:
+        aw.refe.publish(self.ert)
+        self.aws[aw.index] = aw
+        self.health.revive(aw.handle.name)
+        rec.replacement_ready_s = self.clock() - t0
+
+    @property
+    def recovering(self) -> bool:
+        return bool(self._jobs)
+
+    def tick(self) -> list[RecoveryRecord]:
+        """At a step boundary: join finished replacements, and heartbeats (at most every
+        interval) that catch failed workers no datapath call touched. Returns new failures."""
+        for fut, join in [j for j in self._jobs if j[0].done()]:
+            self._jobs.remove((fut, join))
+            join(fut.result())
+        if not self.config.resilience or self.clock() - self._last_heartbeat < self.config.heartbeat_interval_s:
+            return []
+        self._last_heartbeat = self.clock()
+        probes = {w.handle.name: w.handle.probe for w in self.aws + self.ews
+                  if not self.health.is_failed(w.handle.name)}
+        return [self._act(name, "heartbeat") for name in self.health.heartbeat(probes)]
+
+    def wait_recoveries(self) -> None:
+        """Block until every background replacement joined (tests, shutdown)."""
+        while self._jobs:
+            concurrent.futures.wait([f for f, _ in self._jobs])
+            self.tick()
+
+    # ---- restart baseline ----------------------------------------------------------------------
+    def restart(self, requests: list[Sequence], rec: RecoveryRecord) -> None:
+        """What a MegaScale-Infer-like system does on any failure: tear every worker down, reload
+        weights from the checkpoint files, rebuild meshes and recompile, redo every request."""
+        t0 = self.clock()
+        self.shutdown()
+        for w in self.aws + self.ews:
+            if w.handle.alive:
+                w.kill()
+        jax.clear_caches()
+        if self.load_params is None:
+            raise RuntimeError("recovery=restart needs the checkpoint files to reload weights from")
+        self.params = self.load_params()
+        self.health = HealthMonitor(self.clock)
+        self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
+        self._build()
+        for i, seq in enumerate(requests):
+            seq.reset_for_restart()
+            self.aws[i % len(self.aws)].scheduler.add(seq)
+        rec.restart_s = self.clock() - t0
+
+    def shutdown(self) -> None:
+        self._bg.shutdown(wait=True, cancel_futures=True)
+        self._jobs.clear()
+        self.transport.close()
+        if self.store is not None:
+            self.store.close()
