@@ -1,7 +1,8 @@
 """Generate with the disaggregated engine: `python -m launch.generate --model tiny`.
 
 All prompts are served together as one continuous batch. Prints each prompt's output (or one
-JSON line per prompt with --json, in the order given) and the throughput on stderr.
+JSON line per prompt with --json, in the order given) and the throughput on stderr. `--fail`
+injects worker failures (e.g. `--fail ew:2@step=10 --fail aw:0@step=20`); outputs stay the same.
 """
 from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
@@ -12,10 +13,9 @@ import time
 
 from absl import app, flags, logging
 
+from launch import serving_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
-flags.DEFINE_enum("model", None, ["tiny"], "Built-in model instead of --checkpoint.")
-flags.DEFINE_enum("tiny_family", "qwen2_moe", ["mixtral", "qwen2_moe", "qwen3_moe"], "Family of --model tiny.")
 flags.DEFINE_multi_string("prompt_ids", None, "Comma-separated token ids; repeat for more prompts.")
 flags.DEFINE_multi_string("prompt", None, "Text prompt (needs tokenizer.json in the checkpoint); repeatable.")
 flags.DEFINE_integer("num_random_prompts", 0, "Add this many random prompts (for throughput runs).")
@@ -24,29 +24,10 @@ flags.DEFINE_integer("max_new_tokens", 16, "New tokens per prompt.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("num_attention_workers", 2, "Attention workers (AWs).")
-flags.DEFINE_integer("num_expert_workers", 4, "Expert workers (EWs).")
-flags.DEFINE_enum("expert_backend", "auto", ["auto", "dense", "ragged_dot", "pallas"],
-                  "Grouped FFN backend; auto = Pallas on GPU/TPU, ragged_dot on CPU.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Device dtype.")
-flags.DEFINE_integer("page_size", 16, "KV page size (tokens).")
-flags.DEFINE_integer("num_pages", 256, "KV pages per attention worker.")
-flags.DEFINE_integer("prefill_chunk", 32, "Max prompt tokens of a request per step.")
+flags.DEFINE_multi_string("fail", None, "Inject a failure: ew:2@step=40, aw:0@step=80, ew:1@step=12,layer=1, "
+                          "aw:1@prefill, ew:3@recovery. Repeatable.")
 flags.DEFINE_bool("warmup", False, "Serve the prompts once untimed first (compiles), then time a second run.")
 flags.DEFINE_bool("json", False, 'One JSON line per prompt: {"prompt_ids": [...], "output_ids": [...]}.')
-flags.DEFINE_string("compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tarragon_jax", "xla"),
-                    "Persistent XLA compilation cache ('' to disable).")
-
-
-def load_model():
-    """(config, params, checkpoint dir or None) from --model / --checkpoint."""
-    from tarragon_jax.model.hf_loader import load_checkpoint
-    from tarragon_jax.model.tiny import tiny_model
-    if (FLAGS.model is None) == (FLAGS.checkpoint is None):
-        raise app.UsageError("give exactly one of --model tiny or --checkpoint DIR")
-    if FLAGS.model == "tiny":
-        return (*tiny_model(FLAGS.tiny_family), None)
-    return (*load_checkpoint(FLAGS.checkpoint), FLAGS.checkpoint)
 
 
 def collect_prompts(ckpt, vocab_size: int) -> list[list[int]]:
@@ -59,7 +40,7 @@ def collect_prompts(ckpt, vocab_size: int) -> list[list[int]]:
             raise app.UsageError(f"--prompt_ids must be comma-separated integers, got {s!r}") from None
     if FLAGS.prompt:
         tok_path = os.path.join(ckpt or "", "tokenizer.json")
-        if ckpt is None or not os.path.exists(tok_path):
+        if not ckpt or not os.path.exists(tok_path):
             raise app.UsageError(f"--prompt needs a checkpoint with tokenizer.json ({tok_path} not found)")
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(tok_path)
@@ -74,38 +55,35 @@ def collect_prompts(ckpt, vocab_size: int) -> list[list[int]]:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
-    from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
+    serving_flags.setup_jax()
+    from tarragon_jax.config import ConfigError, SamplingParams
     from tarragon_jax.engine import Engine
     from tarragon_jax.errors import RequestError
-    if FLAGS.compile_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache_dir)
-    from tarragon_jax.config import ConfigError
+    from tarragon_jax.faults import FaultInjector
     from tarragon_jax.model.hf_loader import CheckpointError
     try:
-        cfg, params, ckpt = load_model()
-    except (CheckpointError, ConfigError) as e:
+        cfg, params, ckpt, reload = serving_flags.load_model()
+        engine_cfg = serving_flags.engine_config()
+        faults = [FaultInjector.from_strings(FLAGS.fail or []) for _ in range(2)]
+    except (CheckpointError, ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")
     prompts = collect_prompts(ckpt, cfg.vocab_size)
-    engine_cfg = EngineConfig(num_attention_workers=FLAGS.num_attention_workers,
-                              num_expert_workers=FLAGS.num_expert_workers, expert_backend=FLAGS.expert_backend,
-                              prefill_chunk=FLAGS.prefill_chunk, max_step_tokens=max(256, FLAGS.prefill_chunk),
-                              dtype=FLAGS.dtype)
     sp = SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
                         seed=FLAGS.seed)
 
-    def run():
-        engine = Engine(cfg, params, engine_cfg, CacheConfig(FLAGS.page_size, FLAGS.num_pages))
-        t0 = time.perf_counter()
+    def run(fault_injector):
         try:
+            engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config(), faults=fault_injector,
+                            load_params=reload)
+            t0 = time.perf_counter()
             outs = engine.generate(prompts, sp)
-        except RequestError as e:
+        except (RequestError, ConfigError) as e:
             sys.exit(f"error: {e}")
         return outs, time.perf_counter() - t0, engine
 
     if FLAGS.warmup:
-        run()
-    outs, secs, engine = run()
+        run(faults[1]).__getitem__(2).close()
+    outs, secs, engine = run(faults[0])
     for p, o in zip(prompts, outs):
         print(json.dumps({"prompt_ids": p, "output_ids": o}) if FLAGS.json else f"{p} -> {o}")
     n_out = sum(len(o) for o in outs)
@@ -113,7 +91,9 @@ def main(argv):
     print(f"{len(prompts)} prompts, {n_out} tokens in {secs:.3f} s: {n_out / secs:.1f} tokens/s, "
           f"mean TTFT {1e3 * sum(ttfts) / len(ttfts):.1f} ms, {engine.metrics.steps} steps "
           f"({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, {engine.ews[0].backend}, "
-          f"{jax.devices()[0].platform})", file=sys.stderr)
+          f"{engine.ews[0].handle.devices[0].platform})", file=sys.stderr)
+    for rec in engine.controller.records:
+        print(f"failure {rec}", file=sys.stderr)
     engine.close()
 
 

@@ -85,7 +85,8 @@ class Controller:
                                self.transport, self.ert, self.dtype, self.store, self.clock)
 
     def live_aws(self) -> list[AttentionWorker]:
-        return [a for a in self.aws if a.handle.alive]
+        """AWs not known to have failed (a dead but undetected AW fails its next call)."""
+        return [a for a in self.aws if not self.health.is_failed(a.handle.name)]
 
     def worker(self, name: str):
         return {w.handle.name: w for w in self.aws + self.ews}[name]
@@ -136,7 +137,7 @@ class Controller:
     def _derive_ert(self) -> tuple[RoutingTable, int]:
         """Plan the table for the live EWs (recovery.plan_expert_routing) and carry out the host
         loads of experts left without a replica. Returns (ERT, number of experts loaded)."""
-        live = {ew.index: ew for ew in self.ews if ew.handle.alive}
+        live = {ew.index: ew for ew in self.ews if not self.health.is_failed(ew.handle.name)}
         ert, loads = plan_expert_routing(self.placement, {ew.index for ew in self.ews} - set(live),
                                          {j: ew.slots for j, ew in live.items()}, self.ert.version + 1)
         for j, layer, expert in loads:
@@ -204,7 +205,7 @@ class Controller:
         self.shutdown()
         for w in self.aws + self.ews:
             if w.handle.alive:
-                w.kill()
+                w.kill()                         # tear down: every buffer of every worker goes
         jax.clear_caches()
         if self.load_params is None:
             raise RuntimeError("recovery=restart needs the checkpoint files to reload weights from")

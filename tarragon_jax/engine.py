@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence as Seq
 
 import numpy as np
 
-from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig, SamplingParams
+from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SamplingParams
 from tarragon_jax.controller import Controller, RecoveryRecord
 from tarragon_jax.errors import RequestError, WorkerFailed
 from tarragon_jax.faults import FaultInjector
@@ -48,6 +48,11 @@ class Engine:
         self.model, self.config, self.cache = model, engine, cache
         self.metrics = metrics or Metrics()
         self.faults = faults or FaultInjector([])
+        for spec in self.faults.pending:
+            count = engine.num_attention_workers if spec.kind == "aw" else engine.num_expert_workers
+            if spec.index >= count:
+                raise ConfigError(f"fault {spec} targets {spec.kind}{spec.index}, but there are only {count} "
+                                  f"{'attention' if spec.kind == 'aw' else 'expert'} workers")
         self.controller = Controller(model, params, engine, cache, devices, self.metrics.clock, load_params)
         self.requests: dict[int, Sequence] = {}
         self.step_index = 0
@@ -141,6 +146,8 @@ class Engine:
     def _step(self) -> list[TokenEvent]:
         active = {}
         for aw in self.controller.live_aws():
+            if not aw.scheduler.num_requests:
+                continue                    # nothing assigned: no call (heartbeats watch idle AWs)
             batch = self._guard(aw.start_step)
             if batch is not None:
                 active[aw.index] = (aw, batch)

@@ -45,3 +45,14 @@ def test_clear_errors():
     assert r.returncode != 0 and "token id 99999 out of range" in r.stderr
     r = _run("--checkpoint", "/nonexistent/dir", "--prompt_ids", "1")
     assert r.returncode != 0 and "checkpoint directory does not exist: /nonexistent/dir" in r.stderr
+
+
+def test_fault_flags_keep_outputs_and_report_recoveries():
+    args = ["--model", "tiny", "--prompt_ids", "1,2,3", "--prompt_ids", "7,8", "--json", "--max_new_tokens", "8"]
+    clean = _run(*args)
+    failed = _run(*args, "--fail", "ew:1@step=3", "--fail", "aw:0@step=5")
+    assert clean.returncode == 0 and failed.returncode == 0, failed.stderr
+    assert failed.stdout == clean.stdout
+    assert "failure RecoveryRecord(worker='ew1'" in failed.stderr and "worker='aw0'" in failed.stderr
+    bad = _run(*args, "--fail", "ew:9@step=3")
+    assert bad.returncode != 0 and "targets ew9, but there are only 4 expert workers" in bad.stderr

@@ -128,3 +128,15 @@ def test_missing_and_misshaped_and_extra_tensors(tmp_path):
     _rewrite_tensors(d, lambda t: t.update({"model.layers.0.mlp.mystery.weight": np.ones(3, np.float32)}))
     with pytest.raises(CheckpointError, match="unexpected tensors.*mystery"):
         load_checkpoint(str(d))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_save_checkpoint_round_trips(tmp_path, family):
+    from tarragon_jax.model.hf_loader import save_checkpoint
+    from tarragon_jax.model.tiny import tiny_model
+    import jax
+    cfg, params = tiny_model(family, seed=int(np.random.default_rng().integers(1000)))
+    save_checkpoint(cfg, params, str(tmp_path))
+    cfg2, params2 = load_checkpoint(str(tmp_path))
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)

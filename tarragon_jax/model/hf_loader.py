@@ -190,3 +190,53 @@ def load_checkpoint(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
     if c.t:
         raise CheckpointError(f"unexpected tensors in checkpoint (unsupported layout?): {sorted(c.t)[:5]}")
     return cfg, {"attn": attn, "experts": list(experts)}
+
+
+def _hf_config(cfg: ModelConfig) -> dict:
+    arch = {v: k for k, v in _ARCH_TO_FAMILY.items()}[cfg.family]
+    raw = {"architectures": [arch], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+           "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "num_experts_per_tok": cfg.top_k,
+           "max_position_embeddings": cfg.max_position, "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+           "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
+    if cfg.family == "mixtral":
+        raw.update(num_local_experts=cfg.n_experts, intermediate_size=cfg.d_expert)
+    else:
+        raw.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=[])
+    if cfg.family == "qwen2_moe":
+        raw.update(shared_expert_intermediate_size=cfg.d_shared, qkv_bias=cfg.qkv_bias)
+    return raw
+
+
+def save_checkpoint(cfg: ModelConfig, params: dict, path: str) -> None:
+    """Write a Hugging Face checkpoint directory (config.json + model.safetensors, Hub key layout)
+    that load_checkpoint and transformers both read: the inverse of the key map above."""
+    from safetensors.numpy import save_file
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(_hf_config(cfg), f, indent=1)
+    attn = params["attn"]
+    t = {"model.embed_tokens.weight": attn["embed"], "model.norm.weight": attn["final_norm"]}
+    if not cfg.tie_embeddings:
+        t["lm_head.weight"] = attn["lm_head"].T
+    names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    moe_prefix = "block_sparse_moe." if cfg.family == "mixtral" else "mlp."
+    for i, (lp, ep) in enumerate(zip(attn["layers"], params["experts"])):
+        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.{moe_prefix}"
+        t.update({p + "input_layernorm.weight": lp["input_norm"], p + "post_attention_layernorm.weight": lp["post_norm"],
+                  a + "q_proj.weight": lp["wq"].T, a + "k_proj.weight": lp["wk"].T, a + "v_proj.weight": lp["wv"].T,
+                  a + "o_proj.weight": lp["wo"].T, m + "gate.weight": lp["router"].T})
+        if cfg.qkv_bias:
+            t.update({a + "q_proj.bias": lp["bq"], a + "k_proj.bias": lp["bk"], a + "v_proj.bias": lp["bv"]})
+        if cfg.qk_norm:
+            t.update({a + "q_norm.weight": lp["q_norm"], a + "k_norm.weight": lp["k_norm"]})
+        if cfg.d_shared:
+            s = lp["shared"]
+            t.update({m + "shared_expert.gate_proj.weight": s["w_gate"].T, m + "shared_expert.up_proj.weight": s["w_up"].T,
+                      m + "shared_expert.down_proj.weight": s["w_down"].T, m + "shared_expert_gate.weight": s["gate"][None]})
+        for j in range(cfg.n_experts):
+            for name, key in zip(names, ("w_gate", "w_up", "w_down")):
+                t[f"{m}experts.{j}.{name}.weight"] = ep[key][j].T
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items()},
+              os.path.join(path, "model.safetensors"))

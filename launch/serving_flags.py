@@ -1,0 +1,68 @@
+"""Flags every serving launcher shares (model, layout, cache, resilience), and what they build."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+from absl import app, flags
+
+flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
+flags.DEFINE_enum("model", None, ["tiny"], "Built-in model instead of --checkpoint.")
+flags.DEFINE_enum("tiny_family", "qwen2_moe", ["mixtral", "qwen2_moe", "qwen3_moe"], "Family of --model tiny.")
+flags.DEFINE_integer("num_attention_workers", 2, "Attention workers (AWs).")
+flags.DEFINE_integer("num_expert_workers", 4, "Expert workers (EWs).")
+flags.DEFINE_enum("expert_backend", "auto", ["auto", "dense", "ragged_dot", "pallas"],
+                  "Grouped FFN backend; auto = Pallas on GPU/TPU, ragged_dot on CPU.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Device dtype.")
+flags.DEFINE_integer("page_size", 16, "KV page size (tokens).")
+flags.DEFINE_integer("num_pages", 256, "KV pages per attention worker.")
+flags.DEFINE_integer("prefill_chunk", 32, "Max prompt tokens of a request per step.")
+flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart"],
+                  "tarragon: mask failures (shadows, replay, KV restore); restart: rebuild everything.")
+flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
+flags.DEFINE_float("shadow_budget", 1.0, "Fraction of an EW's primary-expert memory spent on shadow experts.")
+flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax path); default: a temp dir.")
+flags.DEFINE_float("transfer_deadline_s", 30.0, "Bounded wait on every cross-worker transfer.")
+flags.DEFINE_float("heartbeat_interval_s", 0.05, "Controller liveness probes.")
+flags.DEFINE_string("compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tarragon_jax", "xla"),
+                    "Persistent XLA compilation cache ('' to disable).")
+FLAGS = flags.FLAGS
+
+
+def setup_jax() -> None:
+    import jax
+    if FLAGS.compile_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache_dir)
+
+
+def load_model() -> tuple:
+    """(config, params, checkpoint dir, reload) from --model / --checkpoint. The tiny model is
+    written to a checkpoint directory first, so the restart baseline reloads files either way."""
+    from tarragon_jax.model.hf_loader import load_checkpoint, save_checkpoint
+    from tarragon_jax.model.tiny import tiny_model
+    if (FLAGS.model is None) == (FLAGS.checkpoint is None):
+        raise app.UsageError("give exactly one of --model tiny or --checkpoint DIR")
+    path = FLAGS.checkpoint
+    if FLAGS.model == "tiny":
+        path = tempfile.mkdtemp(prefix="tarragon_tiny_")
+        save_checkpoint(*tiny_model(FLAGS.tiny_family), path)
+    cfg, params = load_checkpoint(path)
+    reload: Callable[[], dict] = lambda: load_checkpoint(path)[1]
+    return cfg, params, (FLAGS.checkpoint and path), reload
+
+
+def engine_config(**overrides):
+    from tarragon_jax.config import EngineConfig
+    kw = dict(num_attention_workers=FLAGS.num_attention_workers, num_expert_workers=FLAGS.num_expert_workers,
+              expert_backend=FLAGS.expert_backend, prefill_chunk=FLAGS.prefill_chunk,
+              max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, recovery=FLAGS.recovery,
+              resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
+              transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s)
+    kw.update(overrides)
+    return EngineConfig(**kw)
+
+
+def cache_config():
+    from tarragon_jax.config import CacheConfig
+    return CacheConfig(FLAGS.page_size, FLAGS.num_pages)
