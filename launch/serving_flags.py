@@ -34,6 +34,8 @@ def setup_jax() -> None:
     import jax
     if FLAGS.compile_cache_dir:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)   # small programs too: recompiles
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)    # after a restart hit the cache
 
 
 def load_model() -> tuple:

@@ -34,6 +34,7 @@ class LayerOut:
     ids: jax.Array
     w: jax.Array
     shared: jax.Array
+    y: jax.Array              # [T, k, D] expert outputs, filled as EWs answer
 
 
 @dataclasses.dataclass
@@ -96,16 +97,18 @@ class AttentionWorker:
     def attend(self, layer: int) -> LayerOut:
         self.handle.check()
         d, kv = self._dev, self.pages[layer]
-        h, hn, ids, w, shared, kv["k"], kv["v"] = stage.attention_layer(
+        h, hn, ids, w, shared, y, kv["k"], kv["v"] = stage.attention_layer(
             self.model, self.params["layers"][layer], kv["k"], kv["v"], d["x"], d["pos"], d["slot"],
             d["tables"])
-        return LayerOut(h, hn, ids, w, shared)
+        return LayerOut(h, hn, ids, w, shared, y)
 
     def combine(self, out: LayerOut, returned: list[tuple]) -> None:
         """returned: (y, tok, k) per answered Rows, from the forwarding engine."""
         self.handle.check()
-        ys, toks, ks = (tuple(r[i] for r in returned) for i in range(3))
-        self._dev["x"] = stage.combine(out.h, out.shared, out.w, ys, toks, ks)
+        y = out.y
+        for rows_y, tok, k in returned:
+            y = stage.place_expert_out(y, rows_y, tok, k)
+        self._dev["x"] = stage.combine(out.h, out.shared, out.w, y)
 
     def finish_step(self, batch: StepBatch) -> list[tuple[Sequence, int, bool]]:
         """Sample for every row whose chunk ended its tokens; advance cache progress of all rows;

@@ -46,7 +46,8 @@ class RecoveryRecord:
     orphans_loaded: int = 0
     requests_moved: int = 0
     replacement_ready_s: float | None = None   # detection -> replacement worker joined (weights + compile)
-    restart_s: float | None = None       # restart baseline: teardown + reload + recompile
+    restart_s: float | None = None       # restart baseline: teardown + weight reload + rebuild
+    tokens_recomputed: int = 0           # restart baseline: every cached position of every request
 
 
 class Controller:
@@ -155,11 +156,13 @@ class Controller:
         self._jobs.append((self._bg.submit(build), join))
 
     def _replacement_ew(self, j: int) -> ExpertWorker:
-        """Weights from host memory onto a spare device, then compile its programs (warm-up)."""
+        """Weights from host memory onto a spare device, then compile the programs for every row
+        bucket the failed EW served, before it joins (its mesh is new, so nothing is cached)."""
         ew = self._new_ew(j, self.runtime.replacement(self.ews[j].handle))
-        for layer in range(self.model.n_layers):
-            x = ew.handle.put(np.zeros((8, self.model.d_model), self.dtype))
-            jax.block_until_ready(ew.run_layer(layer, [ExpertInput(0, x, np.zeros(8, np.int32))]))
+        for n in sorted(self.ews[j].seen_rows | {8}):
+            x = ew.handle.put(np.zeros((n, self.model.d_model), self.dtype))
+            for layer in range(self.model.n_layers):
+                jax.block_until_ready(ew.run_layer(layer, [ExpertInput(0, x, np.zeros(n, np.int32))]))
         return ew
 
     def _join_ew(self, ew: ExpertWorker, rec: RecoveryRecord, t0: float) -> None:
@@ -214,6 +217,7 @@ class Controller:
         self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
         self._build()
         for i, seq in enumerate(requests):
+            rec.tokens_recomputed += seq.num_cached
             seq.reset_for_restart()
             self.aws[i % len(self.aws)].scheduler.add(seq)
         rec.restart_s = self.clock() - t0

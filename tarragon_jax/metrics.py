@@ -41,3 +41,40 @@ class Metrics:
         if not lasts:
             return 0.0
         return self.tokens_out / max(max(lasts) - min(firsts), 1e-9)
+
+
+def stall_around(requests: list[RequestTimes], t_fail: float) -> float:
+    """Longest inter-token gap spanning the failure among requests in flight at that moment,
+    minus the median inter-token gap of everything before it (the paper's stall)."""
+    before = [g for r in requests for a, b in zip(r.token_s, r.token_s[1:]) if b <= t_fail for g in [b - a]]
+    spanning = []
+    for r in requests:
+        prev = [t for t in r.token_s if t <= t_fail]
+        after = [t for t in r.token_s if t > t_fail]
+        if after and (prev or r.submit_s <= t_fail):
+            spanning.append(after[0] - (prev[-1] if prev else r.submit_s))
+    if not spanning:
+        return 0.0
+    base = float(sorted(before)[len(before) // 2]) if before else 0.0
+    return max(spanning) - base
+
+
+def zero_throughput_window(requests: list[RequestTimes], t_fail: float) -> float:
+    """Time from the last token emitted (by anyone) before the failure to the first one after."""
+    times = sorted(t for r in requests for t in r.token_s)
+    prev = [t for t in times if t <= t_fail]
+    after = [t for t in times if t > t_fail]
+    if not after:
+        return float("inf")
+    return after[0] - (prev[-1] if prev else t_fail)
+
+
+def throughput_timeline(requests: list[RequestTimes], t0: float, bucket_s: float) -> list[float]:
+    """Tokens per second in consecutive buckets from t0."""
+    times = [t - t0 for r in requests for t in r.token_s]
+    if not times:
+        return []
+    counts = [0] * (int(max(times) / bucket_s) + 1)
+    for t in times:
+        counts[int(t / bucket_s)] += 1
+    return [c / bucket_s for c in counts]

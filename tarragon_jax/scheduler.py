@@ -31,7 +31,7 @@ class StepBatch:
     pos_T: np.ndarray             # int32 [T]
     slot_T: np.ndarray            # int32 [T]  row in tables_BxP (padding -> last, all-zero row)
     tables_BxP: np.ndarray        # int32 [B, P] page ids (0 = sink)
-    last_B: np.ndarray            # int32 [B]  index of each row's last token (padding -> 0)
+    last_B: np.ndarray            # int32 [R]  index of each row's last token (padding -> 0)
     emits: list[bool]             # whether the row's chunk reaches the end of its tokens
     n_tokens: int                 # real tokens (T minus padding)
 
@@ -87,11 +87,12 @@ class Scheduler:
         ps = self.blocks.page_size
         n_tok = sum(n for _, n in picked)
         T = bucket(n_tok, 8)
-        B = bucket(len(picked) + 1, 4)                    # +1: an all-zero row for padding tokens
+        B = bucket(self.max_running + 1, 4)               # fixed (+1: an all-zero row for padding tokens)
+        R = bucket(len(picked), 4)                        # rows that may sample
         P = bucket(max(self.blocks.pages_for(s.num_cached + n) for s, n in picked), 1)
         ids, pos = np.zeros(T, np.int32), np.zeros(T, np.int32)
         slot = np.full(T, B - 1, np.int32)
-        tables, last = np.zeros((B, P), np.int32), np.zeros(B, np.int32)
+        tables, last = np.zeros((B, P), np.int32), np.zeros(R, np.int32)
         emits, t = [], 0
         for row, (s, n) in enumerate(picked):
             pages = self.blocks.block_table(s.request_id)[:P]

@@ -29,7 +29,8 @@ def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax
     """k/v_pages [num_pages, page_size, KV, hd] are donated and returned updated.
 
     Returns (h_TxD residual after attention, hn_TxD expert input, ids_Txk, w_Txk,
-             shared_TxD shared-expert output or zeros, k_pages, v_pages).
+             shared_TxD shared-expert output or zeros, y_TxkxD zeroed buffer for the expert
+             outputs, k_pages, v_pages).
     """
     ps = k_pages.shape[1]
     q, k, v = layers.qkv(lp, layers.rms_norm(x_TxD, lp["input_norm"], cfg.rms_eps), pos_T, cfg)
@@ -45,7 +46,8 @@ def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax
     hn = layers.rms_norm(h, lp["post_norm"], cfg.rms_eps)
     ids, w = route(hn, lp["router"], cfg.top_k, cfg.norm_topk_prob)
     shared = layers.shared_expert(lp["shared"], hn) if "shared" in lp else jnp.zeros_like(hn)
-    return h, hn, ids, w, shared, k_pages, v_pages
+    y_TxkxD = jnp.zeros((T, cfg.top_k, cfg.d_model), jnp.float32)
+    return h, hn, ids, w, shared, y_TxkxD, k_pages, v_pages
 
 
 @jax.jit
@@ -54,20 +56,21 @@ def gather_rows(hn_TxD: jax.Array, rows_N: jax.Array) -> jax.Array:
     return hn_TxD[rows_N]
 
 
-@jax.jit
-def combine(h_TxD: jax.Array, shared_TxD: jax.Array, w_Txk: jax.Array, ys: tuple, toks: tuple,
-            ks: tuple) -> jax.Array:
-    """x_next = h + (sum over k of gate weight * expert output + shared).
+@functools.partial(jax.jit, donate_argnums=0)
+def place_expert_out(y_TxkxD: jax.Array, y_NxD: jax.Array, tok_N: jax.Array, k_N: jax.Array) -> jax.Array:
+    """Put the rows one EW returned at their [token, k] (padding rows, k == -1, are dropped).
 
-    ys[i] [N_i, D] came back from one EW; toks[i]/ks[i] [N_i] say which (token, k) each row was
-    (padding: k == -1, dropped). Outputs are first placed at [token, k] and then summed in k
-    order, so the result does not depend on which EW answered or in which order (replays).
+    One call per answering EW keeps the compiled variants to (T, N) buckets, and placing by
+    [token, k] makes the result independent of which EW answered, or in which order (replays).
     """
-    T, K = w_Txk.shape
-    y_TxKxD = jnp.zeros((T, K, h_TxD.shape[1]), jnp.float32)
-    for y, t, k in zip(ys, toks, ks):
-        y_TxKxD = y_TxKxD.at[t, jnp.where(k >= 0, k, K)].set(y.astype(jnp.float32), mode="drop")
-    moe = jnp.einsum("tk,tkd->td", w_Txk.astype(jnp.float32), y_TxKxD)
+    K = y_TxkxD.shape[1]
+    return y_TxkxD.at[tok_N, jnp.where(k_N >= 0, k_N, K)].set(y_NxD.astype(jnp.float32), mode="drop")
+
+
+@jax.jit
+def combine(h_TxD: jax.Array, shared_TxD: jax.Array, w_Txk: jax.Array, y_TxkxD: jax.Array) -> jax.Array:
+    """x_next = h + (sum over k, in k order, of gate weight * expert output + shared)."""
+    moe = jnp.einsum("tk,tkd->td", w_Txk.astype(jnp.float32), y_TxkxD)
     return h_TxD + (moe.astype(h_TxD.dtype) + shared_TxD)
 
 
