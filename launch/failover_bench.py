@@ -32,7 +32,7 @@ flags.DEFINE_list("scenarios", ["no_failure", "ew_failure", "aw_failure"], "Scen
 flags.DEFINE_list("recoveries", ["tarragon", "restart"], "Recoveries to compare.")
 flags.DEFINE_list("restore_lengths", ["64", "128", "256", "512"], "Decoded lengths for restore vs replay.")
 flags.DEFINE_integer("overhead_requests", 24, "Requests of the saturated no-failure overhead runs.")
-flags.DEFINE_integer("overhead_repeats", 3, "Interleaved off/on repeats for the overhead ratio.")
+flags.DEFINE_integer("overhead_repeats", 5, "Interleaved off/on repeats for the overhead ratio.")
 flags.DEFINE_float("bucket_s", 0.1, "Timeline bucket for the plot.")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("json_out", None, "Write the results as JSON here.")

@@ -19,6 +19,7 @@ from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
 from tarragon_jax.forwarding_engine import ForwardingEngine
 from tarragon_jax.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.model import attention_stage as stage
+from tarragon_jax.program_log import ProgramLog
 from tarragon_jax.routing_table import RoutingTable
 from tarragon_jax.runtime import WorkerHandle
 from tarragon_jax.sampling import sample
@@ -57,7 +58,8 @@ class AttentionWorker:
         self.blocks = BlockManager(cache.num_pages, cache.page_size)
         self.scheduler = Scheduler(self.blocks, engine.max_running, engine.max_step_tokens,
                                    engine.prefill_chunk)
-        self.refe = ForwardingEngine(index, handle, transport, ert)
+        self.programs = ProgramLog()
+        self.refe = ForwardingEngine(index, handle, transport, ert, self.programs)
         self.restored = RestoreStats()
         self._dev: dict = {}
 
@@ -71,7 +73,7 @@ class AttentionWorker:
         if batch is not None:
             self._dev = dict(zip(("ids", "pos", "slot", "tables", "last"), self.handle.put(
                 (batch.ids_T, batch.pos_T, batch.slot_T, batch.tables_BxP, batch.last_B))))
-            self._dev["x"] = stage.embed(self.params, self._dev["ids"])
+            self._dev["x"] = self.programs.call(stage.embed, self.params, self._dev["ids"])
         return batch
 
     def _restore(self, seq: Sequence) -> None:
@@ -84,7 +86,7 @@ class AttentionWorker:
                 data = self.store.restore(seq.request_id)[:usable]
                 n = len(data)
                 pages = np.asarray(self.blocks.block_table(seq.request_id)[:n], np.int32)
-                self.pages = write_blocks(self.pages, *self.handle.put((pages, data)))
+                self.pages = self.programs.call(write_blocks, self.pages, *self.handle.put((pages, data)))
             except (SnapshotMissing, SnapshotCorrupt):
                 n, self.restored.fallbacks = 0, self.restored.fallbacks + 1
         seq.num_cached = n * ps
@@ -97,8 +99,8 @@ class AttentionWorker:
     def attend(self, layer: int) -> LayerOut:
         self.handle.check()
         d, kv = self._dev, self.pages[layer]
-        h, hn, ids, w, shared, y, kv["k"], kv["v"] = stage.attention_layer(
-            self.model, self.params["layers"][layer], kv["k"], kv["v"], d["x"], d["pos"], d["slot"],
+        h, hn, ids, w, shared, y, kv["k"], kv["v"] = self.programs.call(
+            stage.attention_layer, self.model, self.params["layers"][layer], kv["k"], kv["v"], d["x"], d["pos"], d["slot"],
             d["tables"])
         return LayerOut(h, hn, ids, w, shared, y)
 
@@ -107,17 +109,17 @@ class AttentionWorker:
         self.handle.check()
         y = out.y
         for rows_y, tok, k in returned:
-            y = stage.place_expert_out(y, rows_y, tok, k)
-        self._dev["x"] = stage.combine(out.h, out.shared, out.w, y)
+            y = self.programs.call(stage.place_expert_out, y, rows_y, tok, k)
+        self._dev["x"] = self.programs.call(stage.combine, out.h, out.shared, out.w, y)
 
     def finish_step(self, batch: StepBatch) -> list[tuple[Sequence, int, bool]]:
         """Sample for every row whose chunk ended its tokens; advance cache progress of all rows;
         snapshot newly filled blocks. Returns (seq, token, is_new_to_the_user) per sampled row."""
         self.handle.check()
-        logits = stage.lm_head(self.model, self.params, self._dev["x"], self._dev["last"])
+        logits = self.programs.call(stage.lm_head, self.model, self.params, self._dev["x"], self._dev["last"])
         B = len(batch.last_B)
         sp = [s.sampling for s in batch.seqs] + [batch.seqs[0].sampling] * (B - len(batch.seqs))
-        toks = np.asarray(sample(logits, *self.handle.put((
+        toks = np.asarray(self.programs.call(sample, logits, *self.handle.put((
             np.array([p.temperature for p in sp], np.float32), np.array([p.top_p for p in sp], np.float32),
             np.array([p.seed for p in sp], np.uint32),
             np.array([len(s.output) for s in batch.seqs] + [0] * (B - len(batch.seqs)), np.int32)))))
@@ -140,7 +142,8 @@ class AttentionWorker:
         pages = [self.blocks.block_table(r.request_id)[r.block] for r in refs]
         ids = np.zeros(bucket(len(pages), 4), np.int32)
         ids[:len(pages)] = pages
-        self.store.snapshot(self.index, refs, read_blocks(self.pages, self.handle.put(ids))[:len(refs)])
+        blocks = self.programs.call(read_blocks, self.pages, self.handle.put(ids))
+        self.store.snapshot(self.index, refs, blocks[:len(refs)])
 
     def release(self, seq: Sequence) -> None:
         """A finished request leaves: its pages return to the pool and its snapshots are dropped."""

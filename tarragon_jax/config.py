@@ -126,7 +126,7 @@ def tiny_model_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
     base = dict(family=family, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                 head_dim=16, n_experts=8, top_k=2, d_expert=32, norm_topk_prob=family != "qwen2_moe",
                 d_shared=48 if family == "qwen2_moe" else 0, qkv_bias=family == "qwen2_moe",
-                qk_norm=family == "qwen3_moe", rope_theta=10000.0, rms_eps=1e-6, max_position=512)
+                qk_norm=family == "qwen3_moe", rope_theta=10000.0, rms_eps=1e-6, max_position=1024)
     base.update(overrides)
     return ModelConfig(**base)
 

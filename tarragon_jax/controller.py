@@ -20,12 +20,11 @@ import time
 from typing import Callable
 
 import jax
-import numpy as np
 
 from tarragon_jax.attention_worker import AttentionWorker
 from tarragon_jax.checkpoint_store import CheckpointStore
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
-from tarragon_jax.expert_worker import ExpertInput, ExpertWorker
+from tarragon_jax.expert_worker import ExpertWorker
 from tarragon_jax.health import HealthMonitor
 from tarragon_jax.placement import Placement, place
 from tarragon_jax.recovery import plan_aw_failure, plan_expert_routing
@@ -117,7 +116,8 @@ class Controller:
         self._publish(ert)
         rec.reroute_s = self.clock() - t0
         j = int(rec.worker[2:])
-        self._start(lambda: self._replacement_ew(j), lambda ew: self._join_ew(ew, rec, t0))
+        self._start(lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j]),
+                    lambda ew: self._join_ew(ew, rec, t0))
 
     def _aw_failed(self, rec: RecoveryRecord) -> None:
         t0 = self.clock()
@@ -132,7 +132,7 @@ class Controller:
             self.aws[target].scheduler.add(seq)
         rec.requests_moved = len(moving)
         rec.reroute_s = self.clock() - t0
-        self._start(lambda: self._new_aw(i, self.runtime.replacement(dead.handle)),
+        self._start(lambda: self._replacement(lambda h: self._new_aw(i, h), dead),
                     lambda aw: self._join_aw(aw, rec, t0))
 
     def _derive_ert(self) -> tuple[RoutingTable, int]:
@@ -155,15 +155,13 @@ class Controller:
     def _start(self, build: Callable, join: Callable) -> None:
         self._jobs.append((self._bg.submit(build), join))
 
-    def _replacement_ew(self, j: int) -> ExpertWorker:
-        """Weights from host memory onto a spare device, then compile the programs for every row
-        bucket the failed EW served, before it joins (its mesh is new, so nothing is cached)."""
-        ew = self._new_ew(j, self.runtime.replacement(self.ews[j].handle))
-        for n in sorted(self.ews[j].seen_rows | {8}):
-            x = ew.handle.put(np.zeros((n, self.model.d_model), self.dtype))
-            for layer in range(self.model.n_layers):
-                jax.block_until_ready(ew.run_layer(layer, [ExpertInput(0, x, np.zeros(n, np.int32))]))
-        return ew
+    def _replacement(self, make: Callable[[WorkerHandle], object], failed) -> object:
+        """A new worker on a spare device (weights from host memory) that compiles every program
+        the failed one ran before it joins: its mesh is new, so nothing is compiled for it yet."""
+        worker = make(self.runtime.replacement(failed.handle))
+        worker.programs.extend(failed.programs)
+        worker.programs.replay(worker.handle.put)
+        return worker
 
     def _join_ew(self, ew: ExpertWorker, rec: RecoveryRecord, t0: float) -> None:
         self.ews[ew.index] = ew

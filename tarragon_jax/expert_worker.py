@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from tarragon_jax.model.expert_stage import expert_layer, pack_rows, take_rows
+from tarragon_jax.program_log import ProgramLog
 from tarragon_jax.runtime import WorkerHandle
 from tarragon_jax.scheduler import bucket
 
@@ -46,7 +47,7 @@ class ExpertWorker:
         self.weights = [self._stack(experts[l], p) for l, p in enumerate(primaries)]
         self.extra = [self._stack(experts[l], s) if s else None for l, s in enumerate(shadows)]
         self._warm: set = set()
-        self.seen_rows: set[int] = set()          # row buckets served: a replacement compiles these
+        self.programs = ProgramLog()
 
     def _stack(self, layer_experts: dict, ids: list[int]) -> dict:
         return self.handle.put({k: np.asarray(layer_experts[k][ids]).astype(self.dtype) for k in _KEYS})
@@ -67,7 +68,6 @@ class ExpertWorker:
         self.handle.check()
         sizes_in = [len(i.slot_N) for i in inputs]
         n = bucket(sum(sizes_in), 8)
-        self.seen_rows.add(n)
         slots = np.full(n, -1, np.int32)
         slots[:sum(sizes_in)] = np.concatenate([i.slot_N for i in inputs])
         use_extra = bool((slots >= self.n_primary[layer]).any())
@@ -78,12 +78,12 @@ class ExpertWorker:
         offsets = np.cumsum([0] + sizes_in[:-1]).astype(np.int32)
         buf = self.handle.put(np.zeros((n, inputs[0].x_NxD.shape[1]), inputs[0].x_NxD.dtype))
         for i, off in zip(inputs, self.handle.put(list(offsets))):
-            buf = pack_rows(buf, i.x_NxD, off)
+            buf = self.programs.call(pack_rows, buf, i.x_NxD, off)
         if not use_extra:
             self._warm_shadow_program(layer, buf)
-        y = expert_layer(self.weights[layer], self.extra[layer] if use_extra else None, buf,
-                         *self.handle.put((perm, inv, group_sizes)), backend=self.backend)
-        return [take_rows(y, off, size) for off, size in zip(self.handle.put(list(offsets)), sizes_in)]
+        y = self.programs.call(expert_layer, self.weights[layer], self.extra[layer] if use_extra else None, buf,
+                               *self.handle.put((perm, inv, group_sizes)), backend=self.backend)
+        return [self.programs.call(take_rows, y, off, size) for off, size in zip(self.handle.put(list(offsets)), sizes_in)]
 
     def _warm_shadow_program(self, layer: int, buf_NxD: jax.Array) -> None:
         """Compile the with-shadows variant of a shape as soon as the primaries-only one is used,
@@ -95,8 +95,8 @@ class ExpertWorker:
         self._warm.add(key)
         n, S = buf_NxD.shape[0], len(self.slots[layer])
         ident = np.arange(n, dtype=np.int32)
-        expert_layer(self.weights[layer], extra, buf_NxD, *self.handle.put((ident, ident, np.zeros(S, np.int32))),
-                     backend=self.backend)
+        self.programs.call(expert_layer, self.weights[layer], extra, buf_NxD,
+                           *self.handle.put((ident, ident, np.zeros(S, np.int32))), backend=self.backend)
 
     def kill(self) -> None:
         """Fail-stop: the device buffers are gone and every later call raises WorkerFailed."""

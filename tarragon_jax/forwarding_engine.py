@@ -16,6 +16,7 @@ import numpy as np
 
 from tarragon_jax.expert_worker import ExpertInput
 from tarragon_jax.model.attention_stage import gather_rows
+from tarragon_jax.program_log import ProgramLog
 from tarragon_jax.routing_table import RoutingTable
 from tarragon_jax.runtime import WorkerHandle
 from tarragon_jax.scheduler import bucket
@@ -39,8 +40,9 @@ class Rows:
 
 
 class ForwardingEngine:
-    def __init__(self, aw: int, handle: WorkerHandle, transport: Transport, ert: RoutingTable):
-        self.aw, self.handle, self.transport, self.ert = aw, handle, transport, ert
+    def __init__(self, aw: int, handle: WorkerHandle, transport: Transport, ert: RoutingTable,
+                 programs: ProgramLog):
+        self.aw, self.handle, self.transport, self.ert, self.programs = aw, handle, transport, ert, programs
 
     def publish(self, ert: RoutingTable) -> None:
         """Adopt a newer routing table (the controller broadcasts every version)."""
@@ -65,7 +67,7 @@ class ForwardingEngine:
 
     def send(self, hn_TxD: jax.Array, rows: Rows, ew: WorkerHandle) -> ExpertInput:
         tok, _, slot = rows.padded()
-        x = gather_rows(hn_TxD, self.handle.put(tok))
+        x = self.programs.call(gather_rows, hn_TxD, self.handle.put(tok))
         return ExpertInput(self.aw, self.transport.send(x, ew), slot)
 
     def receive(self, y_NxD: jax.Array, rows: Rows, ew: WorkerHandle) -> tuple:

@@ -22,7 +22,7 @@ def refs(rid: int, blocks) -> list[BlockRef]:
 
 @pytest.fixture
 def store(tmp_path):
-    s = CheckpointStore(str(tmp_path / "kv"))
+    s = CheckpointStore(str(tmp_path / "kv"), flush_interval_s=None)     # one checkpoint per call
     yield s
     s.close()
 
@@ -245,3 +245,16 @@ def test_reused_directory_continues_sequence(tmp_path):
         s.snapshot(0, refs(1, [0]), x)
         s.wait()
         assert s.stats["failed"] == 0 and s.committed_blocks(1) == 1
+
+
+def test_snapshots_within_the_flush_window_share_one_checkpoint(tmp_path):
+    with CheckpointStore(str(tmp_path / "kv"), flush_interval_s=5.0) as s:
+        x = rand_blocks(3, 21)
+        for b in range(3):
+            s.snapshot(0, refs(4, [b]), x[b:b + 1])
+        s.snapshot(1, refs(5, [0]), x[:1])
+        s.wait()                                   # does not sit out the 5 s window
+        assert s.committed_blocks(4) == 3 and s.committed_blocks(5) == 1
+        assert len(list((s.directory / "aw0").iterdir())) == 1 and len(list((s.directory / "aw1").iterdir())) == 1
+        s.drop_memory_tier()
+        np.testing.assert_array_equal(s.restore(4), x)
