@@ -23,6 +23,7 @@ flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart"],
 flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
 flags.DEFINE_float("shadow_budget", 1.0, "Fraction of an EW's primary-expert memory spent on shadow experts.")
 flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax path); default: a temp dir.")
+flags.DEFINE_float("snapshot_flush_s", 1.0, "KV snapshots within this window share one Orbax write.")
 flags.DEFINE_float("transfer_deadline_s", 30.0, "Bounded wait on every cross-worker transfer.")
 flags.DEFINE_float("heartbeat_interval_s", 0.05, "Controller liveness probes.")
 flags.DEFINE_string("compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tarragon_jax", "xla"),
@@ -60,6 +61,7 @@ def engine_config(**overrides):
               expert_backend=FLAGS.expert_backend, prefill_chunk=FLAGS.prefill_chunk,
               max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
+              snapshot_flush_s=FLAGS.snapshot_flush_s,
               transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s)
     kw.update(overrides)
     return EngineConfig(**kw)

@@ -83,6 +83,7 @@ class EngineConfig:
     resilience: bool = True            # shadows + KV snapshots + heartbeats (off: the overhead baseline)
     shadow_budget: float = 1.0         # fraction of an EW's primary-expert memory spent on shadows
     checkpoint_dir: str | None = None  # KV snapshots (any Orbax path); None: a fresh dir under the temp dir
+    snapshot_flush_s: float = 1.0      # KV snapshots within this window share one Orbax write (commit lag)
     heartbeat_interval_s: float = 0.05 # controller liveness probes of idle workers
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class EngineConfig:
                  f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
         _require(self.recovery in RECOVERIES, f"unknown recovery {self.recovery!r}; choose from {RECOVERIES}")
         _require(self.shadow_budget >= 0, f"shadow_budget must be >= 0, got {self.shadow_budget}")
+        _require(self.snapshot_flush_s >= 0, f"snapshot_flush_s must be >= 0, got {self.snapshot_flush_s}")
         _require(self.heartbeat_interval_s > 0,
                  f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         _require(self.dtype in ("float32", "bfloat16", "float16"),

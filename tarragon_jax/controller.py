@@ -72,7 +72,8 @@ class Controller:
         self.placement: Placement = place(self.model.n_layers, self.model.n_experts, cfg.num_expert_workers, budget)
         self.ert: RoutingTable = self.placement.ert
         self.transport = Transport(cfg.transfer_deadline_s)
-        self.store = CheckpointStore(cfg.checkpoint_dir) if cfg.resilience else None
+        self.store = (CheckpointStore(cfg.checkpoint_dir, flush_interval_s=cfg.snapshot_flush_s)
+                      if cfg.resilience else None)
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
 
