@@ -31,8 +31,8 @@ flags.DEFINE_integer("fail_aw", 0, "Attention worker killed in aw_failure.")
 flags.DEFINE_list("scenarios", ["no_failure", "ew_failure", "aw_failure"], "Scenarios to run.")
 flags.DEFINE_list("recoveries", ["tarragon", "restart"], "Recoveries to compare.")
 flags.DEFINE_list("restore_lengths", ["64", "128", "256", "512"], "Decoded lengths for restore vs replay.")
-flags.DEFINE_integer("overhead_requests", 24, "Requests of the saturated no-failure overhead runs.")
-flags.DEFINE_integer("overhead_repeats", 5, "Interleaved off/on repeats for the overhead ratio.")
+flags.DEFINE_integer("overhead_requests", 48, "Requests of the saturated no-failure overhead runs.")
+flags.DEFINE_integer("overhead_repeats", 6, "Interleaved off/on repeats for the overhead ratio.")
 flags.DEFINE_float("bucket_s", 0.1, "Timeline bucket for the plot.")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
@@ -106,8 +106,8 @@ def overhead(cfg, params, reload) -> dict:
     tput = {False: [], True: []}
     for on in (False, True):                                   # warm-up
         _engine(cfg, params, reload, resilience=on).generate(prompts[:4], SamplingParams(max_new_tokens=4))
-    for _ in range(FLAGS.overhead_repeats):
-        for on in (False, True):
+    for rep in range(FLAGS.overhead_repeats):
+        for on in ((False, True) if rep % 2 == 0 else (True, False)):     # ABBA: cancels drift
             eng = _engine(cfg, params, reload, resilience=on)
             t0 = time.perf_counter()
             outs = eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))

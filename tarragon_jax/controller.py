@@ -181,8 +181,8 @@ class Controller:
         return bool(self._jobs)
 
     def tick(self) -> list[RecoveryRecord]:
-        """At a step boundary: join finished replacements, and heartbeats (at most every
-        interval) that catch failed workers no datapath call touched. Returns new failures."""
+        """At a step boundary: join finished replacements, and (at most every interval) probe the
+        workers no data-path call has heard from within the interval. Returns new failures."""
         for fut, join in [j for j in self._jobs if j[0].done()]:
             self._jobs.remove((fut, join))
             join(fut.result())
@@ -190,7 +190,8 @@ class Controller:
             return []
         self._last_heartbeat = self.clock()
         probes = {w.handle.name: w.handle.probe for w in self.aws + self.ews
-                  if not self.health.is_failed(w.handle.name)}
+                  if not self.health.is_failed(w.handle.name)
+                  and self.health.silent_for(w.handle.name) >= self.config.heartbeat_interval_s}
         return [self._act(name, "heartbeat") for name in self.health.heartbeat(probes)]
 
     def wait_recoveries(self) -> None:

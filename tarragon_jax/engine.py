@@ -165,7 +165,10 @@ class Engine:
                     del active[i]
         events = []
         for aw, batch in active.values():
-            for seq, tok, new in self._guard(aw.finish_step, batch) or []:
+            emitted = self._guard(aw.finish_step, batch)
+            if emitted is not None:
+                self.controller.health.heard_from(aw.handle.name)
+            for seq, tok, new in emitted or []:
                 if seq.state is SeqState.FINISHED:
                     aw.release(seq)
                 if new:
@@ -201,6 +204,7 @@ class Engine:
                         active.pop(int(f.worker[2:]), None)
                         todo += [(i, r) for i, r in items if i in active]
                     continue
+                self.controller.health.heard_from(ew.handle.name)
                 for i, out in got:
                     returned[i].append(out)
         return returned

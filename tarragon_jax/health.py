@@ -1,7 +1,8 @@
 """Failure detector: who is dead, since when, and how it was noticed. No recovery policy here.
 
 Detection has two sources, as in the paper (notes/PAPER.md 2.2): a failed or timed-out call on
-the data path ("call", "deadline"), and an explicit probe of each live worker ("heartbeat").
+the data path ("call", "deadline"), and an explicit probe ("heartbeat") of workers the data path
+has not heard from recently (successful calls are implicit heartbeats).
 Fault injection reports the ground-truth kill time too, so the benchmark can measure detection
 latency. The clock is injected so tests run on a fake one.
 """
@@ -24,7 +25,16 @@ class HealthMonitor:
         self._failed: set[str] = set()
         self._killed_at: dict[str, float] = {}
         self._detected_at: dict[str, float] = {}
+        self._heard: dict[str, float] = {}
         self.events: list[HealthEvent] = []
+
+    def heard_from(self, worker: str) -> None:
+        """A data-path call to `worker` succeeded: an implicit heartbeat (no probe needed)."""
+        self._heard[worker] = self._clock()
+
+    def silent_for(self, worker: str) -> float:
+        """Seconds since the last implicit heartbeat (inf if never heard from)."""
+        return self._clock() - self._heard.get(worker, float("-inf"))
 
     def killed(self, worker: str, detail: str = "injected") -> None:
         """Ground truth: a fault was injected into `worker` now (starts a new incident)."""

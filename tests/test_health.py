@@ -68,3 +68,12 @@ def test_monitors_are_independent():
     a, b = HealthMonitor(FakeClock()), HealthMonitor(FakeClock())
     a.report_failure("ew0", "x", "call")
     assert b.failed == frozenset() and b.events == []
+
+
+def test_implicit_heartbeats():
+    t = [0.0]
+    h = HealthMonitor(clock=lambda: t[0])
+    assert h.silent_for("ew1") == float("inf")
+    h.heard_from("ew1")
+    t[0] = 0.25
+    assert h.silent_for("ew1") == 0.25
