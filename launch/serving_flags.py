@@ -23,7 +23,7 @@ flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart"],
 flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
 flags.DEFINE_float("shadow_budget", 1.0, "Fraction of an EW's primary-expert memory spent on shadow experts.")
 flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax path); default: a temp dir.")
-flags.DEFINE_float("snapshot_flush_s", 1.0, "KV snapshots within this window share one Orbax write.")
+flags.DEFINE_float("snapshot_flush_s", 2.0, "KV snapshots within this window share one Orbax write (commit is at once, in the store memory).")
 flags.DEFINE_float("transfer_deadline_s", 30.0, "Bounded wait on every cross-worker transfer.")
 flags.DEFINE_float("heartbeat_interval_s", 0.05, "Controller liveness probes.")
 flags.DEFINE_string("compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tarragon_jax", "xla"),

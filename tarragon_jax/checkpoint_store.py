@@ -1,11 +1,13 @@
 """Checkpoint store: asynchronous, incremental snapshots of attention-worker KV blocks (paper 2.4, 2.6).
 
 An AW hands `snapshot()` a device array of whole KV blocks; the call only starts the device->host
-copy and enqueues, so the decode loop never waits on storage. One background thread turns each
-snapshot into numpy, checksums every block (crc32), writes one Orbax checkpoint per call
-(`directory/aw{aw}/{seq:08d}`, a flat pytree `{"r{rid}_b{block}": [L, 2, page_size, kv, hd]}`)
-and only then *commits* the blocks: the manifest (per request: block -> checkpoint, crc) and the
-host memory tier are updated under one lock. A request's committed token index is its contiguous
+copy and enqueues, so the decode loop never waits on storage. One background thread (low CPU
+priority) turns each snapshot into numpy and checksums every block (crc32). With the memory tier
+(the paper's DRAM bucket of the store) the blocks *commit* right then; every `flush_interval_s`
+the window's blocks of each AW are written as one Orbax checkpoint (`directory/aw{aw}/{seq:08d}`,
+a flat pytree `{"r{rid}_b{block}": [L, 2, page_size, kv, hd]}`), the durable copy. One save per
+window, not per step, keeps Orbax's fixed per-save host cost off the decode loop. Without the
+memory tier blocks commit only once written. A request's committed token index is its contiguous
 committed block prefix from block 0 times page_size; a failed AW's requests are restored from that
 prefix on another AW (memory tier first, else an Orbax partial restore of just that request's
 keys) and only the tokens after it are recomputed.
@@ -55,7 +57,7 @@ class BlockRef:
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     """Where a committed block lives and what it must hash to."""
-    path: str             # checkpoint directory holding it
+    path: str | None      # checkpoint directory holding it; None until persisted (memory tier only)
     key: str
     crc: int
     shape: tuple
@@ -71,6 +73,7 @@ class _Job:
     refs: list[BlockRef]
     blocks: Any           # jax.Array (host copy in flight) or np.ndarray, [n, L, 2, ps, kv, hd]
     epochs: list[int]     # per ref: the request's drop epoch when enqueued (stale -> not committed)
+    host: list = dataclasses.field(default_factory=list)   # (ref, block, crc, epoch) once ingested
 
 
 _FLUSH = object()          # queue token: wait()/close() want the current window written now
@@ -188,6 +191,9 @@ class CheckpointStore:
         out: list[np.ndarray | None] = list(mem)
         by_path: dict[str, list[int]] = {}
         for b, m in enumerate(mem):
+            if m is None and chosen[b].path is None:
+                raise SnapshotMissing(f"request {request_id}: block {b} was never persisted and its "
+                                      f"memory-tier copy is gone")
             if m is None:
                 by_path.setdefault(chosen[b].path, []).append(b)
         for path, bs in by_path.items():
@@ -211,7 +217,7 @@ class CheckpointStore:
             dead = []
             for b, e in entries.items():
                 self._memory.pop((request_id, b), None)
-                if self._unref(e.path):
+                if e.path is not None and self._unref(e.path):
                     dead.append(e.path)
             if self._closed:
                 return                               # writer stopped: files stay until rmtree
@@ -318,40 +324,27 @@ class CheckpointStore:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except (AttributeError, OSError):
             pass    # the decode loop must not compete with snapshot writes for CPU
+        unpersisted: dict[int, list[_Job]] = {}      # aw -> ingested jobs waiting for their Orbax write
+        deadline = None
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job is _FLUSH:
-                continue
-            if isinstance(job, str):
-                self._guarded([job], lambda: epath.Path(job).rmtree(missing_ok=True))
-                continue
-            batch, stop = self._gather(job)
-            for aw in sorted({j.aw for j in batch}):
-                mine = [j for j in batch if j.aw == aw]
-                self._guarded(mine, lambda: self._save_jobs(mine))
-            if stop:
-                return
-
-    def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
-        """`first` plus every snapshot queued within the flush window (or until wait()/close())."""
-        if self.flush_interval_s is None:
-            return [first], False
-        batch, end = [first], self._clock() + self.flush_interval_s
-        while True:
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
             try:
-                job = self._queue.get(timeout=max(0.0, end - self._clock()))
+                job = self._queue.get(timeout=timeout)
             except queue.Empty:
-                return batch, False
-            if job is None:
-                return batch, True
-            if job is _FLUSH:
-                return batch, False
+                job = _FLUSH                         # the window closed
             if isinstance(job, str):
                 self._guarded([job], lambda: epath.Path(job).rmtree(missing_ok=True))
-            else:
-                batch.append(job)
+            elif isinstance(job, _Job):
+                self._guarded([], lambda: self._ingest(job))
+                unpersisted.setdefault(job.aw, []).append(job)
+                if deadline is None:
+                    deadline = self._clock() + (self.flush_interval_s or 0.0)
+            if job is None or job is _FLUSH or (deadline is not None and self._clock() >= deadline):
+                for aw, jobs in sorted(unpersisted.items()):
+                    self._guarded(jobs, lambda: self._persist(jobs))
+                unpersisted, deadline = {}, None
+            if job is None:
+                return
 
     def _guarded(self, jobs: list, work: Callable[[], None]) -> None:
         """Run one unit of background work; a failure is recorded (blocks stay uncommitted) and
@@ -370,35 +363,54 @@ class CheckpointStore:
                     self._epoch.clear()          # no job holds an epoch any more
                 self._idle.notify_all()
 
-    def _save_jobs(self, jobs: list[_Job]) -> None:
-        """One Orbax checkpoint for several snapshots of one AW (a later copy of a block wins)."""
-        t0 = self._clock()
-        latest: dict[str, tuple[BlockRef, np.ndarray, int]] = {}
-        for job in jobs:
-            host = np.array(job.blocks)              # waits for the async host copy; owns its memory
-            job.blocks = None
-            for i, r in enumerate(job.refs):
-                blk = host[i] if len(job.refs) == 1 else host[i].copy()
-                blk.flags.writeable = False
-                latest[r.key] = (r, blk, job.epochs[i])
-        crcs = {k: _crc(blk) for k, (_, blk, _) in latest.items()}
-        path = self.directory / f"aw{jobs[0].aw}" / f"{jobs[0].seq:08d}"
-        self._write(path, {k: blk for k, (_, blk, _) in latest.items()})
-        dead = []
+    def _ingest(self, job: _Job) -> None:
+        """Host copy and checksum of a snapshot; with the memory tier the blocks commit now (the
+        store's host memory is the paper's DRAM bucket), the Orbax write follows per window."""
+        host = np.array(job.blocks)                  # waits for the async host copy; owns its memory
+        job.blocks = None
+        job.host = []
+        for i, r in enumerate(job.refs):
+            blk = host[i] if len(job.refs) == 1 else host[i].copy()
+            blk.flags.writeable = False
+            job.host.append((r, blk, _crc(blk), job.epochs[i]))
+        if not self.memory_tier:
+            return
         with self._lock:
-            for k, (r, blk, epoch) in latest.items():
+            for r, blk, crc, epoch in job.host:
                 if self._epoch.get(r.request_id, 0) != epoch:
                     continue                         # dropped while in flight
                 blocks = self._manifest.setdefault(r.request_id, {})
                 old = blocks.get(r.block)
-                if old is not None and self._unref(old.path):
+                if old is not None and old.path is not None and self._unref(old.path):
+                    self._pending += 1
+                    self._queue.put(old.path)
+                blocks[r.block] = _Entry(None, r.key, crc, blk.shape, blk.dtype, job.seq, job.aw)
+                self._memory[(r.request_id, r.block)] = blk
+
+    def _persist(self, jobs: list[_Job]) -> None:
+        """One Orbax checkpoint for the window's snapshots of one AW (a later copy of a block wins);
+        without the memory tier this is when the blocks commit."""
+        t0 = self._clock()
+        latest = {r.key: (r, blk, crc, epoch, job) for job in jobs for r, blk, crc, epoch in job.host}
+        if not latest:
+            return
+        path = self.directory / f"aw{jobs[0].aw}" / f"{jobs[0].seq:08d}"
+        self._write(path, {k: v[1] for k, v in latest.items()})
+        dead = []
+        with self._lock:
+            for k, (r, blk, crc, epoch, job) in latest.items():
+                if self._epoch.get(r.request_id, 0) != epoch:
+                    continue                         # dropped while in flight
+                blocks = self._manifest.setdefault(r.request_id, {})
+                old = blocks.get(r.block)
+                if self.memory_tier and (old is None or old.seq != job.seq):
+                    continue                         # replaced by a newer snapshot since
+                if old is not None and old.path is not None and self._unref(old.path):
                     dead.append(old.path)
-                blocks[r.block] = _Entry(str(path), k, crcs[k], blk.shape, blk.dtype, jobs[0].seq, jobs[0].aw)
+                blocks[r.block] = _Entry(str(path), k, crc, blk.shape, blk.dtype, job.seq, job.aw)
                 self._live[str(path)] = self._live.get(str(path), 0) + 1
-                if self.memory_tier:
-                    self._memory[(r.request_id, r.block)] = blk
             if str(path) not in self._live:
-                dead.append(str(path))               # every block dropped before it committed
+                dead.append(str(path))               # every block dropped or replaced before it landed
             self._save.add(self._clock() - t0)
         for p in dead:
             epath.Path(p).rmtree(missing_ok=True)

@@ -83,7 +83,7 @@ class EngineConfig:
     resilience: bool = True            # shadows + KV snapshots + heartbeats (off: the overhead baseline)
     shadow_budget: float = 1.0         # fraction of an EW's primary-expert memory spent on shadows
     checkpoint_dir: str | None = None  # KV snapshots (any Orbax path); None: a fresh dir under the temp dir
-    snapshot_flush_s: float = 1.0      # KV snapshots within this window share one Orbax write (commit lag)
+    snapshot_flush_s: float = 2.0      # KV snapshots within this window share one Orbax write (durability lag)
     heartbeat_interval_s: float = 0.05 # controller liveness probes of idle workers
 
     def __post_init__(self) -> None:
