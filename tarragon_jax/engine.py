@@ -34,6 +34,9 @@ class TokenEvent:
     finish_reason: str = ""
 
 
+_FAILED = object()      # an AW-side call raised WorkerFailed (already reported)
+
+
 class _Restart(Exception):
     def __init__(self, rec: RecoveryRecord):
         self.rec = rec
@@ -112,6 +115,8 @@ class Engine:
             raise _Restart(rec)
 
     def _inject(self, layer: int | None) -> None:
+        if not self.faults.pending:
+            return
         prefill = {a.index for a in self.controller.live_aws() if any(s.num_pending > 1 for s in a.live_requests())}
         for spec in self.faults.due(self.step_index, layer, prefill_aws=prefill,
                                     recovering=self.controller.recovering):
@@ -120,12 +125,12 @@ class Engine:
                 self.controller.kill(name)
 
     def _guard(self, fn, *args):
-        """Run an AW-side call; a WorkerFailed is reported and turns into None."""
+        """Run an AW-side call; a WorkerFailed is reported and turns into _FAILED."""
         try:
             return fn(*args)
         except WorkerFailed as f:
             self._failure(f.worker, f.reason, "call")
-            return None
+            return _FAILED
 
     # ---- the data path --------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
@@ -149,26 +154,27 @@ class Engine:
             if not aw.scheduler.num_requests:
                 continue                    # nothing assigned: no call (heartbeats watch idle AWs)
             batch = self._guard(aw.start_step)
-            if batch is not None:
+            if batch is not None and batch is not _FAILED:
                 active[aw.index] = (aw, batch)
         for layer in range(self.model.n_layers):
             self._inject(layer)
             outs, ids = {}, {}
             for i, (aw, batch) in list(active.items()):
                 outs[i] = self._guard(aw.attend, layer)
-                ids[i] = None if outs[i] is None else self._guard(np.asarray, outs[i].ids)
-                if ids[i] is None:
+                ids[i] = _FAILED if outs[i] is _FAILED else self._guard(np.asarray, outs[i].ids)
+                if ids[i] is _FAILED:
                     del active[i]
             returned = self._exchange(layer, active, outs, ids)
             for i, (aw, _) in list(active.items()):
-                if self._guard(aw.combine, outs[i], returned[i]) is None and not aw.handle.alive:
+                if self._guard(aw.combine, outs[i], returned[i]) is _FAILED:
                     del active[i]
         events = []
         for aw, batch in active.values():
             emitted = self._guard(aw.finish_step, batch)
-            if emitted is not None:
-                self.controller.health.heard_from(aw.handle.name)
-            for seq, tok, new in emitted or []:
+            if emitted is _FAILED:
+                continue
+            self.controller.health.heard_from(aw.handle.name)
+            for seq, tok, new in emitted:
                 if seq.state is SeqState.FINISHED:
                     aw.release(seq)
                 if new:

@@ -60,31 +60,10 @@ class RoutingTable:
         return [(l, e) for l in range(self.n_layers) for e in range(self.n_experts)
                 if not self._replicas.get((l, e))]
 
-    def replicas_on(self, ew: int) -> list[tuple[tuple[int, int], Replica]]:
-        """Every ((layer, expert), replica) hosted by `ew`, ordered by (layer, slot)."""
-        found = [(key, r) for key, reps in self._replicas.items() for r in reps if r.ew == ew]
-        return sorted(found, key=lambda kr: (kr[0][0], kr[1].slot))
-
     # ---- derived tables (never mutate self) ------------------------------------------------
     def without_ew(self, ew: int) -> "RoutingTable":
         """A new table (version + 1) with every replica on `ew` dropped; experts may be orphaned."""
         return self._derive({k: tuple(r for r in reps if r.ew != ew) for k, reps in self._replicas.items()})
-
-    def with_replicas(self, updates: Mapping[tuple[int, int], tuple[Replica, ...]]) -> "RoutingTable":
-        """A new table (version + 1) whose listed (layer, expert) entries are replaced wholesale."""
-        new = dict(self._replicas)
-        for (layer, expert), reps in updates.items():
-            if not (0 <= layer < self.n_layers and 0 <= expert < self.n_experts):
-                raise KeyError(f"(layer, expert) ({layer}, {expert}) outside a table of "
-                               f"{self.n_layers} layers x {self.n_experts} experts")
-            reps = tuple(reps)
-            bad = [r for r in reps if not isinstance(r, Replica)]
-            if bad:
-                raise TypeError(f"replicas of ({layer}, {expert}) must be Replica, got {bad[0]!r}")
-            if len(set(reps)) != len(reps):
-                raise ValueError(f"duplicate replica in ({layer}, {expert}): {reps}")
-            new[(layer, expert)] = reps
-        return self._derive(new)
 
     def _derive(self, replicas: dict[tuple[int, int], tuple[Replica, ...]]) -> "RoutingTable":
         return RoutingTable(self.version + 1, self.n_layers, self.n_experts, replicas)
