@@ -4,8 +4,9 @@ A Poisson workload runs under the scenarios no_failure / ew_failure / aw_failure
 recovery=tarragon and recovery=restart, in one process on the same warm programs. For each run it
 reports the stall (longest inter-token gap of an in-flight request across the failure minus the
 pre-failure median gap), the zero-throughput window, tokens recomputed, throughput, lost requests,
-whether every token equals the failure-free run, and the recovery breakdown (detection, reroute,
-restore, replacement worker ready, restart). It also measures the no-failure overhead of
+whether every token equals the failure-free run, and the recovery breakdown: detection, reroute
+(new ERT / request moves), restore (snapshot reads into pages), recompute (wall time of the steps
+that carried recompute chunks), replacement worker ready and its recompile share, restart. It also measures the no-failure overhead of
 resilience (saturated throughput off / on, interleaved repeats) and, for one request at several
 decoded lengths, restoring it on another AW vs replaying it from scratch.
 """
@@ -91,7 +92,9 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, **
            "breakdown": {"detect_s": recs[0].detect_s if recs else None,
                          "reroute_s": recs[0].reroute_s if recs else None,
                          "restore_s": sum(a.restored.seconds for a in eng.aws),
+                         "recompute_steps_s": eng.recompute_s,
                          "replacement_ready_s": recs[0].replacement_ready_s if recs else None,
+                         "recompile_s": recs[0].recompile_s if recs else None,
                          "restart_s": recs[0].restart_s if recs else None}}
     eng.close()
     return res
@@ -201,7 +204,8 @@ def main(argv):
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
     cols = ["stall_s", "zero_throughput_s", "tokens_recomputed", "rows_replayed", "throughput_tok_s",
             "lost_requests", "tokens_identical"]
-    bcols = ["detect_s", "reroute_s", "restore_s", "replacement_ready_s", "restart_s"]
+    bcols = ["detect_s", "reroute_s", "restore_s", "recompute_steps_s", "replacement_ready_s", "recompile_s",
+             "restart_s"]
     print(f"{len(workload[1])} requests, Poisson {FLAGS.rate}/s over {FLAGS.duration_s}s, prompt {FLAGS.prompt_len}, "
           f"output {FLAGS.output_len}; {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs; "
           f"failure at {FLAGS.fail_at_s}s")

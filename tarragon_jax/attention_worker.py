@@ -45,7 +45,8 @@ class RestoreStats:
     blocks: int = 0
     fallbacks: int = 0                    # missing/corrupt snapshot -> recomputed from tokens
     tokens_recomputed: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0                  # reading snapshots and writing them into pages
+    recompute_steps: int = 0              # steps that carried recompute chunks
 
 
 class AttentionWorker:
@@ -70,6 +71,8 @@ class AttentionWorker:
             if seq.restore_pending:
                 self._restore(seq)
         batch = self.scheduler.schedule()
+        if batch is not None and any(s.num_cached < s.recompute_until for s in batch.seqs):
+            self.restored.recompute_steps += 1
         if batch is not None:
             self._dev = dict(zip(("ids", "pos", "slot", "tables", "last"), self.handle.put(
                 (batch.ids_T, batch.pos_T, batch.slot_T, batch.tables_BxP, batch.last_B))))

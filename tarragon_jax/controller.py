@@ -45,6 +45,7 @@ class RecoveryRecord:
     orphans_loaded: int = 0
     requests_moved: int = 0
     replacement_ready_s: float | None = None   # detection -> replacement worker joined (weights + compile)
+    recompile_s: float | None = None     # of which: compiling the failed worker's programs for the new mesh
     restart_s: float | None = None       # restart baseline: teardown + weight reload + rebuild
     tokens_recomputed: int = 0           # restart baseline: every cached position of every request
 
@@ -117,7 +118,7 @@ class Controller:
         self._publish(ert)
         rec.reroute_s = self.clock() - t0
         j = int(rec.worker[2:])
-        self._start(lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j]),
+        self._start(lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j], rec),
                     lambda ew: self._join_ew(ew, rec, t0))
 
     def _aw_failed(self, rec: RecoveryRecord) -> None:
@@ -133,7 +134,7 @@ class Controller:
             self.aws[target].scheduler.add(seq)
         rec.requests_moved = len(moving)
         rec.reroute_s = self.clock() - t0
-        self._start(lambda: self._replacement(lambda h: self._new_aw(i, h), dead),
+        self._start(lambda: self._replacement(lambda h: self._new_aw(i, h), dead, rec),
                     lambda aw: self._join_aw(aw, rec, t0))
 
     def _derive_ert(self) -> tuple[RoutingTable, int]:
@@ -156,12 +157,14 @@ class Controller:
     def _start(self, build: Callable, join: Callable) -> None:
         self._jobs.append((self._bg.submit(build), join))
 
-    def _replacement(self, make: Callable[[WorkerHandle], object], failed) -> object:
+    def _replacement(self, make: Callable[[WorkerHandle], object], failed, rec: RecoveryRecord) -> object:
         """A new worker on a spare device (weights from host memory) that compiles every program
         the failed one ran before it joins: its mesh is new, so nothing is compiled for it yet."""
         worker = make(self.runtime.replacement(failed.handle))
         worker.programs.extend(failed.programs)
+        t0 = self.clock()
         worker.programs.replay(worker.handle.put)
+        rec.recompile_s = self.clock() - t0
         return worker
 
     def _join_ew(self, ew: ExpertWorker, rec: RecoveryRecord, t0: float) -> None:

@@ -60,6 +60,7 @@ class Engine:
         self.requests: dict[int, Sequence] = {}
         self.step_index = 0
         self.replayed_rows = 0
+        self.recompute_s = 0.0      # wall time of steps in which some AW recomputed moved requests
         self._next_id = 0
 
     @property
@@ -134,6 +135,7 @@ class Engine:
 
     # ---- the data path --------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        t0, before = self.metrics.clock(), self._recompute_steps()
         try:
             for rec in self.controller.tick():
                 if self.config.recovery == "restart":
@@ -146,7 +148,12 @@ class Engine:
             events = []
         self.step_index += 1
         self.metrics.steps += 1
+        if self._recompute_steps() != before:
+            self.recompute_s += self.metrics.clock() - t0
         return events
+
+    def _recompute_steps(self) -> int:
+        return sum(a.restored.recompute_steps for a in self.aws)
 
     def _step(self) -> list[TokenEvent]:
         active = {}
