@@ -35,6 +35,7 @@ flags.DEFINE_list("restore_lengths", ["64", "128", "256", "512"], "Decoded lengt
 flags.DEFINE_integer("overhead_requests", 48, "Requests of the saturated no-failure overhead runs.")
 flags.DEFINE_integer("overhead_repeats", 6, "Interleaved off/on repeats for the overhead ratio.")
 flags.DEFINE_float("bucket_s", 0.1, "Timeline bucket for the plot.")
+flags.DEFINE_integer("repeats", 1, "Run every scenario this many times; the table shows medians.")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
 flags.DEFINE_string("plot_out", None, "Draw tokens/s over time per scenario (PNG) here.")
@@ -98,6 +99,18 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, **
                          "restart_s": recs[0].restart_s if recs else None}}
     eng.close()
     return res
+
+
+def median_run(same: list[dict]) -> dict:
+    """One row from repeats of a scenario: medians of the timings, the worst of the invariants;
+    the timeline and breakdown of the first repeat (for the plot), every repeat kept in `repeats`."""
+    row = dict(same[0])
+    for key in ("stall_s", "zero_throughput_s", "tokens_recomputed", "rows_replayed", "throughput_tok_s"):
+        row[key] = statistics.median(r[key] for r in same)
+    row["lost_requests"] = max(r["lost_requests"] for r in same)
+    row["tokens_identical"] = all(r["tokens_identical"] for r in same)
+    row["repeats"] = [{k: r[k] for k in ("stall_s", "zero_throughput_s", "throughput_tok_s")} for r in same]
+    return row
 
 
 def overhead(cfg, params, reload) -> dict:
@@ -194,10 +207,12 @@ def main(argv):
     workload = _workload(cfg.vocab_size)
     for scenario in FLAGS.scenarios:      # warm-up: compile every program both paths use (also cached on disk)
         run_scenario(cfg, params, reload, scenario, "tarragon", workload)
-    results = [run_scenario(cfg, params, reload, s, r, workload) for r in FLAGS.recoveries for s in FLAGS.scenarios]
-    clean = next((r["outputs"] for r in results if r["name"] == "no_failure"), None)
-    for r in results:
+    runs = [[run_scenario(cfg, params, reload, s, r, workload) for r in FLAGS.recoveries for s in FLAGS.scenarios]
+            for _ in range(FLAGS.repeats)]
+    clean = next((r["outputs"] for r in runs[0] if r["name"] == "no_failure"), None)
+    for r in (r for rep in runs for r in rep):
         r["tokens_identical"] = clean is None or r.pop("outputs") == clean
+    results = [median_run(list(same)) for same in zip(*runs)]
     over = overhead(cfg, params, reload)
     rvr = restore_vs_replay(cfg, params, reload)
 
@@ -208,7 +223,7 @@ def main(argv):
              "restart_s"]
     print(f"{len(workload[1])} requests, Poisson {FLAGS.rate}/s over {FLAGS.duration_s}s, prompt {FLAGS.prompt_len}, "
           f"output {FLAGS.output_len}; {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs; "
-          f"failure at {FLAGS.fail_at_s}s")
+          f"failure at {FLAGS.fail_at_s}s; median of {FLAGS.repeats} run(s) per row")
     print(" | ".join(["scenario", "recovery"] + cols + bcols))
     for r in results:
         print(" | ".join([r["name"], r["recovery"]] + [fmt(r[c]) for c in cols] + [fmt(r["breakdown"][c]) for c in bcols]))
@@ -223,7 +238,7 @@ def main(argv):
             json.dump({"scenarios": results, "ratios": ratios, "no_failure_overhead": over["ratio"],
                        "overhead_runs": over, "restore_vs_replay": rvr,
                        "config": {k: FLAGS[k].value for k in ("rate", "duration_s", "prompt_len", "output_len",
-                                                             "fail_at_s", "num_attention_workers",
+                                                             "fail_at_s", "num_attention_workers", "repeats",
                                                              "num_expert_workers", "model", "checkpoint")}},
                       f, indent=1)
     if FLAGS.plot_out:

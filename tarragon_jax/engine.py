@@ -203,6 +203,8 @@ class Engine:
             todo = []
             for j, items in sorted(by_ew.items()):
                 items = [(i, r) for i, r in items if i in active]
+                if not items:
+                    continue                                # every sender died this layer
                 ew = self.ews[j]
                 try:
                     msgs = [active[i][0].refe.send(outs[i].hn, r, ew.handle) for i, r in items]
