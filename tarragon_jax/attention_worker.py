@@ -67,9 +67,9 @@ class AttentionWorker:
     def start_step(self) -> StepBatch | None:
         """Admit, restore moved requests, pick this step's tokens and embed them; None if idle."""
         self.handle.check()
-        for seq in self.scheduler.admit():
-            if seq.restore_pending:
-                self._restore(seq)
+        moved = [seq for seq in self.scheduler.admit() if seq.restore_pending]
+        if moved:
+            self._restore(moved)
         batch = self.scheduler.schedule()
         if batch is not None and any(s.num_cached < s.recompute_until for s in batch.seqs):
             self.restored.recompute_steps += 1
@@ -79,24 +79,34 @@ class AttentionWorker:
             self._dev["x"] = self.programs.call(stage.embed, self.params, self._dev["ids"])
         return batch
 
-    def _restore(self, seq: Sequence) -> None:
+    def _restore(self, seqs: list[Sequence]) -> None:
+        """Restore the committed blocks of requests moved here, all in one padded page write
+        (one compiled variant per bucket), and mark the rest of each for recompute."""
         t0, ps = self.clock(), self.blocks.page_size
-        seq.restore_pending = False
-        usable = (seq.num_tokens - 1) // ps               # the last token must stay pending
-        n = 0
-        if self.store is not None and usable:
-            try:
-                data = self.store.restore(seq.request_id)[:usable]
-                n = len(data)
-                pages = np.asarray(self.blocks.block_table(seq.request_id)[:n], np.int32)
-                self.pages = self.programs.call(write_blocks, self.pages, *self.handle.put((pages, data)))
-            except (SnapshotMissing, SnapshotCorrupt):
-                n, self.restored.fallbacks = 0, self.restored.fallbacks + 1
-        seq.num_cached = n * ps
-        seq.recompute_until = seq.num_tokens - 1
-        self.restored.requests += 1
-        self.restored.blocks += n
-        self.restored.tokens_recomputed += seq.num_tokens - 1 - n * ps
+        pages, data = [], []
+        for seq in seqs:
+            seq.restore_pending = False
+            usable = (seq.num_tokens - 1) // ps           # the last token must stay pending
+            n = 0
+            if self.store is not None and usable:
+                try:
+                    blocks = self.store.restore(seq.request_id)[:usable]
+                    n = len(blocks)
+                    data.append(blocks)
+                    pages += self.blocks.block_table(seq.request_id)[:n]
+                except (SnapshotMissing, SnapshotCorrupt):
+                    self.restored.fallbacks += 1
+            seq.num_cached = n * ps
+            seq.recompute_until = seq.num_tokens - 1
+            self.restored.blocks += n
+            self.restored.tokens_recomputed += seq.num_tokens - 1 - n * ps
+        self.restored.requests += len(seqs)
+        if data:
+            blocks = np.concatenate(data)
+            N = bucket(len(blocks), 4)                    # padding rows write zeros to the sink page 0
+            blocks = np.concatenate([blocks, np.zeros((N - len(blocks),) + blocks.shape[1:], blocks.dtype)])
+            ids = np.asarray(pages + [0] * (N - len(pages)), np.int32)
+            self.pages = self.programs.call(write_blocks, self.pages, *self.handle.put((ids, blocks)))
         self.restored.seconds += self.clock() - t0
 
     def attend(self, layer: int) -> LayerOut:
