@@ -211,12 +211,14 @@ def main(argv):
     for r in range(FLAGS.warmup_rounds):
         for scenario in FLAGS.scenarios:
             run_scenario(cfg, params, reload, scenario, "tarragon", _workload(cfg.vocab_size, seed=FLAGS.seed + 100 + r))
-    runs = [[run_scenario(cfg, params, reload, s, r, workload) for r in FLAGS.recoveries for s in FLAGS.scenarios]
-            for _ in range(FLAGS.repeats)]
-    clean = next((r["outputs"] for r in runs[0] if r["name"] == "no_failure"), None)
-    for r in (r for rep in runs for r in rep):
+    # Every repeat of one recovery before the next: a restart clears the in-memory compiled
+    # programs, which must not leak into the other recovery's measurements.
+    runs = [[run_scenario(cfg, params, reload, s, r, workload) for _ in range(FLAGS.repeats)]
+            for r in FLAGS.recoveries for s in FLAGS.scenarios]
+    clean = next((same[0]["outputs"] for same in runs if same[0]["name"] == "no_failure"), None)
+    for r in (r for same in runs for r in same):
         r["tokens_identical"] = clean is None or r.pop("outputs") == clean
-    results = [median_run(list(same)) for same in zip(*runs)]
+    results = [median_run(same) for same in runs]
     over = overhead(cfg, params, reload)
     rvr = restore_vs_replay(cfg, params, reload)
 
