@@ -121,8 +121,10 @@ def overhead(cfg, params, reload) -> dict:
     rng = np.random.default_rng(FLAGS.seed + 1)
     prompts = [rng.integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(FLAGS.overhead_requests)]
     tput = {False: [], True: []}
-    for on in (False, True):                                   # warm-up
-        _engine(cfg, params, reload, resilience=on).generate(prompts[:4], SamplingParams(max_new_tokens=4))
+    for on in (False, True):                                   # warm-up: the same shapes, compiled
+        eng = _engine(cfg, params, reload, resilience=on)
+        eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))
+        eng.close()
     for rep in range(FLAGS.overhead_repeats):
         for on in ((False, True) if rep % 2 == 0 else (True, False)):     # ABBA: cancels drift
             eng = _engine(cfg, params, reload, resilience=on)
