@@ -82,7 +82,7 @@ def main(argv):
         return outs, time.perf_counter() - t0, engine
 
     if FLAGS.warmup:
-        run(faults[1]).__getitem__(2).close()
+        run(faults[1])[2].close()
     outs, secs, engine = run(faults[0])
     for p, o in zip(prompts, outs):
         print(json.dumps({"prompt_ids": p, "output_ids": o}) if FLAGS.json else f"{p} -> {o}")
