@@ -117,3 +117,40 @@ def test_idle_worker_failure_found_by_heartbeat():
 def test_restart_baseline_is_token_identical(model):
     eng = _check(model, ["ew:1@step=5"], recovery="restart")
     assert eng.controller.records[0].restart_s > 0
+
+
+def test_hung_expert_worker_found_by_deadline(model, monkeypatch):
+    """An EW that stops answering (alive, but its results never arrive in time) is declared
+    failed by the bounded wait, and its rows are replayed to shadows: same tokens."""
+    import jax
+    import jax.numpy as jnp
+    from tarragon_jax.expert_worker import ExpertWorker
+    cfg, params, early, late, clean = model
+
+    @jax.jit
+    def stuck(y):       # answers only after ~0.5 s of work, and with garbage: using it changes tokens
+        busy = jax.lax.fori_loop(0, 200, lambda i, x: jnp.tanh(x @ x), jnp.full((512, 512), 0.01) + y[0, 0])
+        return y * jnp.nan * busy.sum()
+
+    run_layer = ExpertWorker.run_layer
+
+    def hang_ew2(self, layer, inputs):
+        out = run_layer(self, layer, inputs)
+        return [stuck(y) for y in out] if self.handle.name == "ew2" and hung[0] else out
+
+    hung = [False]
+    monkeypatch.setattr(ExpertWorker, "run_layer", hang_ew2)
+    kw = dict(num_attention_workers=2, num_expert_workers=4, prefill_chunk=8, transfer_deadline_s=0.1)
+    eng = Engine(cfg, params, EngineConfig(**kw), CACHE)
+    sp = SamplingParams(max_new_tokens=12)
+    ids = [eng.submit(p, sp) for p in early]
+    while eng.has_work:
+        if eng.step_index == 3:
+            ids += [eng.submit(p, sp) for p in late]
+        hung[0] = eng.step_index == 4 and not eng.controller.records
+        eng.step()
+    assert [eng.requests[i].output for i in ids] == clean
+    rec = eng.controller.records[0]
+    assert rec.worker == "ew2" and rec.detected_by == "call" and eng.replayed_rows > 0
+    assert "deadline" in [e.detail for e in eng.controller.health.events if e.kind == "failed"][0]
+    eng.close()
