@@ -58,6 +58,7 @@ class Engine:
                                   f"{'attention' if spec.kind == 'aw' else 'expert'} workers")
         self.controller = Controller(model, params, engine, cache, devices, self.metrics.clock, load_params)
         self.requests: dict[int, Sequence] = {}
+        self._unfinished: set[int] = set()
         self.step_index = 0
         self.replayed_rows = 0
         self.recompute_s = 0.0      # wall time of steps in which some AW recomputed moved requests
@@ -79,6 +80,7 @@ class Engine:
         self._next_id += 1
         seq = Sequence(rid, prompt, sampling, min(len(prompt) + sampling.max_new_tokens, self.model.max_position))
         self.requests[rid] = seq
+        self._unfinished.add(rid)
         min(self.controller.live_aws(), key=lambda a: a.scheduler.num_requests).scheduler.add(seq)
         self.metrics.submitted(rid)
         return rid
@@ -107,7 +109,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return any(s.state is not SeqState.FINISHED for s in self.requests.values())
+        return bool(self._unfinished)
 
     # ---- failures ---------------------------------------------------------------------------
     def _failure(self, name: str, reason: str, source: str) -> None:
@@ -143,8 +145,7 @@ class Engine:
             self._inject(None)
             events = self._step()
         except _Restart as r:
-            live = [s for s in self.requests.values() if s.state is not SeqState.FINISHED]
-            self.controller.restart(live, r.rec)
+            self.controller.restart([self.requests[i] for i in sorted(self._unfinished)], r.rec)
             events = []
         self.step_index += 1
         self.metrics.steps += 1
@@ -184,6 +185,7 @@ class Engine:
             for seq, tok, new in emitted:
                 if seq.state is SeqState.FINISHED:
                     aw.release(seq)
+                    self._unfinished.discard(seq.request_id)
                 if new:
                     self.metrics.token(seq.request_id)
                     events.append(TokenEvent(seq.request_id, tok, len(seq.output) - 1,
