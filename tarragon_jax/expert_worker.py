@@ -76,14 +76,15 @@ class ExpertWorker:
         inv = np.argsort(perm).astype(np.int32)
         group_sizes = np.bincount(slots[slots >= 0], minlength=n_slots).astype(np.int32)
         offsets = np.cumsum([0] + sizes_in[:-1]).astype(np.int32)
-        buf = self.handle.put(np.zeros((n, inputs[0].x_NxD.shape[1]), inputs[0].x_NxD.dtype))
-        for i, off in zip(inputs, self.handle.put(list(offsets))):
+        buf, perm, inv, group_sizes, *offs = self.handle.put(
+            (np.zeros((n, inputs[0].x_NxD.shape[1]), inputs[0].x_NxD.dtype), perm, inv, group_sizes, *offsets))
+        for i, off in zip(inputs, offs):
             buf = self.programs.call(pack_rows, buf, i.x_NxD, off)
         if not use_extra:
             self._warm_shadow_program(layer, buf)
         y = self.programs.call(expert_layer, self.weights[layer], self.extra[layer] if use_extra else None, buf,
-                               *self.handle.put((perm, inv, group_sizes)), backend=self.backend)
-        return [self.programs.call(take_rows, y, off, size) for off, size in zip(self.handle.put(list(offsets)), sizes_in)]
+                               perm, inv, group_sizes, backend=self.backend)
+        return [self.programs.call(take_rows, y, off, size) for off, size in zip(offs, sizes_in)]
 
     def _warm_shadow_program(self, layer: int, buf_NxD: jax.Array) -> None:
         """Compile the with-shadows variant of a shape as soon as the primaries-only one is used,

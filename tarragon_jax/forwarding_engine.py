@@ -31,6 +31,7 @@ class Rows:
     k: np.ndarray            # which of the token's top-k
     expert: np.ndarray       # logical expert id
     slot: np.ndarray         # slot on the EW
+    on_aw: tuple = ()        # (tok, k) padded, on the AW's mesh once sent: the combine needs them
 
     def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tok, k, slot) padded to a bucketed length; padding rows: token 0, k -1, slot -1."""
@@ -66,12 +67,12 @@ class ForwardingEngine:
         return self._resolve(layer, rows.tok, rows.k, rows.expert)
 
     def send(self, hn_TxD: jax.Array, rows: Rows, ew: WorkerHandle) -> ExpertInput:
-        tok, _, slot = rows.padded()
-        x = self.programs.call(gather_rows, hn_TxD, self.handle.put(tok))
+        tok, k, slot = rows.padded()
+        rows.on_aw = self.handle.put((tok, k))
+        x = self.programs.call(gather_rows, hn_TxD, rows.on_aw[0])
         return ExpertInput(self.aw, self.transport.send(x, ew), slot)
 
     def receive(self, y_NxD: jax.Array, rows: Rows, ew: WorkerHandle) -> tuple:
         """(y, tok, k) on this AW's mesh; raises WorkerFailed if the EW died or missed the deadline."""
-        tok, k, _ = rows.padded()
         y = self.transport.send(self.transport.wait(y_NxD, ew), self.handle)
-        return (y, *self.handle.put((tok, k)))
+        return (y, *rows.on_aw)
