@@ -46,7 +46,6 @@ class ExpertWorker:
         self.n_primary = [len(p) for p in primaries]
         self.weights = [self._stack(experts[l], p) for l, p in enumerate(primaries)]
         self.extra = [self._stack(experts[l], s) if s else None for l, s in enumerate(shadows)]
-        self._warm: set = set()
         self.programs = ProgramLog()
 
     def _stack(self, layer_experts: dict, ids: list[int]) -> dict:
@@ -80,20 +79,19 @@ class ExpertWorker:
             (np.zeros((n, inputs[0].x_NxD.shape[1]), inputs[0].x_NxD.dtype), perm, inv, group_sizes, *offsets))
         for i, off in zip(inputs, offs):
             buf = self.programs.call(pack_rows, buf, i.x_NxD, off)
-        if not use_extra:
-            self._warm_shadow_program(layer, buf)
+        compiled = expert_layer._cache_size()
         y = self.programs.call(expert_layer, self.weights[layer], self.extra[layer] if use_extra else None, buf,
                                perm, inv, group_sizes, backend=self.backend)
+        if not use_extra and expert_layer._cache_size() != compiled:
+            self._warm_shadow_program(layer, buf)
         return [self.programs.call(take_rows, y, off, size) for off, size in zip(offs, sizes_in)]
 
     def _warm_shadow_program(self, layer: int, buf_NxD: jax.Array) -> None:
-        """Compile the with-shadows variant of a shape as soon as the primaries-only one is used,
-        so a failover finds its program ready (shadows are kept warm, not just loaded)."""
+        """Compile the with-shadows variant of a shape when the primaries-only one was just
+        compiled, so a failover finds its program ready (shadows are kept warm, not just loaded)."""
         extra = self.extra[layer]
-        key = (buf_NxD.shape, None if extra is None else extra["w_gate"].shape)
-        if extra is None or key in self._warm:
+        if extra is None:
             return
-        self._warm.add(key)
         n, S = buf_NxD.shape[0], len(self.slots[layer])
         ident = np.arange(n, dtype=np.int32)
         self.programs.call(expert_layer, self.weights[layer], extra, buf_NxD,
