@@ -152,7 +152,8 @@ class AttentionWorker:
         """Hand newly filled blocks to the store; it copies and writes in the background."""
         if self.store is None or not refs:
             return
-        pages = [self.blocks.block_table(r.request_id)[r.block] for r in refs]
+        tables = {rid: self.blocks.block_table(rid) for rid in {r.request_id for r in refs}}
+        pages = [tables[r.request_id][r.block] for r in refs]
         ids = np.zeros(bucket(len(pages), 4), np.int32)
         ids[:len(pages)] = pages
         blocks = self.programs.call(read_blocks, self.pages, self.handle.put(ids))

@@ -23,7 +23,7 @@ import jax
 
 from tarragon_jax.attention_worker import AttentionWorker
 from tarragon_jax.checkpoint_store import CheckpointStore
-from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
 from tarragon_jax.expert_worker import ExpertWorker
 from tarragon_jax.health import HealthMonitor
 from tarragon_jax.placement import Placement, place
@@ -56,17 +56,20 @@ class Controller:
                  load_params: Callable[[], dict] | None = None):
         self.model, self.config, self.cache, self.clock = model, engine, cache, clock
         self.params, self.load_params, self.devices = params, load_params, devices
-        self.health = HealthMonitor(clock)
+        if engine.recovery == "restart" and load_params is None:
+            raise ConfigError("recovery=restart needs load_params: the checkpoint files to reload weights from")
         self.records: list[RecoveryRecord] = []
-        self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
-        self._jobs: list[tuple[concurrent.futures.Future, Callable]] = []
-        self._last_heartbeat = clock()
         self._build()
 
     # ---- building the cluster --------------------------------------------------------------
     def _build(self) -> None:
+        """Fresh cluster state: workers, placement, transport, store, failure detector, jobs."""
         cfg, dtype = self.config, jax.numpy.dtype(self.config.dtype)
         self.dtype = dtype
+        self.health = HealthMonitor(self.clock)
+        self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
+        self._jobs: list[tuple[concurrent.futures.Future, Callable]] = []
+        self._last_heartbeat = self.clock()
         self.runtime = LocalRuntime(self.devices)
         aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
         budget = cfg.shadow_budget if cfg.resilience else 0.0
@@ -144,8 +147,7 @@ class Controller:
         ert, loads = plan_expert_routing(self.placement, {ew.index for ew in self.ews} - set(live),
                                          {j: ew.slots for j, ew in live.items()}, self.ert.version + 1)
         for j, layer, expert in loads:
-            layer_experts = {k: self.params["experts"][layer][k] for k in ("w_gate", "w_up", "w_down")}
-            live[j].load_experts(layer, [expert], layer_experts)
+            live[j].load_experts(layer, [expert], self.params["experts"][layer])
         return ert, len(loads)
 
     def _publish(self, ert: RoutingTable) -> None:
@@ -213,11 +215,7 @@ class Controller:
             if w.handle.alive:
                 w.kill()                         # tear down: every buffer of every worker goes
         jax.clear_caches()
-        if self.load_params is None:
-            raise RuntimeError("recovery=restart needs the checkpoint files to reload weights from")
         self.params = self.load_params()
-        self.health = HealthMonitor(self.clock)
-        self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
         self._build()
         for i, seq in enumerate(requests):
             rec.tokens_recomputed += seq.num_cached

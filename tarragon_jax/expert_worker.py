@@ -51,16 +51,14 @@ class ExpertWorker:
     def _stack(self, layer_experts: dict, ids: list[int]) -> dict:
         return self.handle.put({k: np.asarray(layer_experts[k][ids]).astype(self.dtype) for k in _KEYS})
 
-    def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> list[int]:
-        """Load experts from host memory into new extra slots (no replica left elsewhere);
-        returns their slots. The extra stack grows, so this layer's program recompiles once."""
+    def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> None:
+        """Load experts from host memory into new slots appended after the existing ones (no
+        replica left elsewhere). The extra stack grows, so this layer's program recompiles once."""
         new = self._stack(layer_experts, ids)
         old = self.extra[layer]
         self.extra[layer] = new if old is None else jax.tree.map(
             lambda a, b: jax.numpy.concatenate([a, b]), old, new)
-        first = len(self.slots[layer])
         self.slots[layer] += list(ids)
-        return list(range(first, first + len(ids)))
 
     def run_layer(self, layer: int, inputs: list[ExpertInput]) -> list[jax.Array]:
         """Outputs per input, in input order and row order; padding rows come back as zeros."""

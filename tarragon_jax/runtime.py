@@ -48,9 +48,10 @@ class LocalRuntime:
         self.devices = list(devices) if devices is not None else jax.devices()
         self._used: list = []
 
-    def _pick(self) -> tuple:
+    def _pick(self, fallback=None) -> tuple:
+        """A device no worker has used yet, else `fallback` (default: round-robin sharing)."""
         free = [d for d in self.devices if d not in self._used]
-        dev = free[0] if free else self.devices[len(self._used) % len(self.devices)]
+        dev = free[0] if free else (fallback or self.devices[len(self._used) % len(self.devices)])
         self._used.append(dev)
         return (dev,)
 
@@ -63,7 +64,4 @@ class LocalRuntime:
     def replacement(self, failed: WorkerHandle) -> WorkerHandle:
         """A handle with the failed worker's name on a spare device, or, with no spare left, on the
         failed worker's own device once it is back (a new mesh either way, so programs recompile)."""
-        free = [d for d in self.devices if d not in self._used]
-        dev = free[0] if free else failed.devices[0]
-        self._used.append(dev)
-        return WorkerHandle(failed.name, (dev,))
+        return WorkerHandle(failed.name, self._pick(fallback=failed.devices[0]))
