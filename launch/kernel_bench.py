@@ -1,14 +1,19 @@
-"""Benchmark the grouped matmul at MoE expert shapes: Pallas gmm vs lax.ragged_dot vs dense.
+"""Benchmark the Pallas kernels at MoE decode shapes, each against its XLA alternatives.
 
-Decode is memory bound (each active expert's [d, f] weights are read once for a few tokens), so
-the table reports achieved GB/s and TFLOP/s and the fraction of a roofline built from the copy
-bandwidth and bf16 matmul rate measured on the same device in the same run:
+  gmm:        grouped matmul (expert gate/up projection [m, d] x [g, d, f]): Pallas gmm vs
+              lax.ragged_dot vs dense, at Mixtral-8x7B / Qwen3-30B-A3B / DeepSeek-V3 expert shapes.
+  attention:  paged decode attention over the KV page pool: Pallas kernel vs the jnp gather path,
+              at Mixtral-8x7B / Qwen3-30B-A3B attention shapes, batch x context.
+
+Decode is memory bound (expert weights or KV pages read once for a few tokens), so the tables
+report achieved GB/s and TFLOP/s and the fraction of a roofline built from the copy bandwidth
+and bf16 matmul rate measured on the same device in the same run:
     roofline_s = max(bytes / copy_bw, flops / matmul_rate);  fraction = roofline_s / time_s.
-Every implementation is checked against gmm_reference on the device before it is timed.
+Every implementation is checked against its reference on the device before it is timed.
 
-  python launch/kernel_bench.py                      # GPU: Mixtral / Qwen3-30B-A3B / DeepSeek-V3
+  python launch/kernel_bench.py                      # GPU: both suites
   python launch/kernel_bench.py --smoke              # CPU: tiny shapes, interpret mode, seconds
-  python launch/kernel_bench.py --json_out=bench.json
+  python launch/kernel_bench.py --json_out=bench.json --md_out=BENCHMARKS.md
 """
 
 import json
@@ -30,9 +35,15 @@ except ImportError:  # run as a script from a checkout: put the repo root on the
 from pallas_kernels.grouped_matmul import gmm  # noqa: E402
 from pallas_kernels.grouped_matmul import gmm_reference  # noqa: E402
 from pallas_kernels.grouped_matmul import row_groups  # noqa: E402
+from pallas_kernels.paged_attention import paged_attention  # noqa: E402
+from pallas_kernels.paged_attention import paged_attention_reference  # noqa: E402
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode; runs on CPU in seconds")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "write results as JSON to this path")
+_MD_OUT = flags.DEFINE_string("md_out", None, "write the tables as Markdown (for BENCHMARKS.md)")
+_SUITES = flags.DEFINE_list("suites", ["gmm", "attention"], "which kernels: gmm, attention")
+_BATCH = flags.DEFINE_list("attention_batch", ["1", "8", "64"], "decode batch sizes (attention)")
+_CONTEXT = flags.DEFINE_list("attention_context", ["1024", "8192"], "context lengths (attention)")
 _TOKENS = flags.DEFINE_list("tokens_per_expert", ["1", "4", "16", "64"], "decode batch sizes")
 _MODELS = flags.DEFINE_list("models", None, "subset of model names (default: all)")
 _ITERS = flags.DEFINE_integer("iters", 20, "timed calls per measurement (after warm-up)")
@@ -48,6 +59,10 @@ MODELS = {
     "deepseek-v3": (256, 7168, 2048),
 }
 SMOKE_MODELS = {"smoke-4x128x256": (4, 128, 256), "smoke-16x64x128": (16, 64, 128)}
+# name: (query heads, kv heads, head_dim); pages of 16 tokens, bf16.
+ATTN_MODELS = {"mixtral-8x7b": (32, 8, 128), "qwen3-30b-a3b": (32, 4, 128)}
+SMOKE_ATTN_MODELS = {"smoke-attn": (8, 2, 32)}
+PAGE_SIZE = 16
 
 
 def timeit(fn, *args, iters):
@@ -86,75 +101,112 @@ def dense_gmm(x_MxK, w_GxKxN, sizes_G):
     return jnp.einsum("gmn,gm->mn", y_GxMxN, onehot_GxM.astype(jnp.float32)).astype(x_MxK.dtype)
 
 
-def implementations(gpu_impl):
-    return {
-        "pallas_gmm": jax.jit(lambda x, w, s: gmm(x, w, s, gpu_impl=gpu_impl)),
+def measure(row, fn, args, ref, n_bytes, flops, roof, iters, tol):
+    """Check fn(*args) against ref (max error relative to ref's scale), then time it."""
+    scale = float(np.max(np.abs(ref))) or 1.0
+    try:
+        err = float(np.max(np.abs(np.asarray(fn(*args), np.float32) - ref))) / scale
+    except Exception as e:  # noqa: BLE001 -- report a failing kernel, keep benchmarking
+        return dict(row, status=f"error: {type(e).__name__}: {str(e)[:200]}")
+    secs = timeit(fn, *args, iters=iters)
+    roofline_s = max(n_bytes / (roof["copy_gb_s"] * 1e9), flops / (roof["matmul_tflop_s"] * 1e12))
+    return dict(row, status="ok" if err < tol else "WRONG", rel_err=err, time_us=secs * 1e6,
+                gb_s=n_bytes / secs / 1e9, tflop_s=flops / secs / 1e12, roofline_frac=roofline_s / secs)
+
+
+def gmm_cases(smoke, roof, iters):
+    """Decode: every expert active with tokens_per_expert tokens; bf16 output (tol 2e-2)."""
+    impls = {
+        "pallas_gmm": jax.jit(lambda x, w, s: gmm(x, w, s, gpu_impl=_GPU_IMPL.value)),
         "ragged_dot": jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s)),
         "dense": jax.jit(dense_gmm),
     }
-
-
-def bench_case(name, g, d, f, tpe, impls, bw_gbs, tflops, iters, dense_limit_gib):
-    m = g * tpe
-    kx, kw = jax.random.split(jax.random.key(zlib.crc32(f"{name}/{tpe}".encode())))
-    x = jax.random.normal(kx, (m, d), jnp.bfloat16)
-    w = (jax.random.normal(kw, (g, d, f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
-    sizes = jnp.full((g,), tpe, jnp.int32)  # decode: every expert active, tpe tokens each
-    ref = np.asarray(jax.jit(gmm_reference)(x, w, sizes), np.float32)
-    scale = float(np.max(np.abs(ref))) or 1.0
-    n_bytes = g * d * f * 2 + m * d * 2 + m * f * 2
-    flops = 2 * m * d * f
-    roofline_s = max(n_bytes / (bw_gbs * 1e9), flops / (tflops * 1e12))
+    models = SMOKE_MODELS if smoke else MODELS
+    models = {k: v for k, v in models.items() if not _MODELS.value or k in _MODELS.value}
     rows = []
-    for impl, fn in impls.items():
-        row = dict(model=name, experts=g, d=d, f=f, tokens_per_expert=tpe, m=m, impl=impl)
-        if impl == "dense" and g * m * f * 4 > dense_limit_gib * (1 << 30):
-            rows.append(dict(row, status="skipped (dense output too large)"))
-            continue
-        try:
-            err = float(np.max(np.abs(np.asarray(fn(x, w, sizes), np.float32) - ref))) / scale
-        except Exception as e:  # noqa: BLE001 -- report a failing kernel, keep benchmarking
-            rows.append(dict(row, status=f"error: {type(e).__name__}: {str(e)[:200]}"))
-            continue
-        ok = err < 2e-2  # bf16 output: one rounding of 2^-8 relative, plus summation order
-        secs = timeit(fn, x, w, sizes, iters=iters)
-        rows.append(
-            dict(
-                row,
-                status="ok" if ok else "WRONG",
-                rel_err=err,
-                time_us=secs * 1e6,
-                gb_s=n_bytes / secs / 1e9,
-                tflop_s=flops / secs / 1e12,
-                roofline_frac=roofline_s / secs,
-            )
-        )
+    for name, (g, d, f) in models.items():
+        for tpe in [1, 4] if smoke else [int(t) for t in _TOKENS.value]:
+            m = g * tpe
+            kx, kw = jax.random.split(jax.random.key(zlib.crc32(f"{name}/{tpe}".encode())))
+            x = jax.random.normal(kx, (m, d), jnp.bfloat16)
+            w = (jax.random.normal(kw, (g, d, f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+            sizes = jnp.full((g,), tpe, jnp.int32)
+            ref = np.asarray(jax.jit(gmm_reference)(x, w, sizes), np.float32)
+            n_bytes, flops = g * d * f * 2 + m * d * 2 + m * f * 2, 2 * m * d * f
+            for impl, fn in impls.items():
+                row = dict(suite="gmm", model=name, shape=f"g={g} d={d} f={f} tok/e={tpe}", impl=impl)
+                if impl == "dense" and g * m * f * 4 > _DENSE_LIMIT_GIB.value * (1 << 30):
+                    rows.append(dict(row, status="skipped (dense output too large)"))
+                    continue
+                rows.append(measure(row, fn, (x, w, sizes), ref, n_bytes, flops, roof, iters, 2e-2))
     return rows
 
 
-def print_table(rows, bw_gbs, tflops):
-    print(
-        f"device: {jax.devices()[0].device_kind}  copy {bw_gbs:.0f} GB/s  "
-        f"matmul {tflops:.1f} TFLOP/s (bf16, measured)"
-    )
-    head = (
-        f"{'model':16} {'g':>4} {'d':>5} {'f':>6} {'tok/e':>5} {'impl':11} {'us':>9} "
-        f"{'GB/s':>7} {'TFLOP/s':>8} {'roof%':>6} {'relerr':>8} status"
-    )
+def attention_cases(smoke, roof, iters):
+    """Decode: `batch` requests, one query token each at position context-1, pages scattered
+    through a pool of exactly the pages needed; bf16 (tol 2e-2 of the output scale)."""
+    impls = {
+        "pallas_paged": jax.jit(lambda *a: paged_attention(*a, impl="pallas")),
+        "jnp_gather": jax.jit(lambda *a: paged_attention(*a, impl="jnp")),
+    }
+    models = SMOKE_ATTN_MODELS if smoke else ATTN_MODELS
+    models = {k: v for k, v in models.items() if not _MODELS.value or k in _MODELS.value}
+    shapes = [(2, 64)] if smoke else [(int(b), int(c)) for b in _BATCH.value for c in _CONTEXT.value]
+    rows = []
+    for name, (H, KV, hd) in models.items():
+        for batch, ctx in shapes:
+            P = -(-ctx // PAGE_SIZE)
+            keys = jax.random.split(jax.random.key(zlib.crc32(f"{name}/{batch}/{ctx}".encode())), 4)
+            pool = (batch * P + 1, PAGE_SIZE, KV, hd)
+            k = jax.random.normal(keys[0], pool, jnp.bfloat16)
+            v = jax.random.normal(keys[1], pool, jnp.bfloat16)
+            q = jax.random.normal(keys[2], (batch, H, hd), jnp.bfloat16)
+            tables = (jax.random.permutation(keys[3], batch * P) + 1).reshape(batch, P).astype(jnp.int32)
+            slot, pos = jnp.arange(batch, dtype=jnp.int32), jnp.full((batch,), ctx - 1, jnp.int32)
+            args = (q, k, v, tables, slot, pos)
+            ref = np.asarray(jax.jit(paged_attention_reference)(
+                *(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args)), np.float32)
+            n_bytes, flops = 2 * batch * ctx * KV * hd * 2 + 2 * batch * H * hd * 2, 4 * batch * H * ctx * hd
+            for impl, fn in impls.items():
+                row = dict(suite="attention", model=name, shape=f"H={H} KV={KV} hd={hd} B={batch} ctx={ctx}",
+                           impl=impl)
+                rows.append(measure(row, fn, args, ref, n_bytes, flops, roof, iters, 2e-2))
+    return rows
+
+
+SUITES = {"gmm": gmm_cases, "attention": attention_cases}
+COLUMNS = ("time_us", "gb_s", "tflop_s", "roofline_frac", "rel_err")
+
+
+def _cells(r):
+    if "time_us" not in r:
+        return ["-"] * len(COLUMNS)
+    return [f"{r['time_us']:.1f}", f"{r['gb_s']:.1f}", f"{r['tflop_s']:.2f}",
+            f"{100 * r['roofline_frac']:.1f}", f"{r['rel_err']:.1e}"]
+
+
+def header(roof):
+    return (f"device: {roof['device']}  copy {roof['copy_gb_s']:.0f} GB/s  "
+            f"matmul {roof['matmul_tflop_s']:.1f} TFLOP/s (bf16, measured)")
+
+
+def print_table(rows, roof):
+    print(header(roof))
+    head = f"{'suite':9} {'model':15} {'shape':36} {'impl':12} {'us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'roof%':>6} {'relerr':>8} status"
     print(head)
     print("-" * len(head))
     for r in rows:
-        if "time_us" in r:
-            nums = (
-                f"{r['time_us']:9.1f} {r['gb_s']:7.1f} {r['tflop_s']:8.2f} "
-                f"{100 * r['roofline_frac']:6.1f} {r['rel_err']:8.1e}"
-            )
-        else:
-            nums = f"{'-':>9} {'-':>7} {'-':>8} {'-':>6} {'-':>8}"
-        print(
-            f"{r['model']:16} {r['experts']:4d} {r['d']:5d} {r['f']:6d} "
-            f"{r['tokens_per_expert']:5d} {r['impl']:11} {nums} {r['status']}"
-        )
+        t, gb, tf, rf, er = _cells(r)
+        print(f"{r['suite']:9} {r['model']:15} {r['shape']:36} {r['impl']:12} {t:>9} {gb:>7} {tf:>8} {rf:>6} {er:>8} {r['status']}")
+
+
+def markdown(rows, roof):
+    lines = [f"{header(roof)}, {time.strftime('%Y-%m-%d')}, jax {jax.__version__}", "",
+             "| suite | model | shape | impl | us | GB/s | TFLOP/s | roofline % | rel err | status |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['suite']} | {r['model']} | {r['shape']} | {r['impl']} | " + " | ".join(_cells(r))
+              + f" | {r['status']} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv):
@@ -163,33 +215,22 @@ def main(argv):
     if not smoke and jax.default_backend() == "cpu":
         print("No GPU/TPU: pass --smoke for the CPU (interpret-mode) check.")
         return 1
-    models = SMOKE_MODELS if smoke else MODELS
-    if _MODELS.value:
-        models = {k: v for k, v in models.items() if k in _MODELS.value}
-    tokens = [1, 4] if smoke else [int(t) for t in _TOKENS.value]
+    unknown = set(_SUITES.value) - set(SUITES)
+    if unknown:
+        raise app.UsageError(f"unknown --suites {sorted(unknown)}; choose from {sorted(SUITES)}")
     iters = 2 if smoke else _ITERS.value
     bw_gbs, tflops = measure_device(smoke, iters)
-    impls = implementations(_GPU_IMPL.value)
-    rows = []
-    for name, (g, d, f) in models.items():
-        for tpe in tokens:
-            rows += bench_case(name, g, d, f, tpe, impls, bw_gbs, tflops, iters, _DENSE_LIMIT_GIB.value)
-    print_table(rows, bw_gbs, tflops)
+    roof = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(),
+                copy_gb_s=bw_gbs, matmul_tflop_s=tflops, smoke=smoke)
+    rows = [r for name in _SUITES.value for r in SUITES[name](smoke, roof, iters)]
+    print_table(rows, roof)
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w") as fh:
-            json.dump(
-                dict(
-                    device=jax.devices()[0].device_kind,
-                    backend=jax.default_backend(),
-                    copy_gb_s=bw_gbs,
-                    matmul_tflop_s=tflops,
-                    smoke=smoke,
-                    rows=rows,
-                ),
-                fh,
-                indent=1,
-            )
-    bad = [r for r in rows if r["status"] not in ("ok",) and not r["status"].startswith("skip")]
+            json.dump(dict(roof, rows=rows), fh, indent=1)
+    if _MD_OUT.value:
+        with open(_MD_OUT.value, "w") as fh:
+            fh.write(markdown(rows, roof))
+    bad = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("skip")]
     return 1 if bad else 0
 
 

@@ -14,6 +14,8 @@ flags.DEFINE_integer("num_attention_workers", 2, "Attention workers (AWs).")
 flags.DEFINE_integer("num_expert_workers", 4, "Expert workers (EWs).")
 flags.DEFINE_enum("expert_backend", "auto", ["auto", "dense", "ragged_dot", "pallas"],
                   "Grouped FFN backend; auto = Pallas on GPU/TPU, ragged_dot on CPU.")
+flags.DEFINE_enum("attention_backend", "auto", ["auto", "pallas", "jnp"],
+                  "Paged attention; auto = Pallas (Triton) kernel on GPU, jnp on CPU/TPU.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Device dtype.")
 flags.DEFINE_integer("page_size", 16, "KV page size (tokens).")
 flags.DEFINE_integer("num_pages", 256, "KV pages per attention worker.")
@@ -58,7 +60,8 @@ def load_model() -> tuple:
 def engine_config(**overrides):
     from tarragon_jax.config import EngineConfig
     kw = dict(num_attention_workers=FLAGS.num_attention_workers, num_expert_workers=FLAGS.num_expert_workers,
-              expert_backend=FLAGS.expert_backend, prefill_chunk=FLAGS.prefill_chunk,
+              expert_backend=FLAGS.expert_backend, attention_backend=FLAGS.attention_backend,
+              prefill_chunk=FLAGS.prefill_chunk,
               max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
               snapshot_flush_s=FLAGS.snapshot_flush_s,

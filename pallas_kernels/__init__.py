@@ -1,5 +1,7 @@
-"""Pallas kernels for the expert FFN: grouped matmul (ragged dot) and fused SwiGLU.
+"""Pallas kernels: the expert FFN (grouped matmul / ragged dot, fused SwiGLU) and the attention
+worker's paged decode attention.
 
-One jitted function per op lowers to Mosaic GPU (Hopper) or Triton for CUDA, Mosaic TPU for TPU,
-and the same Pallas kernel in interpret mode on CPU. See grouped_matmul.py and swiglu_ffn.py.
+One jitted function per op picks its kernel at lowering time: Mosaic GPU (Hopper) or Triton for
+CUDA, Mosaic TPU for TPU, and the same Pallas kernel in interpret mode on CPU. See
+grouped_matmul.py, swiglu_ffn.py and paged_attention.py.
 """

@@ -54,6 +54,7 @@ class AttentionWorker:
                  cache: CacheConfig, engine: EngineConfig, transport: Transport, ert: RoutingTable, dtype,
                  store: CheckpointStore | None, clock):
         self.index, self.handle, self.model, self.store, self.clock = index, handle, model, store, clock
+        self.attention_backend = engine.attention_backend
         self.params = handle.put(jax.tree.map(lambda a: np.asarray(a).astype(dtype), attn_params))
         self.pages = allocate_pages(model, cache, handle, dtype)
         self.blocks = BlockManager(cache.num_pages, cache.page_size)
@@ -114,7 +115,7 @@ class AttentionWorker:
         d, kv = self._dev, self.pages[layer]
         h, hn, ids, w, shared, y, kv["k"], kv["v"] = self.programs.call(
             stage.attention_layer, self.model, self.params["layers"][layer], kv["k"], kv["v"], d["x"], d["pos"], d["slot"],
-            d["tables"])
+            d["tables"], impl=self.attention_backend)
         return LayerOut(h, hn, ids, w, shared, y)
 
     def combine(self, out: LayerOut, returned: list[tuple]) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 EXPERT_BACKENDS = ("auto", "dense", "ragged_dot", "pallas")
+ATTENTION_BACKENDS = ("auto", "pallas", "jnp")
 RECOVERIES = ("tarragon", "restart")
 
 
@@ -74,6 +75,7 @@ class EngineConfig:
     num_attention_workers: int = 2
     num_expert_workers: int = 4
     expert_backend: str = "auto"      # auto: Pallas kernel on GPU/TPU, ragged_dot on CPU
+    attention_backend: str = "auto"   # auto: Pallas paged-attention kernel on GPU, jnp on CPU/TPU
     prefill_chunk: int = 32            # max prompt tokens of one request per step (chunked prefill)
     max_step_tokens: int = 256         # token budget of one step on one AW
     max_running: int = 64              # requests in the running batch of one AW
@@ -93,6 +95,8 @@ class EngineConfig:
                  f"num_expert_workers must be >= 1, got {self.num_expert_workers}")
         _require(self.expert_backend in EXPERT_BACKENDS,
                  f"unknown expert_backend {self.expert_backend!r}; choose from {EXPERT_BACKENDS}")
+        _require(self.attention_backend in ATTENTION_BACKENDS,
+                 f"unknown attention_backend {self.attention_backend!r}; choose from {ATTENTION_BACKENDS}")
         _require(self.prefill_chunk > 0, f"prefill_chunk must be > 0, got {self.prefill_chunk}")
         _require(self.max_step_tokens >= self.prefill_chunk,
                  f"max_step_tokens={self.max_step_tokens} < prefill_chunk={self.prefill_chunk}")

@@ -74,6 +74,16 @@ def test_aw_failure_restores_committed_blocks(model):
     assert restored.tokens_recomputed < restored.requests * 4      # only the tail past the last full block
 
 
+def test_aw_failure_with_the_paged_attention_kernel(model):
+    """The Pallas attention kernel (interpret mode here) is batch invariant, so restored and
+    recomputed requests on the other AW decode exactly the kernel's failure-free tokens."""
+    cfg, params, early, late, _ = model
+    clean, _ = _serve(cfg, params, early, late, attention_backend="pallas")
+    outs, eng = _serve(cfg, params, early, late, ["aw:0@step=9"], wait_store=True, attention_backend="pallas")
+    assert outs == clean and eng.aws[1].restored.blocks > 0
+    eng.close()
+
+
 def test_ew_and_aw_fail_at_once(model):
     _check(model, ["ew:2@step=6", "aw:1@step=6"])
 

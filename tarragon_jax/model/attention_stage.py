@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.paged_attention import paged_attention
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.model import layers
 from tarragon_jax.model.router import route
@@ -23,10 +24,12 @@ def embed(attn: dict, ids_T: jax.Array) -> jax.Array:
     return attn["embed"][ids_T]
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("impl",), donate_argnums=(2, 3))
 def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax.Array,
-                    x_TxD: jax.Array, pos_T: jax.Array, slot_T: jax.Array, tables_BxP: jax.Array):
-    """k/v_pages [num_pages, page_size, KV, hd] are donated and returned updated.
+                    x_TxD: jax.Array, pos_T: jax.Array, slot_T: jax.Array, tables_BxP: jax.Array,
+                    *, impl: str = "auto"):
+    """k/v_pages [num_pages, page_size, KV, hd] are donated and returned updated. impl: the
+    paged-attention backend (pallas_kernels.paged_attention: Triton on GPU, jnp on CPU).
 
     Returns (h_TxD residual after attention, hn_TxD expert input, ids_Txk, w_Txk,
              shared_TxD shared-expert output or zeros, y_TxkxD zeroed buffer for the expert
@@ -38,11 +41,9 @@ def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax
     page_T = jnp.take_along_axis(tables_T, (pos_T // ps)[:, None], axis=1)[:, 0]
     k_pages = k_pages.at[page_T, pos_T % ps].set(k.astype(k_pages.dtype))
     v_pages = v_pages.at[page_T, pos_T % ps].set(v.astype(v_pages.dtype))
-    T, P = tables_T.shape
-    k_ctx = k_pages[tables_T].reshape(T, P * ps, cfg.n_kv_heads, cfg.head_dim)   # [T, C, KV, hd]
-    v_ctx = v_pages[tables_T].reshape(T, P * ps, cfg.n_kv_heads, cfg.head_dim)
-    mask_TxC = jnp.arange(P * ps)[None, :] <= pos_T[:, None]
-    h = x_TxD + layers.gqa_attention(q, k_ctx.astype(q.dtype), v_ctx.astype(q.dtype), mask_TxC) @ lp["wo"]
+    T = x_TxD.shape[0]
+    attn_TxHxd = paged_attention(q, k_pages, v_pages, tables_BxP, slot_T, pos_T, impl=impl)
+    h = x_TxD + attn_TxHxd.reshape(T, -1) @ lp["wo"]
     hn = layers.rms_norm(h, lp["post_norm"], cfg.rms_eps)
     ids, w = route(hn, lp["router"], cfg.top_k, cfg.norm_topk_prob)
     shared = layers.shared_expert(lp["shared"], hn) if "shared" in lp else jnp.zeros_like(hn)
