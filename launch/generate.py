@@ -90,7 +90,8 @@ def main(argv):
     ttfts = [t.ttft_s for t in engine.metrics.requests.values()]
     print(f"{len(prompts)} prompts, {n_out} tokens in {secs:.3f} s: {n_out / secs:.1f} tokens/s, "
           f"mean TTFT {1e3 * sum(ttfts) / len(ttfts):.1f} ms, {engine.metrics.steps} steps "
-          f"({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, {engine.ews[0].backend}, "
+          f"({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, experts {engine.ews[0].backend}, "
+          f"attention {FLAGS.attention_backend}, "
           f"{engine.ews[0].handle.devices[0].platform})", file=sys.stderr)
     for rec in engine.controller.records:
         print(f"failure {rec}", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Paged attention kernel: interpret mode vs the jnp reference on random ragged batches, batch
-invariance (a token's bits do not depend on its batch), and CUDA lowering at real model shapes."""
+"""Paged attention kernel vs the jnp reference on random ragged batches, batch invariance (a
+token's bits do not depend on its batch), and CUDA lowering at real model shapes. impl="pallas"
+runs the kernel in interpret mode on CPU and the compiled Triton kernel on a GPU."""
 
 import functools
 
@@ -52,7 +53,7 @@ CASES = [
 @pytest.mark.parametrize("seed,T,H,KV,hd,ps,B,P,dtype", CASES)
 def test_kernel_matches_reference(seed, T, H, KV, hd, ps, B, P, dtype):
     args = random_batch(seed, T=T, H=H, KV=KV, hd=hd, ps=ps, B=B, P=P, dtype=dtype)
-    out = paged_attention(*args, interpret=True)
+    out = paged_attention(*args, impl="pallas")
     assert out.shape == (T, H, hd) and out.dtype == dtype
     ref32 = paged_attention_reference(*(a.astype(jnp.float32) if a.dtype == dtype else a for a in args))
     assert_close(out, ref32, dtype)
@@ -79,7 +80,7 @@ def test_output_bits_do_not_depend_on_the_batch():
     output must be bitwise the same alone, in a bigger batch, and with a wider block table."""
     q, k, v, tables, slot, pos = random_batch(4, T=6, H=4, KV=2, hd=16, ps=4, B=3, P=40, dtype=jnp.float32)
     slot, pos = slot.at[0].set(0), pos.at[0].set(4 * PAGES_PER_SPLIT + 5)  # 18 pages: 2 splits
-    run = functools.partial(paged_attention, interpret=True)
+    run = functools.partial(paged_attention, impl="pallas")
     full = np.asarray(run(q, k, v, tables, slot, pos))                      # table of 40: 3 splits
     alone = np.asarray(run(q[:1], k, v, tables[:1, :18], jnp.zeros(1, jnp.int32), pos[:1]))
     np.testing.assert_array_equal(full[0], alone[0])
