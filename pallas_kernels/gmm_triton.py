@@ -20,13 +20,16 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import gmm_common as common
 
 
-def block_sizes(m, g, k, n, *, interpret):
+def block_sizes(m, g, k, n, *, interpret, n_w=1):
     """(bm, bk, bn). Triton wants powers of two and >= 16 per dot dim; interpret mode wants few
-    grid steps (each one is a loop iteration of XLA ops on CPU)."""
+    grid steps (each one is a loop iteration of XLA ops on CPU). The fused gate/up kernel keeps
+    two [bm, bn] f32 accumulators: at bm 64 it takes bn 64, or sm_90 needs 255 registers a
+    thread and fits one block per SM (launch/triton_check.py)."""
     bm = min(64, max(16, common.next_pow2(-(-m // max(g, 1)))))
     if interpret:
         return bm, min(512, max(16, common.next_pow2(k))), min(512, max(16, common.next_pow2(n)))
-    return bm, min(64, max(16, common.next_pow2(k))), min(128, max(16, common.next_pow2(n)))
+    bn_max = 64 if n_w == 2 and bm >= 64 else 128
+    return bm, min(64, max(16, common.next_pow2(k))), min(bn_max, max(16, common.next_pow2(n)))
 
 
 def _kernel(group_ref, row_ref, cnt_ref, x_ref, *refs, n_w, bm, bk, bn, k, n, precision):
@@ -86,7 +89,7 @@ def gmm_triton(
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
     m, k = lhs_MxK.shape
     g, _, n = rhs_ws[0].shape
-    bm, bk, bn = blocks or block_sizes(m, g, k, n, interpret=interpret)
+    bm, bk, bn = blocks or block_sizes(m, g, k, n, interpret=interpret, n_w=len(rhs_ws))
     group_W, row_W, cnt_W = common.work_items(group_sizes_G, m, bm)
     grid = (group_W.shape[0], common.pl_cdiv(n, bn))
     # f32 inputs: IEEE f32 dot (Triton would otherwise use tf32); bf16 already exact products.

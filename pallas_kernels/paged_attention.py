@@ -156,8 +156,12 @@ def paged_attention_reference(q_TxHxd, k_pages, v_pages, tables_BxP, slot_T, pos
 
 @functools.partial(jax.jit, static_argnames=("impl", "interpret", "num_warps", "num_stages"))
 def paged_attention(q_TxHxd, k_pages, v_pages, tables_BxP, slot_T, pos_T, *, impl="auto",
-                    interpret=False, num_warps=4, num_stages=2):
+                    interpret=False, num_warps=8, num_stages=2):
     """Causal paged GQA attention per token; returns [T, H, hd] in q's dtype.
+
+    Launch config from compiling for sm_90 (launch/triton_check.py, bf16, hd 128, 128 keys a
+    step): 8 warps x 2 stages take 128 registers, no spills, 73 KiB shared, 2 blocks (16 warps)
+    per SM; 4 warps would need 232 registers and leave 8 warps per SM.
 
     impl: "auto" (Triton kernel on GPU, jnp on CPU/TPU, picked at lowering), "pallas" (the
       kernel everywhere: interpret mode on CPU), "jnp" (the reference everywhere).
