@@ -92,7 +92,7 @@ def main(argv):
           f"mean TTFT {1e3 * sum(ttfts) / len(ttfts):.1f} ms, {engine.metrics.steps} steps "
           f"({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, experts {engine.ews[0].backend}, "
           f"attention {FLAGS.attention_backend}, "
-          f"{engine.ews[0].handle.devices[0].platform})", file=sys.stderr)
+          f"{engine.ews[0].platform}, runtime {FLAGS.runtime})", file=sys.stderr)
     for rec in engine.controller.records:
         print(f"failure {rec}", file=sys.stderr)
     engine.close()

@@ -20,6 +20,9 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Devic
 flags.DEFINE_integer("page_size", 16, "KV page size (tokens).")
 flags.DEFINE_integer("num_pages", 256, "KV pages per attention worker.")
 flags.DEFINE_integer("prefill_chunk", 32, "Max prompt tokens of a request per step.")
+flags.DEFINE_enum("runtime", "local", ["local", "ray"],
+                  "local: every worker is a device subset of this process; ray: each EW is its own process "
+                  "(a Ray actor; failures are real process deaths).")
 flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart"],
                   "tarragon: mask failures (shadows, replay, KV restore); restart: rebuild everything.")
 flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
@@ -62,7 +65,7 @@ def engine_config(**overrides):
     kw = dict(num_attention_workers=FLAGS.num_attention_workers, num_expert_workers=FLAGS.num_expert_workers,
               expert_backend=FLAGS.expert_backend, attention_backend=FLAGS.attention_backend,
               prefill_chunk=FLAGS.prefill_chunk,
-              max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, recovery=FLAGS.recovery,
+              max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
               snapshot_flush_s=FLAGS.snapshot_flush_s,
               transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s)

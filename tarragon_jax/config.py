@@ -11,6 +11,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 EXPERT_BACKENDS = ("auto", "dense", "ragged_dot", "pallas")
 ATTENTION_BACKENDS = ("auto", "pallas", "jnp")
 RECOVERIES = ("tarragon", "restart")
+RUNTIMES = ("local", "ray")
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,7 @@ class EngineConfig:
     max_running: int = 64              # requests in the running batch of one AW
     transfer_deadline_s: float = 30.0  # bounded wait on every cross-worker transfer
     dtype: str = "float32"             # activation/param dtype on device
+    runtime: str = "local"             # local: workers are device subsets of this process; ray: EWs are processes
     recovery: str = "tarragon"         # tarragon: mask failures; restart: tear everything down (baseline)
     resilience: bool = True            # shadows + KV snapshots + heartbeats (off: the overhead baseline)
     shadow_budget: float = 1.0         # fraction of an EW's primary-expert memory spent on shadows
@@ -103,6 +105,7 @@ class EngineConfig:
         _require(self.max_running > 0, f"max_running must be > 0, got {self.max_running}")
         _require(self.transfer_deadline_s > 0,
                  f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
+        _require(self.runtime in RUNTIMES, f"unknown runtime {self.runtime!r}; choose from {RUNTIMES}")
         _require(self.recovery in RECOVERIES, f"unknown recovery {self.recovery!r}; choose from {RECOVERIES}")
         _require(self.shadow_budget >= 0, f"shadow_budget must be >= 0, got {self.shadow_budget}")
         _require(self.snapshot_flush_s >= 0, f"snapshot_flush_s must be >= 0, got {self.snapshot_flush_s}")

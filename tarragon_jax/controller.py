@@ -27,6 +27,7 @@ from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelCon
 from tarragon_jax.expert_worker import ExpertWorker
 from tarragon_jax.health import HealthMonitor
 from tarragon_jax.placement import Placement, place
+from tarragon_jax.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
 from tarragon_jax.recovery import plan_aw_failure, plan_expert_routing
 from tarragon_jax.routing_table import RoutingTable
 from tarragon_jax.runtime import LocalRuntime, WorkerHandle
@@ -70,7 +71,9 @@ class Controller:
         self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
         self._jobs: list[tuple[concurrent.futures.Future, Callable]] = []
         self._last_heartbeat = self.clock()
-        self.runtime = LocalRuntime(self.devices)
+        self.runtime = (RayRuntime(self.devices, self.params["experts"], cfg.transfer_deadline_s,
+                                   jax.config.jax_compilation_cache_dir)
+                        if cfg.runtime == "ray" else LocalRuntime(self.devices))
         aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
         budget = cfg.shadow_budget if cfg.resilience else 0.0
         self.placement: Placement = place(self.model.n_layers, self.model.n_experts, cfg.num_expert_workers, budget)
@@ -81,9 +84,13 @@ class Controller:
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
 
-    def _new_ew(self, j: int, handle: WorkerHandle) -> ExpertWorker:
-        return ExpertWorker(j, handle, self.placement.primaries[j], self.placement.shadows[j],
-                            self.params["experts"], self.config.expert_backend, self.dtype)
+    def _new_ew(self, j: int, handle: WorkerHandle | RemoteHandle) -> ExpertWorker | RemoteExpertWorker:
+        primaries, shadows = self.placement.primaries[j], self.placement.shadows[j]
+        if isinstance(handle, RemoteHandle):
+            return RemoteExpertWorker(j, handle, primaries, shadows, self.runtime, self.config.expert_backend,
+                                      self.dtype)
+        return ExpertWorker(j, handle, primaries, shadows, self.params["experts"], self.config.expert_backend,
+                            self.dtype)
 
     def _new_aw(self, i: int, handle: WorkerHandle) -> AttentionWorker:
         return AttentionWorker(i, handle, self.model, self.params["attn"], self.cache, self.config,
@@ -165,7 +172,7 @@ class Controller:
         worker = make(self.runtime.replacement(failed.handle))
         worker.programs.extend(failed.programs)
         t0 = self.clock()
-        worker.programs.replay(worker.handle.put)
+        worker.programs.replay(worker.handle)
         rec.recompile_s = self.clock() - t0
         return worker
 
@@ -227,5 +234,6 @@ class Controller:
         self._bg.shutdown(wait=True, cancel_futures=True)
         self._jobs.clear()
         self.transport.close()
+        self.runtime.close()
         if self.store is not None:
             self.store.close()

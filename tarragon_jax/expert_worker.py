@@ -41,7 +41,8 @@ class ExpertWorker:
                  shadows: list[list[int]], experts: list[dict], backend: str, dtype):
         """primaries/shadows[layer] = expert ids in slot order; experts = host weights of every expert."""
         self.index, self.handle, self.dtype = index, handle, dtype
-        self.backend = resolve_backend(backend, handle.devices[0].platform)
+        self.platform = handle.devices[0].platform
+        self.backend = resolve_backend(backend, self.platform)
         self.slots = [list(p) + list(s) for p, s in zip(primaries, shadows)]
         self.n_primary = [len(p) for p in primaries]
         self.weights = [self._stack(experts[l], p) for l, p in enumerate(primaries)]

@@ -38,10 +38,10 @@ class ProgramLog:
                tuple(sorted(static.items())))
         self._seen.setdefault(key, (fn, tree, specs, static))
 
-    def replay(self, put: Callable) -> int:
-        """Run every logged program on zeros placed by `put`; returns how many."""
+    def replay(self, handle) -> int:
+        """Run every logged program on zeros placed on `handle`'s mesh; returns how many."""
         for fn, tree, specs, static in list(self._seen.values()):
-            leaves = [put(np.zeros(s.shape, s.dtype)) if isinstance(s, jax.ShapeDtypeStruct) else s for s in specs]
+            leaves = [handle.put(np.zeros(s.shape, s.dtype)) if isinstance(s, jax.ShapeDtypeStruct) else s for s in specs]
             jax.block_until_ready(fn(*jax.tree.unflatten(tree, leaves), **static))
         return len(self._seen)
 

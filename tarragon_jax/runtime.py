@@ -61,6 +61,9 @@ class LocalRuntime:
         ews = [WorkerHandle(f"ew{j}", self._pick()) for j in range(num_ews)]
         return aws, ews
 
+    def close(self) -> None:
+        """Nothing to stop: local workers are buffers of this process (see RayRuntime)."""
+
     def replacement(self, failed: WorkerHandle) -> WorkerHandle:
         """A handle with the failed worker's name on a spare device, or, with no spare left, on the
         failed worker's own device once it is back (a new mesh either way, so programs recompile)."""

@@ -1,7 +1,8 @@
 """Explicit transfers between worker meshes, each with a deadline.
 
 `send` places an array on the destination worker's mesh; `wait` blocks until arrays are ready
-but never longer than the deadline. A dead destination/source or a missed deadline raises
+but never longer than the deadline (host arrays from a remote EW, whose own call already had
+the deadline, are ready). A dead destination/source or a missed deadline raises
 WorkerFailed naming the worker, which is what the forwarding engine and controller act on.
 Each source worker has its own waiter thread, so a hung worker only ever blocks waits on itself.
 """
@@ -29,7 +30,7 @@ class Transport:
         """Bounded wait for results produced by `src`."""
         if not src.alive:
             raise WorkerFailed(src.name, "worker is dead")
-        if all(x.is_ready() for x in jax.tree.leaves(tree)):
+        if all(not isinstance(x, jax.Array) or x.is_ready() for x in jax.tree.leaves(tree)):
             return tree
         pool = self._waiters.get(id(src))
         if pool is None:

@@ -1,0 +1,79 @@
+"""The ray runtime: every EW is its own process. A SIGKILLed EW process is found by the failed
+call, its rows are replayed to shadows, a new process replaces it, and every request's tokens are
+the dense reference's; the restart baseline tears the processes down and rebuilds them."""
+import os
+import time
+
+import pytest
+import ray
+
+from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
+from tarragon_jax.engine import Engine
+from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.faults import FaultInjector
+from tarragon_jax.model import reference
+from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.ray_runtime import RemoteHandle
+
+PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg, params = tiny_model("mixtral", seed=11)
+    want = [reference.greedy_generate(cfg, params, p, 10) for p in PROMPTS]
+    yield cfg, params, want
+    ray.shutdown()
+
+
+def _engine(cfg, params, faults, **kw):
+    return Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=3, runtime="ray",
+                                            prefill_chunk=4, **kw),
+                  CacheConfig(page_size=4, num_pages=64), faults=FaultInjector.from_strings(faults),
+                  load_params=lambda: params)
+
+
+def _dead(pid):
+    """Gone, or a zombie waiting to be reaped: either way it runs nothing."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_sigkilled_ew_process_is_masked_and_replaced(model):
+    cfg, params, want = model
+    eng = _engine(cfg, params, ["ew:1@step=4", "aw:0@step=7"])
+    pids = [ew.pid for ew in eng.ews]
+    assert len(set(pids)) == 3 and os.getpid() not in pids           # one process per EW
+    assert eng.generate(PROMPTS, SamplingParams(max_new_tokens=10)) == want
+    eng.controller.wait_recoveries()
+    ew_rec, aw_rec = eng.controller.records
+    assert ew_rec.worker == "ew1" and ew_rec.detected_by == "call" and eng.replayed_rows > 0
+    assert _dead(pids[1])                                              # a real process death
+    assert ew_rec.replacement_ready_s is not None and eng.ews[1].pid not in pids
+    assert aw_rec.worker == "aw0" and aw_rec.requests_moved > 0
+    eng.close()
+
+
+def test_restart_baseline_rebuilds_the_processes(model):
+    cfg, params, want = model
+    eng = _engine(cfg, params, ["ew:2@step=5"], recovery="restart")
+    pids = [ew.pid for ew in eng.ews]
+    assert eng.generate(PROMPTS, SamplingParams(max_new_tokens=10)) == want
+    assert eng.controller.records[0].restart_s > 0
+    assert not set(pids) & {ew.pid for ew in eng.ews}
+    eng.close()
+
+
+def test_hung_call_misses_the_deadline(model):
+    @ray.remote
+    def hang():
+        time.sleep(5)
+
+    handle = RemoteHandle("ew9", deadline_s=0.2)
+    t0 = time.perf_counter()
+    with pytest.raises(WorkerFailed, match="ew9.*deadline"):
+        handle.get(hang.remote())
+    assert time.perf_counter() - t0 < 2
