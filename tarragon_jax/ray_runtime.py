@@ -82,7 +82,8 @@ class RemoteHandle:
         except ray.exceptions.GetTimeoutError:
             raise WorkerFailed(self.name, f"no result within the {self.deadline_s:.3f} s deadline") from None
         except ray.exceptions.RayActorError as e:
-            raise WorkerFailed(self.name, f"process died ({type(e).__name__})") from None
+            detail = " ".join(str(e).split())[:300]      # why it died, e.g. an error in its startup
+            raise WorkerFailed(self.name, f"process died ({type(e).__name__}: {detail})") from None
 
     def probe(self) -> bool:
         try:
