@@ -93,6 +93,8 @@ def main(argv):
           f"({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, experts {engine.ews[0].backend}, "
           f"attention {FLAGS.attention_backend}, "
           f"{engine.ews[0].platform}, runtime {FLAGS.runtime})", file=sys.stderr)
+    if engine.controller.precompile_s is not None:
+        print(f"precompiled the shape grid in {engine.controller.precompile_s:.1f} s", file=sys.stderr)
     for rec in engine.controller.records:
         print(f"failure {rec}", file=sys.stderr)
     engine.close()

@@ -31,6 +31,8 @@ flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax pa
 flags.DEFINE_float("snapshot_flush_s", 2.0, "KV snapshots within this window share one Orbax write (commit is at once, in the store memory).")
 flags.DEFINE_float("transfer_deadline_s", 30.0, "Bounded wait on every cross-worker transfer.")
 flags.DEFINE_float("heartbeat_interval_s", 0.05, "Controller liveness probes.")
+flags.DEFINE_bool("precompile", False, "Compile every stage program at every batch shape at startup, so no "
+                  "serving step (failover steps included) compiles.")
 flags.DEFINE_string("compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tarragon_jax", "xla"),
                     "Persistent XLA compilation cache ('' to disable).")
 FLAGS = flags.FLAGS
@@ -68,7 +70,7 @@ def engine_config(**overrides):
               max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
               snapshot_flush_s=FLAGS.snapshot_flush_s,
-              transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s)
+              transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s, precompile=FLAGS.precompile)
     kw.update(overrides)
     return EngineConfig(**kw)
 

@@ -25,6 +25,7 @@ from tarragon_jax.runtime import WorkerHandle
 from tarragon_jax.sampling import sample
 from tarragon_jax.scheduler import Scheduler, StepBatch, bucket
 from tarragon_jax.sequence import Sequence, SeqState
+from tarragon_jax.shape_grid import ShapeGrid
 from tarragon_jax.transport import Transport
 
 
@@ -158,7 +159,34 @@ class AttentionWorker:
         ids = np.zeros(bucket(len(pages), 4), np.int32)
         ids[:len(pages)] = pages
         blocks = self.programs.call(read_blocks, self.pages, self.handle.put(ids))
-        self.store.snapshot(self.index, refs, blocks[:len(refs)])
+        self.store.snapshot(self.index, refs, blocks)
+
+    def precompile(self, grid: ShapeGrid) -> None:
+        """Run every stage program once at every grid shape, on zeros routed to the sink page
+        (the padding path of a real step), so no serving step compiles. Programs are logged, so a
+        replacement of this AW compiles the same set before it joins."""
+        def zeros(shape, dtype=np.int32):
+            return self.handle.put(np.zeros(shape, dtype))
+
+        call, m, B = self.programs.call, self.model, bucket(self.scheduler.max_running + 1, 4)
+        kv, lp = self.pages[0], self.params["layers"][0]
+        for T in grid.tokens:
+            x = call(stage.embed, self.params, zeros(T))
+            pos, slot = zeros(T), self.handle.put(np.full(T, B - 1, np.int32))
+            for P in grid.pages:
+                h, hn, _, w, shared, y, kv["k"], kv["v"] = call(
+                    stage.attention_layer, m, lp, kv["k"], kv["v"], x, pos, slot, zeros((B, P)),
+                    impl=self.attention_backend)
+            for N in grid.sends_for(T, m.top_k):
+                tok, k = zeros(N), self.handle.put(np.full(N, -1, np.int32))
+                y = call(stage.place_expert_out, y, call(stage.gather_rows, hn, tok), tok, k)
+            x = call(stage.combine, h, shared, w, y)
+            for R in (r for r in grid.rows if r <= max(T, 4)):
+                logits = call(stage.lm_head, m, self.params, x, zeros(R))
+                call(sample, logits, zeros(R, np.float32), zeros(R, np.float32), zeros(R, np.uint32), zeros(R))
+        for N in grid.blocks:
+            ids = zeros(N)
+            self.pages = call(write_blocks, self.pages, ids, call(read_blocks, self.pages, ids))
 
     def release(self, seq: Sequence) -> None:
         """A finished request leaves: its pages return to the pool and its snapshots are dropped."""

@@ -137,11 +137,13 @@ class CheckpointStore:
 
     # ---- engine-side API ---------------------------------------------------------------------
     def snapshot(self, aw: int, refs: list[BlockRef], blocks) -> None:
-        """Queue blocks [n, L, 2, page_size, kv, hd] for a durable write; returns without waiting."""
+        """Queue blocks [n, L, 2, page_size, kv, hd] for a durable write; returns without waiting.
+        n may exceed len(refs): the rows past it are padding of a bucketed device read (sliced
+        on the host, so the device never runs a per-count slice program)."""
         t0 = self._clock()
         shape = tuple(blocks.shape)
-        if len(shape) != 6 or shape[0] != len(refs) or shape[2] != 2:
-            raise ValueError(f"blocks must be [n={len(refs)}, L, 2, page_size, kv, hd], got {shape}")
+        if len(shape) != 6 or shape[0] < len(refs) or shape[2] != 2:
+            raise ValueError(f"blocks must be [n>={len(refs)}, L, 2, page_size, kv, hd], got {shape}")
         if len(set(refs)) != len(refs):
             raise ValueError(f"duplicate BlockRefs in one snapshot: {refs}")
         if not refs:
@@ -156,7 +158,7 @@ class CheckpointStore:
             job = _Job(seq, aw, list(refs), blocks, [self._epoch.get(r.request_id, 0) for r in refs])
             self._n_snapshots += 1
             self._n_blocks += len(refs)
-            self._n_bytes += int(np.prod(shape)) * np.dtype(blocks.dtype).itemsize
+            self._n_bytes += len(refs) * int(np.prod(shape[1:])) * np.dtype(blocks.dtype).itemsize
             self._queue.put(job)
             self._blocked.add(self._clock() - t0)
 
@@ -366,7 +368,7 @@ class CheckpointStore:
     def _ingest(self, job: _Job) -> None:
         """Host copy and checksum of a snapshot; with the memory tier the blocks commit now (the
         store's host memory is the paper's DRAM bucket), the Orbax write follows per window."""
-        host = np.array(job.blocks)                  # waits for the async host copy; owns its memory
+        host = np.array(job.blocks)[:len(job.refs)]  # waits for the async host copy; owns its memory
         job.blocks = None
         job.host = []
         for i, r in enumerate(job.refs):

@@ -89,6 +89,7 @@ class EngineConfig:
     checkpoint_dir: str | None = None  # KV snapshots (any Orbax path); None: a fresh dir under the temp dir
     snapshot_flush_s: float = 2.0      # KV snapshots within this window share one Orbax write (durability lag)
     heartbeat_interval_s: float = 0.05 # controller liveness probes of idle workers
+    precompile: bool = False           # compile every stage program at every batch shape at startup
 
     def __post_init__(self) -> None:
         _require(self.num_attention_workers >= 1,

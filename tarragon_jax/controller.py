@@ -32,6 +32,7 @@ from tarragon_jax.recovery import plan_aw_failure, plan_expert_routing
 from tarragon_jax.routing_table import RoutingTable
 from tarragon_jax.runtime import LocalRuntime, WorkerHandle
 from tarragon_jax.sequence import Sequence
+from tarragon_jax.shape_grid import shape_grid
 from tarragon_jax.transport import Transport
 
 
@@ -83,6 +84,15 @@ class Controller:
                       if cfg.resilience else None)
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
+        self.precompile_s = self._precompile() if cfg.precompile else None
+
+    def _precompile(self) -> float:
+        """Every stage program at every shape of the grid, on every worker (seconds taken)."""
+        t0, grid = self.clock(), shape_grid(self.model, self.cache, self.config)
+        for w in self.aws + self.ews:
+            w.precompile(grid)
+            w.handle.probe()                  # the heartbeat's tiny program, on this worker's device
+        return self.clock() - t0
 
     def _new_ew(self, j: int, handle: WorkerHandle | RemoteHandle) -> ExpertWorker | RemoteExpertWorker:
         primaries, shadows = self.placement.primaries[j], self.placement.shadows[j]

@@ -17,6 +17,7 @@ from tarragon_jax.model.expert_stage import expert_layer, pack_rows, take_rows
 from tarragon_jax.program_log import ProgramLog
 from tarragon_jax.runtime import WorkerHandle
 from tarragon_jax.scheduler import bucket
+from tarragon_jax.shape_grid import ShapeGrid
 
 _KEYS = ("w_gate", "w_up", "w_down")
 
@@ -51,6 +52,21 @@ class ExpertWorker:
 
     def _stack(self, layer_experts: dict, ids: list[int]) -> dict:
         return self.handle.put({k: np.asarray(layer_experts[k][ids]).astype(self.dtype) for k in _KEYS})
+
+    def precompile(self, grid: ShapeGrid) -> None:
+        """Run the packing, slicing and expert programs (primaries-only and with-shadows) once at
+        every grid shape on padding rows, so no serving step compiles (programs are logged)."""
+        call, put, d = self.programs.call, self.handle.put, self.weights[0]["w_gate"].shape[1]
+        zero = put(np.int32(0))
+        for n, N in grid.packs():
+            buf = call(pack_rows, put(np.zeros((n, d), self.dtype)), put(np.zeros((N, d), self.dtype)), zero)
+            call(take_rows, buf, zero, N)
+        for n in grid.ew_rows:
+            buf, idx = put(np.zeros((n, d), self.dtype)), put(np.arange(n, dtype=np.int32))
+            for layer in range(len(self.weights)):
+                call(expert_layer, self.weights[layer], None, buf, idx, idx,
+                     put(np.zeros(self.n_primary[layer], np.int32)), backend=self.backend)
+                self._warm_shadow_program(layer, buf)
 
     def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> None:
         """Load experts from host memory into new slots appended after the existing ones (no

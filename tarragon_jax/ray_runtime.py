@@ -26,6 +26,7 @@ from tarragon_jax.runtime import LocalRuntime, WorkerHandle
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
+PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) in one process
 
 
 class ExpertActor:
@@ -56,6 +57,9 @@ class ExpertActor:
 
     def load_experts(self, layer: int, ids: list[int]) -> None:
         self.ew.load_experts(layer, ids, self.experts[layer])
+
+    def precompile(self, grid) -> None:
+        self.ew.precompile(grid)
 
 
 class RemoteHandle:
@@ -98,14 +102,18 @@ class RemotePrograms:
 
     def __init__(self):
         self._seen: set[tuple] = set()
+        self.grid = None                  # the shape grid, when the EW was precompiled
 
     def note(self, layer: int, inputs: list) -> None:
         self._seen.add((layer, tuple((i.x_NxD.shape, str(i.x_NxD.dtype)) for i in inputs)))
 
     def extend(self, other: "RemotePrograms") -> None:
         self._seen |= other._seen
+        self.grid = self.grid or other.grid
 
     def replay(self, handle: RemoteHandle) -> int:
+        if self.grid is not None:
+            handle.get(handle.actor.precompile.remote(self.grid), PRECOMPILE_DEADLINE_S)
         for layer, shapes in sorted(self._seen):
             handle.get(handle.actor.run_layer.remote(layer, [
                 (0, np.zeros(shape, dtype), np.full(shape[0], -1, np.int32)) for shape, dtype in shapes]),
@@ -130,6 +138,10 @@ class RemoteExpertWorker:
         self.handle.check()
         self.programs.note(layer, inputs)
         return self.handle.get(self.actor.run_layer.remote(layer, [(i.aw, i.x_NxD, i.slot_N) for i in inputs]))
+
+    def precompile(self, grid) -> None:
+        self.handle.get(self.actor.precompile.remote(grid), PRECOMPILE_DEADLINE_S)
+        self.programs.grid = grid
 
     def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> None:
         """The actor loads from its zero-copy view of the host weights (layer_experts is the same)."""

@@ -227,10 +227,20 @@ def test_writer_survives_failed_save(tmp_path, monkeypatch, memory_tier):
     store.close()
 
 
+def test_padding_rows_past_the_refs_are_dropped(tmp_path):
+    """The AW hands over its bucketed device read; only the first len(refs) rows are blocks."""
+    s = CheckpointStore(str(tmp_path / "kv"))
+    x = rand_blocks(4, 16)
+    s.snapshot(0, refs(1, [0, 1]), x)
+    s.wait()
+    np.testing.assert_array_equal(s.restore(1), x[:2])
+    s.close()
+
+
 def test_bad_input_and_closed(tmp_path):
     s = CheckpointStore(str(tmp_path / "kv"))
     with pytest.raises(ValueError, match="blocks must be"):
-        s.snapshot(0, refs(1, [0, 1]), rand_blocks(3, 16))
+        s.snapshot(0, refs(1, [0, 1]), rand_blocks(1, 16))             # fewer blocks than refs
     with pytest.raises(ValueError, match="duplicate"):
         s.snapshot(0, refs(1, [0, 0]), rand_blocks(2, 16))
     s.close()
