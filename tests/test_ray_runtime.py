@@ -1,6 +1,7 @@
 """The ray runtime: every EW is its own process. A SIGKILLed EW process is found by the failed
-call, its rows are replayed to shadows, a new process replaces it, and every request's tokens are
-the dense reference's; the restart baseline tears the processes down and rebuilds them."""
+call, its rows are replayed to shadows, a new process (precompiled like the dead one) replaces it,
+and every request's tokens are the dense reference's; the restart baseline tears the processes
+down and rebuilds them."""
 import os
 import time
 
@@ -20,7 +21,7 @@ PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32]]
 
 @pytest.fixture(scope="module")
 def model():
-    cfg, params = tiny_model("mixtral", seed=11)
+    cfg, params = tiny_model("mixtral", seed=11, max_position=64)
     want = [reference.greedy_generate(cfg, params, p, 10) for p in PROMPTS]
     yield cfg, params, want
     ray.shutdown()
@@ -28,7 +29,7 @@ def model():
 
 def _engine(cfg, params, faults, **kw):
     return Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=3, runtime="ray",
-                                            prefill_chunk=4, **kw),
+                                            prefill_chunk=4, max_step_tokens=16, max_running=4, **kw),
                   CacheConfig(page_size=4, num_pages=64), faults=FaultInjector.from_strings(faults),
                   load_params=lambda: params)
 
@@ -44,7 +45,7 @@ def _dead(pid):
 
 def test_sigkilled_ew_process_is_masked_and_replaced(model):
     cfg, params, want = model
-    eng = _engine(cfg, params, ["ew:1@step=4", "aw:0@step=7"])
+    eng = _engine(cfg, params, ["ew:1@step=4", "aw:0@step=7"], precompile=True)
     pids = [ew.pid for ew in eng.ews]
     assert len(set(pids)) == 3 and os.getpid() not in pids           # one process per EW
     assert eng.generate(PROMPTS, SamplingParams(max_new_tokens=10)) == want
@@ -53,6 +54,7 @@ def test_sigkilled_ew_process_is_masked_and_replaced(model):
     assert ew_rec.worker == "ew1" and ew_rec.detected_by == "call" and eng.replayed_rows > 0
     assert _dead(pids[1])                                              # a real process death
     assert ew_rec.replacement_ready_s is not None and eng.ews[1].pid not in pids
+    assert eng.ews[1].programs.grid is not None          # the new process compiled the grid too
     assert aw_rec.worker == "aw0" and aw_rec.requests_moved > 0
     eng.close()
 
