@@ -111,6 +111,10 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._unfinished)
 
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._unfinished)
+
     # ---- failures ---------------------------------------------------------------------------
     def _failure(self, name: str, reason: str, source: str) -> None:
         rec = self.controller.failed(name, reason, source)

@@ -1,0 +1,62 @@
+"""Serve the engine over HTTP: `python -m launch.serve --model tiny --port 8000`.
+
+  curl -s localhost:8000/generate -d '{"prompt_ids": [1, 2, 3], "max_new_tokens": 16}'
+  curl -sN localhost:8000/generate -d '{"prompt": "Hello", "stream": true}'    # with tokenizer.json
+  curl -s localhost:8000/health
+  curl -s localhost:8000/fail -d '{"worker": "ew1"}'     # with --allow_fault_injection: no token changes
+
+Endpoints and errors: tarragon_jax/server.py. All serving flags (layout, runtime, recovery,
+--precompile, ...) are the shared ones of launch/serving_flags.py.
+"""
+from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+
+import os
+import sys
+import threading
+
+from absl import app, flags, logging
+
+from launch import serving_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
+flags.DEFINE_bool("allow_fault_injection", False, "Enable POST /fail (kill a worker on demand; for demos).")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    serving_flags.setup_jax()
+    from tarragon_jax.config import ConfigError
+    from tarragon_jax.engine import Engine
+    from tarragon_jax.model.hf_loader import CheckpointError
+    from tarragon_jax.server import EngineLoop, Server
+    try:
+        cfg, params, ckpt, reload = serving_flags.load_model()
+        engine = Engine(cfg, params, serving_flags.engine_config(), serving_flags.cache_config(),
+                        load_params=reload)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    tokenizer = None
+    if ckpt and os.path.exists(os.path.join(ckpt, "tokenizer.json")):
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
+    loop = EngineLoop(engine)
+    loop.start()
+    server = Server(loop, FLAGS.host, FLAGS.port, tokenizer, FLAGS.allow_fault_injection)
+    host, port = server.server_address[:2]
+    print(f"serving {cfg.family} ({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, "
+          f"runtime {FLAGS.runtime}) on http://{host}:{port}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        loop.stop()
+        engine.close()
+
+
+if __name__ == "__main__":
+    app.run(main)

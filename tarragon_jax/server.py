@@ -1,0 +1,231 @@
+"""HTTP front end: one thread owns the engine; stdlib HTTP handler threads talk to it by queue.
+
+The engine is single-threaded by design (stage programs, schedulers, the controller), so an
+`EngineLoop` thread is the only caller: handlers hand it closures and wait on futures; tokens
+go back through one queue per request. Endpoints (JSON in, JSON out):
+
+  POST /generate  {"prompt_ids": [int] | "prompt": str, "max_new_tokens", "temperature", "top_p",
+                   "seed", "stop_token_ids", "stream": bool}
+                  -> {"request_id", "output_ids", "text"?, "finish_reason", "ttft_s"}
+                  stream: one JSON line per token {"token", "index"}, then the summary line
+  GET  /health    workers (ok | failed | recovering), ERT version, recoveries so far, load
+  POST /fail      {"worker": "ew1"}: fail-stop a worker now (only with allow_faults; for demos)
+
+A malformed request gets 400 with the reason (bad JSON, unknown field, prompt too long, ...) and
+never touches requests already accepted.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import http.server
+import json
+import queue
+import threading
+from typing import Callable
+
+from tarragon_jax.config import ConfigError, SamplingParams
+from tarragon_jax.engine import Engine
+from tarragon_jax.errors import RequestError
+
+_SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}
+_FIELDS = _SAMPLING | {"prompt_ids", "prompt", "stream"}
+
+
+class EngineLoop(threading.Thread):
+    """Steps the engine while it has work; runs handler closures between steps."""
+
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.01):
+        super().__init__(name="engine-loop", daemon=True)
+        self.engine, self.idle_wait_s = engine, idle_wait_s
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[int, queue.Queue] = {}
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def call(self, fn: Callable[[Engine], object]):
+        """Run fn(engine) on the engine thread; returns its result or raises its exception."""
+        if self.error is not None:
+            raise RuntimeError(f"engine loop stopped: {self.error!r}")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((fn, fut))
+        return fut.result()
+
+    def submit(self, prompt_ids, sampling: SamplingParams) -> tuple[int, queue.Queue]:
+        """Accept a request (RequestError if invalid); its TokenEvents arrive on the queue."""
+        out: queue.Queue = queue.Queue()
+
+        def accept(engine: Engine) -> int:
+            rid = engine.submit(prompt_ids, sampling)
+            self._streams[rid] = out
+            return rid
+        return self.call(accept), out
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain(block=not self.engine.has_work)
+                if self.engine.has_work:
+                    for ev in self.engine.step():
+                        stream = self._streams.get(ev.request_id)
+                        if stream is not None:
+                            stream.put(ev)
+                            if ev.finished:
+                                del self._streams[ev.request_id]
+        except BaseException as e:  # noqa: BLE001 -- report to every waiting client, then stop
+            self.error = e
+            for stream in self._streams.values():
+                stream.put(e)
+            self._drain(block=False)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, fut = item
+            if self.error is not None:
+                fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
+            else:
+                try:
+                    fut.set_result(fn(self.engine))
+                except Exception as e:  # noqa: BLE001 -- the caller's error, raised in its thread
+                    fut.set_exception(e)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+
+
+def health(engine: Engine) -> dict:
+    ctl = engine.controller
+    state = {w.handle.name: ("failed" if ctl.health.is_failed(w.handle.name) else "ok") for w in ctl.aws + ctl.ews}
+    return {"workers": state, "recovering": ctl.recovering, "ert_version": ctl.ert.version,
+            "unfinished_requests": engine.num_unfinished,
+            "recoveries": [dataclasses.asdict(r) for r in ctl.records]}
+
+
+def parse_generate(body: dict, tokenizer) -> tuple[list, SamplingParams, bool]:
+    """(prompt ids, sampling, stream) from a /generate body; ValueError names what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; allowed: {sorted(_FIELDS)}")
+    if ("prompt_ids" in body) == ("prompt" in body):
+        raise ValueError('give exactly one of "prompt_ids" (token ids) or "prompt" (text)')
+    if "prompt" in body:
+        if tokenizer is None:
+            raise ValueError('"prompt" needs a tokenizer (tokenizer.json in the checkpoint); send "prompt_ids"')
+        if not isinstance(body["prompt"], str):
+            raise ValueError('"prompt" must be a string')
+        prompt = tokenizer.encode(body["prompt"]).ids
+    else:
+        prompt = body["prompt_ids"]
+        if not isinstance(prompt, list):
+            raise ValueError('"prompt_ids" must be a list of integers')
+    kw = {k: body[k] for k in _SAMPLING if k in body}
+    if "stop_token_ids" in kw:
+        kw["stop_token_ids"] = tuple(kw["stop_token_ids"])
+    try:
+        sampling = SamplingParams(**kw)
+    except (ConfigError, TypeError) as e:
+        raise ValueError(str(e)) from None
+    return prompt, sampling, bool(body.get("stream", False))
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    server: "Server"
+
+    def log_message(self, fmt, *args) -> None:      # quiet: the engine's metrics are the log
+        pass
+
+    def _json(self, code: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        try:
+            return json.loads(self.rfile.read(n) or b"null")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"malformed JSON: {e}") from None
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._json(200, self.server.loop.call(health))
+        else:
+            self._json(404, {"error": f"no such endpoint: GET {self.path}"})
+
+    def do_POST(self) -> None:
+        try:
+            if self.path == "/generate":
+                self._generate(*parse_generate(self._body(), self.server.tokenizer))
+            elif self.path == "/fail":
+                self._fail(self._body())
+            else:
+                self._json(404, {"error": f"no such endpoint: POST {self.path}"})
+        except (ValueError, RequestError) as e:
+            self._json(400, {"error": str(e)})
+
+    def _fail(self, body) -> None:
+        if not self.server.allow_faults:
+            self._json(403, {"error": "fault injection is off (serve with --allow_fault_injection)"})
+            return
+        name = body.get("worker") if isinstance(body, dict) else None
+        names = self.server.loop.call(lambda e: [w.handle.name for w in e.controller.aws + e.controller.ews])
+        if name not in names:
+            raise ValueError(f'"worker" must be one of {names}, got {name!r}')
+        self.server.loop.call(lambda e: e.controller.kill(name))
+        self._json(200, {"killed": name})
+
+    def _generate(self, prompt, sampling: SamplingParams, stream: bool) -> None:
+        rid, events = self.server.loop.submit(prompt, sampling)     # RequestError -> 400 above
+        tok = self.server.tokenizer
+        if stream:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()
+        out, reason = [], ""
+        while True:
+            ev = events.get()
+            if isinstance(ev, BaseException):          # the engine loop died: say so, do not hang
+                error = {"error": f"engine failed: {ev!r}", "request_id": rid}
+                if stream:
+                    self.wfile.write((json.dumps(error) + "\n").encode())
+                else:
+                    self._json(500, error)
+                return
+            out.append(ev.token)
+            if stream:
+                self.wfile.write((json.dumps({"token": ev.token, "index": ev.index}) + "\n").encode())
+                self.wfile.flush()
+            if ev.finished:
+                reason = ev.finish_reason
+                break
+        ttft = self.server.loop.call(lambda e: e.metrics.requests[rid].ttft_s)
+        summary = {"request_id": rid, "output_ids": out, "finish_reason": reason, "ttft_s": ttft}
+        if tok is not None:
+            summary["text"] = tok.decode(out)
+        if stream:
+            self.wfile.write((json.dumps(dict(summary, finished=True)) + "\n").encode())
+        else:
+            self._json(200, summary)
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, loop: EngineLoop, host: str = "127.0.0.1", port: int = 8000, tokenizer=None,
+                 allow_faults: bool = False):
+        super().__init__((host, port), Handler)
+        self.loop, self.tokenizer, self.allow_faults = loop, tokenizer, allow_faults

@@ -1,0 +1,122 @@
+"""The HTTP front end, as a client sees it: concurrent requests get the reference's tokens,
+streaming sends each token as it is made, bad requests get 400 with the reason and disturb
+nothing, and a worker killed through /fail mid-run changes no token."""
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tarragon_jax.config import CacheConfig, EngineConfig
+from tarragon_jax.engine import Engine
+from tarragon_jax.model import reference
+from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.server import EngineLoop, Server
+
+
+@pytest.fixture(scope="module")
+def served():
+    cfg, params = tiny_model("qwen3_moe", seed=21)
+    engine = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=3, prefill_chunk=8),
+                    CacheConfig(page_size=4, num_pages=64))
+    loop = EngineLoop(engine)
+    loop.start()
+    server = Server(loop, port=0, allow_faults=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield cfg, params, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    loop.stop()
+    engine.close()
+
+
+def _post(url, body, raw=None):
+    req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_concurrent_requests_and_a_kill_mid_run(served):
+    cfg, params, url = served
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 12, 3, 9)]
+    results = {}
+
+    def client(i):
+        results[i] = _post(url + "/generate", {"prompt_ids": prompts[i], "max_new_tokens": 24})
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    assert _post(url + "/fail", {"worker": "ew1"}) == (200, '{"killed": "ew1"}')
+    for t in threads:
+        t.join()
+    for i, p in enumerate(prompts):
+        code, body = results[i]
+        assert code == 200, body
+        assert json.loads(body)["output_ids"] == reference.greedy_generate(cfg, params, p, 24)
+    with urllib.request.urlopen(url + "/health") as r:
+        health = json.loads(r.read())
+    assert [rec["worker"] for rec in health["recoveries"]] == ["ew1"]
+    assert health["unfinished_requests"] == 0
+
+
+def test_streaming_sends_tokens_then_a_summary(served):
+    cfg, params, url = served
+    code, body = _post(url + "/generate", {"prompt_ids": [4, 5, 6], "max_new_tokens": 6, "stream": True})
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert code == 200 and [x["index"] for x in lines[:-1]] == list(range(6))
+    want = reference.greedy_generate(cfg, params, [4, 5, 6], 6)
+    assert [x["token"] for x in lines[:-1]] == want == lines[-1]["output_ids"]
+    assert lines[-1]["finished"] and lines[-1]["finish_reason"]
+
+
+@pytest.mark.parametrize("body,raw,message", [
+    (None, b"{not json", "malformed JSON"),
+    ({"prompt_ids": [1, 2], "max_tokens": 3}, None, "unknown field"),
+    ({"prompt_ids": [1, 2], "prompt": "hi"}, None, "exactly one of"),
+    ({"prompt": "hello"}, None, "needs a tokenizer"),
+    ({"prompt_ids": [5] * 2000}, None, "prompt too long"),
+    ({"prompt_ids": [1, 99999]}, None, "out of range"),
+    ({"prompt_ids": [1, 2], "temperature": -1}, None, "temperature"),
+])
+def test_bad_requests_get_400_with_the_reason(served, body, raw, message):
+    _, _, url = served
+    code, text = _post(url + "/generate", body, raw)
+    assert code == 400 and message in json.loads(text)["error"]
+
+
+def test_unknown_worker_and_endpoint(served):
+    _, _, url = served
+    code, text = _post(url + "/fail", {"worker": "ew9"})
+    assert code == 400 and "must be one of" in text
+    assert _post(url + "/nothing", {})[0] == 404
+
+
+def test_serve_launcher_end_to_end():
+    """launch/serve.py as a user runs it: a fresh process on a free port, one request, Ctrl-C."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "launch.serve", "--model", "tiny", "--port", "0"], cwd=root,
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "server exited before listening"
+        url = re.search(r"http://\S+", line).group(0)
+        code, body = _post(url + "/generate", {"prompt_ids": [1, 2, 3], "max_new_tokens": 5})
+        assert code == 200 and len(json.loads(body)["output_ids"]) == 5
+        assert _post(url + "/fail", {"worker": "ew0"})[0] == 403          # off unless asked for
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
