@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import serving_flags
 
@@ -203,9 +203,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    serving_flags.setup_jax()
-    cfg, params, _, reload = serving_flags.load_model()
+    cfg, params, _, reload, _ = serving_flags.start()
     workload = _workload(cfg.vocab_size)
     # Warm-up, as a server that has run a while: every scenario on other workloads, so the batch
     # shapes a failure produces are mostly compiled (a first-seen shape compiles in the step).

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import serving_flags
 
@@ -54,18 +54,14 @@ def collect_prompts(ckpt, vocab_size: int) -> list[list[int]]:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    serving_flags.setup_jax()
+    cfg, params, ckpt, reload, engine_cfg = serving_flags.start()
     from tarragon_jax.config import ConfigError, SamplingParams
     from tarragon_jax.engine import Engine
     from tarragon_jax.errors import RequestError
     from tarragon_jax.faults import FaultInjector
-    from tarragon_jax.model.hf_loader import CheckpointError
     try:
-        cfg, params, ckpt, reload = serving_flags.load_model()
-        engine_cfg = serving_flags.engine_config()
         faults = [FaultInjector.from_strings(FLAGS.fail or []) for _ in range(2)]
-    except (CheckpointError, ConfigError, ValueError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
     prompts = collect_prompts(ckpt, cfg.vocab_size)
     sp = SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,

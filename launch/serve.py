@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import serving_flags
 
@@ -26,17 +26,13 @@ flags.DEFINE_bool("allow_fault_injection", False, "Enable POST /fail (kill a wor
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    serving_flags.setup_jax()
+    cfg, params, ckpt, reload, engine_cfg = serving_flags.start()
     from tarragon_jax.config import ConfigError
     from tarragon_jax.engine import Engine
-    from tarragon_jax.model.hf_loader import CheckpointError
     from tarragon_jax.server import EngineLoop, Server
     try:
-        cfg, params, ckpt, reload = serving_flags.load_model()
-        engine = Engine(cfg, params, serving_flags.engine_config(), serving_flags.cache_config(),
-                        load_params=reload)
-    except (CheckpointError, ConfigError, ValueError) as e:
+        engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config(), load_params=reload)
+    except ConfigError as e:
         sys.exit(f"error: {e}")
     tokenizer = None
     if ckpt and os.path.exists(os.path.join(ckpt, "tokenizer.json")):

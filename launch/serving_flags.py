@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
 flags.DEFINE_enum("model", None, ["tiny"], "Built-in model instead of --checkpoint.")
@@ -44,6 +45,19 @@ def setup_jax() -> None:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)   # small programs too: recompiles
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)    # after a restart hit the cache
+
+
+def start() -> tuple:
+    """Launcher preamble: quiet logs, the compile cache, then (config, params, checkpoint dir,
+    reload, engine config); a bad checkpoint or flag value exits with "error: ..." naming it."""
+    logging.set_verbosity(logging.WARNING)
+    setup_jax()
+    from tarragon_jax.config import ConfigError
+    from tarragon_jax.model.hf_loader import CheckpointError
+    try:
+        return (*load_model(), engine_config())
+    except (CheckpointError, ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 def load_model() -> tuple:

@@ -84,7 +84,6 @@ class Scheduler:
         return self._build(picked) if picked else None
 
     def _build(self, picked: list[tuple[Sequence, int]]) -> StepBatch:
-        ps = self.blocks.page_size
         n_tok = sum(n for _, n in picked)
         T = bucket(n_tok, 8)
         B = bucket(self.max_running + 1, 4)               # fixed (+1: an all-zero row for padding tokens)
