@@ -89,16 +89,23 @@ class ExpertWorker:
         perm = np.argsort(np.where(slots < 0, n_slots, slots), kind="stable").astype(np.int32)
         inv = np.argsort(perm).astype(np.int32)
         group_sizes = np.bincount(slots[slots >= 0], minlength=n_slots).astype(np.int32)
-        offsets = np.cumsum([0] + sizes_in[:-1]).astype(np.int32)
-        buf, perm, inv, group_sizes, *offs = self.handle.put(
-            (np.zeros((n, inputs[0].x_NxD.shape[1]), inputs[0].x_NxD.dtype), perm, inv, group_sizes, *offsets))
-        for i, off in zip(inputs, offs):
-            buf = self.programs.call(pack_rows, buf, i.x_NxD, off)
+        single = len(inputs) == 1 and sizes_in[0] == n    # one sender (e.g. one busy AW), bucketed:
+        if single:                                        # its rows are the buffer, no pack, no cut
+            buf = inputs[0].x_NxD
+            perm, inv, group_sizes = self.handle.put((perm, inv, group_sizes))
+        else:
+            offsets = np.cumsum([0] + sizes_in[:-1]).astype(np.int32)
+            buf, perm, inv, group_sizes, *offs = self.handle.put(
+                (np.zeros((n, inputs[0].x_NxD.shape[1]), inputs[0].x_NxD.dtype), perm, inv, group_sizes, *offsets))
+            for i, off in zip(inputs, offs):
+                buf = self.programs.call(pack_rows, buf, i.x_NxD, off)
         compiled = expert_layer._cache_size()
         y = self.programs.call(expert_layer, self.weights[layer], self.extra[layer] if use_extra else None, buf,
                                perm, inv, group_sizes, backend=self.backend)
         if not use_extra and expert_layer._cache_size() != compiled:
             self._warm_shadow_program(layer, buf)
+        if single:
+            return [y]
         return [self.programs.call(take_rows, y, off, size) for off, size in zip(offs, sizes_in)]
 
     def _warm_shadow_program(self, layer: int, buf_NxD: jax.Array) -> None:
