@@ -194,6 +194,14 @@ class AttentionWorker:
         if self.store is not None:
             self.store.drop(seq.request_id)
 
+    def cancel(self, seq: Sequence) -> bool:
+        """Drop a request this AW holds (running or queued), with its pages and snapshots."""
+        if not self.scheduler.remove(seq):
+            return False
+        if self.store is not None:
+            self.store.drop(seq.request_id)
+        return True
+
     def live_requests(self) -> list[Sequence]:
         return [s for s in list(self.scheduler.waiting) + self.scheduler.running if s.state is not SeqState.FINISHED]
 

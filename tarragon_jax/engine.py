@@ -111,6 +111,19 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._unfinished)
 
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request now (its client went away): pages and snapshots are released at once and
+        it emits nothing more. False if it already finished or is unknown. Call between steps."""
+        seq = self.requests.get(request_id)
+        if seq is None or request_id not in self._unfinished:
+            return False
+        for aw in self.controller.live_aws():
+            if aw.cancel(seq):
+                break
+        seq.state, seq.finish_reason = SeqState.FINISHED, "cancelled"
+        self._unfinished.discard(request_id)
+        return True
+
     @property
     def num_unfinished(self) -> int:
         return len(self._unfinished)

@@ -68,6 +68,16 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
 
+    def remove(self, seq: Sequence) -> bool:
+        """Drop a request wherever it is (cancellation); False if this scheduler does not hold it."""
+        if seq in self.running:
+            self.finish(seq)
+            return True
+        if seq in self.waiting:
+            self.waiting.remove(seq)                      # not admitted: it holds no pages
+            return True
+        return False
+
     def schedule(self) -> StepBatch | None:
         """This step's tokens for the running batch (call admit() first)."""
         budget = self.max_step_tokens

@@ -12,7 +12,8 @@ go back through one queue per request. Endpoints (JSON in, JSON out):
   POST /fail      {"worker": "ew1"}: fail-stop a worker now (only with allow_faults; for demos)
 
 A malformed request gets 400 with the reason (bad JSON, unknown field, prompt too long, ...) and
-never touches requests already accepted.
+never touches requests already accepted. A streaming client that disconnects cancels its request
+(pages and snapshots freed at once).
 """
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ class EngineLoop(threading.Thread):
             self._streams[rid] = out
             return rid
         return self.call(accept), out
+
+    def cancel(self, rid: int) -> bool:
+        """The client went away: stop the request and free what it holds."""
+        def drop(engine: Engine) -> bool:
+            self._streams.pop(rid, None)
+            return engine.cancel(rid)
+        return self.call(drop)
 
     def run(self) -> None:
         try:
@@ -207,8 +215,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             out.append(ev.token)
             if stream:
-                self.wfile.write((json.dumps({"token": ev.token, "index": ev.index}) + "\n").encode())
-                self.wfile.flush()
+                try:
+                    self.wfile.write((json.dumps({"token": ev.token, "index": ev.index}) + "\n").encode())
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.server.loop.cancel(rid)        # nobody reads: free its pages now
+                    return
             if ev.finished:
                 reason = ev.finish_reason
                 break

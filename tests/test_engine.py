@@ -74,3 +74,28 @@ def test_metrics_record_ttft_and_every_gap():
     t = eng.metrics.requests[rid]
     assert t.ttft_s > 0 and len(t.gaps_s) == 4 and all(g >= 0 for g in t.gaps_s)
     assert eng.metrics.throughput() > 0
+
+
+def test_cancel_running_and_queued_requests():
+    """Cancelled requests free their pages at once and emit nothing more; the others are untouched."""
+    rng = np.random.default_rng()
+    cfg, params = tiny_model("mixtral", seed=int(rng.integers(1 << 30)))
+    eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=2, max_running=1,
+                                           prefill_chunk=8, max_step_tokens=16),
+                 CacheConfig(page_size=4, num_pages=64))
+    prompts = _prompts(rng, cfg.vocab_size, [5, 9, 4, 6])
+    sp = SamplingParams(max_new_tokens=10)
+    ids = [eng.submit(p, sp) for p in prompts]        # one running per AW, one queued per AW
+    for _ in range(3):
+        eng.step()
+    running, queued = ids[0], ids[3]
+    assert eng.requests[running].state.value == "running" and eng.requests[queued].state.value == "waiting"
+    assert eng.cancel(running) and eng.cancel(queued) and not eng.cancel(queued) and not eng.cancel(99)
+    n_out = len(eng.requests[running].output)
+    events = list(eng.stream())
+    assert not {e.request_id for e in events} & {running, queued}
+    assert len(eng.requests[running].output) == n_out and eng.requests[running].finish_reason == "cancelled"
+    for rid in (ids[1], ids[2]):
+        assert eng.requests[rid].output == reference.greedy_generate(cfg, params, prompts[rid], 10)
+    assert all(a.blocks.num_free == a.blocks.capacity for a in eng.aws)
+    eng.close()

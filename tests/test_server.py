@@ -25,7 +25,7 @@ def served():
     loop.start()
     server = Server(loop, port=0, allow_faults=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield cfg, params, f"http://127.0.0.1:{server.server_address[1]}"
+    yield cfg, params, f"http://127.0.0.1:{server.server_address[1]}", loop
     server.shutdown()
     loop.stop()
     engine.close()
@@ -42,7 +42,7 @@ def _post(url, body, raw=None):
 
 
 def test_concurrent_requests_and_a_kill_mid_run(served):
-    cfg, params, url = served
+    cfg, params, url, _ = served
     rng = np.random.default_rng()
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 12, 3, 9)]
     results = {}
@@ -66,7 +66,7 @@ def test_concurrent_requests_and_a_kill_mid_run(served):
 
 
 def test_streaming_sends_tokens_then_a_summary(served):
-    cfg, params, url = served
+    cfg, params, url, _ = served
     code, body = _post(url + "/generate", {"prompt_ids": [4, 5, 6], "max_new_tokens": 6, "stream": True})
     lines = [json.loads(line) for line in body.splitlines()]
     assert code == 200 and [x["index"] for x in lines[:-1]] == list(range(6))
@@ -85,13 +85,13 @@ def test_streaming_sends_tokens_then_a_summary(served):
     ({"prompt_ids": [1, 2], "temperature": -1}, None, "temperature"),
 ])
 def test_bad_requests_get_400_with_the_reason(served, body, raw, message):
-    _, _, url = served
+    _, _, url, _ = served
     code, text = _post(url + "/generate", body, raw)
     assert code == 400 and message in json.loads(text)["error"]
 
 
 def test_unknown_worker_and_endpoint(served):
-    _, _, url = served
+    _, _, url, _ = served
     code, text = _post(url + "/fail", {"worker": "ew9"})
     assert code == 400 and "must be one of" in text
     assert _post(url + "/nothing", {})[0] == 404
@@ -120,3 +120,23 @@ def test_serve_launcher_end_to_end():
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_a_streaming_client_that_leaves_cancels_its_request(served):
+    import http.client
+    import time
+    _, _, url, loop = served
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/generate", json.dumps({"prompt_ids": [7, 8, 9], "max_new_tokens": 240, "stream": True}))
+    resp = conn.getresponse()
+    assert json.loads(resp.readline())["index"] == 0
+    rid = loop.call(lambda e: max(e.requests))
+    resp.close()
+    conn.close()                                                 # the client goes away mid-stream
+    deadline = time.time() + 30
+    while loop.call(lambda e: e.requests[rid].finish_reason) != "cancelled":
+        assert time.time() < deadline, "request was not cancelled"
+        time.sleep(0.05)
+    assert loop.call(lambda e: len(e.requests[rid].output)) < 240
+    assert loop.call(lambda e: all(a.blocks.num_free == a.blocks.capacity for a in e.aws))
