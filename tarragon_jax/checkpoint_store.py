@@ -19,6 +19,7 @@ barely compress (random-like mantissas) and zstd would take host CPU from the en
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -134,6 +135,9 @@ class CheckpointStore:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
         self._thread.start()
+        # A store left open must not be cut mid-write when the interpreter exits: a daemon thread
+        # killed inside a jax or tensorstore call aborts the process.
+        atexit.register(self.close)
 
     # ---- engine-side API ---------------------------------------------------------------------
     def snapshot(self, aw: int, refs: list[BlockRef], blocks) -> None:
@@ -245,6 +249,7 @@ class CheckpointStore:
             if self._closed:
                 return
             self._closed = True
+        atexit.unregister(self.close)
         self.wait()
         self._queue.put(None)
         self._thread.join()

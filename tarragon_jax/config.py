@@ -6,6 +6,7 @@ environment variables behind their back.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 EXPERT_BACKENDS = ("auto", "dense", "ragged_dot", "pallas")
@@ -126,9 +127,19 @@ class SamplingParams:
     stop_token_ids: tuple = ()
 
     def __post_init__(self) -> None:
-        _require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
-        _require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        def is_int(x) -> bool:
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        def is_num(x) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool)
+        _require(is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+                 f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        _require(is_num(self.temperature) and self.temperature >= 0.0,
+                 f"temperature must be a number >= 0, got {self.temperature!r}")
+        _require(is_num(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _require(is_int(self.seed) and 0 <= self.seed < 2**32, f"seed must be an integer in [0, 2^32), got {self.seed!r}")
+        _require(isinstance(self.stop_token_ids, tuple) and all(is_int(t) for t in self.stop_token_ids),
+                 f"stop_token_ids must be a tuple of integers, got {self.stop_token_ids!r}")
 
 
 def tiny_model_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:

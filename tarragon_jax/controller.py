@@ -24,6 +24,7 @@ import jax
 from tarragon_jax.attention_worker import AttentionWorker
 from tarragon_jax.checkpoint_store import CheckpointStore
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
+from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.expert_worker import ExpertWorker
 from tarragon_jax.health import HealthMonitor
 from tarragon_jax.placement import Placement, place
@@ -50,6 +51,7 @@ class RecoveryRecord:
     recompile_s: float | None = None     # of which: compiling the failed worker's programs for the new mesh
     restart_s: float | None = None       # restart baseline: teardown + weight reload + rebuild
     tokens_recomputed: int = 0           # restart baseline: every cached position of every request
+    replacement_error: str | None = None # building the replacement failed: the worker stays down
 
 
 class Controller:
@@ -70,7 +72,7 @@ class Controller:
         self.dtype = dtype
         self.health = HealthMonitor(self.clock)
         self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
-        self._jobs: list[tuple[concurrent.futures.Future, Callable]] = []
+        self._jobs: list[tuple[concurrent.futures.Future, Callable, RecoveryRecord]] = []
         self._last_heartbeat = self.clock()
         self.runtime = (RayRuntime(self.devices, self.params["experts"], cfg.transfer_deadline_s,
                                    jax.config.jax_compilation_cache_dir)
@@ -127,6 +129,9 @@ class Controller:
 
     def _act(self, name: str, source: str) -> RecoveryRecord:
         rec = RecoveryRecord(name, name[:2], source, self.health.detection_latency_s(name))
+        worker = self.worker(name)
+        if worker.handle.alive:
+            worker.kill()            # fence: a hung or slow worker must not answer (or hold memory) later
         self.records.append(rec)
         if self.config.recovery == "tarragon":
             (self._ew_failed if rec.kind == "ew" else self._aw_failed)(rec)
@@ -138,7 +143,7 @@ class Controller:
         self._publish(ert)
         rec.reroute_s = self.clock() - t0
         j = int(rec.worker[2:])
-        self._start(lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j], rec),
+        self._start(rec, lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j], rec),
                     lambda ew: self._join_ew(ew, rec, t0))
 
     def _aw_failed(self, rec: RecoveryRecord) -> None:
@@ -154,18 +159,27 @@ class Controller:
             self.aws[target].scheduler.add(seq)
         rec.requests_moved = len(moving)
         rec.reroute_s = self.clock() - t0
-        self._start(lambda: self._replacement(lambda h: self._new_aw(i, h), dead, rec),
+        self._start(rec, lambda: self._replacement(lambda h: self._new_aw(i, h), dead, rec),
                     lambda aw: self._join_aw(aw, rec, t0))
 
     def _derive_ert(self) -> tuple[RoutingTable, int]:
         """Plan the table for the live EWs (recovery.plan_expert_routing) and carry out the host
-        loads of experts left without a replica. Returns (ERT, number of experts loaded)."""
-        live = {ew.index: ew for ew in self.ews if not self.health.is_failed(ew.handle.name)}
-        ert, loads = plan_expert_routing(self.placement, {ew.index for ew in self.ews} - set(live),
-                                         {j: ew.slots for j, ew in live.items()}, self.ert.version + 1)
-        for j, layer, expert in loads:
-            live[j].load_experts(layer, [expert], self.params["experts"][layer])
-        return ert, len(loads)
+        loads of experts left without a replica. Returns (ERT, number of experts loaded).
+
+        A load can hit an EW that died but is not detected yet: that is a failure found by a
+        call, handled as one (its own recovery), and the plan is made again without it."""
+        loaded = 0
+        while True:
+            live = {ew.index: ew for ew in self.ews if not self.health.is_failed(ew.handle.name)}
+            ert, loads = plan_expert_routing(self.placement, {ew.index for ew in self.ews} - set(live),
+                                             {j: ew.slots for j, ew in live.items()}, self.ert.version + 1)
+            try:
+                for j, layer, expert in loads:
+                    live[j].load_experts(layer, [expert], self.params["experts"][layer])
+                    loaded += 1
+                return ert, loaded
+            except WorkerFailed as f:
+                self.failed(f.worker, f.reason, "call")
 
     def _publish(self, ert: RoutingTable) -> None:
         self.ert = ert
@@ -173,8 +187,8 @@ class Controller:
             aw.refe.publish(ert)
 
     # ---- background replacements --------------------------------------------------------------
-    def _start(self, build: Callable, join: Callable) -> None:
-        self._jobs.append((self._bg.submit(build), join))
+    def _start(self, rec: RecoveryRecord, build: Callable, join: Callable) -> None:
+        self._jobs.append((self._bg.submit(build), join, rec))
 
     def _replacement(self, make: Callable[[WorkerHandle], object], failed, rec: RecoveryRecord) -> object:
         """A new worker on a spare device (weights from host memory) that compiles every program
@@ -205,9 +219,15 @@ class Controller:
     def tick(self) -> list[RecoveryRecord]:
         """At a step boundary: join finished replacements, and (at most every interval) probe the
         workers no data-path call has heard from within the interval. Returns new failures."""
-        for fut, join in [j for j in self._jobs if j[0].done()]:
-            self._jobs.remove((fut, join))
-            join(fut.result())
+        for job in [j for j in self._jobs if j[0].done()]:
+            self._jobs.remove(job)
+            fut, join, rec = job
+            try:
+                worker = fut.result()
+            except Exception as e:  # noqa: BLE001 -- serving goes on without the replacement
+                rec.replacement_error = f"{type(e).__name__}: {e}"
+                continue
+            join(worker)
         if not self.config.resilience or self.clock() - self._last_heartbeat < self.config.heartbeat_interval_s:
             return []
         self._last_heartbeat = self.clock()
@@ -219,7 +239,7 @@ class Controller:
     def wait_recoveries(self) -> None:
         """Block until every background replacement joined (tests, shutdown)."""
         while self._jobs:
-            concurrent.futures.wait([f for f, _ in self._jobs])
+            concurrent.futures.wait([f for f, _, _ in self._jobs])
             self.tick()
 
     # ---- restart baseline ----------------------------------------------------------------------

@@ -170,6 +170,19 @@ class Engine:
             self.recompute_s += self.metrics.clock() - t0
         return events
 
+    def idle(self) -> None:
+        """Between requests: join finished replacements and probe silent workers, so a worker
+        that dies while the service is idle is found and replaced before the next request."""
+        for rec in self.controller.tick():
+            if self.config.recovery == "restart":
+                self.controller.restart([], rec)
+
+    def forget(self, request_id: int) -> None:
+        """Drop a finished request's record (a long-running server would otherwise grow)."""
+        if request_id not in self._unfinished:
+            self.requests.pop(request_id, None)
+            self.metrics.requests.pop(request_id, None)
+
     def _recompute_steps(self) -> int:
         return sum(a.restored.recompute_steps for a in self.aws)
 

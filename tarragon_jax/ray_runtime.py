@@ -85,9 +85,9 @@ class RemoteHandle:
             return ray.get(ref, timeout=self.deadline_s if deadline_s is None else deadline_s)
         except ray.exceptions.GetTimeoutError:
             raise WorkerFailed(self.name, f"no result within the {self.deadline_s:.3f} s deadline") from None
-        except ray.exceptions.RayActorError as e:
-            detail = " ".join(str(e).split())[:300]      # why it died, e.g. an error in its startup
-            raise WorkerFailed(self.name, f"process died ({type(e).__name__}: {detail})") from None
+        except ray.exceptions.RayError as e:             # died, or failed inside (e.g. out of memory)
+            detail = " ".join(str(e).split())[:300]      # why, e.g. an error in its startup
+            raise WorkerFailed(self.name, f"process failed ({type(e).__name__}: {detail})") from None
 
     def probe(self) -> bool:
         try:

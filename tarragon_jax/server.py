@@ -33,8 +33,13 @@ _SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}
 _FIELDS = _SAMPLING | {"prompt_ids", "prompt", "stream"}
 
 
+class EngineStopped(RuntimeError):
+    """The engine loop died (an engine error, or no healthy worker left); the server answers 503."""
+
+
 class EngineLoop(threading.Thread):
-    """Steps the engine while it has work; runs handler closures between steps."""
+    """Steps the engine while it has work, and ticks its controller while idle (heartbeats,
+    replacement joins); runs handler closures between steps."""
 
     def __init__(self, engine: Engine, idle_wait_s: float = 0.01):
         super().__init__(name="engine-loop", daemon=True)
@@ -46,11 +51,14 @@ class EngineLoop(threading.Thread):
 
     def call(self, fn: Callable[[Engine], object]):
         """Run fn(engine) on the engine thread; returns its result or raises its exception."""
-        if self.error is not None:
-            raise RuntimeError(f"engine loop stopped: {self.error!r}")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put((fn, fut))
-        return fut.result()
+        while True:                       # never wait on a loop that died after the put
+            try:
+                return fut.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if self.error is not None or not self.is_alive():
+                    raise EngineStopped(f"engine loop stopped: {self.error!r}") from None
 
     def submit(self, prompt_ids, sampling: SamplingParams) -> tuple[int, queue.Queue]:
         """Accept a request (RequestError if invalid); its TokenEvents arrive on the queue."""
@@ -66,20 +74,25 @@ class EngineLoop(threading.Thread):
         """The client went away: stop the request and free what it holds."""
         def drop(engine: Engine) -> bool:
             self._streams.pop(rid, None)
-            return engine.cancel(rid)
+            cancelled = engine.cancel(rid)
+            engine.forget(rid)
+            return cancelled
         return self.call(drop)
 
     def run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._drain(block=not self.engine.has_work)
-                if self.engine.has_work:
-                    for ev in self.engine.step():
-                        stream = self._streams.get(ev.request_id)
-                        if stream is not None:
-                            stream.put(ev)
-                            if ev.finished:
-                                del self._streams[ev.request_id]
+                if not self.engine.has_work:
+                    self._drain(block=True)
+                    self.engine.idle()
+                    continue
+                self._drain(block=False)
+                for ev in self.engine.step():
+                    stream = self._streams.get(ev.request_id)
+                    if stream is not None:
+                        stream.put(ev)
+                        if ev.finished:
+                            del self._streams[ev.request_id]
         except BaseException as e:  # noqa: BLE001 -- report to every waiting client, then stop
             self.error = e
             for stream in self._streams.values():
@@ -94,7 +107,7 @@ class EngineLoop(threading.Thread):
         while True:
             fn, fut = item
             if self.error is not None:
-                fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
+                fut.set_exception(EngineStopped(f"engine loop stopped: {self.error!r}"))
             else:
                 try:
                     fut.set_result(fn(self.engine))
@@ -135,16 +148,20 @@ def parse_generate(body: dict, tokenizer) -> tuple[list, SamplingParams, bool]:
         prompt = tokenizer.encode(body["prompt"]).ids
     else:
         prompt = body["prompt_ids"]
-        if not isinstance(prompt, list):
+        if not isinstance(prompt, list) or not all(type(t) is int for t in prompt):
             raise ValueError('"prompt_ids" must be a list of integers')
     kw = {k: body[k] for k in _SAMPLING if k in body}
     if "stop_token_ids" in kw:
+        if not isinstance(kw["stop_token_ids"], list):
+            raise ValueError('"stop_token_ids" must be a list of integers')
         kw["stop_token_ids"] = tuple(kw["stop_token_ids"])
+    if not isinstance(body.get("stream", False), bool):
+        raise ValueError('"stream" must be true or false')
     try:
         sampling = SamplingParams(**kw)
-    except (ConfigError, TypeError) as e:
+    except ConfigError as e:
         raise ValueError(str(e)) from None
-    return prompt, sampling, bool(body.get("stream", False))
+    return prompt, sampling, body.get("stream", False)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -169,10 +186,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ValueError(f"malformed JSON: {e}") from None
 
     def do_GET(self) -> None:
-        if self.path == "/health":
-            self._json(200, self.server.loop.call(health))
-        else:
-            self._json(404, {"error": f"no such endpoint: GET {self.path}"})
+        try:
+            if self.path == "/health":
+                self._json(200, self.server.loop.call(health))
+            else:
+                self._json(404, {"error": f"no such endpoint: GET {self.path}"})
+        except EngineStopped as e:
+            self._json(503, {"error": str(e)})
 
     def do_POST(self) -> None:
         try:
@@ -184,6 +204,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._json(404, {"error": f"no such endpoint: POST {self.path}"})
         except (ValueError, RequestError) as e:
             self._json(400, {"error": str(e)})
+        except EngineStopped as e:
+            self._json(503, {"error": str(e)})
 
     def _fail(self, body) -> None:
         if not self.server.allow_faults:
@@ -193,6 +215,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         names = self.server.loop.call(lambda e: [w.handle.name for w in e.controller.aws + e.controller.ews])
         if name not in names:
             raise ValueError(f'"worker" must be one of {names}, got {name!r}')
+        live = self.server.loop.call(lambda e: [w.handle.name for w in e.controller.aws + e.controller.ews
+                                                if w.handle.alive and not e.controller.health.is_failed(w.handle.name)])
+        if name not in live or len([w for w in live if w[:2] == name[:2]]) < 2:
+            raise ValueError(f"{name} is already down, or is the last live {name[:2].upper()}: killing it would "
+                             f"stop the service")
         self.server.loop.call(lambda e: e.controller.kill(name))
         self._json(200, {"killed": name})
 
@@ -224,7 +251,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if ev.finished:
                 reason = ev.finish_reason
                 break
-        ttft = self.server.loop.call(lambda e: e.metrics.requests[rid].ttft_s)
+        def finish(engine: Engine) -> float:
+            ttft = engine.metrics.requests[rid].ttft_s
+            engine.forget(rid)
+            return ttft
+        ttft = self.server.loop.call(finish)
         summary = {"request_id": rid, "output_ids": out, "finish_reason": reason, "ttft_s": ttft}
         if tok is not None:
             summary["text"] = tok.decode(out)

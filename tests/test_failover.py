@@ -164,3 +164,11 @@ def test_hung_expert_worker_found_by_deadline(model, monkeypatch):
     assert rec.worker == "ew2" and rec.detected_by == "call" and eng.replayed_rows > 0
     assert "deadline" in [e.detail for e in eng.controller.health.events if e.kind == "failed"][0]
     eng.close()
+
+
+def test_second_ew_dies_while_orphans_are_loaded(model):
+    """No shadows, two EWs down in one step: loading the first one's orphans onto the second,
+    dead but not yet detected, fails; that is a second failure, and the plan is made again."""
+    eng = _check(model, ["ew:0@step=4", "ew:1@step=4"], shadow_budget=0.0)
+    assert {r.worker for r in eng.controller.records} == {"ew0", "ew1"}
+    assert sum(r.orphans_loaded for r in eng.controller.records) > 0

@@ -34,9 +34,14 @@ def test_bad_requests_are_named_and_lose_nothing(engine, prompt, sp, msg):
 
 
 @pytest.mark.parametrize("kwargs, msg", [
-    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1"),
+    (dict(temperature=-1.0), "temperature must be a number >= 0"),
+    (dict(temperature="hot"), "temperature must be a number >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\^32\)"),
+    (dict(seed=2**32), r"seed must be an integer in \[0, 2\^32\)"),
+    (dict(stop_token_ids=[3]), "stop_token_ids must be a tuple of integers"),
 ])
 def test_bad_sampling_params(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -83,6 +83,11 @@ def test_streaming_sends_tokens_then_a_summary(served):
     ({"prompt_ids": [5] * 2000}, None, "prompt too long"),
     ({"prompt_ids": [1, 99999]}, None, "out of range"),
     ({"prompt_ids": [1, 2], "temperature": -1}, None, "temperature"),
+    ({"prompt_ids": [1, 2], "seed": -1}, None, "seed must be"),
+    ({"prompt_ids": [1, 2], "max_new_tokens": 2.5}, None, "max_new_tokens must be"),
+    ({"prompt_ids": [1, 2], "stop_token_ids": 5}, None, "stop_token_ids"),
+    ({"prompt_ids": [1.0, 2]}, None, "list of integers"),
+    ({"prompt_ids": [1, 2], "stream": "yes"}, None, "stream"),
 ])
 def test_bad_requests_get_400_with_the_reason(served, body, raw, message):
     _, _, url, _ = served
@@ -94,6 +99,19 @@ def test_unknown_worker_and_endpoint(served):
     _, _, url, _ = served
     code, text = _post(url + "/fail", {"worker": "ew9"})
     assert code == 400 and "must be one of" in text
+    assert _post(url + "/fail", {"worker": "aw0"})[0] == 200
+    code, text = _post(url + "/fail", {"worker": "aw1"})                 # the last live AW
+    assert code == 400 and "last live AW" in text
+    import time
+    deadline = time.time() + 30
+    while True:                                                           # found while idle, by heartbeat
+        with urllib.request.urlopen(url + "/health") as r:
+            recs = [x for x in json.loads(r.read())["recoveries"] if x["worker"] == "aw0"]
+        if recs:
+            break
+        assert time.time() < deadline, "idle AW failure never detected"
+        time.sleep(0.05)
+    assert recs[0]["detected_by"] == "heartbeat"
     assert _post(url + "/nothing", {})[0] == 404
 
 
@@ -126,6 +144,9 @@ def test_a_streaming_client_that_leaves_cancels_its_request(served):
     import http.client
     import time
     _, _, url, loop = served
+    cancelled = []
+    cancel = loop.engine.cancel
+    loop.engine.cancel = lambda rid: cancelled.append(rid) or cancel(rid)
     host, port = url.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("POST", "/generate", json.dumps({"prompt_ids": [7, 8, 9], "max_new_tokens": 240, "stream": True}))
@@ -135,8 +156,9 @@ def test_a_streaming_client_that_leaves_cancels_its_request(served):
     resp.close()
     conn.close()                                                 # the client goes away mid-stream
     deadline = time.time() + 30
-    while loop.call(lambda e: e.requests[rid].finish_reason) != "cancelled":
+    while rid not in cancelled:
         assert time.time() < deadline, "request was not cancelled"
         time.sleep(0.05)
-    assert loop.call(lambda e: len(e.requests[rid].output)) < 240
+    loop.engine.cancel = cancel
+    assert loop.call(lambda e: rid not in e.requests and e.num_unfinished == 0)     # forgotten, too
     assert loop.call(lambda e: all(a.blocks.num_free == a.blocks.capacity for a in e.aws))
