@@ -138,7 +138,8 @@ def _combine(o_TxKxSxGxD, m_TxKxSxG, l_TxKxSxG):
 
 
 def paged_attention_reference(q_TxHxd, k_pages, v_pages, tables_BxP, slot_T, pos_T):
-    """jnp oracle and the CPU/TPU path: gather each token's context, masked softmax in f32."""
+    """jnp oracle and the CPU/TPU path: gather each token's context; logits in q's dtype (as
+    transformers' eager attention), then the masked softmax in f32."""
     T, H, hd = q_TxHxd.shape
     _, ps, KV, _ = k_pages.shape
     pages_TxP = tables_BxP[slot_T]

@@ -197,6 +197,7 @@ class Controller:
         worker.programs.extend(failed.programs)
         t0 = self.clock()
         worker.programs.replay(worker.handle)
+        worker.handle.probe()                 # the heartbeat's program, compiled before it joins
         rec.recompile_s = self.clock() - t0
         return worker
 

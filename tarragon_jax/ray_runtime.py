@@ -199,3 +199,4 @@ class RayRuntime(LocalRuntime):
             if handle.actor is not None:
                 ray.kill(handle.actor)
         self._actors.clear()
+        self.experts_ref = None           # a restart puts the weights again: free this copy first
