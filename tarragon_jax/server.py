@@ -12,8 +12,8 @@ go back through one queue per request. Endpoints (JSON in, JSON out):
   POST /fail      {"worker": "ew1"}: fail-stop a worker now (only with allow_faults; for demos)
 
 A malformed request gets 400 with the reason (bad JSON, unknown field, prompt too long, ...) and
-never touches requests already accepted. A streaming client that disconnects cancels its request
-(pages and snapshots freed at once).
+never touches requests already accepted. A client that disconnects cancels its request (pages and
+snapshots freed at once): a streaming one at its next token, any other within 0.25 s.
 """
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ import dataclasses
 import http.server
 import json
 import queue
+import select
+import socket
 import threading
+import time
 from typing import Callable
 
 from tarragon_jax.config import ConfigError, SamplingParams
@@ -207,6 +210,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except EngineStopped as e:
             self._json(503, {"error": str(e)})
 
+    def _client_gone(self) -> bool:
+        """The peer closed its side (readable, and a peek reads EOF) while we were generating."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def _fail(self, body) -> None:
         if not self.server.allow_faults:
             self._json(403, {"error": "fault injection is off (serve with --allow_fault_injection)"})
@@ -230,9 +241,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "application/x-ndjson")
             self.end_headers()
-        out, reason = [], ""
+        out, reason, next_check = [], "", time.monotonic() + 0.25
         while True:
-            ev = events.get()
+            if not stream and time.monotonic() >= next_check:
+                if self._client_gone():                 # e.g. a timed-out client: free its pages
+                    self.server.loop.cancel(rid)
+                    return
+                next_check = time.monotonic() + 0.25
+            try:
+                ev = events.get(timeout=0.25)
+            except queue.Empty:
+                continue
             if isinstance(ev, BaseException):          # the engine loop died: say so, do not hang
                 error = {"error": f"engine failed: {ev!r}", "request_id": rid}
                 if stream:

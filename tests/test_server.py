@@ -162,3 +162,26 @@ def test_a_streaming_client_that_leaves_cancels_its_request(served):
     loop.engine.cancel = cancel
     assert loop.call(lambda e: rid not in e.requests and e.num_unfinished == 0)     # forgotten, too
     assert loop.call(lambda e: all(a.blocks.num_free == a.blocks.capacity for a in e.aws))
+
+
+def test_a_client_that_leaves_before_the_answer_cancels_its_request(served):
+    """Non-streaming: nothing is written until the end, so the server watches the socket."""
+    import socket
+    import time
+    _, _, url, loop = served
+    cancelled = []
+    cancel = loop.engine.cancel
+    loop.engine.cancel = lambda rid: cancelled.append(rid) or cancel(rid)
+    host, port = url.split("//")[1].split(":")
+    body = json.dumps({"prompt_ids": [9, 8, 7], "max_new_tokens": 240}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.05)                                         # sent; then the client is gone
+    deadline = time.time() + 30
+    while not cancelled:
+        assert time.time() < deadline, "request was not cancelled"
+        time.sleep(0.05)
+    loop.engine.cancel = cancel
+    assert loop.call(lambda e: e.num_unfinished == 0)
+    assert loop.call(lambda e: all(a.blocks.num_free == a.blocks.capacity for a in e.aws))
