@@ -101,6 +101,11 @@ def dense_gmm(x_MxK, w_GxKxN, sizes_G):
     return jnp.einsum("gmn,gm->mn", y_GxMxN, onehot_GxM.astype(jnp.float32)).astype(x_MxK.dtype)
 
 
+def selected(models: dict) -> dict:
+    """The --models subset (all when unset)."""
+    return {k: v for k, v in models.items() if not _MODELS.value or k in _MODELS.value}
+
+
 def measure(row, fn, args, ref, n_bytes, flops, roof, iters, tol):
     """Check fn(*args) against ref (max error relative to ref's scale), then time it."""
     scale = float(np.max(np.abs(ref))) or 1.0
@@ -121,8 +126,7 @@ def gmm_cases(smoke, roof, iters):
         "ragged_dot": jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s)),
         "dense": jax.jit(dense_gmm),
     }
-    models = SMOKE_MODELS if smoke else MODELS
-    models = {k: v for k, v in models.items() if not _MODELS.value or k in _MODELS.value}
+    models = selected(SMOKE_MODELS if smoke else MODELS)
     rows = []
     for name, (g, d, f) in models.items():
         for tpe in [1, 4] if smoke else [int(t) for t in _TOKENS.value]:
@@ -149,8 +153,7 @@ def attention_cases(smoke, roof, iters):
         "pallas_paged": jax.jit(lambda *a: paged_attention(*a, impl="pallas")),
         "jnp_gather": jax.jit(lambda *a: paged_attention(*a, impl="jnp")),
     }
-    models = SMOKE_ATTN_MODELS if smoke else ATTN_MODELS
-    models = {k: v for k, v in models.items() if not _MODELS.value or k in _MODELS.value}
+    models = selected(SMOKE_ATTN_MODELS if smoke else ATTN_MODELS)
     shapes = [(2, 64)] if smoke else [(int(b), int(c)) for b in _BATCH.value for c in _CONTEXT.value]
     rows = []
     for name, (H, KV, hd) in models.items():

@@ -40,11 +40,9 @@ FLAGS = flags.FLAGS
 
 
 def setup_jax() -> None:
-    import jax
+    from tarragon_jax.runtime import use_compile_cache
     if FLAGS.compile_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)   # small programs too: recompiles
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)    # after a restart hit the cache
+        use_compile_cache(FLAGS.compile_cache_dir)
 
 
 def start() -> tuple:

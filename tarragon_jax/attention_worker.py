@@ -168,7 +168,7 @@ class AttentionWorker:
         def zeros(shape, dtype=np.int32):
             return self.handle.put(np.zeros(shape, dtype))
 
-        call, m, B = self.programs.call, self.model, bucket(self.scheduler.max_running + 1, 4)
+        call, m, B = self.programs.call, self.model, self.scheduler.table_rows
         kv, lp = self.pages[0], self.params["layers"][0]
         for T in grid.tokens:
             x = call(stage.embed, self.params, zeros(T))
@@ -188,14 +188,9 @@ class AttentionWorker:
             ids = zeros(N)
             self.pages = call(write_blocks, self.pages, ids, call(read_blocks, self.pages, ids))
 
-    def release(self, seq: Sequence) -> None:
-        """A finished request leaves: its pages return to the pool and its snapshots are dropped."""
-        self.scheduler.finish(seq)
-        if self.store is not None:
-            self.store.drop(seq.request_id)
-
-    def cancel(self, seq: Sequence) -> bool:
-        """Drop a request this AW holds (running or queued), with its pages and snapshots."""
+    def release(self, seq: Sequence) -> bool:
+        """A request leaves (finished or cancelled), running or queued: its pages return to the
+        pool and its snapshots are dropped. False if this AW does not hold it."""
         if not self.scheduler.remove(seq):
             return False
         if self.store is not None:

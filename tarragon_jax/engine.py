@@ -118,7 +118,7 @@ class Engine:
         if seq is None or request_id not in self._unfinished:
             return False
         for aw in self.controller.live_aws():
-            if aw.cancel(seq):
+            if aw.release(seq):
                 break
         seq.state, seq.finish_reason = SeqState.FINISHED, "cancelled"
         self._unfinished.discard(request_id)

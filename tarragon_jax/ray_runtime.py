@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.runtime import LocalRuntime, WorkerHandle
+from tarragon_jax.runtime import LocalRuntime, WorkerHandle, use_compile_cache
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
@@ -36,9 +36,7 @@ class ExpertActor:
                  compile_cache_dir: str | None):
         import jax
         if compile_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", compile_cache_dir)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+            use_compile_cache(compile_cache_dir)
         from tarragon_jax.expert_worker import ExpertWorker
         self.experts = experts
         self.ew = ExpertWorker(index, WorkerHandle(f"ew{index}", (jax.devices()[0],)), primaries, shadows,
@@ -179,7 +177,7 @@ class RayRuntime(LocalRuntime):
         self._actors: list = []
 
     def workers(self, num_aws: int, num_ews: int) -> tuple[list[WorkerHandle], list[RemoteHandle]]:
-        aws = [WorkerHandle(f"aw{i}", self._pick()) for i in range(num_aws)]
+        aws, _ = super().workers(num_aws, 0)
         return aws, [self._remote(f"ew{j}") for j in range(num_ews)]
 
     def replacement(self, failed):

@@ -43,6 +43,14 @@ class WorkerHandle:
         return int(jax.device_put(jnp.int32(1), self.sharding) + 1) == 2
 
 
+def use_compile_cache(directory: str) -> None:
+    """Persistent XLA compilation cache for every program, small ones too, so recompiles after a
+    restart, on a replacement worker's new mesh or in a fresh worker process hit the cache."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 class LocalRuntime:
     def __init__(self, devices: list | None = None):
         self.devices = list(devices) if devices is not None else jax.devices()

@@ -64,14 +64,17 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
-    def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.blocks.free(seq.request_id)
+    @property
+    def table_rows(self) -> int:
+        """B, fixed: a row per running request, +1 all-zero row for padding tokens, bucketed."""
+        return bucket(self.max_running + 1, 4)
 
     def remove(self, seq: Sequence) -> bool:
-        """Drop a request wherever it is (cancellation); False if this scheduler does not hold it."""
+        """Drop a request wherever it is (finished or cancelled); False if this scheduler does not
+        hold it."""
         if seq in self.running:
-            self.finish(seq)
+            self.running.remove(seq)
+            self.blocks.free(seq.request_id)
             return True
         if seq in self.waiting:
             self.waiting.remove(seq)                      # not admitted: it holds no pages
@@ -96,7 +99,7 @@ class Scheduler:
     def _build(self, picked: list[tuple[Sequence, int]]) -> StepBatch:
         n_tok = sum(n for _, n in picked)
         T = bucket(n_tok, 8)
-        B = bucket(self.max_running + 1, 4)               # fixed (+1: an all-zero row for padding tokens)
+        B = self.table_rows
         R = bucket(len(picked), 4)                        # rows that may sample
         P = bucket(max(self.blocks.pages_for(s.num_cached + n) for s, n in picked), 1)
         ids, pos = np.zeros(T, np.int32), np.zeros(T, np.int32)

@@ -223,11 +223,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._json(403, {"error": "fault injection is off (serve with --allow_fault_injection)"})
             return
         name = body.get("worker") if isinstance(body, dict) else None
-        names = self.server.loop.call(lambda e: [w.handle.name for w in e.controller.aws + e.controller.ews])
-        if name not in names:
-            raise ValueError(f'"worker" must be one of {names}, got {name!r}')
-        live = self.server.loop.call(lambda e: [w.handle.name for w in e.controller.aws + e.controller.ews
-                                                if w.handle.alive and not e.controller.health.is_failed(w.handle.name)])
+        workers = self.server.loop.call(lambda e: {
+            w.handle.name: w.handle.alive and not e.controller.health.is_failed(w.handle.name)
+            for w in e.controller.aws + e.controller.ews})
+        if name not in workers:
+            raise ValueError(f'"worker" must be one of {list(workers)}, got {name!r}')
+        live = [w for w, up in workers.items() if up]
         if name not in live or len([w for w in live if w[:2] == name[:2]]) < 2:
             raise ValueError(f"{name} is already down, or is the last live {name[:2].upper()}: killing it would "
                              f"stop the service")

@@ -1,8 +1,11 @@
 """The HTTP front end, as a client sees it: concurrent requests get the reference's tokens,
 streaming sends each token as it is made, bad requests get 400 with the reason and disturb
 nothing, and a worker killed through /fail mid-run changes no token."""
+import http.client
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -102,16 +105,11 @@ def test_unknown_worker_and_endpoint(served):
     assert _post(url + "/fail", {"worker": "aw0"})[0] == 200
     code, text = _post(url + "/fail", {"worker": "aw1"})                 # the last live AW
     assert code == 400 and "last live AW" in text
-    import time
-    deadline = time.time() + 30
-    while True:                                                           # found while idle, by heartbeat
+    def aw0_records():
         with urllib.request.urlopen(url + "/health") as r:
-            recs = [x for x in json.loads(r.read())["recoveries"] if x["worker"] == "aw0"]
-        if recs:
-            break
-        assert time.time() < deadline, "idle AW failure never detected"
-        time.sleep(0.05)
-    assert recs[0]["detected_by"] == "heartbeat"
+            return [x for x in json.loads(r.read())["recoveries"] if x["worker"] == "aw0"]
+    _wait_until(aw0_records, "idle AW failure never detected")           # found while idle, by heartbeat
+    assert aw0_records()[0]["detected_by"] == "heartbeat"
     assert _post(url + "/nothing", {})[0] == 404
 
 
@@ -140,13 +138,23 @@ def test_serve_launcher_end_to_end():
         proc.wait(timeout=60)
 
 
-def test_a_streaming_client_that_leaves_cancels_its_request(served):
-    import http.client
-    import time
+def _cancels(loop, monkeypatch) -> list:
+    """Request ids the engine is asked to cancel from now on (the wrapper goes with the test)."""
+    seen, cancel = [], loop.engine.cancel
+    monkeypatch.setattr(loop.engine, "cancel", lambda rid: seen.append(rid) or cancel(rid))
+    return seen
+
+
+def _wait_until(pred, what: str, timeout_s: float = 30) -> None:
+    deadline = time.time() + timeout_s
+    while not pred():
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_streaming_client_that_leaves_cancels_its_request(served, monkeypatch):
     _, _, url, loop = served
-    cancelled = []
-    cancel = loop.engine.cancel
-    loop.engine.cancel = lambda rid: cancelled.append(rid) or cancel(rid)
+    cancelled = _cancels(loop, monkeypatch)
     host, port = url.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("POST", "/generate", json.dumps({"prompt_ids": [7, 8, 9], "max_new_tokens": 240, "stream": True}))
@@ -155,33 +163,21 @@ def test_a_streaming_client_that_leaves_cancels_its_request(served):
     rid = loop.call(lambda e: max(e.requests))
     resp.close()
     conn.close()                                                 # the client goes away mid-stream
-    deadline = time.time() + 30
-    while rid not in cancelled:
-        assert time.time() < deadline, "request was not cancelled"
-        time.sleep(0.05)
-    loop.engine.cancel = cancel
+    _wait_until(lambda: rid in cancelled, "request was not cancelled")
     assert loop.call(lambda e: rid not in e.requests and e.num_unfinished == 0)     # forgotten, too
     assert loop.call(lambda e: all(a.blocks.num_free == a.blocks.capacity for a in e.aws))
 
 
-def test_a_client_that_leaves_before_the_answer_cancels_its_request(served):
+def test_a_client_that_leaves_before_the_answer_cancels_its_request(served, monkeypatch):
     """Non-streaming: nothing is written until the end, so the server watches the socket."""
-    import socket
-    import time
     _, _, url, loop = served
-    cancelled = []
-    cancel = loop.engine.cancel
-    loop.engine.cancel = lambda rid: cancelled.append(rid) or cancel(rid)
+    cancelled = _cancels(loop, monkeypatch)
     host, port = url.split("//")[1].split(":")
     body = json.dumps({"prompt_ids": [9, 8, 7], "max_new_tokens": 240}).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         time.sleep(0.05)                                         # sent; then the client is gone
-    deadline = time.time() + 30
-    while not cancelled:
-        assert time.time() < deadline, "request was not cancelled"
-        time.sleep(0.05)
-    loop.engine.cancel = cancel
+    _wait_until(lambda: bool(cancelled), "request was not cancelled")
     assert loop.call(lambda e: e.num_unfinished == 0)
     assert loop.call(lambda e: all(a.blocks.num_free == a.blocks.capacity for a in e.aws))
