@@ -42,7 +42,8 @@ def _serve(cfg, params, early, late, faults=(), wait_store=False, **engine_kw):
 def model():
     cfg, params = tiny_model("qwen3_moe", seed=3)
     early, late = _workload(7, cfg.vocab_size)
-    clean, _ = _serve(cfg, params, early, late)
+    clean, eng = _serve(cfg, params, early, late)
+    eng.close()
     return cfg, params, early, late, clean
 
 
@@ -172,3 +173,17 @@ def test_second_ew_dies_while_orphans_are_loaded(model):
     eng = _check(model, ["ew:0@step=4", "ew:1@step=4"], shadow_budget=0.0)
     assert {r.worker for r in eng.controller.records} == {"ew0", "ew1"}
     assert sum(r.orphans_loaded for r in eng.controller.records) > 0
+
+
+def test_replacement_that_fails_to_build_leaves_the_service_running(model, monkeypatch):
+    """The background replacement raises (no device, out of memory): serving goes on on the
+    survivors with identical tokens, the error is on the record, and the EW stays down."""
+    from tarragon_jax.controller import Controller
+
+    def broken(self, make, failed, rec):
+        raise RuntimeError("no device for the replacement (injected)")
+    monkeypatch.setattr(Controller, "_replacement", broken)
+    eng = _check(model, ["ew:1@step=5"])
+    rec = eng.controller.records[0]
+    assert "no device for the replacement" in rec.replacement_error and rec.replacement_ready_s is None
+    assert eng.controller.health.is_failed("ew1")
