@@ -2,6 +2,8 @@
 
   gmm:        grouped matmul (expert gate/up projection [m, d] x [g, d, f]): Pallas gmm vs
               lax.ragged_dot vs dense, at Mixtral-8x7B / Qwen3-30B-A3B / DeepSeek-V3 expert shapes.
+  ffn:        the expert worker's whole layer, grouped SwiGLU FFN (fused gate/up, then down):
+              Pallas vs three ragged_dots, same shapes.
   attention:  paged decode attention over the KV page pool: Pallas kernel vs the jnp gather path,
               at Mixtral-8x7B / Qwen3-30B-A3B attention shapes, batch x context.
 
@@ -37,17 +39,22 @@ from pallas_kernels.grouped_matmul import gmm_reference  # noqa: E402
 from pallas_kernels.grouped_matmul import row_groups  # noqa: E402
 from pallas_kernels.paged_attention import paged_attention  # noqa: E402
 from pallas_kernels.paged_attention import paged_attention_reference  # noqa: E402
+from pallas_kernels.swiglu_ffn import grouped_swiglu_ffn  # noqa: E402
+from pallas_kernels.gmm_common import silu_mul  # noqa: E402
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode; runs on CPU in seconds")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "write results as JSON to this path")
 _MD_OUT = flags.DEFINE_string("md_out", None, "write the tables as Markdown (for BENCHMARKS.md)")
-_SUITES = flags.DEFINE_list("suites", ["gmm", "attention"], "which kernels: gmm, attention")
+_SUITES = flags.DEFINE_list("suites", ["gmm", "ffn", "attention"], "which kernels: gmm, ffn, attention")
 _BATCH = flags.DEFINE_list("attention_batch", ["1", "8", "64"], "decode batch sizes (attention)")
 _CONTEXT = flags.DEFINE_list("attention_context", ["1024", "8192"], "context lengths (attention)")
 _TOKENS = flags.DEFINE_list("tokens_per_expert", ["1", "4", "16", "64"], "decode batch sizes")
 _MODELS = flags.DEFINE_list("models", None, "subset of model names (default: all)")
 _ITERS = flags.DEFINE_integer("iters", 20, "timed calls per measurement (after warm-up)")
-_GPU_IMPL = flags.DEFINE_enum("gpu_impl", "auto", ["auto", "mosaic", "triton"], "CUDA kernel")
+_GPU_IMPL = flags.DEFINE_enum(
+    "gpu_impl", "both", ["both", "auto", "mosaic", "triton"], "CUDA kernel(s); both: Mosaic and Triton rows"
+)
+_MIN_TIME_S = flags.DEFINE_float("min_time_s", 0.2, "time at least iters calls or this long, whichever is less")
 _DENSE_LIMIT_GIB = flags.DEFINE_float(
     "dense_limit_gib", 4.0, "skip dense when its [g, m, n] f32 output exceeds this"
 )
@@ -65,9 +72,18 @@ SMOKE_ATTN_MODELS = {"smoke-attn": (8, 2, 32)}
 PAGE_SIZE = 16
 
 
-def timeit(fn, *args, iters):
-    """Seconds per call: one warm-up (compile), then `iters` back-to-back calls, median of 3."""
+def timeit(fn, *args, iters, min_time_s=0.0):
+    """Seconds per call: one warm-up (compile), then back-to-back calls, median of 3 runs.
+
+    A run is `iters` calls, or fewer for a slow op (down to 3 calls, about min_time_s), so one
+    slow XLA path cannot use up a lent GPU's minutes.
+    """
     jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one_s = time.perf_counter() - t0
+    if min_time_s:
+        iters = max(3, min(iters, int(min_time_s / max(one_s, 1e-9))))
     runs = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -111,39 +127,82 @@ def measure(row, fn, args, ref, n_bytes, flops, roof, iters, tol):
     scale = float(np.max(np.abs(ref))) or 1.0
     try:
         err = float(np.max(np.abs(np.asarray(fn(*args), np.float32) - ref))) / scale
+        secs = timeit(fn, *args, iters=iters, min_time_s=_MIN_TIME_S.value)
     except Exception as e:  # noqa: BLE001 -- report a failing kernel, keep benchmarking
         return dict(row, status=f"error: {type(e).__name__}: {str(e)[:200]}")
-    secs = timeit(fn, *args, iters=iters)
     roofline_s = max(n_bytes / (roof["copy_gb_s"] * 1e9), flops / (roof["matmul_tflop_s"] * 1e12))
     return dict(row, status="ok" if err < tol else "WRONG", rel_err=err, time_us=secs * 1e6,
                 gb_s=n_bytes / secs / 1e9, tflop_s=flops / secs / 1e12, roofline_frac=roofline_s / secs)
 
 
-def gmm_cases(smoke, roof, iters):
-    """Decode: every expert active with tokens_per_expert tokens; bf16 output (tol 2e-2)."""
-    impls = {
-        "pallas_gmm": jax.jit(lambda x, w, s: gmm(x, w, s, gpu_impl=_GPU_IMPL.value)),
-        "ragged_dot": jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s)),
-        "dense": jax.jit(dense_gmm),
-    }
+def pallas_impls(make):
+    """{row name: jitted fn} for the Pallas kernel(s): with --gpu_impl=both on CUDA, one row per
+    CUDA kernel (Mosaic GPU, Triton); otherwise the one --gpu_impl picks."""
+    if _GPU_IMPL.value == "both" and jax.default_backend() == "gpu":
+        return {"pallas_mosaic": jax.jit(make("mosaic")), "pallas_triton": jax.jit(make("triton"))}
+    impl = "auto" if _GPU_IMPL.value == "both" else _GPU_IMPL.value
+    return {"pallas": jax.jit(make(impl))}
+
+
+def decode_weights(name, tpe, g, shapes):
+    """Decode inputs: every expert active with tpe tokens; bf16 x [g*tpe, d] and weights of the
+    given [g, ., .] shapes scaled by 1/sqrt(fan_in); same draws for a model/tpe in every suite."""
+    keys = jax.random.split(jax.random.key(zlib.crc32(f"{name}/{tpe}".encode())), 1 + len(shapes))
+    x = jax.random.normal(keys[0], (g * tpe, shapes[0][1]), jnp.bfloat16)
+    ws = [(jax.random.normal(k, s, jnp.float32) / np.sqrt(s[1])).astype(jnp.bfloat16)
+          for k, s in zip(keys[1:], shapes)]
+    return x, ws, jnp.full((g,), tpe, jnp.int32)
+
+
+def decode_grid(smoke):
+    """(model name, (g, d, f), tokens per expert) for the gmm/ffn suites."""
     models = selected(SMOKE_MODELS if smoke else MODELS)
-    rows = []
-    for name, (g, d, f) in models.items():
-        for tpe in [1, 4] if smoke else [int(t) for t in _TOKENS.value]:
-            m = g * tpe
-            kx, kw = jax.random.split(jax.random.key(zlib.crc32(f"{name}/{tpe}".encode())))
-            x = jax.random.normal(kx, (m, d), jnp.bfloat16)
-            w = (jax.random.normal(kw, (g, d, f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
-            sizes = jnp.full((g,), tpe, jnp.int32)
-            ref = np.asarray(jax.jit(gmm_reference)(x, w, sizes), np.float32)
-            n_bytes, flops = g * d * f * 2 + m * d * 2 + m * f * 2, 2 * m * d * f
-            for impl, fn in impls.items():
-                row = dict(suite="gmm", model=name, shape=f"g={g} d={d} f={f} tok/e={tpe}", impl=impl)
-                if impl == "dense" and g * m * f * 4 > _DENSE_LIMIT_GIB.value * (1 << 30):
-                    rows.append(dict(row, status="skipped (dense output too large)"))
-                    continue
-                rows.append(measure(row, fn, (x, w, sizes), ref, n_bytes, flops, roof, iters, 2e-2))
-    return rows
+    tokens = [1, 4] if smoke else [int(t) for t in _TOKENS.value]
+    return [(name, gdf, tpe) for name, gdf in models.items() for tpe in tokens]
+
+
+def gmm_cases(smoke, roof, iters):
+    """Gate/up projection at decode; bf16 output (tol 2e-2)."""
+    impls = pallas_impls(lambda impl: lambda x, w, s: gmm(x, w, s, gpu_impl=impl))
+    impls["ragged_dot"] = jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s))
+    impls["dense"] = jax.jit(dense_gmm)
+    for name, (g, d, f), tpe in decode_grid(smoke):
+        m = g * tpe
+        x, (w,), sizes = decode_weights(name, tpe, g, [(g, d, f)])
+        ref = np.asarray(jax.jit(gmm_reference)(x, w, sizes), np.float32)
+        n_bytes, flops = g * d * f * 2 + m * d * 2 + m * f * 2, 2 * m * d * f
+        for impl, fn in impls.items():
+            row = dict(suite="gmm", model=name, shape=f"g={g} d={d} f={f} tok/e={tpe}", impl=impl)
+            if impl == "dense" and g * m * f * 4 > _DENSE_LIMIT_GIB.value * (1 << 30):
+                yield dict(row, status="skipped (dense output too large)")
+                continue
+            yield measure(row, fn, (x, w, sizes), ref, n_bytes, flops, roof, iters, 2e-2)
+        del x, w
+
+
+@jax.jit
+def ffn_reference(x_MxD, wg_GxDxF, wu_GxDxF, wd_GxFxD, sizes_G):
+    """The FFN from gmm_reference's per-group loop (the gather oracle of swiglu_ffn would
+    materialize [m, d, f] weights: terabytes at DeepSeek-V3 x 64 tokens per expert)."""
+    f32 = lambda w: gmm_reference(x_MxD, w, sizes_G, preferred_element_type=jnp.float32)
+    h_MxF = silu_mul(f32(wg_GxDxF), f32(wu_GxDxF)).astype(wg_GxDxF.dtype)
+    return gmm_reference(h_MxF, wd_GxFxD, sizes_G, preferred_element_type=x_MxD.dtype)
+
+
+def ffn_cases(smoke, roof, iters):
+    """The expert worker's layer at decode: three weight streams read once; bf16 (tol 2e-2)."""
+    impls = pallas_impls(lambda impl: lambda *a: grouped_swiglu_ffn(*a, backend="pallas", gpu_impl=impl))
+    impls["ragged_dot"] = jax.jit(lambda *a: grouped_swiglu_ffn(*a, backend="ragged_dot"))
+    for name, (g, d, f), tpe in decode_grid(smoke):
+        m = g * tpe
+        x, ws, sizes = decode_weights(name, tpe, g, [(g, d, f), (g, d, f), (g, f, d)])
+        args = (x, *ws, sizes)
+        ref = np.asarray(ffn_reference(*args), np.float32)
+        n_bytes, flops = 3 * g * d * f * 2 + 2 * m * d * 2, 6 * m * d * f
+        for impl, fn in impls.items():
+            row = dict(suite="ffn", model=name, shape=f"g={g} d={d} f={f} tok/e={tpe}", impl=impl)
+            yield measure(row, fn, args, ref, n_bytes, flops, roof, iters, 2e-2)
+        del x, ws, args
 
 
 def attention_cases(smoke, roof, iters):
@@ -155,7 +214,6 @@ def attention_cases(smoke, roof, iters):
     }
     models = selected(SMOKE_ATTN_MODELS if smoke else ATTN_MODELS)
     shapes = [(2, 64)] if smoke else [(int(b), int(c)) for b in _BATCH.value for c in _CONTEXT.value]
-    rows = []
     for name, (H, KV, hd) in models.items():
         for batch, ctx in shapes:
             P = -(-ctx // PAGE_SIZE)
@@ -173,11 +231,10 @@ def attention_cases(smoke, roof, iters):
             for impl, fn in impls.items():
                 row = dict(suite="attention", model=name, shape=f"H={H} KV={KV} hd={hd} B={batch} ctx={ctx}",
                            impl=impl)
-                rows.append(measure(row, fn, args, ref, n_bytes, flops, roof, iters, 2e-2))
-    return rows
+                yield measure(row, fn, args, ref, n_bytes, flops, roof, iters, 2e-2)
 
 
-SUITES = {"gmm": gmm_cases, "attention": attention_cases}
+SUITES = {"gmm": gmm_cases, "ffn": ffn_cases, "attention": attention_cases}
 COLUMNS = ("time_us", "gb_s", "tflop_s", "roofline_frac", "rel_err")
 
 
@@ -212,6 +269,15 @@ def markdown(rows, roof):
     return "\n".join(lines) + "\n"
 
 
+def write_outputs(rows, roof):
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "w") as fh:
+            json.dump(dict(roof, rows=rows), fh, indent=1)
+    if _MD_OUT.value:
+        with open(_MD_OUT.value, "w") as fh:
+            fh.write(markdown(rows, roof))
+
+
 def main(argv):
     del argv
     smoke = _SMOKE.value
@@ -225,14 +291,15 @@ def main(argv):
     bw_gbs, tflops = measure_device(smoke, iters)
     roof = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(),
                 copy_gb_s=bw_gbs, matmul_tflop_s=tflops, smoke=smoke)
-    rows = [r for name in _SUITES.value for r in SUITES[name](smoke, roof, iters)]
+    print(header(roof), flush=True)
+    rows = []
+    for name in _SUITES.value:
+        for r in SUITES[name](smoke, roof, iters):  # each row printed and saved as it lands
+            rows.append(r)
+            print(" | ".join([r["suite"], r["model"], r["shape"], r["impl"], *_cells(r), r["status"]]), flush=True)
+            write_outputs(rows, roof)
     print_table(rows, roof)
-    if _JSON_OUT.value:
-        with open(_JSON_OUT.value, "w") as fh:
-            json.dump(dict(roof, rows=rows), fh, indent=1)
-    if _MD_OUT.value:
-        with open(_MD_OUT.value, "w") as fh:
-            fh.write(markdown(rows, roof))
+    write_outputs(rows, roof)
     bad = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("skip")]
     return 1 if bad else 0
 

@@ -1,4 +1,4 @@
-"""launch/kernel_bench.py --smoke, as a user runs it: both suites check and time every
+"""launch/kernel_bench.py --smoke, as a user runs it: every suite checks and time every
 implementation (interpret mode on CPU) and write JSON and Markdown tables."""
 import json
 import os
@@ -15,11 +15,11 @@ def test_smoke_run_checks_every_kernel_and_writes_tables(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out_json.read_text())["rows"]
     assert {(x["suite"], x["impl"]) for x in rows} == {
-        ("gmm", "pallas_gmm"), ("gmm", "ragged_dot"), ("gmm", "dense"),
-        ("attention", "pallas_paged"), ("attention", "jnp_gather")}
+        ("gmm", "pallas"), ("gmm", "ragged_dot"), ("gmm", "dense"), ("ffn", "pallas"),
+        ("ffn", "ragged_dot"), ("attention", "pallas_paged"), ("attention", "jnp_gather")}
     assert all(x["status"] == "ok" and x["rel_err"] < 2e-2 and x["time_us"] > 0 for x in rows)
     md = out_md.read_text()
-    assert md.count("\n| gmm |") + md.count("\n| attention |") == len(rows)
+    assert sum(md.count(f"\n| {suite} |") for suite in ("gmm", "ffn", "attention")) == len(rows)
 
 
 def test_unknown_suite_is_named():
