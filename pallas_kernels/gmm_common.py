@@ -100,16 +100,3 @@ def default_num_sms() -> int:
     if devs and getattr(devs[0], "core_count", None):
         return int(devs[0].core_count)
     return 132
-
-
-@functools.cache
-def local_gpu_is_hopper() -> bool | None:
-    """Whether the local CUDA GPU is sm_90 (wgmma); None without a local GPU (assume Hopper)."""
-    try:
-        devs = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    cc = getattr(devs[0], "compute_capability", None) if devs else None
-    if not cc:
-        return None
-    return 9.0 <= float(cc) < 10.0

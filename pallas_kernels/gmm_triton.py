@@ -1,4 +1,4 @@
-"""Portable grouped matmul: Pallas Triton on CUDA (pre-Hopper, or f32), interpret mode on CPU.
+"""Grouped matmul in Pallas Triton: the CUDA default (H100/H200 included), interpret mode on CPU.
 
 Grid (work item W, n tile). A work item is a row tile inside one group (gmm_common); the kernel
 streams that group's [k, bn] weight column block once, k-tile by k-tile, and masks rows outside

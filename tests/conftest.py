@@ -7,6 +7,18 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
 from tarragon_jax.runtime import use_compile_cache  # noqa: E402  (after XLA_FLAGS)
 
 use_compile_cache(os.path.join(tempfile.gettempdir(), "tarragon_jax_test_cache"))
+
+
+@pytest.fixture
+def ieee_f32_dots():
+    """XLA's f32 dots at full precision. A GPU runs them as TF32 by default (~1e-3 relative), and
+    the f32 tolerances of tests whose XLA side is an oracle or a backend under test assume IEEE
+    products; a no-op on CPU. The Pallas kernels ask for IEEE f32 themselves."""
+    with jax.default_matmul_precision("highest"):
+        yield

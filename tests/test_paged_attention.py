@@ -50,6 +50,7 @@ CASES = [
 ]
 
 
+@pytest.mark.usefixtures("ieee_f32_dots")  # the reference is XLA einsums
 @pytest.mark.parametrize("seed,T,H,KV,hd,ps,B,P,dtype", CASES)
 def test_kernel_matches_reference(seed, T, H, KV, hd, ps, B, P, dtype):
     args = random_batch(seed, T=T, H=H, KV=KV, hd=hd, ps=ps, B=B, P=P, dtype=dtype)
@@ -59,6 +60,7 @@ def test_kernel_matches_reference(seed, T, H, KV, hd, ps, B, P, dtype):
     assert_close(out, ref32, dtype)
 
 
+@pytest.mark.usefixtures("ieee_f32_dots")
 def test_reference_is_dense_causal_attention():
     """The oracle itself, against attention written out on one contiguous sequence."""
     T, H, KV, hd, ps = 6, 4, 2, 16, 4

@@ -40,6 +40,7 @@ CASES = [
 ]
 
 
+@pytest.mark.usefixtures("ieee_f32_dots")  # the ragged_dot / dense backends are XLA dots
 @pytest.mark.parametrize("backend", ["pallas", "ragged_dot", "dense"])
 @pytest.mark.parametrize("seed,m,d,f,g,x_dtype,w_dtype,tail,empty", CASES)
 def test_backends_match_reference(backend, seed, m, d, f, g, x_dtype, w_dtype, tail, empty):
@@ -67,9 +68,12 @@ def test_shape_errors_name_the_shapes():
         grouped_swiglu_ffn(x, wg, wu, wd, sizes, backend="cuda")
 
 
-@pytest.mark.parametrize("platform,marker", [("cuda", "mosaic_gpu"), ("tpu", "tpu_custom_call")])
+@pytest.mark.parametrize(
+    "platform,gpu_impl,marker",
+    [("cuda", "auto", "xla.gpu.triton"), ("cuda", "mosaic", "mosaic_gpu"), ("tpu", "auto", "tpu_custom_call")],
+)
 @pytest.mark.parametrize("m", [64, 512])
-def test_lowers_at_mixtral_shapes(platform, marker, m):
+def test_lowers_at_mixtral_shapes(platform, gpu_impl, marker, m):
     g, d, f = 8, 4096, 14336  # Mixtral-8x7B experts
     args = (
         S((m, d), jnp.float32),
@@ -78,6 +82,6 @@ def test_lowers_at_mixtral_shapes(platform, marker, m):
         S((g, f, d), jnp.bfloat16),
         S((g,), jnp.int32),
     )
-    fn = functools.partial(grouped_swiglu_ffn, backend="pallas")
+    fn = functools.partial(grouped_swiglu_ffn, backend="pallas", gpu_impl=gpu_impl)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert text.count(marker) >= 2  # gate/up kernel and down kernel
