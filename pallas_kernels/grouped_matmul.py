@@ -7,8 +7,8 @@
 One jitted function serves every platform through `lax.platform_dependent`, so the choice is
 made when lowering (also when lowering for CUDA/TPU from a CPU-only machine):
   cuda: Pallas Triton (gmm_triton) by default: on an H200 it beat the Mosaic GPU TMA/wgmma
-        kernel (gmm_mosaic_gpu, gpu_impl="mosaic", bf16/f16) at 22 of 23 decode shapes and
-        ran 1.3-1.5x faster at 64 tokens per expert (BENCHMARKS.md, results/gpu_h200).
+        kernel (gmm_mosaic_gpu, gpu_impl="mosaic", bf16/f16) at 21 of 23 decode shapes (Mosaic
+        was at most 2.6% ahead) and by up to 1.55x at 64 tokens per expert (BENCHMARKS.md).
   rocm: Pallas Triton.    tpu: Mosaic TPU (megablox, gmm_tpu).
   cpu:  the portable Pallas kernel in interpret mode (there is no compiled Pallas on CPU).
 Inputs are cast to the weights' dtype; accumulation is f32.

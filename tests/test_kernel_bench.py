@@ -13,7 +13,9 @@ def test_smoke_run_checks_every_kernel_and_writes_tables(tmp_path):
     r = subprocess.run([sys.executable, "-m", "launch.kernel_bench", "--smoke", f"--json_out={out_json}",
                         f"--md_out={out_md}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = json.loads(out_json.read_text())["rows"]
+    bench = json.loads(out_json.read_text())
+    rows = bench["rows"]
+    assert bench["mem_gb_s"] == max(bench["copy_gb_s"], bench["read_gb_s"]) > 0
     assert {(x["suite"], x["impl"]) for x in rows} == {
         ("gmm", "pallas"), ("gmm", "ragged_dot"), ("gmm", "dense"), ("ffn", "pallas"),
         ("ffn", "ragged_dot"), ("attention", "pallas_paged"), ("attention", "jnp_gather")}
