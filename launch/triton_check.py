@@ -33,6 +33,7 @@ try:
     import pallas_kernels  # noqa: F401
 except ImportError:  # run as a script from a checkout: put the repo root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels.gpu_target import gpu_target  # noqa: E402
 from pallas_kernels.grouped_matmul import gmm  # noqa: E402
 from pallas_kernels.grouped_matmul import gmm_swiglu  # noqa: E402
 from pallas_kernels.paged_attention import paged_attention  # noqa: E402
@@ -69,7 +70,7 @@ def cases():
     return out
 
 
-def triton_modules(fn, args):
+def triton_modules(fn, args, arch):
     """[(Triton IR text, num_warps, num_stages)] of every Pallas Triton kernel in fn's CUDA lowering."""
     from jax._src.pallas.triton import lowering
 
@@ -82,7 +83,8 @@ def triton_modules(fn, args):
 
     lowering.lower_jaxpr_to_triton_module = spy
     try:
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        with gpu_target(arch):
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     finally:
         lowering.lower_jaxpr_to_triton_module = original
     warps = [int(w) for w in re.findall(r"num_warps = (\d+)", text)]
@@ -130,7 +132,7 @@ def main(argv):
     smem_limit = SM_LIMITS.get(arch, SM_LIMITS[80])[1]
     with tempfile.TemporaryDirectory() as workdir:
         for name, fn, args in cases():
-            for ttir, warps, stages in triton_modules(fn, args):
+            for ttir, warps, stages in triton_modules(fn, args, arch):
                 row = dict(kernel=name, arch=arch)
                 try:
                     row.update(compile_one(ttir, warps, stages, arch, workdir))

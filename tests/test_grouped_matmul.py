@@ -5,6 +5,7 @@ Lowering tests trace with ShapeDtypeStructs at Mixtral-8x7B expert shapes and lo
 GPU/TPU kernels fail here rather than on the first GPU run. Nothing here needs a GPU.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -16,6 +17,7 @@ from pallas_kernels import gmm_common
 from pallas_kernels.gmm_mosaic_gpu import gmm_mosaic_gpu
 from pallas_kernels.gmm_tpu import gmm_tpu
 from pallas_kernels.gmm_triton import block_sizes as triton_block_sizes
+from pallas_kernels.gpu_target import gpu_target
 from pallas_kernels.grouped_matmul import gmm
 from pallas_kernels.grouped_matmul import gmm_reference
 from pallas_kernels.grouped_matmul import gmm_swiglu
@@ -138,7 +140,8 @@ def test_mosaic_gpu_kernel_in_gpu_interpreter(m, tail, n_w):
 
 
 def _lower(f, args, platform):
-    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    with gpu_target() if platform == "cuda" else contextlib.nullcontext():
+        return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def _mixtral_args(m, dtype, n_w=1):
@@ -196,3 +199,13 @@ def test_triton_blocks_are_powers_of_two():
     for m, g, k, n in [(64, 8, 4096, 14336), (3, 256, 7168, 2048), (512, 128, 2048, 768)]:
         for b in triton_block_sizes(m, g, k, n, interpret=False):
             assert b >= 16 and b & (b - 1) == 0
+
+
+def test_gpu_target_names_the_gpu_lowered_for():
+    x, (w,), sizes = _mixtral_args(64, jnp.bfloat16)
+    with gpu_target(80):  # A100: the Triton kernel
+        text = jax.jit(gmm).trace(x, w, sizes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
+    with pytest.raises(ValueError, match="arch 75"):
+        with gpu_target(75):
+            pass
