@@ -10,6 +10,7 @@ go back through one queue per request. Endpoints (JSON in, JSON out):
                   stream: one JSON line per token {"token", "index"}, then the summary line
   GET  /health    workers (ok | failed | recovering), ERT version, recoveries so far, load
   POST /fail      {"worker": "ew1"}: fail-stop a worker now (only with allow_faults; for demos)
+  POST /v1/completions, GET /v1/models: the OpenAI API (openai_api.py), SSE when streaming
 
 A malformed request gets 400 with the reason (bad JSON, unknown field, prompt too long, ...) and
 never touches requests already accepted. A client that disconnects cancels its request (pages and
@@ -28,6 +29,7 @@ import threading
 import time
 from typing import Callable
 
+from tarragon_jax import openai_api
 from tarragon_jax.config import ConfigError, SamplingParams
 from tarragon_jax.engine import Engine
 from tarragon_jax.errors import RequestError
@@ -38,6 +40,10 @@ _FIELDS = _SAMPLING | {"prompt_ids", "prompt", "stream"}
 
 class EngineStopped(RuntimeError):
     """The engine loop died (an engine error, or no healthy worker left); the server answers 503."""
+
+
+class _EngineDied(RuntimeError):
+    """The engine loop died while this request was running (its clients get an error, not a hang)."""
 
 
 class EngineLoop(threading.Thread):
@@ -192,6 +198,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             if self.path == "/health":
                 self._json(200, self.server.loop.call(health))
+            elif self.path == "/v1/models":
+                self._json(200, openai_api.models(self.server.model_name))
             else:
                 self._json(404, {"error": f"no such endpoint: GET {self.path}"})
         except EngineStopped as e:
@@ -201,6 +209,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             if self.path == "/generate":
                 self._generate(*parse_generate(self._body(), self.server.tokenizer))
+            elif self.path == "/v1/completions":
+                s = self.server
+                self._completion(openai_api.parse_completion(self._body(), s.tokenizer, s.model_name, s.eos_ids))
             elif self.path == "/fail":
                 self._fail(self._body())
             else:
@@ -235,14 +246,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.loop.call(lambda e: e.controller.kill(name))
         self._json(200, {"killed": name})
 
-    def _generate(self, prompt, sampling: SamplingParams, stream: bool) -> None:
-        rid, events = self.server.loop.submit(prompt, sampling)     # RequestError -> 400 above
-        tok = self.server.tokenizer
-        if stream:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-ndjson")
-            self.end_headers()
-        out, reason, next_check = [], "", time.monotonic() + 0.25
+    def _events(self, rid: int, events: queue.Queue, stream: bool):
+        """The request's TokenEvents until it finishes. Ends early, cancelling the request, if a
+        non-streaming client hangs up (a streaming one is noticed when a write fails); raises
+        _EngineDied if the engine loop dies meanwhile."""
+        next_check = time.monotonic() + 0.25
         while True:
             if not stream and time.monotonic() >= next_check:
                 if self._client_gone():                 # e.g. a timed-out client: free its pages
@@ -253,24 +261,49 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 ev = events.get(timeout=0.25)
             except queue.Empty:
                 continue
-            if isinstance(ev, BaseException):          # the engine loop died: say so, do not hang
-                error = {"error": f"engine failed: {ev!r}", "request_id": rid}
-                if stream:
-                    self.wfile.write((json.dumps(error) + "\n").encode())
-                else:
-                    self._json(500, error)
-                return
-            out.append(ev.token)
-            if stream:
-                try:
-                    self.wfile.write((json.dumps({"token": ev.token, "index": ev.index}) + "\n").encode())
-                    self.wfile.flush()
-                except (BrokenPipeError, ConnectionResetError):
-                    self.server.loop.cancel(rid)        # nobody reads: free its pages now
-                    return
+            if isinstance(ev, BaseException):
+                raise _EngineDied(f"engine failed: {ev!r}")
+            yield ev
             if ev.finished:
+                return
+
+    def _start_stream(self, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.end_headers()
+
+    def _write(self, rid: int, data: str) -> bool:
+        """Send part of a streamed answer; False (request cancelled) if nobody reads any more."""
+        try:
+            self.wfile.write(data.encode())
+            self.wfile.flush()
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.loop.cancel(rid)                # nobody reads: free its pages now
+            return False
+
+    def _generate(self, prompt, sampling: SamplingParams, stream: bool) -> None:
+        rid, events = self.server.loop.submit(prompt, sampling)     # RequestError -> 400 above
+        tok = self.server.tokenizer
+        if stream:
+            self._start_stream("application/x-ndjson")
+        out, reason = [], ""
+        try:
+            for ev in self._events(rid, events, stream):
+                out.append(ev.token)
+                if stream and not self._write(rid, json.dumps({"token": ev.token, "index": ev.index}) + "\n"):
+                    return
                 reason = ev.finish_reason
-                break
+        except _EngineDied as e:
+            error = {"error": str(e), "request_id": rid}
+            if stream:
+                self._write(rid, json.dumps(error) + "\n")
+            else:
+                self._json(500, error)
+            return
+        if not reason:                                   # the client left; the request is cancelled
+            return
+
         def finish(engine: Engine) -> float:
             ttft = engine.metrics.requests[rid].ttft_s
             engine.forget(rid)
@@ -280,15 +313,60 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if tok is not None:
             summary["text"] = tok.decode(out)
         if stream:
-            self.wfile.write((json.dumps(dict(summary, finished=True)) + "\n").encode())
+            self._write(rid, json.dumps(dict(summary, finished=True)) + "\n")
         else:
             self._json(200, summary)
+
+    def _completion(self, req: openai_api.CompletionRequest) -> None:
+        """POST /v1/completions: the engine's tokens as OpenAI text; stop strings end the request
+        early (cancelled in the engine, so its pages are freed at once)."""
+        rid, events = self.server.loop.submit(req.prompt_ids, req.sampling)
+        cid, text = openai_api.new_id(), openai_api.TextStream(self.server.tokenizer, req.stop)
+        sse = lambda obj: f"data: {json.dumps(obj)}\n\n"
+        if req.stream:
+            self._start_stream("text/event-stream")
+        n, reason, parts = 0, "", []
+        try:
+            for ev in self._events(rid, events, req.stream):
+                n += 1                                   # a stop token counts but adds no text
+                delta = "" if ev.finish_reason == "stop" else text.push(ev.token)
+                parts.append(delta)
+                if req.stream and delta and not self._write(rid, sse(openai_api.completion(cid, req, delta, None, None))):
+                    return
+                if text.stopped:
+                    self.server.loop.cancel(rid)
+                    reason = "stop"
+                    break
+                reason = ev.finish_reason
+        except _EngineDied as e:
+            error = {"error": {"message": str(e), "type": "server_error"}}
+            if req.stream:
+                self._write(rid, sse(error))
+            else:
+                self._json(500, error)
+            return
+        if not reason:                                   # the client left; the request is cancelled
+            return
+        if not text.stopped:
+            self.server.loop.call(lambda engine: engine.forget(rid))
+        tail, reason = text.finish(), openai_api.finish_reason(reason, text.stopped)
+        usage = openai_api.usage(req, n)
+        if not req.stream:
+            self._json(200, openai_api.completion(cid, req, "".join(parts) + tail, reason, usage))
+            return
+        self._write(rid, sse(openai_api.completion(cid, req, tail, reason, None)))
+        if req.include_usage:
+            self._write(rid, sse(dict(openai_api.completion(cid, req, "", None, usage), choices=[])))
+        self._write(rid, "data: [DONE]\n\n")
 
 
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, loop: EngineLoop, host: str = "127.0.0.1", port: int = 8000, tokenizer=None,
-                 allow_faults: bool = False):
+                 allow_faults: bool = False, model_name: str = "tarragon", eos_ids: tuple = ()):
+        """model_name: what /v1/models reports and /v1/completions accepts; eos_ids: token ids
+        that end an OpenAI completion (the checkpoint's generation_config.json eos_token_id)."""
         super().__init__((host, port), Handler)
         self.loop, self.tokenizer, self.allow_faults = loop, tokenizer, allow_faults
+        self.model_name, self.eos_ids = model_name, tuple(eos_ids)

@@ -12,36 +12,14 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tarragon_jax.config import CacheConfig, EngineConfig
-from tarragon_jax.engine import Engine
+from serving import request, serving
 from tarragon_jax.model import reference
-from tarragon_jax.model.tiny import tiny_model
-from tarragon_jax.server import EngineLoop, Server
 
 
 @pytest.fixture(scope="module")
 def served():
-    cfg, params = tiny_model("qwen3_moe", seed=21)
-    engine = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=3, prefill_chunk=8),
-                    CacheConfig(page_size=4, num_pages=64))
-    loop = EngineLoop(engine)
-    loop.start()
-    server = Server(loop, port=0, allow_faults=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield cfg, params, f"http://127.0.0.1:{server.server_address[1]}", loop
-    server.shutdown()
-    loop.stop()
-    engine.close()
-
-
-def _post(url, body, raw=None):
-    req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    with serving("qwen3_moe", 21, main=dict(allow_faults=True)) as (cfg, params, loop, servers):
+        yield cfg, params, servers["main"][1], loop
 
 
 def test_concurrent_requests_and_a_kill_mid_run(served):
@@ -51,11 +29,11 @@ def test_concurrent_requests_and_a_kill_mid_run(served):
     results = {}
 
     def client(i):
-        results[i] = _post(url + "/generate", {"prompt_ids": prompts[i], "max_new_tokens": 24})
+        results[i] = request(url + "/generate", {"prompt_ids": prompts[i], "max_new_tokens": 24})
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
-    assert _post(url + "/fail", {"worker": "ew1"}) == (200, '{"killed": "ew1"}')
+    assert request(url + "/fail", {"worker": "ew1"}) == (200, '{"killed": "ew1"}')
     for t in threads:
         t.join()
     for i, p in enumerate(prompts):
@@ -70,7 +48,7 @@ def test_concurrent_requests_and_a_kill_mid_run(served):
 
 def test_streaming_sends_tokens_then_a_summary(served):
     cfg, params, url, _ = served
-    code, body = _post(url + "/generate", {"prompt_ids": [4, 5, 6], "max_new_tokens": 6, "stream": True})
+    code, body = request(url + "/generate", {"prompt_ids": [4, 5, 6], "max_new_tokens": 6, "stream": True})
     lines = [json.loads(line) for line in body.splitlines()]
     assert code == 200 and [x["index"] for x in lines[:-1]] == list(range(6))
     want = reference.greedy_generate(cfg, params, [4, 5, 6], 6)
@@ -94,23 +72,23 @@ def test_streaming_sends_tokens_then_a_summary(served):
 ])
 def test_bad_requests_get_400_with_the_reason(served, body, raw, message):
     _, _, url, _ = served
-    code, text = _post(url + "/generate", body, raw)
+    code, text = request(url + "/generate", body, raw)
     assert code == 400 and message in json.loads(text)["error"]
 
 
 def test_unknown_worker_and_endpoint(served):
     _, _, url, _ = served
-    code, text = _post(url + "/fail", {"worker": "ew9"})
+    code, text = request(url + "/fail", {"worker": "ew9"})
     assert code == 400 and "must be one of" in text
-    assert _post(url + "/fail", {"worker": "aw0"})[0] == 200
-    code, text = _post(url + "/fail", {"worker": "aw1"})                 # the last live AW
+    assert request(url + "/fail", {"worker": "aw0"})[0] == 200
+    code, text = request(url + "/fail", {"worker": "aw1"})                 # the last live AW
     assert code == 400 and "last live AW" in text
     def aw0_records():
         with urllib.request.urlopen(url + "/health") as r:
             return [x for x in json.loads(r.read())["recoveries"] if x["worker"] == "aw0"]
     _wait_until(aw0_records, "idle AW failure never detected")           # found while idle, by heartbeat
     assert aw0_records()[0]["detected_by"] == "heartbeat"
-    assert _post(url + "/nothing", {})[0] == 404
+    assert request(url + "/nothing", {})[0] == 404
 
 
 def test_serve_launcher_end_to_end():
@@ -130,9 +108,12 @@ def test_serve_launcher_end_to_end():
             line = proc.stderr.readline()
             assert line, "server exited before listening"
         url = re.search(r"http://\S+", line).group(0)
-        code, body = _post(url + "/generate", {"prompt_ids": [1, 2, 3], "max_new_tokens": 5})
+        code, body = request(url + "/generate", {"prompt_ids": [1, 2, 3], "max_new_tokens": 5})
         assert code == 200 and len(json.loads(body)["output_ids"]) == 5
-        assert _post(url + "/fail", {"worker": "ew0"})[0] == 403          # off unless asked for
+        code, body = request(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0})
+        assert code == 200 and json.loads(body)["model"] == "tiny", body
+        assert json.loads(body)["usage"]["completion_tokens"] == 4
+        assert request(url + "/fail", {"worker": "ew0"})[0] == 403          # off unless asked for
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -1,0 +1,153 @@
+"""OpenAI-compatible completions over the engine: `POST /v1/completions`, `GET /v1/models`.
+
+OpenAI clients, load generators and eval harnesses speak this API; this module maps a request
+onto the engine's SamplingParams and formats answers and server-sent-event chunks the way they
+parse them. The server's token loop (disconnects, cancellation, engine failure) is shared with
+/generate, so a worker failure mid-request is as invisible here as there.
+
+Supported: prompt (text, with the checkpoint's tokenizer, or a list of token ids), max_tokens
+(default 16), temperature (default 1), top_p, seed, stop (a string or up to 4; needs the
+tokenizer), stream, stream_options.include_usage, user (ignored), and the vLLM extension
+stop_token_ids. Generation also stops at the checkpoint's EOS ids (generation_config.json).
+n / best_of other than 1, echo, logprobs, penalties, logit_bias and suffix get a 400 naming
+the field: the engine decodes one sequence per request and computes no logprobs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from tarragon_jax.config import ConfigError, SamplingParams
+
+_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+           "stream_options", "user", "stop_token_ids", "n", "best_of", "echo", "logprobs",
+           "presence_penalty", "frequency_penalty", "logit_bias", "suffix"}
+# field: the only value(s) accepted (what OpenAI's own defaults mean)
+_FIXED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, 0), "presence_penalty": (0,),
+          "frequency_penalty": (0,), "logit_bias": (None, {}), "suffix": (None, "")}
+MAX_STOP = 4
+# engine finish reason -> OpenAI's ("stop": a stop token/string; "length": a token limit)
+_FINISH = {"stop": "stop", "max_new_tokens": "length", "length": "length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionRequest:
+    prompt_ids: list
+    sampling: SamplingParams
+    stream: bool
+    stop: tuple        # stop strings; the text ends before the first one found
+    include_usage: bool
+    model: str
+
+
+def parse_completion(body, tokenizer, model_name: str, eos_ids: tuple = ()) -> CompletionRequest:
+    """The request as the engine will run it; ValueError names the offending field."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; allowed: {sorted(_FIELDS)}")
+    for field, allowed in _FIXED.items():
+        if field in body and body[field] not in allowed:
+            raise ValueError(f'"{field}"={body[field]!r} is not supported (only {allowed[0]!r})')
+    model = body.get("model", model_name)
+    if model != model_name:
+        raise ValueError(f'"model" {model!r} is not served here; this server serves {model_name!r}')
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]                 # a batch of one, as some clients always send
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError('a text "prompt" needs a tokenizer (tokenizer.json in the checkpoint); '
+                             "send token ids")
+        prompt_ids = tokenizer.encode(prompt).ids
+    elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        prompt_ids = list(prompt)
+    else:
+        raise ValueError('"prompt" must be a string or a non-empty list of token ids (one prompt per request)')
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) \
+            or len(stop) > MAX_STOP:
+        raise ValueError(f'"stop" must be a non-empty string or a list of up to {MAX_STOP} of them')
+    if stop and tokenizer is None:
+        raise ValueError('"stop" strings need a tokenizer (tokenizer.json in the checkpoint); use stop_token_ids')
+    stop_ids = body.get("stop_token_ids", [])
+    if not isinstance(stop_ids, list):
+        raise ValueError('"stop_token_ids" must be a list of integers')
+    if not isinstance(body.get("stream", False), bool):
+        raise ValueError('"stream" must be true or false')
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise ValueError('"stream_options" may only hold "include_usage"')
+    try:
+        sampling = SamplingParams(max_new_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 1.0),
+                                  top_p=body.get("top_p", 1.0), seed=body.get("seed", 0),
+                                  stop_token_ids=tuple(stop_ids) + tuple(eos_ids))
+    except ConfigError as e:
+        raise ValueError(str(e).replace("max_new_tokens", "max_tokens")) from None
+    return CompletionRequest(prompt_ids, sampling, body.get("stream", False), tuple(stop),
+                             bool(options.get("include_usage", False)), model)
+
+
+class TextStream:
+    """Incremental detokenization with stop strings: text is released only once no stop string
+    can still begin inside it, and never ending in half a UTF-8 character."""
+
+    def __init__(self, tokenizer, stop: tuple):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list = []
+        self.sent = 0              # characters of the text already released
+        self.stopped = False       # a stop string was found; the text ends before it
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids) if self.tokenizer is not None else ""
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the newly released text (may be empty)."""
+        self.ids.append(token)
+        full = self.text()
+        hits = [i for i in (full.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._release(full[:min(hits)])
+        hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+        safe = full[:len(full) - hold]
+        return self._release(safe.rstrip("\ufffd") if safe.endswith("\ufffd") else safe)
+
+    def finish(self) -> str:
+        """Release what was held back (the request ended without completing a stop string)."""
+        return "" if self.stopped else self._release(self.text())
+
+    def _release(self, upto: str) -> str:
+        delta = upto[self.sent:]
+        self.sent = max(self.sent, len(upto))
+        return delta
+
+
+def finish_reason(engine_reason: str, stopped_by_string: bool) -> str:
+    return "stop" if stopped_by_string else _FINISH.get(engine_reason, engine_reason)
+
+
+def usage(req: CompletionRequest, completion_tokens: int) -> dict:
+    n = len(req.prompt_ids)
+    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
+
+
+def new_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def completion(cid: str, req: CompletionRequest, text: str, reason: str | None, usage_: dict | None) -> dict:
+    """One answer (or, with reason None / text delta, one stream chunk) in OpenAI's shape."""
+    out = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": req.model,
+           "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def models(model_name: str) -> dict:
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "tarragon_jax",
+                                        "created": 0}]}

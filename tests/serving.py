@@ -1,0 +1,44 @@
+"""What the HTTP tests share: a tiny engine behind one or more servers on free ports, and a
+JSON request helper that returns (status, body) for errors too."""
+import contextlib
+import json
+import threading
+import urllib.error
+import urllib.request
+
+from tarragon_jax.config import CacheConfig, EngineConfig
+from tarragon_jax.engine import Engine
+from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.server import EngineLoop, Server
+
+
+@contextlib.contextmanager
+def serving(family: str, seed: int, **servers):
+    """Yields (cfg, params, loop, {name: (Server, url)}), one Server per keyword (its kwargs),
+    all on one engine loop: 2 AWs x 3 EWs, small pages so requests span several."""
+    cfg, params = tiny_model(family, seed=seed)
+    engine = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=3, prefill_chunk=8),
+                    CacheConfig(page_size=4, num_pages=64))
+    loop = EngineLoop(engine)
+    loop.start()
+    started = {name: Server(loop, port=0, **kw) for name, kw in servers.items()}
+    for s in started.values():
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        yield cfg, params, loop, {k: (s, f"http://127.0.0.1:{s.server_address[1]}") for k, s in started.items()}
+    finally:
+        for s in started.values():
+            s.shutdown()
+        loop.stop()
+        engine.close()
+
+
+def request(url: str, body=None, raw: bytes | None = None) -> tuple[int, str]:
+    """GET without a body, else POST JSON (or raw bytes); (status, body text) also for 4xx/5xx."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

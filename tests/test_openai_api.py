@@ -1,0 +1,148 @@
+"""The OpenAI completions API as a client sees it: text equals the reference's greedy tokens
+decoded, streaming (SSE) deltas add up to the same text, stop strings and EOS ids end the
+completion where OpenAI would, unsupported fields get a 400 naming them."""
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from serving import request, serving
+from tarragon_jax.model import reference
+from tarragon_jax.openai_api import TextStream
+
+
+def char_tokenizer(vocab_size):
+    """One character per token id: texts follow directly from token ids."""
+    tok = Tokenizer(models.WordLevel({chr(0x100 + i): i for i in range(vocab_size)}, unk_token=chr(0x100)))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+@pytest.fixture(scope="module")
+def api():
+    tok = char_tokenizer(512)                       # the tiny model's vocabulary
+    with serving("qwen2_moe", 5, text=dict(tokenizer=tok, model_name="tiny-moe"),
+                 ids=dict(model_name="tiny-moe")) as (cfg, params, loop, servers):
+        assert cfg.vocab_size == 512
+        yield cfg, params, tok, {k: url for k, (_, url) in servers.items()}, loop, servers["text"][0]
+
+
+def _prompt_and_reference(cfg, params, tok, n_new):
+    ids = np.random.default_rng().integers(3, cfg.vocab_size, 7).tolist()
+    want = reference.greedy_generate(cfg, params, ids, n_new)
+    return tok.decode(ids), want
+
+
+def _sse(body: str) -> list:
+    events = [line[len("data: "):] for line in body.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_completion_is_the_reference_text(api):
+    cfg, params, tok, urls, _, _ = api
+    prompt, want = _prompt_and_reference(cfg, params, tok, 8)
+    code, body = request(urls["text"] + "/v1/completions",
+                          {"model": "tiny-moe", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert code == 200, body
+    out = json.loads(body)
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == "tiny-moe"
+    assert out["choices"][0]["text"] == tok.decode(want)
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": 7, "completion_tokens": 8, "total_tokens": 15}
+    # token-id prompts need no tokenizer; the answer's text is then empty
+    ids = [ord(c) - 0x100 for c in prompt]
+    code, body = request(urls["ids"] + "/v1/completions", {"prompt": ids, "max_tokens": 8, "temperature": 0})
+    assert code == 200 and json.loads(body)["usage"]["completion_tokens"] == 8
+    models = json.loads(request(urls["text"] + "/v1/models")[1])
+    assert [m["id"] for m in models["data"]] == ["tiny-moe"]
+
+
+def test_streamed_deltas_add_up_to_the_text(api):
+    cfg, params, tok, urls, _, _ = api
+    prompt, want = _prompt_and_reference(cfg, params, tok, 10)
+    code, body = request(urls["text"] + "/v1/completions",
+                          {"prompt": prompt, "max_tokens": 10, "temperature": 0, "stream": True,
+                           "stream_options": {"include_usage": True}})
+    assert code == 200
+    chunks = _sse(body)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == tok.decode(want)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_ends_the_completion_before_it(api, stream):
+    cfg, params, tok, urls, loop, _ = api
+    prompt, want = _prompt_and_reference(cfg, params, tok, 12)
+    full = tok.decode(want)
+    stop = full[4:6]
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": ["never seen", stop], "stream": stream}
+    code, text = request(urls["text"] + "/v1/completions", body)
+    assert code == 200, text
+    if stream:
+        chunks = _sse(text)
+        got, reason = "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"]
+    else:
+        got, reason = json.loads(text)["choices"][0]["text"], json.loads(text)["choices"][0]["finish_reason"]
+    assert got == full[:full.find(stop)] and reason == "stop"
+    assert loop.call(lambda e: e.num_unfinished) == 0          # cancelled in the engine, not run to max
+
+
+def test_eos_id_ends_the_completion_without_its_text(api):
+    cfg, params, tok, _, _, text_server = api
+    prompt, want = _prompt_and_reference(cfg, params, tok, 8)
+    text_server.eos_ids = (want[3],)
+    try:
+        code, body = request(f"http://127.0.0.1:{text_server.server_address[1]}/v1/completions",
+                              {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+    finally:
+        text_server.eos_ids = ()
+    out = json.loads(body)
+    first = want.index(want[3])
+    assert out["choices"][0] == {"index": 0, "text": tok.decode(want[:first]), "finish_reason": "stop",
+                                 "logprobs": None}
+    assert out["usage"]["completion_tokens"] == first + 1
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"prompt": "x", "n": 2}, '"n"=2 is not supported'),
+    ({"prompt": "x", "logprobs": 5}, '"logprobs"'),
+    ({"prompt": "x", "model": "gpt-4"}, "not served here"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens must be"),
+    ({"prompt": ["a", "b"]}, "one prompt per request"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "up to 4"),
+    ({"prompt": "x", "best_effort": True}, "unknown field"),
+    ({"prompt": "x", "temperature": -1}, "temperature must be"),
+])
+def test_bad_requests_name_the_field(api, body, message):
+    code, text = request(api[3]["text"] + "/v1/completions", body)
+    assert code == 400 and message in json.loads(text)["error"], text
+
+
+def test_text_and_stop_strings_need_a_tokenizer(api):
+    url = api[3]["ids"] + "/v1/completions"
+    assert "needs a tokenizer" in request(url, {"prompt": "hello"})[1]
+    assert "need a tokenizer" in request(url, {"prompt": [5, 6], "stop": "a"})[1]
+
+
+class _Chars:
+    """A stand-in tokenizer: token i is the i-th string of a table (decode concatenates)."""
+    def __init__(self, table):
+        self.table = table
+
+    def decode(self, ids):
+        return "".join(self.table[i] for i in ids)
+
+
+def test_text_stream_holds_back_a_possible_stop_string_and_half_characters():
+    s = TextStream(_Chars(["x", "a", "c", "b", "\ufffd"]), ("ab",))
+    assert s.push(0) == "x"
+    assert s.push(1) == ""           # "a" may begin "ab": held back
+    assert s.push(2) == "ac"         # it did not
+    assert s.push(4) == ""           # half a UTF-8 character: held back
+    assert s.finish() == "\ufffd"
+    s = TextStream(_Chars(["x", "a", "b"]), ("ab",))
+    assert (s.push(0), s.push(1), s.push(2), s.stopped, s.finish()) == ("x", "", "", True, "")
