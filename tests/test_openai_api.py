@@ -146,3 +146,24 @@ def test_text_stream_holds_back_a_possible_stop_string_and_half_characters():
     assert s.finish() == "\ufffd"
     s = TextStream(_Chars(["x", "a", "b"]), ("ab",))
     assert (s.push(0), s.push(1), s.push(2), s.stopped, s.finish()) == ("x", "", "", True, "")
+
+
+def test_a_worker_killed_mid_stream_changes_no_text(api):
+    """Killed after the first streamed chunk, EW 1 is masked (replay to shadows) and the text
+    is the failure-free one. Last in this module: the engine runs on with a replacement."""
+    import http.client
+    cfg, params, tok, urls, loop, _ = api
+    prompt, want = _prompt_and_reference(cfg, params, tok, 20)
+    host, port = urls["text"][len("http://"):].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 20, "temperature": 0,
+                                                        "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first = resp.readline().decode()
+    assert first.startswith("data: ")
+    loop.call(lambda e: e.controller.kill("ew1"))
+    rest = resp.read().decode()
+    conn.close()
+    chunks = _sse(first + rest)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == tok.decode(want)
+    assert loop.call(lambda e: [r.worker for r in e.controller.records]) == ["ew1"]
