@@ -169,11 +169,12 @@ class AttentionWorker:
             return self.handle.put(np.zeros(shape, dtype))
 
         call, m, B = self.programs.call, self.model, self.scheduler.table_rows
-        kv, lp = self.pages[0], self.params["layers"][0]
+        kv = self.pages[0]
+        kinds = [self.params["layers"][i] for i in sorted({0, m.first_k_dense})]   # dense and MoE layers
         for T in grid.tokens:
             x = call(stage.embed, self.params, zeros(T))
             pos, slot = zeros(T), self.handle.put(np.full(T, B - 1, np.int32))
-            for P in grid.pages:
+            for P, lp in ((P, lp) for P in grid.pages for lp in kinds):
                 h, hn, _, w, shared, y, kv["k"], kv["v"] = call(
                     stage.attention_layer, m, lp, kv["k"], kv["v"], x, pos, slot, zeros((B, P)),
                     impl=self.attention_backend)

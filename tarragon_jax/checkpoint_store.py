@@ -131,13 +131,13 @@ class CheckpointStore:
         self._errors: list[str] = []
         self._n_snapshots = self._n_blocks = self._n_bytes = 0
         self._blocked, self._save = _Timer(), _Timer()
-        self._closed = False
+        self._closed = self._exiting = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
         self._thread.start()
         # A store left open must not be cut mid-write when the interpreter exits: a daemon thread
         # killed inside a jax or tensorstore call aborts the process.
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
 
     # ---- engine-side API ---------------------------------------------------------------------
     def snapshot(self, aw: int, refs: list[BlockRef], blocks) -> None:
@@ -249,12 +249,18 @@ class CheckpointStore:
             if self._closed:
                 return
             self._closed = True
-        atexit.unregister(self.close)
+        atexit.unregister(self._close_at_exit)
         self.wait()
         self._queue.put(None)
         self._thread.join()
         if self._own_dir:
             self.directory.rmtree(missing_ok=True)
+
+    def _close_at_exit(self) -> None:
+        """Interpreter exit: the queued writes serve nobody now (the engine is gone) and cannot
+        run (Orbax's thread pools are already shut down), so the writer drops them and stops."""
+        self._exiting = True
+        self.close()
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -357,7 +363,8 @@ class CheckpointStore:
         """Run one unit of background work; a failure is recorded (blocks stay uncommitted) and
         the writer keeps going. Every job counts down `pending` exactly once."""
         try:
-            work()
+            if not self._exiting:
+                work()
         except Exception as e:
             what = "; ".join(j if isinstance(j, str) else f"snapshot {j.seq} of aw {j.aw} ({j.refs})" for j in jobs)
             log.exception("checkpoint job failed: %s", what)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+ROUTER_SCORING = ("softmax", "sigmoid")
 EXPERT_BACKENDS = ("auto", "dense", "ragged_dot", "pallas")
 ATTENTION_BACKENDS = ("auto", "pallas", "jnp")
 RECOVERIES = ("tarragon", "restart")
@@ -45,6 +46,31 @@ class ModelConfig:
     rms_eps: float = 1e-6
     max_position: int = 4096
     tie_embeddings: bool = False
+    # DeepSeek-V3. MLA attention (kv_lora_rank > 0): q/k heads are head_dim = nope + qk_rope_dim,
+    # K/V are cached decompressed per head (n_kv_heads = n_heads), V zero-padded to head_dim.
+    q_lora_rank: int = 0               # 0: a direct q projection
+    kv_lora_rank: int = 0              # 0: plain (GQA) attention
+    qk_rope_dim: int = 0               # the rotary part of each q/k head
+    v_head_dim: int = 0                # value head size (0: head_dim)
+    rope_interleave: bool = False      # RoPE on interleaved pairs (DeepSeek) instead of halves
+    router_scoring: str = "softmax"    # sigmoid: + a per-expert selection bias, group-limited top-k
+    n_group: int = 1                   # expert groups; top-k only within the topk_group best groups
+    topk_group: int = 1
+    routed_scaling: float = 1.0        # gate weights are multiplied by this
+    first_k_dense: int = 0             # leading layers with a dense FFN (d_dense) and no experts
+    d_dense: int = 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.first_k_dense
+
+    def moe_index(self, layer: int) -> int | None:
+        """The expert-side index of a decoder layer (placement, ERT, EWs); None for a dense layer."""
+        return None if layer < self.first_k_dense else layer - self.first_k_dense
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
 
     def __post_init__(self) -> None:
         _require(self.family in FAMILIES,
@@ -57,6 +83,22 @@ class ModelConfig:
         _require(self.top_k <= self.n_experts,
                  f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
         _require(self.d_shared >= 0, f"d_shared must be >= 0, got {self.d_shared}")
+        _require(self.router_scoring in ROUTER_SCORING,
+                 f"unknown router_scoring {self.router_scoring!r}; choose from {ROUTER_SCORING}")
+        _require(self.n_group >= 1 and self.n_experts % self.n_group == 0 and 1 <= self.topk_group <= self.n_group,
+                 f"n_group={self.n_group} must divide n_experts={self.n_experts}, 1 <= topk_group={self.topk_group} "
+                 f"<= n_group")
+        _require(self.n_group == 1 or self.n_experts // self.n_group >= 2,
+                 f"group-limited routing needs >= 2 experts a group, got {self.n_experts // self.n_group}")
+        _require(0 <= self.first_k_dense < self.n_layers and (self.first_k_dense == 0 or self.d_dense > 0),
+                 f"first_k_dense={self.first_k_dense} must leave an MoE layer (n_layers={self.n_layers}) "
+                 f"and needs d_dense > 0 (got {self.d_dense})")
+        if self.kv_lora_rank:
+            _require(self.n_kv_heads == self.n_heads, "MLA caches K/V per head: n_kv_heads must equal n_heads")
+            _require(0 < self.qk_rope_dim < self.head_dim and self.qk_rope_dim % 2 == 0,
+                     f"qk_rope_dim={self.qk_rope_dim} must be even and below head_dim={self.head_dim}")
+            _require(0 < self.value_dim <= self.head_dim,
+                     f"v_head_dim={self.v_head_dim} must be in (0, head_dim={self.head_dim}] (V is padded to head_dim)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +190,10 @@ def tiny_model_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
                 head_dim=16, n_experts=8, top_k=2, d_expert=32, norm_topk_prob=family != "qwen2_moe",
                 d_shared=48 if family == "qwen2_moe" else 0, qkv_bias=family == "qwen2_moe",
                 qk_norm=family == "qwen3_moe", rope_theta=10000.0, rms_eps=1e-6, max_position=1024)
+    if family == "deepseek_v3":   # MLA with a q LoRA, 2 groups of 4 experts, one leading dense layer
+        base.update(n_layers=3, n_kv_heads=4, head_dim=24, q_lora_rank=32, kv_lora_rank=16, qk_rope_dim=8,
+                    v_head_dim=16, rope_interleave=True, router_scoring="sigmoid", n_group=2, topk_group=1,
+                    routed_scaling=2.5, d_shared=32, first_k_dense=1, d_dense=96)
     base.update(overrides)
     return ModelConfig(**base)
 

@@ -79,7 +79,7 @@ class Controller:
                         if cfg.runtime == "ray" else LocalRuntime(self.devices))
         aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
         budget = cfg.shadow_budget if cfg.resilience else 0.0
-        self.placement: Placement = place(self.model.n_layers, self.model.n_experts, cfg.num_expert_workers, budget)
+        self.placement: Placement = place(self.model.n_moe_layers, self.model.n_experts, cfg.num_expert_workers, budget)
         self.ert: RoutingTable = self.placement.ert
         self.transport = Transport(cfg.transfer_deadline_s)
         self.store = (CheckpointStore(cfg.checkpoint_dir, flush_interval_s=cfg.snapshot_flush_s)

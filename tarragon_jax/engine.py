@@ -196,13 +196,16 @@ class Engine:
                 active[aw.index] = (aw, batch)
         for layer in range(self.model.n_layers):
             self._inject(layer)
+            moe_layer = self.model.moe_index(layer)            # None: a dense layer, no experts
             outs, ids = {}, {}
             for i, (aw, batch) in list(active.items()):
                 outs[i] = self._guard(aw.attend, layer)
-                ids[i] = _FAILED if outs[i] is _FAILED else self._guard(np.asarray, outs[i].ids)
-                if ids[i] is _FAILED:
+                if outs[i] is not _FAILED and moe_layer is not None:
+                    ids[i] = self._guard(np.asarray, outs[i].ids)
+                if outs[i] is _FAILED or ids.get(i) is _FAILED:
                     del active[i]
-            returned = self._exchange(layer, active, outs, ids)
+            returned = ({i: [] for i in active} if moe_layer is None
+                        else self._exchange(moe_layer, active, outs, ids))
             for i, (aw, _) in list(active.items()):
                 if self._guard(aw.combine, outs[i], returned[i]) is _FAILED:
                     del active[i]
@@ -223,8 +226,9 @@ class Engine:
         return events
 
     def _exchange(self, layer: int, active: dict, outs: dict, ids: dict) -> dict[int, list]:
-        """Send every AW's rows of this layer, run each EW once over the rows from all AWs, bring
-        the outputs back; rows bound for an EW that fails are replanned and replayed."""
+        """Send every AW's rows of this MoE layer (expert-side index), run each EW once over the
+        rows from all AWs, bring the outputs back; rows bound for an EW that fails are replanned
+        and replayed."""
         todo = [(i, rows) for i, (aw, batch) in active.items()
                 for rows in aw.refe.plan(layer, ids[i], batch.n_tokens)]
         returned: dict[int, list] = {i: [] for i in active}

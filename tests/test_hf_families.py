@@ -12,7 +12,7 @@ from tarragon_jax.model import reference
 from tarragon_jax.model.hf_loader import CheckpointError, load_checkpoint
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v3"]
 
 
 def _expected(name):
@@ -32,7 +32,7 @@ def test_reference_matches_transformers_logits_and_greedy(name):
         assert reference.greedy_generate(cfg, params, prompt, len(want_tokens)) == want_tokens
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_engine_matches_transformers_greedy(name):
     cfg, params = load_checkpoint(os.path.join(FIX, name))
     exp = _expected(name)
@@ -130,7 +130,7 @@ def test_missing_and_misshaped_and_extra_tensors(tmp_path):
         load_checkpoint(str(d))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_save_checkpoint_round_trips(tmp_path, family):
     from tarragon_jax.model.hf_loader import save_checkpoint
     from tarragon_jax.model.tiny import tiny_model
@@ -140,3 +140,25 @@ def test_save_checkpoint_round_trips(tmp_path, family):
     cfg2, params2 = load_checkpoint(str(tmp_path))
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(scoring_func="softmax"), "scoring_func"),
+    (dict(topk_method="greedy"), "topk_method"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(n_group=3), "n_group=3 must divide"),
+    (dict(first_k_dense_replace=3), "first_k_dense=3 must leave an MoE layer"),
+])
+def test_unsupported_deepseek_fields(tmp_path, change, field):
+    d = _copy(tmp_path, "deepseek_v3")
+    _edit_config(d, **change)
+    with pytest.raises(ConfigError, match=field):
+        load_checkpoint(str(d))
+
+
+def test_deepseek_multi_token_prediction_layer_is_ignored(tmp_path):
+    """DeepSeek-V3 checkpoints carry an MTP layer after the decoder's; decoding does not use it."""
+    d = _copy(tmp_path, "deepseek_v3")
+    _rewrite_tensors(d, lambda t: t.update({"model.layers.3.eh_proj.weight": np.ones((64, 128), np.float32)}))
+    cfg, params = load_checkpoint(str(d))
+    assert cfg.n_moe_layers == 2 and len(params["experts"]) == 2 and "mlp" in params["attn"]["layers"][0]

@@ -43,10 +43,14 @@ def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax
     v_pages = v_pages.at[page_T, pos_T % ps].set(v.astype(v_pages.dtype))
     T = x_TxD.shape[0]
     attn_TxHxd = paged_attention(q, k_pages, v_pages, tables_BxP, slot_T, pos_T, impl=impl)
-    h = x_TxD + attn_TxHxd.reshape(T, -1) @ lp["wo"]
+    h = x_TxD + layers.attn_output(cfg, attn_TxHxd, lp["wo"])
     hn = layers.rms_norm(h, lp["post_norm"], cfg.rms_eps)
-    ids, w = route(hn, lp["router"], cfg.top_k, cfg.norm_topk_prob)
-    shared = layers.shared_expert(lp["shared"], hn) if "shared" in lp else jnp.zeros_like(hn)
+    if "mlp" in lp:   # a dense layer: its FFN runs here, in the shared slot; no token goes to an EW
+        ids, w = jnp.zeros((T, cfg.top_k), jnp.int32), jnp.zeros((T, cfg.top_k), hn.dtype)
+        shared = layers.shared_expert(lp["mlp"], hn)
+    else:
+        ids, w = route(hn, lp, cfg)
+        shared = layers.shared_expert(lp["shared"], hn) if "shared" in lp else jnp.zeros_like(hn)
     y_TxkxD = jnp.zeros((T, cfg.top_k, cfg.d_model), jnp.float32)
     return h, hn, ids, w, shared, y_TxkxD, k_pages, v_pages
 

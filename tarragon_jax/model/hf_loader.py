@@ -23,7 +23,7 @@ class CheckpointError(ValueError):
 
 
 _ARCH_TO_FAMILY = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-                   "Qwen3MoeForCausalLM": "qwen3_moe"}
+                   "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3"}
 
 
 def _family(raw: dict) -> str:
@@ -53,14 +53,16 @@ def config_from_hf(raw: dict) -> ModelConfig:
         raise ConfigError(f"unsupported config field: hidden_act={raw['hidden_act']!r} (only silu)")
     if raw.get("use_sliding_window") or (fam == "mixtral" and raw.get("sliding_window")):
         raise ConfigError(f"unsupported config field: sliding_window={raw.get('sliding_window')}")
-    if fam != "mixtral":
+    if fam in ("qwen2_moe", "qwen3_moe"):
         if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
             raise ConfigError("unsupported config field: decoder_sparse_step/mlp_only_layers "
                               "(dense MLP layers are not supported)")
-    if fam == "qwen3_moe" and raw.get("attention_bias"):
-        raise ConfigError("unsupported config field: attention_bias=True for qwen3_moe")
+    if fam in ("qwen3_moe", "deepseek_v3") and raw.get("attention_bias"):
+        raise ConfigError(f"unsupported config field: attention_bias=True for {fam}")
     d, h = raw["hidden_size"], raw["num_attention_heads"]
     try:
+        if fam == "deepseek_v3":
+            return _deepseek_config(raw)
         return ModelConfig(
             family=fam, vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_hidden_layers"],
             n_heads=h, n_kv_heads=raw.get("num_key_value_heads", h),
@@ -77,6 +79,26 @@ def config_from_hf(raw: dict) -> ModelConfig:
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
     except KeyError as e:
         raise ConfigError(f"config.json lacks required field {e.args[0]!r} for family {fam}") from None
+
+
+def _deepseek_config(raw: dict) -> ModelConfig:
+    """DeepSeek-V3 (and models of its architecture, e.g. Moonlight): MLA attention, sigmoid
+    group-limited routing with a selection bias, shared experts, leading dense layers."""
+    for field, want in (("moe_layer_freq", 1), ("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
+        if raw.get(field, want) != want:
+            raise ConfigError(f"unsupported config field: {field}={raw[field]!r} (only {want!r})")
+    h, nope, r, F = raw["num_attention_heads"], raw["qk_nope_head_dim"], raw["qk_rope_head_dim"], raw["moe_intermediate_size"]
+    return ModelConfig(
+        family="deepseek_v3", vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
+        n_heads=h, n_kv_heads=h, head_dim=nope + r, q_lora_rank=raw.get("q_lora_rank") or 0,
+        kv_lora_rank=raw["kv_lora_rank"], qk_rope_dim=r, v_head_dim=raw["v_head_dim"],
+        rope_interleave=bool(raw.get("rope_interleave", True)), n_experts=raw["n_routed_experts"],
+        top_k=raw["num_experts_per_tok"], d_expert=F, norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+        d_shared=(raw.get("n_shared_experts") or 0) * F, router_scoring="sigmoid", n_group=raw.get("n_group") or 1,
+        topk_group=raw.get("topk_group") or 1, routed_scaling=float(raw.get("routed_scaling_factor", 1.0)),
+        first_k_dense=raw.get("first_k_dense_replace") or 0, d_dense=raw["intermediate_size"],
+        rope_theta=_rope_theta(raw), rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
 
 
 def _shard_files(path: str) -> list[str]:
@@ -140,16 +162,49 @@ def _experts(c: _Claimer, cfg: ModelConfig, pre: str) -> dict:
     return {"w_gate": np.stack(g), "w_up": np.stack(u), "w_down": np.stack(dn)}
 
 
-def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> tuple[dict, dict]:
+def _mlp(c: _Claimer, prefix: str, D: int, F: int) -> dict:
+    """A SwiGLU MLP (shared expert, dense layer) from its gate/up/down projections."""
+    return {"w_gate": c.take(prefix + "gate_proj.weight", (F, D), True),
+            "w_up": c.take(prefix + "up_proj.weight", (F, D), True),
+            "w_down": c.take(prefix + "down_proj.weight", (D, F), True)}
+
+
+def _mla(c: _Claimer, cfg: ModelConfig, a: str) -> dict:
+    D, H, hd, r, Rq, Rkv = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.qk_rope_dim, cfg.q_lora_rank, cfg.kv_lora_rank
+    lp = ({"wq_a": c.take(a + "q_a_proj.weight", (Rq, D), True), "q_a_norm": c.take(a + "q_a_layernorm.weight", (Rq,)),
+           "wq_b": c.take(a + "q_b_proj.weight", (H * hd, Rq), True)} if Rq
+          else {"wq": c.take(a + "q_proj.weight", (H * hd, D), True)})
+    lp.update(wkv_a=c.take(a + "kv_a_proj_with_mqa.weight", (Rkv + r, D), True),
+              kv_a_norm=c.take(a + "kv_a_layernorm.weight", (Rkv,)),
+              wkv_b=c.take(a + "kv_b_proj.weight", (H * (hd - r + cfg.value_dim), Rkv), True),
+              wo=c.take(a + "o_proj.weight", (D, H * cfg.value_dim), True))
+    return lp
+
+
+def _deepseek_layer(c: _Claimer, cfg: ModelConfig, i: int, lp: dict) -> tuple[dict, dict | None]:
+    D, m = cfg.d_model, f"model.layers.{i}.mlp."
+    lp.update(_mla(c, cfg, f"model.layers.{i}.self_attn."))
+    if cfg.moe_index(i) is None:
+        lp["mlp"] = _mlp(c, m, D, cfg.d_dense)
+        return lp, None
+    lp.update(router=c.take(m + "gate.weight", (cfg.n_experts, D), True),
+              router_bias=c.take(m + "gate.e_score_correction_bias", (cfg.n_experts,)))
+    if cfg.d_shared:
+        lp["shared"] = _mlp(c, m + "shared_experts.", D, cfg.d_shared)
+    return lp, _experts(c, cfg, m)
+
+
+def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> tuple[dict, dict | None]:
+    """(attention-side params, expert-side params or None for a dense layer) of layer i."""
     D, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     p = f"model.layers.{i}."
     a = f"{p}self_attn."
     lp = {"input_norm": c.take(p + "input_layernorm.weight", (D,)),
-          "post_norm": c.take(p + "post_attention_layernorm.weight", (D,)),
-          "wq": c.take(a + "q_proj.weight", (H * hd, D), True),
-          "wk": c.take(a + "k_proj.weight", (KV * hd, D), True),
-          "wv": c.take(a + "v_proj.weight", (KV * hd, D), True),
-          "wo": c.take(a + "o_proj.weight", (D, H * hd), True)}
+          "post_norm": c.take(p + "post_attention_layernorm.weight", (D,))}
+    if cfg.family == "deepseek_v3":
+        return _deepseek_layer(c, cfg, i, lp)
+    lp.update(wq=c.take(a + "q_proj.weight", (H * hd, D), True), wk=c.take(a + "k_proj.weight", (KV * hd, D), True),
+              wv=c.take(a + "v_proj.weight", (KV * hd, D), True), wo=c.take(a + "o_proj.weight", (D, H * hd), True))
     if cfg.qkv_bias:
         lp.update(bq=c.take(a + "q_proj.bias", (H * hd,)), bk=c.take(a + "k_proj.bias", (KV * hd,)),
                   bv=c.take(a + "v_proj.bias", (KV * hd,)))
@@ -159,11 +214,8 @@ def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> tuple[dict, dict]:
                else "mlp.")
     lp["router"] = c.take(moe + "gate.weight", (cfg.n_experts, D), True)
     if cfg.d_shared:
-        s, Fs = moe + "shared_expert.", cfg.d_shared
-        lp["shared"] = {"w_gate": c.take(s + "gate_proj.weight", (Fs, D), True),
-                        "w_up": c.take(s + "up_proj.weight", (Fs, D), True),
-                        "w_down": c.take(s + "down_proj.weight", (D, Fs), True),
-                        "gate": c.take(moe + "shared_expert_gate.weight", (1, D))[0]}
+        lp["shared"] = dict(_mlp(c, moe + "shared_expert.", D, cfg.d_shared),
+                            gate=c.take(moe + "shared_expert_gate.weight", (1, D))[0])
     return lp, _experts(c, cfg, moe)
 
 
@@ -176,10 +228,14 @@ def load_checkpoint(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"missing config.json in checkpoint directory {path}")
     with open(cfg_path) as f:
         cfg = config_from_hf(json.load(f))
-    c = _Claimer(_read_tensors(path), dtype)
+    tensors = _read_tensors(path)
+    if cfg.family == "deepseek_v3":   # multi-token-prediction layers follow the decoder's; unused here
+        tensors = {k: v for k, v in tensors.items() if not _is_mtp(k, cfg.n_layers)}
+    c = _Claimer(tensors, dtype)
     V, D = cfg.vocab_size, cfg.d_model
     embed = c.take("model.embed_tokens.weight", (V, D))
     layers, experts = zip(*(_layer(c, cfg, i) for i in range(cfg.n_layers)))
+    experts = [e for e in experts if e is not None]
     if cfg.tie_embeddings:
         c.t.pop("lm_head.weight", None)
         head = np.ascontiguousarray(embed.T)
@@ -192,6 +248,11 @@ def load_checkpoint(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
     return cfg, {"attn": attn, "experts": list(experts)}
 
 
+def _is_mtp(key: str, n_layers: int) -> bool:
+    parts = key.split(".")
+    return key.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= n_layers
+
+
 def _hf_config(cfg: ModelConfig) -> dict:
     arch = {v: k for k, v in _ARCH_TO_FAMILY.items()}[cfg.family]
     raw = {"architectures": [arch], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
@@ -201,12 +262,44 @@ def _hf_config(cfg: ModelConfig) -> dict:
            "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
     if cfg.family == "mixtral":
         raw.update(num_local_experts=cfg.n_experts, intermediate_size=cfg.d_expert)
+    elif cfg.family == "deepseek_v3":
+        if cfg.d_shared % cfg.d_expert:
+            raise ConfigError(f"d_shared={cfg.d_shared} is not a whole number of experts of {cfg.d_expert}")
+        del raw["head_dim"]                            # transformers derives it (= qk_rope_head_dim)
+        raw.update(n_routed_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert,
+                   n_shared_experts=cfg.d_shared // cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
+                   q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
+                   qk_nope_head_dim=cfg.head_dim - cfg.qk_rope_dim, qk_rope_head_dim=cfg.qk_rope_dim,
+                   v_head_dim=cfg.value_dim, rope_interleave=cfg.rope_interleave, n_group=cfg.n_group,
+                   topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling,
+                   first_k_dense_replace=cfg.first_k_dense, intermediate_size=cfg.d_dense, attention_bias=False)
     else:
         raw.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
                    decoder_sparse_step=1, mlp_only_layers=[])
     if cfg.family == "qwen2_moe":
         raw.update(shared_expert_intermediate_size=cfg.d_shared, qkv_bias=cfg.qkv_bias)
     return raw
+
+
+def _mlp_tensors(prefix: str, mlp: dict) -> dict:
+    return {prefix + "gate_proj.weight": mlp["w_gate"].T, prefix + "up_proj.weight": mlp["w_up"].T,
+            prefix + "down_proj.weight": mlp["w_down"].T}
+
+
+def _attention_tensors(cfg: ModelConfig, a: str, lp: dict) -> dict:
+    if cfg.kv_lora_rank:
+        t = ({a + "q_a_proj.weight": lp["wq_a"].T, a + "q_a_layernorm.weight": lp["q_a_norm"],
+              a + "q_b_proj.weight": lp["wq_b"].T} if cfg.q_lora_rank else {a + "q_proj.weight": lp["wq"].T})
+        t.update({a + "kv_a_proj_with_mqa.weight": lp["wkv_a"].T, a + "kv_a_layernorm.weight": lp["kv_a_norm"],
+                  a + "kv_b_proj.weight": lp["wkv_b"].T})
+    else:
+        t = {a + "q_proj.weight": lp["wq"].T, a + "k_proj.weight": lp["wk"].T, a + "v_proj.weight": lp["wv"].T}
+    t[a + "o_proj.weight"] = lp["wo"].T
+    if cfg.qkv_bias:
+        t.update({a + "q_proj.bias": lp["bq"], a + "k_proj.bias": lp["bk"], a + "v_proj.bias": lp["bv"]})
+    if cfg.qk_norm:
+        t.update({a + "q_norm.weight": lp["q_norm"], a + "k_norm.weight": lp["k_norm"]})
+    return t
 
 
 def save_checkpoint(cfg: ModelConfig, params: dict, path: str) -> None:
@@ -222,19 +315,22 @@ def save_checkpoint(cfg: ModelConfig, params: dict, path: str) -> None:
         t["lm_head.weight"] = attn["lm_head"].T
     names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     moe_prefix = "block_sparse_moe." if cfg.family == "mixtral" else "mlp."
-    for i, (lp, ep) in enumerate(zip(attn["layers"], params["experts"])):
-        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.{moe_prefix}"
-        t.update({p + "input_layernorm.weight": lp["input_norm"], p + "post_attention_layernorm.weight": lp["post_norm"],
-                  a + "q_proj.weight": lp["wq"].T, a + "k_proj.weight": lp["wk"].T, a + "v_proj.weight": lp["wv"].T,
-                  a + "o_proj.weight": lp["wo"].T, m + "gate.weight": lp["router"].T})
-        if cfg.qkv_bias:
-            t.update({a + "q_proj.bias": lp["bq"], a + "k_proj.bias": lp["bk"], a + "v_proj.bias": lp["bv"]})
-        if cfg.qk_norm:
-            t.update({a + "q_norm.weight": lp["q_norm"], a + "k_norm.weight": lp["k_norm"]})
-        if cfg.d_shared:
-            s = lp["shared"]
-            t.update({m + "shared_expert.gate_proj.weight": s["w_gate"].T, m + "shared_expert.up_proj.weight": s["w_up"].T,
-                      m + "shared_expert.down_proj.weight": s["w_down"].T, m + "shared_expert_gate.weight": s["gate"][None]})
+    for i, lp in enumerate(attn["layers"]):
+        p, m = f"model.layers.{i}.", f"model.layers.{i}.{moe_prefix}"
+        t.update({p + "input_layernorm.weight": lp["input_norm"], p + "post_attention_layernorm.weight": lp["post_norm"]})
+        t.update(_attention_tensors(cfg, p + "self_attn.", lp))
+        if cfg.moe_index(i) is None:
+            t.update(_mlp_tensors(m, lp["mlp"]))
+            continue
+        t[m + "gate.weight"] = lp["router"].T
+        if "router_bias" in lp:
+            t[m + "gate.e_score_correction_bias"] = lp["router_bias"]
+        if "shared" in lp and cfg.family == "deepseek_v3":
+            t.update(_mlp_tensors(m + "shared_experts.", lp["shared"]))
+        elif "shared" in lp:
+            t.update(_mlp_tensors(m + "shared_expert.", lp["shared"]))
+            t[m + "shared_expert_gate.weight"] = lp["shared"]["gate"][None]
+        ep = params["experts"][cfg.moe_index(i)]
         for j in range(cfg.n_experts):
             for name, key in zip(names, ("w_gate", "w_up", "w_down")):
                 t[f"{m}experts.{j}.{name}.weight"] = ep[key][j].T

@@ -3,9 +3,13 @@
 Parameter layout (plain pytrees, see hf_loader):
   attention side  {"embed" [V, D], "final_norm" [D], "lm_head" [D, V], "layers": [layer, ...]}
   layer           {"input_norm" [D], "post_norm" [D], "wq" [D, H*hd], "wk"/"wv" [D, KV*hd],
-                   "wo" [H*hd, D], "router" [D, E], optional "bq"/"bk"/"bv", "q_norm"/"k_norm" [hd],
-                   optional "shared": {"w_gate" [D, Fs], "w_up" [D, Fs], "w_down" [Fs, D], "gate" [D]}}
-  expert side     [ {"w_gate" [E, D, F], "w_up" [E, D, F], "w_down" [E, F, D]} per layer ]
+                   "wo" [H*vd, D], "router" [D, E], optional "bq"/"bk"/"bv", "q_norm"/"k_norm" [hd],
+                   optional "router_bias" [E] (sigmoid routing's selection bias),
+                   optional "shared": {"w_gate" [D, Fs], "w_up" [D, Fs], "w_down" [Fs, D], "gate" [D]?}}
+  MLA layer       "wq" or "wq_a" [D, Rq] + "q_a_norm" [Rq] + "wq_b" [Rq, H*hd]; "wkv_a" [D, Rkv + r],
+                   "kv_a_norm" [Rkv], "wkv_b" [Rkv, H*(hd - r + vd)] instead of wq/wk/wv
+  dense layer     "mlp": {"w_gate" [D, Fd], "w_up", "w_down"} instead of router/shared (no experts)
+  expert side     [ {"w_gate" [E, D, F], "w_up" [E, D, F], "w_down" [E, F, D]} per MoE layer ]
 """
 from __future__ import annotations
 
@@ -22,9 +26,13 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w * y.astype(x.dtype)
 
 
-def rope(x_TxHxd: jax.Array, pos_T: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, non-interleaved halves (transformers' rotate_half convention)."""
+def rope(x_TxHxd: jax.Array, pos_T: jax.Array, theta: float, interleave: bool = False) -> jax.Array:
+    """Rotary embedding, non-interleaved halves (transformers' rotate_half convention). interleave:
+    the pairs are (x0, x1), (x2, x3), ... (DeepSeek); like transformers, they are first gathered
+    into halves, so the result is in the halves layout (q and k alike: scores are unchanged)."""
     hd = x_TxHxd.shape[-1]
+    if interleave:
+        x_TxHxd = jnp.swapaxes(x_TxHxd.reshape(*x_TxHxd.shape[:-1], hd // 2, 2), -1, -2).reshape(x_TxHxd.shape)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
     ang = pos_T.astype(jnp.float32)[:, None] * inv_freq[None, :]          # [T, hd/2]
     ang = jnp.concatenate([ang, ang], axis=-1)[:, None, :]                # [T, 1, hd]
@@ -40,6 +48,8 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
 
 def qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
     """Projections, optional bias and per-head q/k norm, then RoPE. Returns q [T,H,hd], k/v [T,KV,hd]."""
+    if cfg.kv_lora_rank:
+        return _mla_qkv(layer, xn_TxD, pos_T, cfg)
     T = xn_TxD.shape[0]
     q, k, v = xn_TxD @ layer["wq"], xn_TxD @ layer["wk"], xn_TxD @ layer["wv"]
     if cfg.qkv_bias:
@@ -52,19 +62,50 @@ def qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
     return rope(q, pos_T, cfg.rope_theta), rope(k, pos_T, cfg.rope_theta), v
 
 
+MLA_NORM_EPS = 1e-6  # transformers' q_a/kv_a latent norms keep their default eps, whatever the config says
+
+
+def _mla_qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
+    """DeepSeek multi-head latent attention, decompressed: q from a low-rank (or direct)
+    projection; K/V per head from one compressed latent; the rotary part of k is one shared
+    head. Returns q, k [T, H, hd] and v [T, H, hd] (value_dim, zero-padded to hd)."""
+    T, H, hd, r = xn_TxD.shape[0], cfg.n_heads, cfg.head_dim, cfg.qk_rope_dim
+    nope, vd = hd - r, cfg.value_dim
+    if "wq_a" in layer:
+        q = rms_norm(xn_TxD @ layer["wq_a"], layer["q_a_norm"], MLA_NORM_EPS) @ layer["wq_b"]
+    else:
+        q = xn_TxD @ layer["wq"]
+    q = q.reshape(T, H, hd)
+    ckv = xn_TxD @ layer["wkv_a"]                                          # [T, Rkv + r]
+    kv = rms_norm(ckv[:, :cfg.kv_lora_rank], layer["kv_a_norm"], MLA_NORM_EPS) @ layer["wkv_b"]
+    kv = kv.reshape(T, H, nope + vd)
+    k_rot = rope(ckv[:, None, cfg.kv_lora_rank:], pos_T, cfg.rope_theta, cfg.rope_interleave)   # [T, 1, r]
+    q = jnp.concatenate([q[..., :nope], rope(q[..., nope:], pos_T, cfg.rope_theta, cfg.rope_interleave)], -1)
+    k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_rot, (T, H, r))], axis=-1)
+    v = jnp.pad(kv[..., nope:], ((0, 0), (0, 0), (0, hd - vd)))
+    return q, k, v
+
+
+def attn_output(cfg: ModelConfig, o_TxHxd: jax.Array, wo: jax.Array) -> jax.Array:
+    """The output projection of attention [T, H, hd] (only the value_dim lanes are real)."""
+    T = o_TxHxd.shape[0]
+    return o_TxHxd[..., :cfg.value_dim].reshape(T, -1) @ wo
+
+
 def gqa_attention(q_TxHxd: jax.Array, k_TxCxKxd: jax.Array, v_TxCxKxd: jax.Array,
                   mask_TxC: jax.Array) -> jax.Array:
-    """Each query token attends over its own C keys; softmax in f32. Returns [T, H*hd]."""
+    """Each query token attends over its own C keys; softmax in f32. Returns [T, H, hd]."""
     T, H, hd = q_TxHxd.shape
     kv = k_TxCxKxd.shape[2]
     q = q_TxHxd.reshape(T, kv, H // kv, hd)
     s = jnp.einsum("tkgd,tckd->tkgc", q, k_TxCxKxd).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
     s = jnp.where(mask_TxC[:, None, None, :], s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(v_TxCxKxd.dtype)
-    return jnp.einsum("tkgc,tckd->tkgd", p, v_TxCxKxd).reshape(T, H * hd)
+    return jnp.einsum("tkgc,tckd->tkgd", p, v_TxCxKxd).reshape(T, H, hd)
 
 
 def shared_expert(shared: dict, hn_TxD: jax.Array) -> jax.Array:
-    """Qwen2-MoE shared expert with its sigmoid gate."""
-    gate = jax.nn.sigmoid(hn_TxD @ shared["gate"])[:, None]
-    return gate * swiglu(hn_TxD, shared["w_gate"], shared["w_up"], shared["w_down"])
+    """Shared expert(s) on every token: Qwen2-MoE's scaled by a sigmoid gate, DeepSeek's (no
+    "gate") added as they are; also a dense layer's FFN."""
+    y = swiglu(hn_TxD, shared["w_gate"], shared["w_up"], shared["w_down"])
+    return jax.nn.sigmoid(hn_TxD @ shared["gate"])[:, None] * y if "gate" in shared else y

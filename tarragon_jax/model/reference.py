@@ -17,8 +17,8 @@ from tarragon_jax.model import layers
 from tarragon_jax.model.router import route
 
 
-def _dense_moe(cfg: ModelConfig, experts: dict, hn_TxD: jax.Array, w_router: jax.Array) -> jax.Array:
-    ids, w = route(hn_TxD, w_router, cfg.top_k, cfg.norm_topk_prob)
+def _dense_moe(cfg: ModelConfig, experts: dict, hn_TxD: jax.Array, lp: dict) -> jax.Array:
+    ids, w = route(hn_TxD, lp, cfg)
     gates_TxE = jnp.zeros((hn_TxD.shape[0], cfg.n_experts), hn_TxD.dtype)
     gates_TxE = gates_TxE.at[jnp.arange(hn_TxD.shape[0])[:, None], ids].add(w)
     y_ExTxD = jax.vmap(layers.swiglu, in_axes=(None, 0, 0, 0))(
@@ -34,13 +34,17 @@ def forward(cfg: ModelConfig, params: dict, ids_T: jax.Array) -> jax.Array:
     pos = jnp.arange(T)
     x = attn["embed"][ids_T]
     causal_TxT = pos[None, :] <= pos[:, None]
-    for lp, ep in zip(attn["layers"], params["experts"]):
+    for layer, lp in enumerate(attn["layers"]):
         q, k, v = layers.qkv(lp, layers.rms_norm(x, lp["input_norm"], cfg.rms_eps), pos, cfg)
         k_T = jnp.broadcast_to(k[None], (T,) + k.shape)
         v_T = jnp.broadcast_to(v[None], (T,) + v.shape)
-        h = x + layers.gqa_attention(q, k_T, v_T, causal_TxT) @ lp["wo"]
+        h = x + layers.attn_output(cfg, layers.gqa_attention(q, k_T, v_T, causal_TxT), lp["wo"])
         hn = layers.rms_norm(h, lp["post_norm"], cfg.rms_eps)
-        moe = _dense_moe(cfg, ep, hn, lp["router"])
+        moe_layer = cfg.moe_index(layer)
+        if moe_layer is None:                      # a dense layer
+            x = h + layers.shared_expert(lp["mlp"], hn)
+            continue
+        moe = _dense_moe(cfg, params["experts"][moe_layer], hn, lp)
         if "shared" in lp:
             moe = moe + layers.shared_expert(lp["shared"], hn)
         x = h + moe

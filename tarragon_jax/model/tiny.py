@@ -18,17 +18,33 @@ def random_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(dtype)
 
+    def mlp(f):
+        return {"w_gate": w(D, f), "w_up": w(D, f), "w_down": w(f, D)}
+
     layers, experts = [], []
-    for _ in range(cfg.n_layers):
-        lp = {"input_norm": norm(D), "post_norm": norm(D), "wq": w(D, H * hd), "wk": w(D, KV * hd),
-              "wv": w(D, KV * hd), "wo": w(H * hd, D), "router": w(D, E, scale=1.0)}
+    for layer in range(cfg.n_layers):
+        lp = {"input_norm": norm(D), "post_norm": norm(D)}
+        if cfg.kv_lora_rank:
+            r, Rq, Rkv, vd = cfg.qk_rope_dim, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.value_dim
+            lp.update({"wq_a": w(D, Rq), "q_a_norm": norm(Rq), "wq_b": w(Rq, H * hd)} if Rq else {"wq": w(D, H * hd)})
+            lp.update(wkv_a=w(D, Rkv + r), kv_a_norm=norm(Rkv), wkv_b=w(Rkv, H * (hd - r + vd)), wo=w(H * vd, D))
+        else:
+            lp.update(wq=w(D, H * hd), wk=w(D, KV * hd), wv=w(D, KV * hd), wo=w(H * hd, D))
         if cfg.qkv_bias:
             lp.update(bq=w(H * hd, scale=0.1), bk=w(KV * hd, scale=0.1), bv=w(KV * hd, scale=0.1))
         if cfg.qk_norm:
             lp.update(q_norm=norm(hd), k_norm=norm(hd))
+        if cfg.moe_index(layer) is None:                       # a dense layer
+            lp["mlp"] = mlp(cfg.d_dense)
+            layers.append(lp)
+            continue
+        lp["router"] = w(D, E, scale=1.0)
+        if cfg.router_scoring == "sigmoid":
+            lp["router_bias"] = w(E, scale=0.3)
         if cfg.d_shared:
-            lp["shared"] = {"w_gate": w(D, cfg.d_shared), "w_up": w(D, cfg.d_shared),
-                            "w_down": w(cfg.d_shared, D), "gate": w(D, scale=0.2)}
+            lp["shared"] = mlp(cfg.d_shared)
+            if cfg.family == "qwen2_moe":
+                lp["shared"]["gate"] = w(D, scale=0.2)
         layers.append(lp)
         experts.append({"w_gate": w(E, D, F), "w_up": w(E, D, F), "w_down": w(E, F, D)})
     attn = {"embed": w(cfg.vocab_size, D, scale=1.0), "final_norm": norm(D),
