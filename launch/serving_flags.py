@@ -10,7 +10,8 @@ from absl import app, flags, logging
 
 flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
 flags.DEFINE_enum("model", None, ["tiny"], "Built-in model instead of --checkpoint.")
-flags.DEFINE_enum("tiny_family", "qwen2_moe", ["mixtral", "qwen2_moe", "qwen3_moe"], "Family of --model tiny.")
+flags.DEFINE_enum("tiny_family", "qwen2_moe", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"],
+                  "Family of --model tiny.")
 flags.DEFINE_integer("num_attention_workers", 2, "Attention workers (AWs).")
 flags.DEFINE_integer("num_expert_workers", 4, "Expert workers (EWs).")
 flags.DEFINE_enum("expert_backend", "auto", ["auto", "dense", "ragged_dot", "pallas"],

@@ -187,3 +187,17 @@ def test_replacement_that_fails_to_build_leaves_the_service_running(model, monke
     rec = eng.controller.records[0]
     assert "no device for the replacement" in rec.replacement_error and rec.replacement_ready_s is None
     assert eng.controller.health.is_failed("ew1")
+
+
+def test_deepseek_v3_failures_keep_the_tokens():
+    """MLA caches (restored on the other AW), group-limited routing and a dense first layer: an EW
+    killed during the dense layer (no EW call there: found at the next MoE layer) and an AW
+    killed later leave every token as in the failure-free run."""
+    cfg, params = tiny_model("deepseek_v3", seed=4)
+    early, late = _workload(8, cfg.vocab_size)
+    clean, eng = _serve(cfg, params, early, late)
+    eng.close()
+    outs, eng = _serve(cfg, params, early, late, ["ew:1@step=5,layer=0", "aw:0@step=9"], wait_store=True)
+    assert outs == clean and all(len(o) == 12 for o in outs)
+    assert [r.kind for r in eng.controller.records] == ["ew", "aw"] and eng.aws[1].restored.blocks > 0
+    eng.close()

@@ -2,6 +2,7 @@
 after startup, with requests of mixed lengths arriving mid-run), and precompiling, which runs
 every program on zeros through the sink page, leaves the tokens exactly the reference's."""
 import numpy as np
+import pytest
 
 from tarragon_jax import kv_cache, sampling
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
@@ -30,9 +31,10 @@ def test_grid_matches_the_configs():
     assert grid.sends_for(8, cfg.top_k) == (8, 16) and (64, 8) in grid.packs() and (8, 16) not in grid.packs()
 
 
-def test_nothing_compiles_after_precompile_and_tokens_match_reference():
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])   # deepseek: dense and MoE layers
+def test_nothing_compiles_after_precompile_and_tokens_match_reference(family):
     rng = np.random.default_rng()
-    cfg, params = tiny_model("qwen2_moe", seed=int(rng.integers(1 << 30)), max_position=64)
+    cfg, params = tiny_model(family, seed=int(rng.integers(1 << 30)), max_position=64)
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=2, max_step_tokens=16,
                                            prefill_chunk=8, max_running=4, precompile=True),
                  CacheConfig(page_size=4, num_pages=40))
