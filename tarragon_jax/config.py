@@ -43,6 +43,13 @@ class ModelConfig:
     qkv_bias: bool = False             # qwen2_moe
     qk_norm: bool = False              # qwen3_moe: RMSNorm on q and k per head before RoPE
     rope_theta: float = 10000.0
+    rope_yarn_factor: float = 0.0      # YaRN context scaling (0: plain RoPE); see model/rope.py
+    rope_yarn_original_max: int = 0    # the pretraining context YaRN extends
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_yarn_truncate: bool = True
+    rope_attention_factor: float = 1.0  # cos/sin scale (YaRN)
+    attn_scale: float = 1.0            # softmax scale multiplier (DeepSeek's YaRN mscale^2), applied to q
     rms_eps: float = 1e-6
     max_position: int = 4096
     tie_embeddings: bool = False
@@ -83,6 +90,8 @@ class ModelConfig:
         _require(self.top_k <= self.n_experts,
                  f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
         _require(self.d_shared >= 0, f"d_shared must be >= 0, got {self.d_shared}")
+        _require(not self.rope_yarn_factor or self.rope_yarn_original_max > 0,
+                 "YaRN RoPE needs original_max_position_embeddings")
         _require(self.router_scoring in ROUTER_SCORING,
                  f"unknown router_scoring {self.router_scoring!r}; choose from {ROUTER_SCORING}")
         _require(self.n_group >= 1 and self.n_experts % self.n_group == 0 and 1 <= self.topk_group <= self.n_group,

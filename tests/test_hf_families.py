@@ -12,7 +12,7 @@ from tarragon_jax.model import reference
 from tarragon_jax.model.hf_loader import CheckpointError, load_checkpoint
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v3", "deepseek_v3_yarn"]
 
 
 def _expected(name):
@@ -32,7 +32,7 @@ def test_reference_matches_transformers_logits_and_greedy(name):
         assert reference.greedy_generate(cfg, params, prompt, len(want_tokens)) == want_tokens
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v3_yarn"])
 def test_engine_matches_transformers_greedy(name):
     cfg, params = load_checkpoint(os.path.join(FIX, name))
     exp = _expected(name)
@@ -104,7 +104,8 @@ def test_unknown_family(tmp_path):
 
 @pytest.mark.parametrize("change, field", [
     (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "yarn"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "longrope"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "original_max_position"),
     (dict(mlp_only_layers=[1]), "mlp_only_layers"),
     (dict(vocab_size=None), "vocab_size"),
 ])

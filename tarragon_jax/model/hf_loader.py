@@ -16,6 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from tarragon_jax.config import ConfigError, ModelConfig
+from tarragon_jax.model.rope import yarn_mscale
 
 
 class CheckpointError(ValueError):
@@ -37,13 +38,31 @@ def _family(raw: dict) -> str:
                       f"model_type={mt!r}; supported: {sorted(_ARCH_TO_FAMILY)}")
 
 
-def _rope_theta(raw: dict) -> float:
-    rp = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling")
-    rtype = rp.get("rope_type", (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")))
-    if rtype not in (None, "default"):
-        raise ConfigError(f"unsupported config field: rope type {rtype!r} (only default RoPE)")
-    return float(rp.get("rope_theta", raw.get("rope_theta", 10000.0)))
+def _rope(raw: dict, family: str) -> dict:
+    """ModelConfig's RoPE fields from rope_parameters (transformers >= 5) or rope_scaling (older
+    files): default RoPE or YaRN, as transformers computes them (model/rope.py)."""
+    rp = dict(raw.get("rope_scaling") or {}, **(raw.get("rope_parameters") or {}))
+    rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
+    out = {"rope_theta": float(rp.get("rope_theta", raw.get("rope_theta", 10000.0)))}
+    if rtype == "default":
+        return out
+    if rtype != "yarn":
+        raise ConfigError(f"unsupported config field: rope type {rtype!r} (default RoPE or yarn)")
+    original = rp.get("original_max_position_embeddings")
+    if not original:
+        raise ConfigError("unsupported config field: yarn RoPE without original_max_position_embeddings")
+    factor = rp.get("factor") or raw["max_position_embeddings"] / original
+    mscale, mscale_all = rp.get("mscale"), rp.get("mscale_all_dim")
+    attention_factor = rp.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                            else yarn_mscale(factor))
+    out.update(rope_yarn_factor=float(factor), rope_yarn_original_max=int(original),
+               rope_yarn_beta_fast=float(rp.get("beta_fast") or 32), rope_yarn_beta_slow=float(rp.get("beta_slow") or 1),
+               rope_yarn_truncate=bool(rp.get("truncate", True)), rope_attention_factor=float(attention_factor))
+    if family == "deepseek_v3" and mscale_all:           # DeepSeek also scales the softmax by mscale^2
+        out["attn_scale"] = yarn_mscale(rp["factor"], mscale_all) ** 2
+    return out
 
 
 def config_from_hf(raw: dict) -> ModelConfig:
@@ -74,7 +93,7 @@ def config_from_hf(raw: dict) -> ModelConfig:
             norm_topk_prob=True if fam == "mixtral" else bool(raw.get("norm_topk_prob", False)),
             d_shared=raw.get("shared_expert_intermediate_size", 0) if fam == "qwen2_moe" else 0,
             qkv_bias=fam == "qwen2_moe" and raw.get("qkv_bias", True),
-            qk_norm=fam == "qwen3_moe", rope_theta=_rope_theta(raw),
+            qk_norm=fam == "qwen3_moe", **_rope(raw, fam),
             rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
     except KeyError as e:
@@ -97,7 +116,7 @@ def _deepseek_config(raw: dict) -> ModelConfig:
         d_shared=(raw.get("n_shared_experts") or 0) * F, router_scoring="sigmoid", n_group=raw.get("n_group") or 1,
         topk_group=raw.get("topk_group") or 1, routed_scaling=float(raw.get("routed_scaling_factor", 1.0)),
         first_k_dense=raw.get("first_k_dense_replace") or 0, d_dense=raw["intermediate_size"],
-        rope_theta=_rope_theta(raw), rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
+        **_rope(raw, "deepseek_v3"), rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
 
 
@@ -254,6 +273,8 @@ def _is_mtp(key: str, n_layers: int) -> bool:
 
 
 def _hf_config(cfg: ModelConfig) -> dict:
+    if cfg.rope_yarn_factor:
+        raise ConfigError("save_checkpoint writes default-RoPE configs only (this one uses YaRN)")
     arch = {v: k for k, v in _ARCH_TO_FAMILY.items()}[cfg.family]
     raw = {"architectures": [arch], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tarragon_jax.config import ModelConfig
+from tarragon_jax.model.rope import apply_rope
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -24,22 +25,6 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return w * y.astype(x.dtype)
-
-
-def rope(x_TxHxd: jax.Array, pos_T: jax.Array, theta: float, interleave: bool = False) -> jax.Array:
-    """Rotary embedding, non-interleaved halves (transformers' rotate_half convention). interleave:
-    the pairs are (x0, x1), (x2, x3), ... (DeepSeek); like transformers, they are first gathered
-    into halves, so the result is in the halves layout (q and k alike: scores are unchanged)."""
-    hd = x_TxHxd.shape[-1]
-    if interleave:
-        x_TxHxd = jnp.swapaxes(x_TxHxd.reshape(*x_TxHxd.shape[:-1], hd // 2, 2), -1, -2).reshape(x_TxHxd.shape)
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    ang = pos_T.astype(jnp.float32)[:, None] * inv_freq[None, :]          # [T, hd/2]
-    ang = jnp.concatenate([ang, ang], axis=-1)[:, None, :]                # [T, 1, hd]
-    cos, sin = jnp.cos(ang).astype(x_TxHxd.dtype), jnp.sin(ang).astype(x_TxHxd.dtype)
-    x1, x2 = jnp.split(x_TxHxd, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_TxHxd * cos + rotated * sin
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
@@ -59,7 +44,7 @@ def qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
     v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q, k = rms_norm(q, layer["q_norm"], cfg.rms_eps), rms_norm(k, layer["k_norm"], cfg.rms_eps)
-    return rope(q, pos_T, cfg.rope_theta), rope(k, pos_T, cfg.rope_theta), v
+    return apply_rope(q, pos_T, cfg) * cfg.attn_scale, apply_rope(k, pos_T, cfg), v
 
 
 MLA_NORM_EPS = 1e-6  # transformers' q_a/kv_a latent norms keep their default eps, whatever the config says
@@ -79,8 +64,8 @@ def _mla_qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig)
     ckv = xn_TxD @ layer["wkv_a"]                                          # [T, Rkv + r]
     kv = rms_norm(ckv[:, :cfg.kv_lora_rank], layer["kv_a_norm"], MLA_NORM_EPS) @ layer["wkv_b"]
     kv = kv.reshape(T, H, nope + vd)
-    k_rot = rope(ckv[:, None, cfg.kv_lora_rank:], pos_T, cfg.rope_theta, cfg.rope_interleave)   # [T, 1, r]
-    q = jnp.concatenate([q[..., :nope], rope(q[..., nope:], pos_T, cfg.rope_theta, cfg.rope_interleave)], -1)
+    k_rot = apply_rope(ckv[:, None, cfg.kv_lora_rank:], pos_T, cfg)                          # [T, 1, r]
+    q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], pos_T, cfg)], -1) * cfg.attn_scale
     k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_rot, (T, H, r))], axis=-1)
     v = jnp.pad(kv[..., nope:], ((0, 0), (0, 0), (0, hd - vd)))
     return q, k, v
