@@ -29,6 +29,13 @@ from tarragon_jax.shape_grid import ShapeGrid
 from tarragon_jax.transport import Transport
 
 
+def _keep_pages(kv: dict, k, v) -> None:
+    """A layer's pages as attention_layer returned them (v is None for an MLA latent cache)."""
+    kv["k"] = k
+    if v is not None:
+        kv["v"] = v
+
+
 @dataclasses.dataclass
 class LayerOut:
     h: jax.Array
@@ -114,9 +121,10 @@ class AttentionWorker:
     def attend(self, layer: int) -> LayerOut:
         self.handle.check()
         d, kv = self._dev, self.pages[layer]
-        h, hn, ids, w, shared, y, kv["k"], kv["v"] = self.programs.call(
-            stage.attention_layer, self.model, self.params["layers"][layer], kv["k"], kv["v"], d["x"], d["pos"], d["slot"],
-            d["tables"], impl=self.attention_backend)
+        h, hn, ids, w, shared, y, k, v = self.programs.call(
+            stage.attention_layer, self.model, self.params["layers"][layer], kv["k"], kv.get("v"), d["x"], d["pos"],
+            d["slot"], d["tables"], impl=self.attention_backend)
+        _keep_pages(kv, k, v)
         return LayerOut(h, hn, ids, w, shared, y)
 
     def combine(self, out: LayerOut, returned: list[tuple]) -> None:
@@ -175,9 +183,10 @@ class AttentionWorker:
             x = call(stage.embed, self.params, zeros(T))
             pos, slot = zeros(T), self.handle.put(np.full(T, B - 1, np.int32))
             for P, lp in ((P, lp) for P in grid.pages for lp in kinds):
-                h, hn, _, w, shared, y, kv["k"], kv["v"] = call(
-                    stage.attention_layer, m, lp, kv["k"], kv["v"], x, pos, slot, zeros((B, P)),
+                h, hn, _, w, shared, y, k, v = call(
+                    stage.attention_layer, m, lp, kv["k"], kv.get("v"), x, pos, slot, zeros((B, P)),
                     impl=self.attention_backend)
+                _keep_pages(kv, k, v)
             for N in grid.sends_for(T, m.top_k):
                 tok, k = zeros(N), self.handle.put(np.full(N, -1, np.int32))
                 y = call(stage.place_expert_out, y, call(stage.gather_rows, hn, tok), tok, k)

@@ -5,7 +5,7 @@ copy and enqueues, so the decode loop never waits on storage. One background thr
 priority) turns each snapshot into numpy and checksums every block (crc32). With the memory tier
 (the paper's DRAM bucket of the store) the blocks *commit* right then; every `flush_interval_s`
 the window's blocks of each AW are written as one Orbax checkpoint (`directory/aw{aw}/{seq:08d}`,
-a flat pytree `{"r{rid}_b{block}": [L, 2, page_size, kv, hd]}`), the durable copy. One save per
+a flat pytree `{"r{rid}_b{block}": [L, parts, page_size, kv, hd]}`), the durable copy. One save per
 window, not per step, keeps Orbax's fixed per-save host cost off the decode loop. Without the
 memory tier blocks commit only once written. A request's committed token index is its contiguous
 committed block prefix from block 0 times page_size; a failed AW's requests are restored from that
@@ -72,7 +72,7 @@ class _Job:
     seq: int
     aw: int
     refs: list[BlockRef]
-    blocks: Any           # jax.Array (host copy in flight) or np.ndarray, [n, L, 2, ps, kv, hd]
+    blocks: Any           # jax.Array (host copy in flight) or np.ndarray, [n, L, parts, ps, kv, hd]
     epochs: list[int]     # per ref: the request's drop epoch when enqueued (stale -> not committed)
     host: list = dataclasses.field(default_factory=list)   # (ref, block, crc, epoch) once ingested
 
@@ -141,13 +141,13 @@ class CheckpointStore:
 
     # ---- engine-side API ---------------------------------------------------------------------
     def snapshot(self, aw: int, refs: list[BlockRef], blocks) -> None:
-        """Queue blocks [n, L, 2, page_size, kv, hd] for a durable write; returns without waiting.
+        """Queue blocks [n, L, parts, page_size, kv, hd] for a durable write; returns without waiting.
         n may exceed len(refs): the rows past it are padding of a bucketed device read (sliced
         on the host, so the device never runs a per-count slice program)."""
         t0 = self._clock()
         shape = tuple(blocks.shape)
-        if len(shape) != 6 or shape[0] < len(refs) or shape[2] != 2:
-            raise ValueError(f"blocks must be [n>={len(refs)}, L, 2, page_size, kv, hd], got {shape}")
+        if len(shape) != 6 or shape[0] < len(refs) or shape[2] not in (1, 2):
+            raise ValueError(f"blocks must be [n>={len(refs)}, L, parts (2: K and V; 1: a latent), page_size, kv, hd], got {shape}")
         if len(set(refs)) != len(refs):
             raise ValueError(f"duplicate BlockRefs in one snapshot: {refs}")
         if not refs:
@@ -180,7 +180,7 @@ class CheckpointStore:
             return sorted(self._manifest)
 
     def restore(self, request_id: int, num_blocks: int | None = None) -> np.ndarray:
-        """The committed prefix (or its first num_blocks) as [n, L, 2, page_size, kv, hd], verified."""
+        """The committed prefix (or its first num_blocks) as [n, L, parts, page_size, kv, hd], verified."""
         with self._lock:
             entries = self._manifest.get(request_id, {})
             n_pre = self._prefix(entries)

@@ -60,6 +60,8 @@ class ModelConfig:
     qk_rope_dim: int = 0               # the rotary part of each q/k head
     v_head_dim: int = 0                # value head size (0: head_dim)
     rope_interleave: bool = False      # RoPE on interleaved pairs (DeepSeek) instead of halves
+    mla_latent_cache: bool = True      # MLA: cache the latent [c_kv, k_rope] per token (one row, no
+                                       # V), queries absorb the up-projections; False: K/V per head
     router_scoring: str = "softmax"    # sigmoid: + a per-expert selection bias, group-limited top-k
     n_group: int = 1                   # expert groups; top-k only within the topk_group best groups
     topk_group: int = 1
@@ -78,6 +80,20 @@ class ModelConfig:
     @property
     def value_dim(self) -> int:
         return self.v_head_dim or self.head_dim
+
+    @property
+    def latent_cache(self) -> bool:
+        return bool(self.kv_lora_rank) and self.mla_latent_cache
+
+    @property
+    def cache_parts(self) -> tuple:
+        """The page buffers of a layer: the latent alone (MLA), else K and V."""
+        return ("k",) if self.latent_cache else ("k", "v")
+
+    @property
+    def cache_row(self) -> tuple:
+        """(heads, dim) of one cached token in one part."""
+        return (1, self.kv_lora_rank + self.qk_rope_dim) if self.latent_cache else (self.n_kv_heads, self.head_dim)
 
     def __post_init__(self) -> None:
         _require(self.family in FAMILIES,

@@ -99,3 +99,23 @@ def test_cancel_running_and_queued_requests():
         assert eng.requests[rid].output == reference.greedy_generate(cfg, params, prompts[rid], 10)
     assert all(a.blocks.num_free == a.blocks.capacity for a in eng.aws)
     eng.close()
+
+
+def test_mla_latent_cache_decodes_like_the_per_head_cache():
+    """DeepSeek MLA: caching one latent row per token (queries absorb the up-projections) gives
+    the tokens of caching K/V per head, in pages 2 x heads x head_dim / (kv_lora + rope) smaller."""
+    import dataclasses
+    cfg, params = tiny_model("deepseek_v3", seed=int(np.random.default_rng().integers(1 << 20)))
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (6, 11, 3)]
+    outs, pages = {}, {}
+    for latent in (True, False):
+        eng = Engine(dataclasses.replace(cfg, mla_latent_cache=latent), params,
+                     EngineConfig(num_attention_workers=2, num_expert_workers=2, prefill_chunk=4),
+                     CacheConfig(page_size=4, num_pages=32))
+        outs[latent] = eng.generate(prompts, SamplingParams(max_new_tokens=10))
+        pages[latent] = {k: v.shape for k, v in eng.aws[0].pages[0].items()}
+        eng.close()
+    assert outs[True] == outs[False] == [reference.greedy_generate(cfg, params, p, 10) for p in prompts]
+    assert pages[True] == {"k": (32, 4, 1, cfg.kv_lora_rank + cfg.qk_rope_dim)}
+    assert pages[False] == {"k": (32, 4, cfg.n_heads, cfg.head_dim), "v": (32, 4, cfg.n_heads, cfg.head_dim)}

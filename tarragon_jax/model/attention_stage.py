@@ -28,21 +28,28 @@ def embed(attn: dict, ids_T: jax.Array) -> jax.Array:
 def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax.Array,
                     x_TxD: jax.Array, pos_T: jax.Array, slot_T: jax.Array, tables_BxP: jax.Array,
                     *, impl: str = "auto"):
-    """k/v_pages [num_pages, page_size, KV, hd] are donated and returned updated. impl: the
+    """k/v_pages [num_pages, page_size, KV, hd] are donated and returned updated (an MLA latent
+    cache has k_pages [.., 1, Rkv + r] and v_pages None: the latent is the value). impl: the
     paged-attention backend (pallas_kernels.paged_attention: Triton on GPU, jnp on CPU).
 
     Returns (h_TxD residual after attention, hn_TxD expert input, ids_Txk, w_Txk,
              shared_TxD shared-expert output or zeros, y_TxkxD zeroed buffer for the expert
              outputs, k_pages, v_pages).
     """
-    ps = k_pages.shape[1]
-    q, k, v = layers.qkv(lp, layers.rms_norm(x_TxD, lp["input_norm"], cfg.rms_eps), pos_T, cfg)
+    ps, T = k_pages.shape[1], x_TxD.shape[0]
+    xn = layers.rms_norm(x_TxD, lp["input_norm"], cfg.rms_eps)
     tables_T = tables_BxP[slot_T]                                   # [T, P]
     page_T = jnp.take_along_axis(tables_T, (pos_T // ps)[:, None], axis=1)[:, 0]
-    k_pages = k_pages.at[page_T, pos_T % ps].set(k.astype(k_pages.dtype))
-    v_pages = v_pages.at[page_T, pos_T % ps].set(v.astype(v_pages.dtype))
-    T = x_TxD.shape[0]
-    attn_TxHxd = paged_attention(q, k_pages, v_pages, tables_BxP, slot_T, pos_T, impl=impl)
+    if cfg.latent_cache:
+        q, lat = layers.mla_latent_query(lp, xn, pos_T, cfg)
+        k_pages = k_pages.at[page_T, pos_T % ps].set(lat.astype(k_pages.dtype))
+        o_TxHxL = paged_attention(q, k_pages, k_pages, tables_BxP, slot_T, pos_T, impl=impl)
+        attn_TxHxd = layers.mla_latent_values(lp, o_TxHxL, cfg)
+    else:
+        q, k, v = layers.qkv(lp, xn, pos_T, cfg)
+        k_pages = k_pages.at[page_T, pos_T % ps].set(k.astype(k_pages.dtype))
+        v_pages = v_pages.at[page_T, pos_T % ps].set(v.astype(v_pages.dtype))
+        attn_TxHxd = paged_attention(q, k_pages, v_pages, tables_BxP, slot_T, pos_T, impl=impl)
     h = x_TxD + layers.attn_output(cfg, attn_TxHxd, lp["wo"])
     hn = layers.rms_norm(h, lp["post_norm"], cfg.rms_eps)
     if "mlp" in lp:   # a dense layer: its FFN runs here, in the shared slot; no token goes to an EW

@@ -50,25 +50,59 @@ def qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
 MLA_NORM_EPS = 1e-6  # transformers' q_a/kv_a latent norms keep their default eps, whatever the config says
 
 
-def _mla_qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
-    """DeepSeek multi-head latent attention, decompressed: q from a low-rank (or direct)
-    projection; K/V per head from one compressed latent; the rotary part of k is one shared
-    head. Returns q, k [T, H, hd] and v [T, H, hd] (value_dim, zero-padded to hd)."""
+def _mla_q_latent(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
+    """DeepSeek multi-head latent attention, shared part: q [T, H, hd] (rotary part roped) from a
+    low-rank (or direct) projection, and the token's latent [T, 1, Rkv + r]: the normed c_kv and
+    the roped rotary key, one head shared by every query head."""
     T, H, hd, r = xn_TxD.shape[0], cfg.n_heads, cfg.head_dim, cfg.qk_rope_dim
-    nope, vd = hd - r, cfg.value_dim
     if "wq_a" in layer:
         q = rms_norm(xn_TxD @ layer["wq_a"], layer["q_a_norm"], MLA_NORM_EPS) @ layer["wq_b"]
     else:
         q = xn_TxD @ layer["wq"]
     q = q.reshape(T, H, hd)
+    q = jnp.concatenate([q[..., :hd - r], apply_rope(q[..., hd - r:], pos_T, cfg)], -1)
     ckv = xn_TxD @ layer["wkv_a"]                                          # [T, Rkv + r]
-    kv = rms_norm(ckv[:, :cfg.kv_lora_rank], layer["kv_a_norm"], MLA_NORM_EPS) @ layer["wkv_b"]
-    kv = kv.reshape(T, H, nope + vd)
-    k_rot = apply_rope(ckv[:, None, cfg.kv_lora_rank:], pos_T, cfg)                          # [T, 1, r]
-    q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], pos_T, cfg)], -1) * cfg.attn_scale
-    k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_rot, (T, H, r))], axis=-1)
-    v = jnp.pad(kv[..., nope:], ((0, 0), (0, 0), (0, hd - vd)))
-    return q, k, v
+    c = rms_norm(ckv[:, :cfg.kv_lora_rank], layer["kv_a_norm"], MLA_NORM_EPS)
+    k_rot = apply_rope(ckv[:, None, cfg.kv_lora_rank:], pos_T, cfg)       # [T, 1, r]
+    return q, jnp.concatenate([c[:, None, :], k_rot], axis=-1)
+
+
+def _mla_up(layer: dict, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """kv_b split per head: W_uk [Rkv, H, nope] (latent -> key) and W_uv [Rkv, H, vd] (-> value)."""
+    nope = cfg.head_dim - cfg.qk_rope_dim
+    w = layer["wkv_b"].reshape(cfg.kv_lora_rank, cfg.n_heads, nope + cfg.value_dim)
+    return w[..., :nope], w[..., nope:]
+
+
+def _mla_qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
+    """MLA decompressed, as transformers computes it: K/V per head from the latent. Returns q,
+    k [T, H, hd] and v [T, H, hd] (value_dim, zero-padded to hd)."""
+    q, lat_Tx1xL = _mla_q_latent(layer, xn_TxD, pos_T, cfg)
+    T, H, hd, Rkv = q.shape[0], cfg.n_heads, cfg.head_dim, cfg.kv_lora_rank
+    w_uk, w_uv = _mla_up(layer, cfg)
+    k = jnp.concatenate([jnp.einsum("tr,rhn->thn", lat_Tx1xL[:, 0, :Rkv], w_uk),
+                         jnp.broadcast_to(lat_Tx1xL[:, :, Rkv:], (T, H, cfg.qk_rope_dim))], axis=-1)
+    v = jnp.einsum("tr,rhv->thv", lat_Tx1xL[:, 0, :Rkv], w_uv)
+    return q * cfg.attn_scale, k, jnp.pad(v, ((0, 0), (0, 0), (0, hd - cfg.value_dim)))
+
+
+def mla_latent_query(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
+    """MLA against a latent cache: the query absorbs W_uk (q_nope . W_uk c == q_nope . k_nope), so
+    every head attends over the shared latent rows [c, k_rot] as one KV head. Returns q [T, H,
+    Rkv + r], scaled so that attention's 1/sqrt(Rkv + r) becomes MLA's attn_scale/sqrt(hd), and the
+    token's latent [T, 1, Rkv + r] to cache."""
+    q, lat_Tx1xL = _mla_q_latent(layer, xn_TxD, pos_T, cfg)
+    w_uk, _ = _mla_up(layer, cfg)
+    nope, L = cfg.head_dim - cfg.qk_rope_dim, lat_Tx1xL.shape[-1]
+    q_lat = jnp.concatenate([jnp.einsum("thn,rhn->thr", q[..., :nope], w_uk), q[..., nope:]], axis=-1)
+    return q_lat * (cfg.attn_scale * (L / cfg.head_dim) ** 0.5), lat_Tx1xL
+
+
+def mla_latent_values(layer: dict, o_TxHxL: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Attention output over latent rows -> per-head values [T, H, vd]: o's c lanes times W_uv
+    (the rotary lanes are attention over k_rot, not a value, and are dropped)."""
+    _, w_uv = _mla_up(layer, cfg)
+    return jnp.einsum("thr,rhv->thv", o_TxHxL[..., :cfg.kv_lora_rank], w_uv)
 
 
 def attn_output(cfg: ModelConfig, o_TxHxd: jax.Array, wo: jax.Array) -> jax.Array:
