@@ -25,7 +25,7 @@ def embed(attn: dict, ids_T: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("impl",), donate_argnums=(2, 3))
-def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax.Array,
+def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax.Array | None,
                     x_TxD: jax.Array, pos_T: jax.Array, slot_T: jax.Array, tables_BxP: jax.Array,
                     *, impl: str = "auto"):
     """k/v_pages [num_pages, page_size, KV, hd] are donated and returned updated (an MLA latent
