@@ -24,6 +24,7 @@ flags.DEFINE_integer("max_new_tokens", 16, "New tokens per prompt.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_bool("stop_at_eos", True, "Stop a prompt at the checkpoint's EOS ids (generation_config.json).")
 flags.DEFINE_multi_string("fail", None, "Inject a failure: ew:2@step=40, aw:0@step=80, ew:1@step=12,layer=1, "
                           "aw:1@prefill, ew:3@recovery. Repeatable.")
 flags.DEFINE_bool("warmup", False, "Serve the prompts once untimed first (compiles), then time a second run.")
@@ -65,7 +66,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     prompts = collect_prompts(ckpt, cfg.vocab_size)
     sp = SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                        seed=FLAGS.seed)
+                        seed=FLAGS.seed, stop_token_ids=serving_flags.eos_ids(ckpt) if FLAGS.stop_at_eos else ())
 
     def run(fault_injector):
         try:

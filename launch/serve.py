@@ -11,7 +11,6 @@ Endpoints and errors: tarragon_jax/server.py. All serving flags (layout, runtime
 """
 from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
-import json
 import os
 import sys
 import threading
@@ -26,19 +25,6 @@ flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 flags.DEFINE_bool("allow_fault_injection", False, "Enable POST /fail (kill a worker on demand; for demos).")
 flags.DEFINE_string("served_model_name", None, "The model name of the OpenAI API (default: the checkpoint "
                     "directory's name, or the --model name).")
-
-
-def eos_ids(ckpt: str | None) -> tuple:
-    """The checkpoint's end-of-sequence ids (generation_config.json, else config.json): an OpenAI
-    completion stops there, as clients expect."""
-    for name in ("generation_config.json", "config.json"):
-        path = os.path.join(ckpt or "", name)
-        if ckpt and os.path.exists(path):
-            with open(path) as f:
-                eos = json.load(f).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (eos,)
-    return ()
 
 
 def main(argv):
@@ -58,7 +44,8 @@ def main(argv):
     loop = EngineLoop(engine)
     loop.start()
     name = FLAGS.served_model_name or (os.path.basename(os.path.normpath(ckpt)) if ckpt else FLAGS.model)
-    server = Server(loop, FLAGS.host, FLAGS.port, tokenizer, FLAGS.allow_fault_injection, name, eos_ids(ckpt))
+    server = Server(loop, FLAGS.host, FLAGS.port, tokenizer, FLAGS.allow_fault_injection, name,
+                    serving_flags.eos_ids(ckpt))
     host, port = server.server_address[:2]
     print(f"serving {cfg.family} ({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, "
           f"runtime {FLAGS.runtime}) on http://{host}:{port}", file=sys.stderr, flush=True)

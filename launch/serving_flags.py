@@ -1,6 +1,7 @@
 """Flags every serving launcher shares (model, layout, cache, resilience), and what they build."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -73,6 +74,19 @@ def load_model() -> tuple:
     cfg, params = load_checkpoint(path)
     reload: Callable[[], dict] = lambda: load_checkpoint(path)[1]
     return cfg, params, (FLAGS.checkpoint and path), reload
+
+
+def eos_ids(ckpt: str | None) -> tuple:
+    """The checkpoint's end-of-sequence ids (generation_config.json, else config.json), where
+    generation stops by default, as clients of a serving system expect."""
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(ckpt or "", name)
+        if ckpt and os.path.exists(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (eos,)
+    return ()
 
 
 def engine_config(**overrides):

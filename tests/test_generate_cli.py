@@ -56,3 +56,20 @@ def test_fault_flags_keep_outputs_and_report_recoveries():
     assert "failure RecoveryRecord(worker='ew1'" in failed.stderr and "worker='aw0'" in failed.stderr
     bad = _run(*args, "--fail", "ew:9@step=3")
     assert bad.returncode != 0 and "targets ew9, but there are only 4 expert workers" in bad.stderr
+
+
+def test_generation_stops_at_the_checkpoints_eos(tmp_path):
+    import shutil
+    with open(os.path.join(FIX, "qwen3_moe", "expected.json")) as f:
+        tp = json.load(f)["text_prompt"]
+    ckpt = tmp_path / "qwen3_moe"
+    shutil.copytree(os.path.join(FIX, "qwen3_moe"), ckpt)
+    eos = tp["greedy_new_tokens"][4]
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps(dict(gen, eos_token_id=[eos, 1])))
+    args = ("--checkpoint", str(ckpt), "--prompt", tp["text"], "--json", "--max_new_tokens", "16",
+            "--num_attention_workers", "1")
+    out = json.loads(_run(*args).stdout.strip().splitlines()[-1])["output_ids"]
+    assert out == tp["greedy_new_tokens"][:tp["greedy_new_tokens"].index(eos) + 1]
+    out = json.loads(_run(*args, "--nostop_at_eos").stdout.strip().splitlines()[-1])["output_ids"]
+    assert out == tp["greedy_new_tokens"]
