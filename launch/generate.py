@@ -55,6 +55,9 @@ def collect_prompts(ckpt, vocab_size: int) -> list[list[int]]:
 
 def main(argv):
     del argv
+    results = sys.stdout
+    if FLAGS.json:      # stdout carries the JSON lines only (Ray prints a dead worker's error there)
+        sys.stdout = sys.stderr
     cfg, params, ckpt, reload, engine_cfg = serving_flags.start()
     from tarragon_jax.config import ConfigError, SamplingParams
     from tarragon_jax.engine import Engine
@@ -82,7 +85,7 @@ def main(argv):
         run(faults[1])[2].close()
     outs, secs, engine = run(faults[0])
     for p, o in zip(prompts, outs):
-        print(json.dumps({"prompt_ids": p, "output_ids": o}) if FLAGS.json else f"{p} -> {o}")
+        print(json.dumps({"prompt_ids": p, "output_ids": o}) if FLAGS.json else f"{p} -> {o}", file=results)
     n_out = sum(len(o) for o in outs)
     ttfts = [t.ttft_s for t in engine.metrics.requests.values()]
     print(f"{len(prompts)} prompts, {n_out} tokens in {secs:.3f} s: {n_out / secs:.1f} tokens/s, "

@@ -73,3 +73,15 @@ def test_generation_stops_at_the_checkpoints_eos(tmp_path):
     assert out == tp["greedy_new_tokens"][:tp["greedy_new_tokens"].index(eos) + 1]
     out = json.loads(_run(*args, "--nostop_at_eos").stdout.strip().splitlines()[-1])["output_ids"]
     assert out == tp["greedy_new_tokens"]
+
+
+def test_json_stdout_holds_only_results_when_a_ray_ew_process_is_killed():
+    """Ray prints a dead worker's error on stdout; with --json the launcher keeps it on stderr."""
+    args = ("--model", "tiny", "--runtime", "ray", "--prompt_ids", "1,2,3", "--max_new_tokens", "8",
+            "--fail", "ew:1@step=3", "--json")
+    r = _run(*args)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1 and len(json.loads(lines[0])["output_ids"]) == 8
+    local = _run(*args[:2], *args[4:8], "--json")
+    assert local.stdout.splitlines() == lines
