@@ -29,6 +29,18 @@ from tarragon_jax.shape_grid import ShapeGrid
 from tarragon_jax.transport import Transport
 
 
+def _serving_params(model: ModelConfig, attn_params: dict, dtype) -> dict:
+    """Host params in the serving dtype, except a sigmoid router's weight and selection bias,
+    which stay f32 as transformers keeps them (DeepSeek): bf16 scores would pick other experts."""
+    keep = {"router", "router_bias"} if model.router_scoring == "sigmoid" else set()
+
+    def cast(path, a):
+        last = path[-1]
+        f32 = isinstance(last, jax.tree_util.DictKey) and last.key in keep
+        return np.asarray(a).astype(np.float32 if f32 else dtype)
+    return jax.tree_util.tree_map_with_path(cast, attn_params)
+
+
 def _keep_pages(kv: dict, k, v) -> None:
     """A layer's pages as attention_layer returned them (v is None for an MLA latent cache)."""
     kv["k"] = k
@@ -63,7 +75,7 @@ class AttentionWorker:
                  store: CheckpointStore | None, clock):
         self.index, self.handle, self.model, self.store, self.clock = index, handle, model, store, clock
         self.attention_backend = engine.attention_backend
-        self.params = handle.put(jax.tree.map(lambda a: np.asarray(a).astype(dtype), attn_params))
+        self.params = handle.put(_serving_params(model, attn_params, dtype))
         self.pages = allocate_pages(model, cache, handle, dtype)
         self.blocks = BlockManager(cache.num_pages, cache.page_size)
         self.scheduler = Scheduler(self.blocks, engine.max_running, engine.max_step_tokens,

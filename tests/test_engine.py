@@ -1,5 +1,6 @@
 """The disaggregated engine (2 AWs x 4 EWs on distinct simulated devices) against the dense
 single-device reference forward, with requests arriving while others run."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -119,3 +120,15 @@ def test_mla_latent_cache_decodes_like_the_per_head_cache():
     assert outs[True] == outs[False] == [reference.greedy_generate(cfg, params, p, 10) for p in prompts]
     assert pages[True] == {"k": (32, 4, 1, cfg.kv_lora_rank + cfg.qk_rope_dim)}
     assert pages[False] == {"k": (32, 4, cfg.n_heads, cfg.head_dim), "v": (32, 4, cfg.n_heads, cfg.head_dim)}
+
+
+def test_bf16_serving_keeps_a_sigmoid_router_in_f32():
+    """As transformers does for DeepSeek: the routing scores decide experts, bf16 would move them."""
+    cfg, params = tiny_model("deepseek_v3", seed=1)
+    eng = Engine(cfg, params, EngineConfig(num_attention_workers=1, num_expert_workers=2, dtype="bfloat16"),
+                 CacheConfig(page_size=4, num_pages=16))
+    lp = eng.aws[0].params["layers"][1]
+    assert lp["router"].dtype == np.float32 and lp["router_bias"].dtype == np.float32
+    assert lp["wq_a"].dtype == jnp.bfloat16 and eng.aws[0].pages[0]["k"].dtype == jnp.bfloat16
+    assert len(eng.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4))[0]) == 4
+    eng.close()
