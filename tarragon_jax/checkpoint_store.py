@@ -27,6 +27,7 @@ import queue
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from typing import Any, Callable
 
@@ -96,6 +97,22 @@ class _Timer:
         return self.total / self.n if self.n else 0.0
 
 
+
+def _close_before_exit(store: "CheckpointStore") -> None:
+    """A store left open must stop its writer when the interpreter exits: a daemon thread cut off
+    inside a jax or tensorstore call aborts the process, and one that flushes after
+    concurrent.futures has shut its pools down (threading's exit hooks run before atexit's)
+    fails. So the hook is one of threading's, registered after concurrent.futures' and therefore
+    run before it; it holds the store weakly, so closed stores are freed."""
+    ref = weakref.ref(store)
+
+    def close() -> None:
+        s = ref()
+        if s is not None:
+            s._close_at_exit()
+    register = getattr(threading, "_register_atexit", atexit.register)   # CPython >= 3.9
+    register(close)
+
 class CheckpointStore:
     """KV snapshots of all AWs; thread-safe (engine thread calls, one background writer).
 
@@ -135,9 +152,7 @@ class CheckpointStore:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
         self._thread.start()
-        # A store left open must not be cut mid-write when the interpreter exits: a daemon thread
-        # killed inside a jax or tensorstore call aborts the process.
-        atexit.register(self._close_at_exit)
+        _close_before_exit(self)
 
     # ---- engine-side API ---------------------------------------------------------------------
     def snapshot(self, aw: int, refs: list[BlockRef], blocks) -> None:
@@ -249,7 +264,6 @@ class CheckpointStore:
             if self._closed:
                 return
             self._closed = True
-        atexit.unregister(self._close_at_exit)
         self.wait()
         self._queue.put(None)
         self._thread.join()
@@ -257,8 +271,8 @@ class CheckpointStore:
             self.directory.rmtree(missing_ok=True)
 
     def _close_at_exit(self) -> None:
-        """Interpreter exit: the queued writes serve nobody now (the engine is gone) and cannot
-        run (Orbax's thread pools are already shut down), so the writer drops them and stops."""
+        """Interpreter exit: the queued writes serve nobody now (the engine is gone), so the
+        writer drops them and stops."""
         self._exiting = True
         self.close()
 
