@@ -12,6 +12,7 @@ Endpoints and errors: tarragon_jax/server.py. All serving flags (layout, runtime
 from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import os
+import signal
 import sys
 import threading
 
@@ -23,6 +24,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 flags.DEFINE_bool("allow_fault_injection", False, "Enable POST /fail (kill a worker on demand; for demos).")
+flags.DEFINE_integer("max_unfinished_requests", 0, "Requests in flight past which new ones get 429 (0: no limit).")
+flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM: refuse new requests (503) and wait this long for the "
+                   "ones in flight before exiting.")
 flags.DEFINE_string("served_model_name", None, "The model name of the OpenAI API (default: the checkpoint "
                     "directory's name, or the --model name).")
 
@@ -45,7 +49,14 @@ def main(argv):
     loop.start()
     name = FLAGS.served_model_name or (os.path.basename(os.path.normpath(ckpt)) if ckpt else FLAGS.model)
     server = Server(loop, FLAGS.host, FLAGS.port, tokenizer, FLAGS.allow_fault_injection, name,
-                    serving_flags.eos_ids(ckpt))
+                    serving_flags.eos_ids(ckpt), FLAGS.max_unfinished_requests or None)
+
+    def drain_then_stop() -> None:
+        finished = server.drain(FLAGS.drain_timeout_s)
+        print("drained: every request finished" if finished else
+              f"drain timed out after {FLAGS.drain_timeout_s} s", file=sys.stderr, flush=True)
+        server.shutdown()
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain_then_stop, daemon=True).start())
     host, port = server.server_address[:2]
     print(f"serving {cfg.family} ({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, "
           f"runtime {FLAGS.runtime}) on http://{host}:{port}", file=sys.stderr, flush=True)

@@ -13,12 +13,15 @@ go back through one queue per request. Endpoints (JSON in, JSON out):
   POST /v1/completions, GET /v1/models: the OpenAI API (openai_api.py), SSE when streaming
 
 A malformed request gets 400 with the reason (bad JSON, unknown field, prompt too long, ...) and
-never touches requests already accepted. A client that disconnects cancels its request (pages and
+never touches requests already accepted. Past `max_unfinished` requests in flight a new one gets
+429 (the client backs off; nothing queues without bound); once `drain()` is called (SIGTERM in
+launch/serve.py) new requests get 503 while the ones in flight finish. A client that disconnects cancels its request (pages and
 snapshots freed at once): a streaming one at its next token, any other within 0.25 s.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -40,6 +43,14 @@ _FIELDS = _SAMPLING | {"prompt_ids", "prompt", "stream"}
 
 class EngineStopped(RuntimeError):
     """The engine loop died (an engine error, or no healthy worker left); the server answers 503."""
+
+
+class Unavailable(RuntimeError):
+    """The server does not take the request now: overloaded (429) or draining (503)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class _EngineDied(RuntimeError):
@@ -69,11 +80,16 @@ class EngineLoop(threading.Thread):
                 if self.error is not None or not self.is_alive():
                     raise EngineStopped(f"engine loop stopped: {self.error!r}") from None
 
-    def submit(self, prompt_ids, sampling: SamplingParams) -> tuple[int, queue.Queue]:
-        """Accept a request (RequestError if invalid); its TokenEvents arrive on the queue."""
+    def submit(self, prompt_ids, sampling: SamplingParams, max_unfinished: int | None = None) -> tuple[int, queue.Queue]:
+        """Accept a request (RequestError if invalid; Unavailable 429 past max_unfinished requests
+        in flight, checked on the engine thread so concurrent clients cannot overshoot); its
+        TokenEvents arrive on the queue."""
         out: queue.Queue = queue.Queue()
 
         def accept(engine: Engine) -> int:
+            if max_unfinished is not None and engine.num_unfinished >= max_unfinished:
+                raise Unavailable(429, f"overloaded: {engine.num_unfinished} requests in flight "
+                                       f"(limit {max_unfinished}); retry later")
             rid = engine.submit(prompt_ids, sampling)
             self._streams[rid] = out
             return rid
@@ -206,6 +222,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._json(503, {"error": str(e)})
 
     def do_POST(self) -> None:
+        with self.server.in_flight():
+            self._post()
+
+    def _post(self) -> None:
         try:
             if self.path == "/generate":
                 self._generate(*parse_generate(self._body(), self.server.tokenizer))
@@ -218,6 +238,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._json(404, {"error": f"no such endpoint: POST {self.path}"})
         except (ValueError, RequestError) as e:
             self._json(400, {"error": str(e)})
+        except Unavailable as e:
+            self._json(e.status, {"error": str(e)})
         except EngineStopped as e:
             self._json(503, {"error": str(e)})
 
@@ -283,7 +305,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
 
     def _generate(self, prompt, sampling: SamplingParams, stream: bool) -> None:
-        rid, events = self.server.loop.submit(prompt, sampling)     # RequestError -> 400 above
+        rid, events = self.server.submit(prompt, sampling)          # RequestError -> 400 above
         tok = self.server.tokenizer
         if stream:
             self._start_stream("application/x-ndjson")
@@ -320,7 +342,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _completion(self, req: openai_api.CompletionRequest) -> None:
         """POST /v1/completions: the engine's tokens as OpenAI text; stop strings end the request
         early (cancelled in the engine, so its pages are freed at once)."""
-        rid, events = self.server.loop.submit(req.prompt_ids, req.sampling)
+        rid, events = self.server.submit(req.prompt_ids, req.sampling)
         cid, text = openai_api.new_id(), openai_api.TextStream(self.server.tokenizer, req.stop)
         sse = lambda obj: f"data: {json.dumps(obj)}\n\n"
         if req.stream:
@@ -364,9 +386,45 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, loop: EngineLoop, host: str = "127.0.0.1", port: int = 8000, tokenizer=None,
-                 allow_faults: bool = False, model_name: str = "tarragon", eos_ids: tuple = ()):
+                 allow_faults: bool = False, model_name: str = "tarragon", eos_ids: tuple = (),
+                 max_unfinished: int | None = None):
         """model_name: what /v1/models reports and /v1/completions accepts; eos_ids: token ids
-        that end an OpenAI completion (the checkpoint's generation_config.json eos_token_id)."""
+        that end an OpenAI completion (the checkpoint's generation_config.json eos_token_id);
+        max_unfinished: requests in flight past which new ones get 429 (None: no limit)."""
         super().__init__((host, port), Handler)
         self.loop, self.tokenizer, self.allow_faults = loop, tokenizer, allow_faults
-        self.model_name, self.eos_ids = model_name, tuple(eos_ids)
+        self.model_name, self.eos_ids, self.max_unfinished = model_name, tuple(eos_ids), max_unfinished
+        self._draining = threading.Event()
+        self._handlers, self._handlers_lock = 0, threading.Lock()
+
+    @contextlib.contextmanager
+    def in_flight(self):
+        """Counts POST handlers mid-request, so drain() also waits for answers being written."""
+        with self._handlers_lock:
+            self._handlers += 1
+        try:
+            yield
+        finally:
+            with self._handlers_lock:
+                self._handlers -= 1
+
+    def submit(self, prompt_ids, sampling: SamplingParams) -> tuple[int, queue.Queue]:
+        if self._draining.is_set():
+            raise Unavailable(503, "the server is draining (shutting down): no new requests")
+        return self.loop.submit(prompt_ids, sampling, self.max_unfinished)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests, wait up to timeout_s for the ones in flight to finish and their
+        answers to be written; True if they all did."""
+        self._draining.set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                idle = self.loop.call(lambda engine: engine.num_unfinished) == 0
+            except EngineStopped:
+                return False
+            with self._handlers_lock:
+                if idle and self._handlers == 0:
+                    return True
+            time.sleep(0.05)
+        return False

@@ -162,3 +162,81 @@ def test_a_client_that_leaves_before_the_answer_cancels_its_request(served, monk
     _wait_until(lambda: bool(cancelled), "request was not cancelled")
     assert loop.call(lambda e: e.num_unfinished == 0)
     assert loop.call(lambda e: all(a.blocks.num_free == a.blocks.capacity for a in e.aws))
+
+
+def _extra_server(loop, **kw):
+    from tarragon_jax.server import Server
+    server = Server(loop, port=0, **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_past_the_limit_a_request_gets_429_and_nothing_else_changes(served):
+    cfg, params, _, loop = served
+    server, url = _extra_server(loop, max_unfinished=1)
+    first = {}
+    t = threading.Thread(target=lambda: first.update(r=request(url + "/generate",
+                                                               {"prompt_ids": [4, 5], "max_new_tokens": 120})))
+    t.start()
+    _wait_until(lambda: loop.call(lambda e: e.num_unfinished) == 1, "first request never started")
+    code, text = request(url + "/v1/completions", {"prompt": [6, 7], "max_tokens": 4})
+    assert code == 429 and "overloaded" in json.loads(text)["error"]
+    t.join()
+    assert first["r"][0] == 200 and json.loads(first["r"][1])["output_ids"] == \
+        reference.greedy_generate(cfg, params, [4, 5], 120)
+    assert request(url + "/generate", {"prompt_ids": [6, 7], "max_new_tokens": 4})[0] == 200   # room again
+    server.shutdown()
+
+
+def test_draining_refuses_new_requests_and_finishes_the_running_ones(served):
+    cfg, params, _, loop = served
+    server, url = _extra_server(loop)
+    first = {}
+    t = threading.Thread(target=lambda: first.update(r=request(url + "/generate",
+                                                               {"prompt_ids": [9, 3], "max_new_tokens": 120})))
+    t.start()
+    _wait_until(lambda: loop.call(lambda e: e.num_unfinished) == 1, "first request never started")
+    drained = {}
+    d = threading.Thread(target=lambda: drained.update(ok=server.drain(60)))
+    d.start()
+    _wait_until(lambda: server._draining.is_set(), "drain never started")
+    code, text = request(url + "/generate", {"prompt_ids": [1, 2], "max_new_tokens": 4})
+    assert code == 503 and "draining" in json.loads(text)["error"]
+    t.join()
+    d.join()
+    assert drained["ok"] and first["r"][0] == 200
+    assert json.loads(first["r"][1])["output_ids"] == reference.greedy_generate(cfg, params, [9, 3], 120)
+    server.shutdown()
+
+
+def test_sigterm_drains_the_launcher():
+    """launch/serve.py on SIGTERM: the request in flight completes, then the process exits 0."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "launch.serve", "--model", "tiny", "--port", "0"], cwd=root,
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "server exited before listening"
+        url = re.search(r"http://\S+", line).group(0)
+        assert request(url + "/generate", {"prompt_ids": [1, 2], "max_new_tokens": 2})[0] == 200   # warm
+        got = {}
+        t = threading.Thread(target=lambda: got.update(r=request(url + "/generate",
+                                                                 {"prompt_ids": [1, 2, 3], "max_new_tokens": 150})))
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        t.join()
+        assert got["r"][0] == 200 and len(json.loads(got["r"][1])["output_ids"]) == 150
+        assert proc.wait(timeout=60) == 0
+        assert "drained: every request finished" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
