@@ -1,7 +1,11 @@
-"""What the HTTP tests share: a tiny engine behind one or more servers on free ports, and a
-JSON request helper that returns (status, body) for errors too."""
+"""What the HTTP tests share: a tiny engine behind one or more servers on free ports, launch/serve.py
+as a process, and a JSON request helper that returns (status, body) for errors too."""
 import contextlib
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -42,3 +46,19 @@ def request(url: str, body=None, raw: bytes | None = None) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+def launch_server(*flags: str) -> tuple[subprocess.Popen, str]:
+    """launch/serve.py --model tiny as a user starts it (fresh process, free port): (process, url)
+    once it listens. Its stderr stays open for the caller to read."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}     # the launcher sets it itself
+    proc = subprocess.Popen([sys.executable, "-m", "launch.serve", "--model", "tiny", "--port", "0", *flags],
+                            cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "serving" not in line:
+        line = proc.stderr.readline()
+        if not line:
+            proc.kill()
+            raise AssertionError("server exited before listening")
+    return proc, re.search(r"http://\S+", line).group(0)

@@ -3,6 +3,7 @@ streaming sends each token as it is made, bad requests get 400 with the reason a
 nothing, and a worker killed through /fail mid-run changes no token."""
 import http.client
 import json
+import signal
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from serving import request, serving
+from serving import launch_server, request, serving
 from tarragon_jax.model import reference
 
 
@@ -93,21 +94,8 @@ def test_unknown_worker_and_endpoint(served):
 
 def test_serve_launcher_end_to_end():
     """launch/serve.py as a user runs it: a fresh process on a free port, one request, Ctrl-C."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen([sys.executable, "-m", "launch.serve", "--model", "tiny", "--port", "0"], cwd=root,
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc, url = launch_server()
     try:
-        line = ""
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line, "server exited before listening"
-        url = re.search(r"http://\S+", line).group(0)
         code, body = request(url + "/generate", {"prompt_ids": [1, 2, 3], "max_new_tokens": 5})
         assert code == 200 and len(json.loads(body)["output_ids"]) == 5
         code, body = request(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0})
@@ -211,21 +199,8 @@ def test_draining_refuses_new_requests_and_finishes_the_running_ones(served):
 
 def test_sigterm_drains_the_launcher():
     """launch/serve.py on SIGTERM: the request in flight completes, then the process exits 0."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen([sys.executable, "-m", "launch.serve", "--model", "tiny", "--port", "0"], cwd=root,
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc, url = launch_server()
     try:
-        line = ""
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line, "server exited before listening"
-        url = re.search(r"http://\S+", line).group(0)
         assert request(url + "/generate", {"prompt_ids": [1, 2], "max_new_tokens": 2})[0] == 200   # warm
         got = {}
         t = threading.Thread(target=lambda: got.update(r=request(url + "/generate",
