@@ -45,6 +45,7 @@ def parse_completion(body, tokenizer, model_name: str, eos_ids: tuple = ()) -> C
     """The request as the engine will run it; ValueError names the offending field."""
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}     # clients send null for "unset"
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise ValueError(f"unknown field(s) {unknown}; allowed: {sorted(_FIELDS)}")

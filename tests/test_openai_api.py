@@ -122,6 +122,15 @@ def test_bad_requests_name_the_field(api, body, message):
     assert code == 400 and message in json.loads(text)["error"], text
 
 
+def test_null_fields_mean_their_defaults(api):
+    cfg, params, tok, urls, _, _ = api
+    prompt, want = _prompt_and_reference(cfg, params, tok, 16)
+    body = {"prompt": prompt, "temperature": 0, "max_tokens": None, "seed": None, "top_p": None, "stop": None,
+            "logprobs": None, "n": None, "stream": None, "suffix": None, "user": None}
+    code, text = request(urls["text"] + "/v1/completions", body)
+    assert code == 200 and json.loads(text)["choices"][0]["text"] == tok.decode(want)   # max_tokens 16
+
+
 def test_text_and_stop_strings_need_a_tokenizer(api):
     url = api[3]["ids"] + "/v1/completions"
     assert "needs a tokenizer" in request(url, {"prompt": "hello"})[1]
