@@ -8,7 +8,8 @@ go back through one queue per request. Endpoints (JSON in, JSON out):
                    "seed", "stop_token_ids", "stream": bool}
                   -> {"request_id", "output_ids", "text"?, "finish_reason", "ttft_s"}
                   stream: one JSON line per token {"token", "index"}, then the summary line
-  GET  /health    workers (ok | failed | recovering), ERT version, recoveries so far, load
+  GET  /health    workers (ok | failed | recovering), ERT version, recoveries so far, load,
+                  draining (then the status is 503)
   POST /fail      {"worker": "ew1"}: fail-stop a worker now (only with allow_faults; for demos)
   POST /v1/completions, GET /v1/models: the OpenAI API (openai_api.py), SSE when streaming
 
@@ -212,8 +213,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         try:
-            if self.path == "/health":
-                self._json(200, self.server.loop.call(health))
+            if self.path == "/health":       # 503 while draining: load balancers stop sending here
+                draining = self.server.draining
+                self._json(503 if draining else 200, dict(self.server.loop.call(health), draining=draining))
             elif self.path == "/v1/models":
                 self._json(200, openai_api.models(self.server.model_name))
             else:
@@ -408,8 +410,12 @@ class Server(http.server.ThreadingHTTPServer):
             with self._handlers_lock:
                 self._handlers -= 1
 
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
     def submit(self, prompt_ids, sampling: SamplingParams) -> tuple[int, queue.Queue]:
-        if self._draining.is_set():
+        if self.draining:
             raise Unavailable(503, "the server is draining (shutting down): no new requests")
         return self.loop.submit(prompt_ids, sampling, self.max_unfinished)
 

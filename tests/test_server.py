@@ -187,9 +187,11 @@ def test_draining_refuses_new_requests_and_finishes_the_running_ones(served):
     drained = {}
     d = threading.Thread(target=lambda: drained.update(ok=server.drain(60)))
     d.start()
-    _wait_until(lambda: server._draining.is_set(), "drain never started")
+    _wait_until(lambda: server.draining, "drain never started")
     code, text = request(url + "/generate", {"prompt_ids": [1, 2], "max_new_tokens": 4})
     assert code == 503 and "draining" in json.loads(text)["error"]
+    code, text = request(url + "/health")
+    assert code == 503 and json.loads(text)["draining"] is True
     t.join()
     d.join()
     assert drained["ok"] and first["r"][0] == 200
