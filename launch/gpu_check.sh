@@ -7,7 +7,9 @@
 #    1/16/64 tokens per expert; run the rest in a second call if the first leaves time;
 # 2. kernel tests on the device: the compiled Mosaic GPU / Triton kernels on random shapes with
 #    empty groups and ragged tails;
-# 3. the engine end to end on the GPU with the Pallas backends, with an EW and an AW failure.
+# 3. the engine end to end on the GPU with the Pallas backends, with an EW and an AW failure, on
+#    the tiny DeepSeek-V3 (MLA latent cache, a dense layer, sigmoid routing: not yet run on a GPU;
+#    the tiny qwen2_moe passed on an H200 on 2026-11-27).
 # Step timeouts add up to 560 s: one device call with timeout_s=590 holds it all.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -22,7 +24,7 @@ timeout 400 $PY -m launch.kernel_bench --suites ffn,gmm,attention --tokens_per_e
 timeout 90 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -W ignore::DeprecationWarning \
     tests/test_grouped_matmul.py tests/test_swiglu_ffn.py tests/test_paged_attention.py > "$OUT/kernel_tests.txt" 2>&1
 tail -n 12 "$OUT/kernel_tests.txt"
-GEN=(-m launch.generate --model tiny --dtype bfloat16 --num_random_prompts 16 --random_prompt_len 16
+GEN=(-m launch.generate --model tiny --tiny_family deepseek_v3 --dtype bfloat16 --num_random_prompts 16 --random_prompt_len 16
      --max_new_tokens 32 --json)
 timeout 35 $PY "${GEN[@]}" > "$OUT/generate_clean.jsonl" 2> >(tail -n 40 > "$OUT/engine.txt")
 timeout 35 $PY "${GEN[@]}" --fail ew:1@step=5 --fail aw:0@step=9 > "$OUT/generate_fail.jsonl" \
