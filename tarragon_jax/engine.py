@@ -75,7 +75,7 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt_ids: Seq[int], sampling: SamplingParams = SamplingParams()) -> int:
         """Validate and queue a request; returns its id. Nothing already accepted is affected."""
-        prompt = self._validate(prompt_ids, sampling)
+        prompt = self.validate(prompt_ids, sampling)
         rid = self._next_id
         self._next_id += 1
         seq = Sequence(rid, prompt, sampling, min(len(prompt) + sampling.max_new_tokens, self.model.max_position))
@@ -85,7 +85,8 @@ class Engine:
         self.metrics.submitted(rid)
         return rid
 
-    def _validate(self, prompt_ids, sampling) -> list[int]:
+    def validate(self, prompt_ids, sampling) -> list[int]:
+        """The prompt as token ids, or RequestError naming why the request can never be served."""
         if not isinstance(sampling, SamplingParams):
             raise RequestError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
         try:

@@ -113,9 +113,9 @@ class TextStream:
         if hits:
             self.stopped = True
             return self._release(full[:min(hits)])
-        hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
-        safe = full[:len(full) - hold]
-        return self._release(safe.rstrip("\ufffd") if safe.endswith("\ufffd") else safe)
+        body = full.rstrip("\ufffd")          # a trailing half UTF-8 character is not text yet
+        hold = max((k for s in self.stop for k in range(1, len(s)) if body.endswith(s[:k])), default=0)
+        return self._release(body[:len(body) - hold])
 
     def finish(self) -> str:
         """Release what was held back (the request ended without completing a stop string)."""

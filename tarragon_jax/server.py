@@ -88,6 +88,7 @@ class EngineLoop(threading.Thread):
         out: queue.Queue = queue.Queue()
 
         def accept(engine: Engine) -> int:
+            engine.validate(prompt_ids, sampling)      # a bad request is a 400 even when we are full
             if max_unfinished is not None and engine.num_unfinished >= max_unfinished:
                 raise Unavailable(429, f"overloaded: {engine.num_unfinished} requests in flight "
                                        f"(limit {max_unfinished}); retry later")
@@ -196,7 +197,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt, *args) -> None:      # quiet: the engine's metrics are the log
         pass
 
+    _streaming = False
+
     def _json(self, code: int, obj: dict) -> None:
+        if self._streaming:     # an error after a stream began: the stream just ends (no 2nd status)
+            return
         data = json.dumps(obj).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -224,6 +229,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._json(503, {"error": str(e)})
 
     def do_POST(self) -> None:
+        self._streaming = False
         with self.server.in_flight():
             self._post()
 
@@ -270,13 +276,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.loop.call(lambda e: e.controller.kill(name))
         self._json(200, {"killed": name})
 
-    def _events(self, rid: int, events: queue.Queue, stream: bool):
-        """The request's TokenEvents until it finishes. Ends early, cancelling the request, if a
-        non-streaming client hangs up (a streaming one is noticed when a write fails); raises
-        _EngineDied if the engine loop dies meanwhile."""
+    def _events(self, rid: int, events: queue.Queue):
+        """The request's TokenEvents until it finishes. Ends early, cancelling the request, if the
+        client hangs up: noticed within 0.25 s by peeking the socket (a client sends nothing after
+        its request; a stream that writes nothing, e.g. token ids without a tokenizer, must not
+        run on), or when a write fails. Raises _EngineDied if the engine loop dies meanwhile."""
         next_check = time.monotonic() + 0.25
         while True:
-            if not stream and time.monotonic() >= next_check:
+            if time.monotonic() >= next_check:
                 if self._client_gone():                 # e.g. a timed-out client: free its pages
                     self.server.loop.cancel(rid)
                     return
@@ -292,6 +299,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
 
     def _start_stream(self, content_type: str) -> None:
+        self._streaming = True                          # from now on no status line can be sent
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.end_headers()
@@ -313,7 +321,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._start_stream("application/x-ndjson")
         out, reason = [], ""
         try:
-            for ev in self._events(rid, events, stream):
+            for ev in self._events(rid, events):
                 out.append(ev.token)
                 if stream and not self._write(rid, json.dumps({"token": ev.token, "index": ev.index}) + "\n"):
                     return
@@ -351,7 +359,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._start_stream("text/event-stream")
         n, reason, parts = 0, "", []
         try:
-            for ev in self._events(rid, events, req.stream):
+            for ev in self._events(rid, events):
                 n += 1                                   # a stop token counts but adds no text
                 delta = "" if ev.finish_reason == "stop" else text.push(ev.token)
                 parts.append(delta)

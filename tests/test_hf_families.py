@@ -163,3 +163,22 @@ def test_deepseek_multi_token_prediction_layer_is_ignored(tmp_path):
     _rewrite_tensors(d, lambda t: t.update({"model.layers.3.eh_proj.weight": np.ones((64, 128), np.float32)}))
     cfg, params = load_checkpoint(str(d))
     assert cfg.n_moe_layers == 2 and len(params["experts"]) == 2 and "mlp" in params["attn"]["layers"][0]
+
+
+def test_deepseek_fields_left_out_mean_transformers_defaults(tmp_path):
+    d = _copy(tmp_path, "deepseek_v3")
+    _edit_config(d, routed_scaling_factor=None, norm_topk_prob=None, rope_interleave=None)
+    cfg, _ = load_checkpoint(str(d))
+    assert (cfg.routed_scaling, cfg.norm_topk_prob, cfg.rope_interleave) == (2.5, True, True)
+
+
+def test_deepseek_without_shared_experts_loads_transformers_zero_size_tensors(tmp_path):
+    d = _copy(tmp_path, "deepseek_v3")
+    _edit_config(d, n_shared_experts=0)
+
+    def empty_shared(t):
+        for k in [k for k in t if ".shared_experts." in k]:
+            t[k] = np.zeros((0,) + t[k].shape[1:], np.float32)
+    _rewrite_tensors(d, empty_shared)
+    cfg, params = load_checkpoint(str(d))
+    assert cfg.d_shared == 0 and all("shared" not in lp for lp in params["attn"]["layers"])

@@ -176,3 +176,39 @@ def test_a_worker_killed_mid_stream_changes_no_text(api):
     chunks = _sse(first + rest)
     assert "".join(c["choices"][0]["text"] for c in chunks) == tok.decode(want)
     assert loop.call(lambda e: [r.worker for r in e.controller.records]) == ["ew1"]
+
+
+def test_a_stream_that_writes_nothing_is_cancelled_when_its_client_leaves(api, monkeypatch):
+    """Token-id prompts without a tokenizer stream no text: the hang-up is found by peeking."""
+    import socket
+    import time
+    _, _, _, urls, loop, _ = api
+    seen, cancel = [], loop.engine.cancel
+    monkeypatch.setattr(loop.engine, "cancel", lambda rid: seen.append(cancel(rid)) or seen[-1])
+    host, port = urls["ids"][len("http://"):].split(":")
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 200, "stream": True}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert sock.recv(12).startswith(b"HTTP/1.0 200")
+    sock.close()                                                   # the client goes away
+    deadline = time.time() + 30
+    while not seen:
+        assert time.time() < deadline, "request was not cancelled"
+        time.sleep(0.05)
+    assert seen[0] is True                          # stopped while running, not after it finished
+    assert loop.call(lambda e: e.num_unfinished) == 0
+
+
+class _Bytes:
+    """A byte-level stand-in tokenizer: one token per byte, decoded with replacement characters."""
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("stop,generated", [("aé", "xaé tail"), ("\n用户", "回答完毕\n用户：你好")])
+def test_stop_string_split_inside_a_character_is_not_leaked(stop, generated):
+    s = TextStream(_Bytes(), (stop,))
+    out = "".join(s.push(b) for b in generated.encode())
+    out += s.finish()
+    assert out == generated[:generated.find(stop)] and s.stopped

@@ -169,6 +169,8 @@ def test_past_the_limit_a_request_gets_429_and_nothing_else_changes(served):
     _wait_until(lambda: loop.call(lambda e: e.num_unfinished) == 1, "first request never started")
     code, text = request(url + "/v1/completions", {"prompt": [6, 7], "max_tokens": 4})
     assert code == 429 and "overloaded" in json.loads(text)["error"]
+    code, text = request(url + "/generate", {"prompt_ids": [6, 99999], "max_new_tokens": 4})
+    assert code == 400 and "out of range" in json.loads(text)["error"]           # never servable: not 429
     t.join()
     assert first["r"][0] == 200 and json.loads(first["r"][1])["output_ids"] == \
         reference.greedy_generate(cfg, params, [4, 5], 120)

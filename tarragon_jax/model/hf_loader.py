@@ -100,22 +100,29 @@ def config_from_hf(raw: dict) -> ModelConfig:
         raise ConfigError(f"config.json lacks required field {e.args[0]!r} for family {fam}") from None
 
 
+# transformers' DeepseekV3Config defaults: a config.json that omits a field means these values
+DEEPSEEK_DEFAULTS = {"q_lora_rank": 1536, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
+                     "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                     "rope_interleave": True}
+
+
 def _deepseek_config(raw: dict) -> ModelConfig:
     """DeepSeek-V3 (and models of its architecture, e.g. Moonlight): MLA attention, sigmoid
     group-limited routing with a selection bias, shared experts, leading dense layers."""
     for field, want in (("moe_layer_freq", 1), ("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
         if raw.get(field, want) != want:
             raise ConfigError(f"unsupported config field: {field}={raw[field]!r} (only {want!r})")
+    raw = dict(DEEPSEEK_DEFAULTS, **raw)           # explicit nulls stay null: "none" (q LoRA, shared)
     h, nope, r, F = raw["num_attention_heads"], raw["qk_nope_head_dim"], raw["qk_rope_head_dim"], raw["moe_intermediate_size"]
     return ModelConfig(
         family="deepseek_v3", vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
-        n_heads=h, n_kv_heads=h, head_dim=nope + r, q_lora_rank=raw.get("q_lora_rank") or 0,
+        n_heads=h, n_kv_heads=h, head_dim=nope + r, q_lora_rank=raw["q_lora_rank"] or 0,
         kv_lora_rank=raw["kv_lora_rank"], qk_rope_dim=r, v_head_dim=raw["v_head_dim"],
-        rope_interleave=bool(raw.get("rope_interleave", True)), n_experts=raw["n_routed_experts"],
-        top_k=raw["num_experts_per_tok"], d_expert=F, norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
-        d_shared=(raw.get("n_shared_experts") or 0) * F, router_scoring="sigmoid", n_group=raw.get("n_group") or 1,
-        topk_group=raw.get("topk_group") or 1, routed_scaling=float(raw.get("routed_scaling_factor", 1.0)),
-        first_k_dense=raw.get("first_k_dense_replace") or 0, d_dense=raw["intermediate_size"],
+        rope_interleave=bool(raw["rope_interleave"]), n_experts=raw["n_routed_experts"],
+        top_k=raw["num_experts_per_tok"], d_expert=F, norm_topk_prob=bool(raw["norm_topk_prob"]),
+        d_shared=(raw["n_shared_experts"] or 0) * F, router_scoring="sigmoid", n_group=raw["n_group"] or 1,
+        topk_group=raw["topk_group"] or 1, routed_scaling=float(raw["routed_scaling_factor"]),
+        first_k_dense=raw["first_k_dense_replace"] or 0, d_dense=raw["intermediate_size"],
         **_rope(raw, "deepseek_v3"), rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
 
@@ -210,6 +217,11 @@ def _deepseek_layer(c: _Claimer, cfg: ModelConfig, i: int, lp: dict) -> tuple[di
               router_bias=c.take(m + "gate.e_score_correction_bias", (cfg.n_experts,)))
     if cfg.d_shared:
         lp["shared"] = _mlp(c, m + "shared_experts.", D, cfg.d_shared)
+    else:                  # transformers writes zero-size shared-expert tensors for n_shared_experts=0
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            key = f"{m}shared_experts.{name}.weight"
+            if c.has(key) and c.t[key].size == 0:
+                c.t.pop(key)
     return lp, _experts(c, cfg, m)
 
 
