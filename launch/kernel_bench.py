@@ -302,7 +302,6 @@ def main(argv):
             print(" | ".join([r["suite"], r["model"], r["shape"], r["impl"], *_cells(r), r["status"]]), flush=True)
             write_outputs(rows, roof)
     print_table(rows, roof)
-    write_outputs(rows, roof)
     bad = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("skip")]
     return 1 if bad else 0
 

@@ -194,11 +194,12 @@ class AttentionWorker:
         for T in grid.tokens:
             x = call(stage.embed, self.params, zeros(T))
             pos, slot = zeros(T), self.handle.put(np.full(T, B - 1, np.int32))
-            for P, lp in ((P, lp) for P in grid.pages for lp in kinds):
-                h, hn, _, w, shared, y, k, v = call(
-                    stage.attention_layer, m, lp, kv["k"], kv.get("v"), x, pos, slot, zeros((B, P)),
-                    impl=self.attention_backend)
-                _keep_pages(kv, k, v)
+            for P in grid.pages:
+                for lp in kinds:
+                    h, hn, _, w, shared, y, k, v = call(
+                        stage.attention_layer, m, lp, kv["k"], kv.get("v"), x, pos, slot, zeros((B, P)),
+                        impl=self.attention_backend)
+                    _keep_pages(kv, k, v)
             for N in grid.sends_for(T, m.top_k):
                 tok, k = zeros(N), self.handle.put(np.full(N, -1, np.int32))
                 y = call(stage.place_expert_out, y, call(stage.gather_rows, hn, tok), tok, k)

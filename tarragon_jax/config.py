@@ -53,8 +53,8 @@ class ModelConfig:
     rms_eps: float = 1e-6
     max_position: int = 4096
     tie_embeddings: bool = False
-    # DeepSeek-V3. MLA attention (kv_lora_rank > 0): q/k heads are head_dim = nope + qk_rope_dim,
-    # K/V are cached decompressed per head (n_kv_heads = n_heads), V zero-padded to head_dim.
+    # DeepSeek-V3. MLA attention (kv_lora_rank > 0): q/k heads are head_dim = nope + qk_rope_dim and
+    # n_kv_heads = n_heads; the cache holds the latent (cache_parts / cache_row), or K/V per head.
     q_lora_rank: int = 0               # 0: a direct q projection
     kv_lora_rank: int = 0              # 0: plain (GQA) attention
     qk_rope_dim: int = 0               # the rotary part of each q/k head

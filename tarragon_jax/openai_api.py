@@ -121,6 +121,11 @@ class TextStream:
         """Release what was held back (the request ended without completing a stop string)."""
         return "" if self.stopped else self._release(self.text())
 
+    @property
+    def released(self) -> str:
+        """All the text released so far: the whole completion once finish() has run."""
+        return self.text()[:self.sent]
+
     def _release(self, upto: str) -> str:
         delta = upto[self.sent:]
         self.sent = max(self.sent, len(upto))

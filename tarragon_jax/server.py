@@ -357,12 +357,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sse = lambda obj: f"data: {json.dumps(obj)}\n\n"
         if req.stream:
             self._start_stream("text/event-stream")
-        n, reason, parts = 0, "", []
+        n, reason = 0, ""
         try:
             for ev in self._events(rid, events):
                 n += 1                                   # a stop token counts but adds no text
                 delta = "" if ev.finish_reason == "stop" else text.push(ev.token)
-                parts.append(delta)
                 if req.stream and delta and not self._write(rid, sse(openai_api.completion(cid, req, delta, None, None))):
                     return
                 if text.stopped:
@@ -384,7 +383,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         tail, reason = text.finish(), openai_api.finish_reason(reason, text.stopped)
         usage = openai_api.usage(req, n)
         if not req.stream:
-            self._json(200, openai_api.completion(cid, req, "".join(parts) + tail, reason, usage))
+            self._json(200, openai_api.completion(cid, req, text.released, reason, usage))
             return
         self._write(rid, sse(openai_api.completion(cid, req, tail, reason, None)))
         if req.include_usage:

@@ -61,7 +61,7 @@ def _rope(raw: dict, family: str) -> dict:
                rope_yarn_beta_fast=float(rp.get("beta_fast") or 32), rope_yarn_beta_slow=float(rp.get("beta_slow") or 1),
                rope_yarn_truncate=bool(rp.get("truncate", True)), rope_attention_factor=float(attention_factor))
     if family == "deepseek_v3" and mscale_all:           # DeepSeek also scales the softmax by mscale^2
-        out["attn_scale"] = yarn_mscale(rp["factor"], mscale_all) ** 2
+        out["attn_scale"] = yarn_mscale(factor, mscale_all) ** 2
     return out
 
 
