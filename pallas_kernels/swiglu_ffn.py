@@ -7,6 +7,11 @@ worker pads its batch to a static size). Backends:
                 on the f32 accumulators, h [M, F] written once), then down. Lowered per platform
                 by grouped_matmul (Mosaic GPU / Triton / Mosaic TPU / interpret on CPU).
   "ragged_dot": three jax.lax.ragged_dot calls (XLA's grouped matmul), activation fused by XLA.
+  "tiles":      XLA, no Pallas: a loop over the group-aligned row tiles that hold rows (the
+                kernels' work items), each a [bm, D] x [D, F] product with its group's weights.
+                Only routed (row, expert) pairs are computed and an empty group's weights are
+                never read: the CPU path (ragged_dot computes every group for every row there,
+                10x slower at decode shapes, launch/kernel_bench.py --suites ffn).
   "dense":      every expert on every row (einsum) then a one-hot mask; G times the FLOPs, but
                 simple and a useful baseline when groups are tiny.
 Numerics (all backends and the reference): f32 accumulation and activation, h rounded to the
@@ -21,7 +26,8 @@ import jax.numpy as jnp
 from pallas_kernels import gmm_common as common
 from pallas_kernels import grouped_matmul
 
-BACKENDS = ("pallas", "ragged_dot", "dense")
+BACKENDS = ("pallas", "tiles", "ragged_dot", "dense")
+TILE_ROWS = 8   # "tiles": rows per work item (fixed, so a row's result never depends on the batch)
 
 
 def _check(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G):
@@ -81,6 +87,8 @@ def grouped_swiglu_ffn(
             interpret=bool(interpret),
             gpu_impl=gpu_impl,
         )
+    if backend == "tiles":
+        return _tiles_ffn(x, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, x_MxD.dtype)
     if backend == "ragged_dot":
         rd = functools.partial(
             jax.lax.ragged_dot, group_sizes=group_sizes_G, preferred_element_type=jnp.float32
@@ -99,6 +107,28 @@ def grouped_swiglu_ffn(
         "gmf,gfd->md", h_GxMxF.astype(w_dtype), w_down_GxFxD, preferred_element_type=jnp.float32
     )
     return y_MxD.astype(x_MxD.dtype)
+
+
+def _tiles_ffn(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, out_dtype):
+    """The "tiles" backend: fori_loop over the real work items only (a dynamic trip count)."""
+    m, d = x_MxD.shape
+    bm = TILE_ROWS
+    group_W, start_W, rows_W = common.work_items(group_sizes_G, m, bm)
+    n_items = jnp.sum(rows_W > 0)
+    x_pad = jnp.concatenate([x_MxD, jnp.zeros((bm, d), x_MxD.dtype)])     # a tile never clamps
+    f32 = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+
+    def item(w, y_pad):
+        g, start = group_W[w], start_W[w]
+        xt = jax.lax.dynamic_slice_in_dim(x_pad, start, bm)
+        h = common.silu_mul(f32(xt, w_gate_GxDxF[g]), f32(xt, w_up_GxDxF[g])).astype(x_MxD.dtype)
+        yt = f32(h, w_down_GxFxD[g]).astype(out_dtype)
+        keep = (jnp.arange(bm) < rows_W[w])[:, None]          # rows of the next group stay as they are
+        old = jax.lax.dynamic_slice_in_dim(y_pad, start, bm)
+        return jax.lax.dynamic_update_slice_in_dim(y_pad, jnp.where(keep, yt, old), start, 0)
+
+    y_pad = jax.lax.fori_loop(0, n_items, item, jnp.zeros((m + bm, d), out_dtype))
+    return y_pad[:m]
 
 
 def grouped_swiglu_reference(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G):

@@ -1,9 +1,10 @@
 """Attention worker (AW): owns its requests, their paged KV cache, and the attention-side params.
 
-The AW's data path per step: embed -> for each layer (attention + router, forwarding engine
-exchange with the EWs, combine) -> LM head -> sample -> snapshot newly filled KV blocks to the
-checkpoint store (asynchronously). The engine drives the layer loop across AWs so each EW sees
-one layer's tokens from every AW together. A request moved here after its AW failed restores its
+The AW's data path per step, all dispatched without waiting: embed -> for each layer one program
+(combine of the previous layer, attention, router, dispatch packed for the EWs) and the forwarding
+engine's exchange -> head (last combine, LM head, sampling). The engine drives the layer loop
+across AWs so each EW sees one layer's tokens from every AW together, waits once for the sampled
+tokens, and `commit` then snapshots newly filled KV blocks to the checkpoint store (asynchronously). A request moved here after its AW failed restores its
 committed blocks on admission and recomputes only the positions after them.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ from tarragon_jax.model import attention_stage as stage
 from tarragon_jax.program_log import ProgramLog
 from tarragon_jax.routing_table import RoutingTable
 from tarragon_jax.runtime import WorkerHandle
-from tarragon_jax.sampling import sample
 from tarragon_jax.scheduler import Scheduler, StepBatch, bucket
 from tarragon_jax.sequence import Sequence, SeqState
 from tarragon_jax.shape_grid import ShapeGrid
@@ -49,16 +49,6 @@ def _keep_pages(kv: dict, k, v) -> None:
 
 
 @dataclasses.dataclass
-class LayerOut:
-    h: jax.Array
-    hn: jax.Array
-    ids: jax.Array
-    w: jax.Array
-    shared: jax.Array
-    y: jax.Array              # [T, k, D] expert outputs, filled as EWs answer
-
-
-@dataclasses.dataclass
 class RestoreStats:
     """What moving requests here cost: for the recovery breakdown."""
     requests: int = 0
@@ -75,18 +65,22 @@ class AttentionWorker:
                  store: CheckpointStore | None, clock):
         self.index, self.handle, self.model, self.store, self.clock = index, handle, model, store, clock
         self.attention_backend = engine.attention_backend
+        self.n_ews = engine.num_expert_workers
         self.params = handle.put(_serving_params(model, attn_params, dtype))
         self.pages = allocate_pages(model, cache, handle, dtype)
         self.blocks = BlockManager(cache.num_pages, cache.page_size)
         self.scheduler = Scheduler(self.blocks, engine.max_running, engine.max_step_tokens,
                                    engine.prefill_chunk)
         self.programs = ProgramLog()
-        self.refe = ForwardingEngine(index, handle, transport, ert, self.programs)
+        self.refe = ForwardingEngine(handle, transport, ert)
         self.restored = RestoreStats()
+        self._dtype = dtype
         self._dev: dict = {}
+        self._zeros: dict = {}            # T -> [T, k, D] zeros: the answer of an EW that sent none
+        self._carry, self._ys, self._inputs = None, (), {}
 
     def start_step(self) -> StepBatch | None:
-        """Admit, restore moved requests, pick this step's tokens and embed them; None if idle."""
+        """Admit, restore moved requests and pick this step's tokens; None if idle."""
         self.handle.check()
         moved = [seq for seq in self.scheduler.admit() if seq.restore_pending]
         if moved:
@@ -94,11 +88,58 @@ class AttentionWorker:
         batch = self.scheduler.schedule()
         if batch is not None and any(s.num_cached < s.recompute_until for s in batch.seqs):
             self.restored.recompute_steps += 1
-        if batch is not None:
-            self._dev = dict(zip(("ids", "pos", "slot", "tables", "last"), self.handle.put(
-                (batch.ids_T, batch.pos_T, batch.slot_T, batch.tables_BxP, batch.last_B))))
-            self._dev["x"] = self.programs.call(stage.embed, self.params, self._dev["ids"])
         return batch
+
+    def begin(self, batch: StepBatch) -> None:
+        """Put the step's inputs on the mesh in one transfer and embed (the carry into layer 0).
+        Every AW of a step pads to the same token bucket, so an EW's program sees one shape."""
+        self.handle.check()
+        R = len(batch.last_B)
+        sp = [s.sampling for s in batch.seqs] + [batch.seqs[0].sampling] * (R - len(batch.seqs))
+        names = ("ids", "pos", "slot", "tables", "last", "temperature", "top_p", "seed", "index")
+        self._dev = dict(zip(names, self.handle.put((
+            batch.ids_T, batch.pos_T, batch.slot_T, batch.tables_BxP, batch.last_B,
+            np.array([p.temperature for p in sp], np.float32), np.array([p.top_p for p in sp], np.float32),
+            np.array([p.seed for p in sp], np.uint32),
+            np.array([len(s.output) for s in batch.seqs] + [0] * (R - len(batch.seqs)), np.int32)))))
+        self._carry = self.programs.call(stage.embed, self.model, self.params, self._dev["ids"])
+        self._ys, self._inputs = self._no_answers(len(batch.ids_T)), {}
+
+    def _no_answers(self, T: int) -> tuple:
+        if T not in self._zeros:
+            self._zeros[T] = self.handle.put(np.zeros((T, self.model.top_k, self.model.d_model), self._dtype))
+        return (self._zeros[T],) * self.n_ews
+
+    def attend(self, layer: int) -> jax.Array | None:
+        """Dispatch one layer (combine of the previous one, attention, routing); returns the packed
+        buffer for the EWs, or None for a dense layer. The layer's inputs are kept until the step
+        commits, so a failure can replay it (`rewind`)."""
+        self.handle.check()
+        d, kv, moe = self._dev, self.pages[layer], self.model.moe_index(layer)
+        self._inputs[layer] = (self._carry, self._ys)
+        self._carry, send, k, v = self.programs.call(
+            stage.attention_layer, self.model, self.params["layers"][layer], kv["k"], kv.get("v"), self._carry,
+            self._ys, d["pos"], d["slot"], d["tables"], self.refe.route(moe or 0), impl=self.attention_backend)
+        _keep_pages(kv, k, v)
+        if send is None:
+            self._ys = self._no_answers(len(d["pos"]))
+        return send
+
+    def receive(self, ys: list) -> None:
+        """The EWs' answers of the layer just attended, one per EW (None: that EW sent none)."""
+        zero = self._no_answers(len(self._dev["pos"]))[0]
+        self._ys = tuple(zero if y is None else y for y in ys)
+
+    def rewind(self, layer: int) -> None:
+        """Back to the inputs of `layer`, to replay it and every later one (a failure in the step)."""
+        self._carry, self._ys = self._inputs[layer]
+
+    def head(self) -> jax.Array:
+        """Dispatch the last combine, LM head and sampling: int32 [R] tokens on the device."""
+        self.handle.check()
+        d = self._dev
+        return self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, d["last"],
+                                  d["temperature"], d["top_p"], d["seed"], d["index"])
 
     def _restore(self, seqs: list[Sequence]) -> None:
         """Restore the committed blocks of requests moved here, all in one padded page write
@@ -130,41 +171,19 @@ class AttentionWorker:
             self.pages = self.programs.call(write_blocks, self.pages, *self.handle.put((ids, blocks)))
         self.restored.seconds += self.clock() - t0
 
-    def attend(self, layer: int) -> LayerOut:
+    def commit(self, batch: StepBatch, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
+        """The step's sampled tokens are in: emit for every row whose chunk ended its tokens,
+        advance cache progress of all rows, snapshot newly filled blocks. Returns (seq, token,
+        is_new_to_the_user) per sampled row."""
         self.handle.check()
-        d, kv = self._dev, self.pages[layer]
-        h, hn, ids, w, shared, y, k, v = self.programs.call(
-            stage.attention_layer, self.model, self.params["layers"][layer], kv["k"], kv.get("v"), d["x"], d["pos"],
-            d["slot"], d["tables"], impl=self.attention_backend)
-        _keep_pages(kv, k, v)
-        return LayerOut(h, hn, ids, w, shared, y)
-
-    def combine(self, out: LayerOut, returned: list[tuple]) -> None:
-        """returned: (y, tok, k) per answered Rows, from the forwarding engine."""
-        self.handle.check()
-        y = out.y
-        for rows_y, tok, k in returned:
-            y = self.programs.call(stage.place_expert_out, y, rows_y, tok, k)
-        self._dev["x"] = self.programs.call(stage.combine, out.h, out.shared, out.w, y)
-
-    def finish_step(self, batch: StepBatch) -> list[tuple[Sequence, int, bool]]:
-        """Sample for every row whose chunk ended its tokens; advance cache progress of all rows;
-        snapshot newly filled blocks. Returns (seq, token, is_new_to_the_user) per sampled row."""
-        self.handle.check()
-        logits = self.programs.call(stage.lm_head, self.model, self.params, self._dev["x"], self._dev["last"])
-        B = len(batch.last_B)
-        sp = [s.sampling for s in batch.seqs] + [batch.seqs[0].sampling] * (B - len(batch.seqs))
-        toks = np.asarray(self.programs.call(sample, logits, *self.handle.put((
-            np.array([p.temperature for p in sp], np.float32), np.array([p.top_p for p in sp], np.float32),
-            np.array([p.seed for p in sp], np.uint32),
-            np.array([len(s.output) for s in batch.seqs] + [0] * (B - len(batch.seqs)), np.int32)))))
+        self._inputs = {}
         emitted, filled = [], []
         ps = self.blocks.page_size
         for row, (s, n) in enumerate(zip(batch.seqs, batch.chunks)):
             full = range(s.num_cached // ps, (s.num_cached + n) // ps)
             s.num_cached += n
             if batch.emits[row]:
-                emitted.append((s, int(toks[row]), s.append(int(toks[row]))))
+                emitted.append((s, int(toks_R[row]), s.append(int(toks_R[row]))))
             if s.state is not SeqState.FINISHED:
                 filled += [BlockRef(s.request_id, b) for b in full]
         self._snapshot(filled)
@@ -192,21 +211,17 @@ class AttentionWorker:
         kv = self.pages[0]
         kinds = [self.params["layers"][i] for i in sorted({0, m.first_k_dense})]   # dense and MoE layers
         for T in grid.tokens:
-            x = call(stage.embed, self.params, zeros(T))
+            carry = call(stage.embed, m, self.params, zeros(T))
+            ys = self._no_answers(T)
             pos, slot = zeros(T), self.handle.put(np.full(T, B - 1, np.int32))
             for P in grid.pages:
                 for lp in kinds:
-                    h, hn, _, w, shared, y, k, v = call(
-                        stage.attention_layer, m, lp, kv["k"], kv.get("v"), x, pos, slot, zeros((B, P)),
-                        impl=self.attention_backend)
+                    out, _, k, v = call(stage.attention_layer, m, lp, kv["k"], kv.get("v"), carry, ys, pos, slot,
+                                        zeros((B, P)), self.refe.route(0), impl=self.attention_backend)
                     _keep_pages(kv, k, v)
-            for N in grid.sends_for(T, m.top_k):
-                tok, k = zeros(N), self.handle.put(np.full(N, -1, np.int32))
-                y = call(stage.place_expert_out, y, call(stage.gather_rows, hn, tok), tok, k)
-            x = call(stage.combine, h, shared, w, y)
             for R in (r for r in grid.rows if r <= max(T, 4)):
-                logits = call(stage.lm_head, m, self.params, x, zeros(R))
-                call(sample, logits, zeros(R, np.float32), zeros(R, np.float32), zeros(R, np.uint32), zeros(R))
+                call(stage.head, m, self.params, out, ys, zeros(R), zeros(R, np.float32), zeros(R, np.float32),
+                     zeros(R, np.uint32), zeros(R))
         for N in grid.blocks:
             ids = zeros(N)
             self.pages = call(write_blocks, self.pages, ids, call(read_blocks, self.pages, ids))
@@ -226,5 +241,5 @@ class AttentionWorker:
     def kill(self) -> None:
         """Fail-stop: params and KV pages are deleted; every later call raises WorkerFailed."""
         self.handle.alive = False
-        for a in jax.tree.leaves((self.params, self.pages, self._dev)):
+        for a in jax.tree.leaves((self.params, self.pages, self._dev, self._zeros)):
             a.delete()

@@ -100,9 +100,9 @@ class Controller:
         primaries, shadows = self.placement.primaries[j], self.placement.shadows[j]
         if isinstance(handle, RemoteHandle):
             return RemoteExpertWorker(j, handle, primaries, shadows, self.runtime, self.config.expert_backend,
-                                      self.dtype)
+                                      self.dtype, self.model.top_k)
         return ExpertWorker(j, handle, primaries, shadows, self.params["experts"], self.config.expert_backend,
-                            self.dtype)
+                            self.dtype, self.model.top_k)
 
     def _new_aw(self, i: int, handle: WorkerHandle) -> AttentionWorker:
         return AttentionWorker(i, handle, self.model, self.params["attn"], self.cache, self.config,

@@ -5,17 +5,22 @@ EWs (one grouped FFN per layer over every AW's tokens) -> AW (combine, next laye
 token out. `step()` runs one iteration of that for every live AW and returns the tokens it
 produced; `stream()` iterates them until nothing is left.
 
-Every cross-worker call can raise WorkerFailed. The engine reports it to the controller and then
-carries on with what the controller decided: an EW's rows of the current layer are replayed to
-the next replica (only the AWs that used it), a failed AW drops out of the step (its requests
-were moved), and under `recovery=restart` the whole cluster is rebuilt.
+A step is dispatched whole before anything waits: every AW's layer program, every transfer to
+and from the EWs and every EW program, for every layer, then the LM head and sampling; the host
+waits once, for the sampled tokens, within the step deadline. Routing stays on the devices (the
+AWs hold the routing table as arrays), so the host work of a layer is a fixed handful of calls.
+
+Every cross-worker call can raise WorkerFailed, and the step's wait names the worker that missed
+the deadline. The engine reports it to the controller and then carries on with what the
+controller decided: the step is replayed from the affected layer (the AWs keep every layer's
+inputs until the step commits; KV writes are idempotent) under the new routing table, a failed AW
+drops out of the step (its requests were moved), and under `recovery=restart` the whole cluster
+is rebuilt.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Iterator, Sequence as Seq
-
-import numpy as np
 
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SamplingParams
 from tarragon_jax.controller import Controller, RecoveryRecord
@@ -188,34 +193,52 @@ class Engine:
         return sum(a.restored.recompute_steps for a in self.aws)
 
     def _step(self) -> list[TokenEvent]:
-        active = {}
+        """Dispatch every AW and EW program of every layer, wait once for the sampled tokens,
+        commit. A worker found dead while dispatching, or late at the wait, is recovered from by
+        replaying the step from the affected layer with what the controller decided."""
+        batches = {}
         for aw in self.controller.live_aws():
             if not aw.scheduler.num_requests:
                 continue                    # nothing assigned: no call (heartbeats watch idle AWs)
             batch = self._guard(aw.start_step)
             if batch is not None and batch is not _FAILED:
-                active[aw.index] = (aw, batch)
-        for layer in range(self.model.n_layers):
-            self._inject(layer)
-            moe_layer = self.model.moe_index(layer)            # None: a dense layer, no experts
-            outs, ids = {}, {}
-            for i, (aw, batch) in list(active.items()):
-                outs[i] = self._guard(aw.attend, layer)
-                if outs[i] is not _FAILED and moe_layer is not None:
-                    ids[i] = self._guard(np.asarray, outs[i].ids)
-                if outs[i] is _FAILED or ids.get(i) is _FAILED:
-                    del active[i]
-            returned = ({i: [] for i in active} if moe_layer is None
-                        else self._exchange(moe_layer, active, outs, ids))
+                batches[aw.index] = (aw, batch)
+        if not batches:
+            return []
+        T = max(len(b.ids_T) for _, b in batches.values())     # one token bucket: one EW program shape
+        active = {}
+        for i, (aw, batch) in batches.items():
+            batch = batch.padded_to(T)
+            if self._guard(aw.begin, batch) is not _FAILED:
+                active[i] = (aw, batch)
+        first = 0
+        while active:
+            trail = self._layers(active, first)
+            tokens = {}
             for i, (aw, _) in list(active.items()):
-                if self._guard(aw.combine, outs[i], returned[i]) is _FAILED:
+                toks = self._guard(aw.head)
+                if toks is _FAILED:
                     del active[i]
+                    continue
+                tokens[i] = toks
+                trail.append((aw.handle, self.model.n_layers, toks))
+            try:
+                host = self.controller.transport.wait(tokens, trail)
+                break
+            except WorkerFailed as f:                   # a worker missed the step deadline
+                self._failure(f.worker, f.reason, "call")
+                if f.worker.startswith("aw"):
+                    active.pop(int(f.worker[2:]), None)
+                first = min(f.layer, self.model.n_layers - 1)
+        else:
+            return []
+        for handle, _, _ in trail:
+            self.controller.health.heard_from(handle.name)
         events = []
         for aw, batch in active.values():
-            emitted = self._guard(aw.finish_step, batch)
+            emitted = self._guard(aw.commit, batch, host[aw.index])
             if emitted is _FAILED:
                 continue
-            self.controller.health.heard_from(aw.handle.name)
             for seq, tok, new in emitted:
                 if seq.state is SeqState.FINISHED:
                     aw.release(seq)
@@ -226,40 +249,62 @@ class Engine:
                                              seq.state is SeqState.FINISHED, seq.finish_reason))
         return events
 
-    def _exchange(self, layer: int, active: dict, outs: dict, ids: dict) -> dict[int, list]:
-        """Send every AW's rows of this MoE layer (expert-side index), run each EW once over the
-        rows from all AWs, bring the outputs back; rows bound for an EW that fails are replanned
-        and replayed."""
-        todo = [(i, rows) for i, (aw, batch) in active.items()
-                for rows in aw.refe.plan(layer, ids[i], batch.n_tokens)]
-        returned: dict[int, list] = {i: [] for i in active}
-        while todo:
-            by_ew: dict[int, list] = {}
-            for i, rows in todo:
-                by_ew.setdefault(rows.ew, []).append((i, rows))
-            todo = []
-            for j, items in sorted(by_ew.items()):
-                items = [(i, r) for i, r in items if i in active]
-                if not items:
-                    continue                                # every sender died this layer
-                ew = self.ews[j]
-                try:
-                    msgs = [active[i][0].refe.send(outs[i].hn, r, ew.handle) for i, r in items]
-                    ys = ew.run_layer(layer, msgs)
-                    got = [(i, active[i][0].refe.receive(y, r, ew.handle)) for (i, r), y in zip(items, ys)]
-                except WorkerFailed as f:
-                    self._failure(f.worker, f.reason, "call")
-                    if f.worker == ew.handle.name:          # replay these rows to the next replica
-                        self.replayed_rows += sum(len(r.tok) for _, r in items)
-                        todo += [(i, r2) for i, r in items for r2 in active[i][0].refe.replan(layer, r)]
-                    else:                                   # an AW died: the others retry as they were
-                        active.pop(int(f.worker[2:]), None)
-                        todo += [(i, r) for i, r in items if i in active]
+    def _layers(self, active: dict, first: int) -> list:
+        """Dispatch layers first.. of every active AW (rewound to `first` on a replay); returns the
+        dispatch trail (worker, layer, output) for the step's bounded wait."""
+        trail: list = []
+        layer = first
+        if first:
+            for aw, _ in active.values():
+                aw.rewind(first)
+        while layer < self.model.n_layers and active:
+            self._inject(layer)
+            if self._layer(layer, active, trail):
+                layer += 1
+            else:                                       # a worker failed in this layer: replay it
+                for aw, _ in active.values():
+                    aw.rewind(layer)
+        return trail
+
+    def _layer(self, layer: int, active: dict, trail: list) -> bool:
+        """One layer: every AW's program, then (MoE layer) every live EW once over the buffers of
+        all AWs, and the answers back. Nothing waits (a remote EW's results are gathered after
+        every EW was called). False: a worker failed, the controller reacted, replay the layer."""
+        sends = {}
+        for i, (aw, _) in list(active.items()):
+            send = self._guard(aw.attend, layer)
+            if send is _FAILED:
+                del active[i]
+                continue
+            sends[i] = send
+            if send is not None:
+                trail.append((aw.handle, layer, send))
+        moe = self.model.moe_index(layer)
+        if moe is None or not active:
+            return True
+        answers = {i: [None] * len(self.ews) for i in active}
+        senders = list(active)
+        try:
+            pending = {}
+            for ew in self.ews:
+                if self.controller.health.is_failed(ew.handle.name):
                     continue
-                self.controller.health.heard_from(ew.handle.name)
-                for i, out in got:
-                    returned[i].append(out)
-        return returned
+                bufs = [active[i][0].refe.send(sends[i], ew.handle) for i in senders]
+                pending[ew.index] = (ew, ew.run_layer(moe, bufs))
+            for j, (ew, calls) in pending.items():
+                for i, y in zip(senders, ew.results(calls)):
+                    trail.append((ew.handle, layer, y))
+                    answers[i][j] = active[i][0].refe.receive(y, ew.handle)
+        except WorkerFailed as f:
+            self._failure(f.worker, f.reason, "call")
+            if f.worker.startswith("aw"):
+                active.pop(int(f.worker[2:]), None)
+            else:
+                self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k
+            return False
+        for i, (aw, _) in active.items():
+            aw.receive(answers[i])
+        return True
 
     def stream(self) -> Iterator[TokenEvent]:
         while self.has_work:

@@ -7,9 +7,10 @@ driver, and the next call to it fails with Ray's actor-died error, which becomes
 a hung process misses the transfer deadline the same way. Recovery is unchanged (shadows,
 replay, background replacement) because the driver-side proxy has the ExpertWorker interface.
 
-Data path per layer: the AW's rows leave its device as host arrays (the transfer), the actor
-runs the same ExpertWorker program on its own device, and the outputs come back as host arrays
-that the AW puts on its mesh. The host weights of all experts go into Ray's object store once;
+Data path per layer: each AW's packed buffer leaves its device as a host array (the transfer; the
+one place this runtime waits on the AW inside a step), every EW process is called with it before
+any answer is gathered, the actor runs the same ExpertWorker program on its own device, and the
+outputs come back as host arrays that the AW puts on its mesh. The host weights of all experts go into Ray's object store once;
 each actor maps them zero-copy and stacks its primaries and shadows (and, after a failure, any
 orphaned expert it is told to load) onto its own device.
 """
@@ -32,7 +33,7 @@ PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) i
 class ExpertActor:
     """Runs inside the actor process: one ExpertWorker on the process's first device."""
 
-    def __init__(self, index: int, primaries, shadows, experts: list[dict], backend: str, dtype,
+    def __init__(self, index: int, primaries, shadows, experts: list[dict], backend: str, dtype, top_k: int,
                  compile_cache_dir: str | None):
         import jax
         if compile_cache_dir:
@@ -40,7 +41,7 @@ class ExpertActor:
         from tarragon_jax.expert_worker import ExpertWorker
         self.experts = experts
         self.ew = ExpertWorker(index, WorkerHandle(f"ew{index}", (jax.devices()[0],)), primaries, shadows,
-                               experts, backend, dtype)
+                               experts, backend, dtype, top_k)
 
     def info(self) -> tuple[int, str, str]:
         return os.getpid(), self.ew.handle.devices[0].platform, self.ew.backend
@@ -48,10 +49,8 @@ class ExpertActor:
     def ping(self) -> bool:
         return self.ew.handle.probe()
 
-    def run_layer(self, layer: int, inputs: list[tuple]) -> list[np.ndarray]:
-        from tarragon_jax.expert_worker import ExpertInput
-        msgs = [ExpertInput(aw, self.ew.handle.put(x), slot) for aw, x, slot in inputs]
-        return [np.asarray(y) for y in self.ew.run_layer(layer, msgs)]
+    def run_layer(self, layer: int, bufs: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(y) for y in self.ew.run_layer(layer, self.ew.handle.put(tuple(bufs)))]
 
     def load_experts(self, layer: int, ids: list[int]) -> None:
         self.ew.load_experts(layer, ids, self.experts[layer])
@@ -102,8 +101,8 @@ class RemotePrograms:
         self._seen: set[tuple] = set()
         self.grid = None                  # the shape grid, when the EW was precompiled
 
-    def note(self, layer: int, inputs: list) -> None:
-        self._seen.add((layer, tuple((i.x_NxD.shape, str(i.x_NxD.dtype)) for i in inputs)))
+    def note(self, layer: int, bufs: list) -> None:
+        self._seen.add((layer, tuple((b.shape, str(b.dtype)) for b in bufs)))
 
     def extend(self, other: "RemotePrograms") -> None:
         self._seen |= other._seen
@@ -113,9 +112,8 @@ class RemotePrograms:
         if self.grid is not None:
             handle.get(handle.actor.precompile.remote(self.grid), PRECOMPILE_DEADLINE_S)
         for layer, shapes in sorted(self._seen):
-            handle.get(handle.actor.run_layer.remote(layer, [
-                (0, np.zeros(shape, dtype), np.full(shape[0], -1, np.int32)) for shape, dtype in shapes]),
-                STARTUP_DEADLINE_S)
+            handle.get(handle.actor.run_layer.remote(layer, [np.zeros(shape, dtype) for shape, dtype in shapes]),
+                       STARTUP_DEADLINE_S)
         return len(self._seen)
 
 
@@ -123,19 +121,25 @@ class RemoteExpertWorker:
     """Driver-side proxy with the ExpertWorker interface the engine and controller use."""
 
     def __init__(self, index: int, handle: RemoteHandle, primaries, shadows, runtime: "RayRuntime",
-                 backend: str, dtype):
+                 backend: str, dtype, top_k: int):
         self.index, self.handle = index, handle
         self.slots = [list(p) + list(s) for p, s in zip(primaries, shadows)]
         self.n_primary = [len(p) for p in primaries]
         self.actor = handle.actor = runtime.actor_class.remote(
-            index, primaries, shadows, runtime.experts_ref, backend, dtype, runtime.compile_cache_dir)
+            index, primaries, shadows, runtime.experts_ref, backend, dtype, top_k, runtime.compile_cache_dir)
         self.pid, self.platform, self.backend = handle.get(self.actor.info.remote(), STARTUP_DEADLINE_S)
         self.programs = RemotePrograms()
 
-    def run_layer(self, layer: int, inputs: list) -> list[np.ndarray]:
+    def run_layer(self, layer: int, bufs: list):
+        """Send every AW's buffer (host arrays) and return the call's future: the engine calls every
+        EW of a layer before it gathers any answer."""
         self.handle.check()
-        self.programs.note(layer, inputs)
-        return self.handle.get(self.actor.run_layer.remote(layer, [(i.aw, i.x_NxD, i.slot_N) for i in inputs]))
+        self.programs.note(layer, bufs)
+        return self.actor.run_layer.remote(layer, list(bufs))
+
+    def results(self, pending) -> list[np.ndarray]:
+        """The answers, within the deadline; a dead or hung process raises WorkerFailed."""
+        return self.handle.get(pending)
 
     def precompile(self, grid) -> None:
         self.handle.get(self.actor.precompile.remote(grid), PRECOMPILE_DEADLINE_S)

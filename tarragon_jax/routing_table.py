@@ -1,7 +1,7 @@
 """Expert routing table (ERT): (layer, logical expert) -> ordered live replicas (EW, slot).
 
 Immutable and versioned: every change makes a new table with version + 1, so an AW can tell
-which placement a dispatch was resolved against. Plain Python; every AW holds its own copy.
+which placement a dispatch was resolved against. Plain Python; every AW holds its own copy (and its device form, `arrays`).
 `build` demands full coverage (a fresh placement that misses an expert is a bug); tables derived
 after a failure may leave an expert with no replica, and `resolve` then raises NoLiveReplica so
 the controller loads its weights somewhere instead of anyone waiting forever.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Mapping
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -51,6 +53,11 @@ class RoutingTable:
         """(ew, slot) for every expert of a layer, as two lists indexed by expert id."""
         reps = [self.resolve(layer, e) for e in range(self.n_experts)]
         return [r.ew for r in reps], [r.slot for r in reps]
+
+    def arrays(self) -> list[np.ndarray]:
+        """Per layer, int32 [n_experts, 2]: (ew, slot) of the replica to send to now. What an AW
+        keeps on its device (forwarding engine), so routing needs no host round trip."""
+        return [np.asarray([self.resolve_layer(l)], np.int32)[0].T.copy() for l in range(self.n_layers)]
 
     def ews(self) -> set[int]:
         return {r.ew for reps in self._replicas.values() for r in reps}

@@ -35,6 +35,16 @@ class StepBatch:
     emits: list[bool]             # whether the row's chunk reaches the end of its tokens
     n_tokens: int                 # real tokens (T minus padding)
 
+    def padded_to(self, T: int) -> "StepBatch":
+        """The same batch over T >= len(ids_T) token rows (the step's common bucket across AWs);
+        the new rows are padding: token 0 at position 0 of the all-zero table row."""
+        extra = T - len(self.ids_T)
+        if extra <= 0:
+            return self
+        pad = lambda a, v: np.concatenate([a, np.full(extra, v, np.int32)])
+        return dataclasses.replace(self, ids_T=pad(self.ids_T, 0), pos_T=pad(self.pos_T, 0),
+                                   slot_T=pad(self.slot_T, len(self.tables_BxP) - 1))
+
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_running: int, max_step_tokens: int, prefill_chunk: int):

@@ -4,7 +4,8 @@ Why: a batch shape seen for the first time compiles inside the step that meets i
 request waiting, including the step in which a failure moved work onto the survivors (on a cold
 cache: 1.28 s EW / 0.84 s AW failover stalls, README). Precompiling the grid at startup (`--precompile`) makes every later step,
 failover steps included, a cache hit. The bucket rules live with their users (scheduler: T, P, R;
-forwarding engine: N; expert worker: n); this module only enumerates their ranges. Host-only.
+the engine pads every AW of a step to one T, so an EW call varies only in how many AWs send);
+this module only enumerates their ranges. Host-only.
 """
 from __future__ import annotations
 
@@ -28,28 +29,17 @@ class ShapeGrid:
     tokens: tuple[int, ...]       # T: tokens of one AW step
     pages: tuple[int, ...]        # P: block-table width of a step
     rows: tuple[int, ...]         # R: requests of a step (rows that may sample)
-    sends: tuple[int, ...]        # N: rows one AW sends one EW for one layer
-    ew_rows: tuple[int, ...]      # n: rows one EW runs for one layer (all AWs packed)
+    senders: tuple[int, ...]      # AWs whose buffers one EW layer call takes (all AWs of a step pad to one T)
     blocks: tuple[int, ...]       # KV blocks in one snapshot read / restore write
-
-    def sends_for(self, T: int, top_k: int) -> tuple[int, ...]:
-        """N buckets that T tokens can produce (at most T * top_k rows)."""
-        return tuple(n for n in self.sends if n <= bucket(T * top_k, 8))
-
-    def packs(self) -> list[tuple[int, int]]:
-        """(n, N): an N-row message packed into (or cut out of) an n-row EW buffer."""
-        return [(n, N) for n in self.ew_rows for N in self.sends if N <= n]
 
 
 def shape_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> ShapeGrid:
     max_tokens = engine.max_step_tokens
     max_pages = min(-(-model.max_position // cache.page_size), cache.num_pages - 1)
-    max_sends = max_tokens * model.top_k
     return ShapeGrid(
         tokens=buckets(8, max_tokens),
         pages=buckets(1, max_pages),
         rows=buckets(4, min(engine.max_running, max_tokens)),
-        sends=buckets(8, max_sends),
-        ew_rows=buckets(8, engine.num_attention_workers * bucket(max_sends, 8)),
+        senders=tuple(range(1, engine.num_attention_workers + 1)),
         blocks=buckets(4, cache.num_pages),
     )

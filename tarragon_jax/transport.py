@@ -1,46 +1,52 @@
-"""Explicit transfers between worker meshes, each with a deadline.
+"""Explicit transfers between worker meshes, and the one bounded wait of a step.
 
-`send` places an array on the destination worker's mesh; `wait` blocks until arrays are ready
-but never longer than the deadline (host arrays from a remote EW, whose own call already had
-the deadline, are ready). A dead destination/source or a missed deadline raises
-WorkerFailed naming the worker, which is what the forwarding engine and controller act on.
-Each source worker has its own waiter thread, so a hung worker only ever blocks waits on itself.
+`send` places an array on the destination worker's mesh (or hands it to its process) without
+waiting for it to be computed: JAX orders the copy after its producer, so a whole step is
+dispatched before anything is waited on. `wait` is that wait: it blocks until the step's sampled
+tokens are on the host, but never longer than the deadline; on a miss it names the worker to
+blame, the first one in dispatch order whose output is still not ready (everything it consumed
+was), and raises WorkerFailed for it. A dead source or destination fails at once. Counters of
+blocking waits and device-to-host pulls let a test pin the shape of the datapath.
 """
 from __future__ import annotations
 
 import concurrent.futures
 
 import jax
+import numpy as np
 
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.runtime import WorkerHandle
 
 
 class Transport:
     def __init__(self, deadline_s: float):
         self.deadline_s = deadline_s
-        self._waiters: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+        self.waits = 0            # blocking waits (one per step, plus failure handling)
+        self.pulls = 0            # device -> host copies of step results
+        # a hung worker keeps its waiter thread blocked: a few spare threads keep later steps going
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="step-wait")
 
-    def send(self, tree, dst: WorkerHandle):
+    def send(self, tree, dst, src=None):
+        if src is not None and not src.alive:
+            raise WorkerFailed(src.name, "worker is dead")
         if not dst.alive:
             raise WorkerFailed(dst.name, "send to a dead worker")
         return dst.put(tree)
 
-    def wait(self, tree, src: WorkerHandle):
-        """Bounded wait for results produced by `src`."""
-        if not src.alive:
-            raise WorkerFailed(src.name, "worker is dead")
-        if all(not isinstance(x, jax.Array) or x.is_ready() for x in jax.tree.leaves(tree)):
-            return tree
-        pool = self._waiters.get(id(src))
-        if pool is None:
-            pool = self._waiters[id(src)] = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"wait-{src.name}")
+    def wait(self, results: dict, trail: list[tuple[object, int, object]]) -> dict:
+        """{key: device array} -> {key: numpy array}, within the deadline. trail: (worker handle,
+        layer, output) in dispatch order, to find who is late, and where, when the deadline passes."""
+        self.waits += 1
         try:
-            return pool.submit(jax.block_until_ready, tree).result(timeout=self.deadline_s)
+            self._pool.submit(jax.block_until_ready, results).result(timeout=self.deadline_s)
         except concurrent.futures.TimeoutError:
-            raise WorkerFailed(src.name, f"no result within the {self.deadline_s:.3f} s deadline") from None
+            late = next(((w.name, layer) for w, layer, out in trail
+                         if not all(a.is_ready() for a in jax.tree.leaves(out) if isinstance(a, jax.Array))),
+                        ("unknown", 0))
+            raise WorkerFailed(late[0], f"no result within the {self.deadline_s:.3f} s deadline",
+                               layer=late[1]) from None
+        self.pulls += len(results)
+        return {k: np.asarray(v) for k, v in results.items()}
 
     def close(self) -> None:
-        for pool in self._waiters.values():
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -43,7 +43,7 @@ CASES = [
 
 
 @pytest.mark.usefixtures("ieee_f32_dots")  # the ragged_dot / dense backends are XLA dots
-@pytest.mark.parametrize("backend", ["pallas", "ragged_dot", "dense"])
+@pytest.mark.parametrize("backend", ["pallas", "tiles", "ragged_dot", "dense"])
 @pytest.mark.parametrize("seed,m,d,f,g,x_dtype,w_dtype,tail,empty", CASES)
 def test_backends_match_reference(backend, seed, m, d, f, g, x_dtype, w_dtype, tail, empty):
     args = random_ffn(seed, m, d, f, g, x_dtype, w_dtype, tail=tail, empty=empty)

@@ -1,10 +1,11 @@
-"""Expert-worker stage programs: one grouped SwiGLU FFN over one layer's tokens from every AW.
+"""Expert-worker stage program: one grouped SwiGLU FFN over one layer's tokens from every AW.
 
-The rows of each AW are packed into one zeroed [N, D] buffer (`pack_rows`, one call per AW, so
-compiled variants stay per (N, n) bucket instead of per combination of senders); the host plan
-gives a permutation that sorts the buffer by slot, so the grouped matmul sees contiguous groups,
-and its inverse, which puts outputs back in buffer order; `take_rows` cuts each AW's answer out.
-Rows past sum(group_sizes) are padding and come out as zeros.
+Each AW sends its packed buffer (model/wire.py: hidden states + the (EW, slot) of every top-k
+choice) as it left its layer program. This EW keeps the (token, k) pairs routed to it, sorts them
+by slot on the device (the grouped matmul wants contiguous groups; an idle slot is an empty
+group, so an inactive shadow costs nothing), runs the FFN over the weights of every slot it holds
+(primaries then shadows, one stack: no copy when a shadow becomes active) and answers each AW with
+[T, k, D]: the output at every pair it served, zero elsewhere. Nothing is read on the host.
 """
 from __future__ import annotations
 
@@ -14,25 +15,32 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.swiglu_ffn import grouped_swiglu_ffn
+from tarragon_jax.model import wire
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def pack_rows(buf_NxD: jax.Array, x_nxD: jax.Array, offset: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(buf_NxD, x_nxD.astype(buf_NxD.dtype), offset, axis=0)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def take_rows(y_NxD: jax.Array, offset: jax.Array, n: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(y_NxD, offset, n, axis=0)
-
-
-@functools.partial(jax.jit, static_argnames=("backend",))
-def expert_layer(weights: dict, extra: dict | None, x_NxD: jax.Array, perm_N: jax.Array, inv_perm_N: jax.Array,
-                 group_sizes_S: jax.Array, *, backend: str) -> jax.Array:
-    """weights: {"w_gate" [P, D, F], "w_up" [P, D, F], "w_down" [P, F, D]} primaries; extra: the same
-    for shadow/loaded slots P.., or None when no row targets them. Returns y [N, D]."""
-    if extra is not None:
-        weights = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), weights, extra)
-    y_sorted = grouped_swiglu_ffn(x_NxD[perm_N], weights["w_gate"], weights["w_up"], weights["w_down"],
-                                  group_sizes_S, backend=backend)
-    return y_sorted[inv_perm_N]
+@functools.partial(jax.jit, static_argnames=("top_k", "backend"))
+def expert_layer(weights: dict, ew_index: jax.Array, bufs: tuple, *, top_k: int, backend: str) -> tuple:
+    """weights: {"w_gate" [S, D, F], "w_up" [S, D, F], "w_down" [S, F, D]} for this EW's S slots;
+    ew_index: int32 scalar, this EW; bufs: one packed [T_i, D + ...] buffer per AW.
+    Returns one [T_i, k, D] array per buffer, in the buffers' dtype."""
+    S, D = weights["w_gate"].shape[:2]
+    hn, slot = [], []
+    for buf in bufs:
+        h_TxD, route_Tx2k = wire.unpack(buf, D)
+        hn.append(h_TxD)
+        slot.append(jnp.where(route_Tx2k[:, :top_k] == ew_index, route_Tx2k[:, top_k:], -1).reshape(-1))
+    hn_all, slot_P = jnp.concatenate(hn), jnp.concatenate(slot)          # P = sum_i T_i * k pairs
+    valid_P = slot_P >= 0
+    perm_P = jnp.argsort(jnp.where(valid_P, slot_P, S), stable=True)    # served pairs first, by slot
+    sizes_S = jnp.zeros(S, jnp.int32).at[jnp.where(valid_P, slot_P, S)].add(1, mode="drop")
+    x_sorted = hn_all[perm_P // top_k]
+    y_sorted = grouped_swiglu_ffn(x_sorted, weights["w_gate"], weights["w_up"], weights["w_down"], sizes_S,
+                                  backend=backend)
+    y_P = jnp.zeros_like(y_sorted).at[perm_P].set(y_sorted)
+    y_P = jnp.where(valid_P[:, None], y_P, 0)
+    out, off = [], 0
+    for buf in bufs:
+        T = buf.shape[0]
+        out.append(y_P[off:off + T * top_k].reshape(T, top_k, D))
+        off += T * top_k
+    return tuple(out)
