@@ -184,7 +184,8 @@ class Controller:
     def _publish(self, ert: RoutingTable) -> None:
         self.ert = ert
         for aw in self.aws:
-            aw.refe.publish(ert)
+            if aw.handle.alive:          # a dead AW (found or not yet) takes no transfer
+                aw.refe.publish(ert)
 
     # ---- background replacements --------------------------------------------------------------
     def _start(self, rec: RecoveryRecord, build: Callable, join: Callable) -> None:

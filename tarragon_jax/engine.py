@@ -227,9 +227,15 @@ class Engine:
                 break
             except WorkerFailed as f:                   # a worker missed the step deadline
                 self._failure(f.worker, f.reason, "call")
+                self.controller.transport.drain(trail)
                 if f.worker.startswith("aw"):
                     active.pop(int(f.worker[2:]), None)
-                first = min(f.layer, self.model.n_layers - 1)
+                # the fenced worker's answers of this step are not used, even those that came in
+                first = min([layer for h, layer, _ in trail if h.name == f.worker] + [self.model.n_layers - 1])
+                moe_layers = sum(self.model.moe_index(l) is not None for l in range(first, self.model.n_layers))
+                self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k * moe_layers
+                for aw, _ in active.values():
+                    aw.rewind(first)
         else:
             return []
         for handle, _, _ in trail:
@@ -250,13 +256,10 @@ class Engine:
         return events
 
     def _layers(self, active: dict, first: int) -> list:
-        """Dispatch layers first.. of every active AW (rewound to `first` on a replay); returns the
-        dispatch trail (worker, layer, output) for the step's bounded wait."""
+        """Dispatch layers first.. of every active AW (rewound to `first` by the caller on a replay);
+        returns the dispatch trail (worker, layer, output) for the step's bounded wait."""
         trail: list = []
         layer = first
-        if first:
-            for aw, _ in active.values():
-                aw.rewind(first)
         while layer < self.model.n_layers and active:
             self._inject(layer)
             if self._layer(layer, active, trail):

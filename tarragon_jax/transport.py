@@ -17,6 +17,8 @@ import numpy as np
 
 from tarragon_jax.errors import WorkerFailed
 
+DRAIN_S = 60.0     # how long a replay waits for a late worker's dispatched work to finish
+
 
 class Transport:
     def __init__(self, deadline_s: float):
@@ -47,6 +49,19 @@ class Transport:
                                layer=late[1]) from None
         self.pulls += len(results)
         return {k: np.asarray(v) for k, v in results.items()}
+
+    def drain(self, trail: list[tuple[object, int, object]], bound_s: float = DRAIN_S) -> bool:
+        """After a deadline miss: let the aborted dispatch finish (bounded) before its replay.
+        A device runs its programs in order, so a survivor's queue may hold work that consumes
+        the late worker's output; the replay could not start before it anyway, and waiting here
+        keeps that wait from being blamed on the survivor. False: not drained within bound_s."""
+        self.waits += 1
+        outs = [out for _, _, out in trail]
+        try:
+            self._pool.submit(jax.block_until_ready, outs).result(timeout=bound_s)
+            return True
+        except concurrent.futures.TimeoutError:
+            return False
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

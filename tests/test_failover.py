@@ -132,7 +132,8 @@ def test_restart_baseline_is_token_identical(model):
 
 def test_hung_expert_worker_found_by_deadline(model, monkeypatch):
     """An EW that stops answering (alive, but its results never arrive in time) is declared
-    failed by the bounded wait, and its rows are replayed to shadows: same tokens."""
+    failed by the step's bounded wait, which names it and the layer, and the step is replayed
+    from there on shadows: same tokens."""
     import jax
     import jax.numpy as jnp
     from tarragon_jax.expert_worker import ExpertWorker
@@ -140,14 +141,14 @@ def test_hung_expert_worker_found_by_deadline(model, monkeypatch):
 
     @jax.jit
     def stuck(y):       # answers only after ~0.5 s of work, and with garbage: using it changes tokens
-        busy = jax.lax.fori_loop(0, 200, lambda i, x: jnp.tanh(x @ x), jnp.full((512, 512), 0.01) + y[0, 0])
+        busy = jax.lax.fori_loop(0, 200, lambda i, x: jnp.tanh(x @ x), jnp.full((512, 512), 0.01) + y.reshape(-1)[0])
         return y * jnp.nan * busy.sum()
 
     run_layer = ExpertWorker.run_layer
 
-    def hang_ew2(self, layer, inputs):
-        out = run_layer(self, layer, inputs)
-        return [stuck(y) for y in out] if self.handle.name == "ew2" and hung[0] else out
+    def hang_ew2(self, layer, bufs):
+        out = run_layer(self, layer, bufs)
+        return tuple(stuck(y) for y in out) if self.handle.name == "ew2" and hung[0] else out
 
     hung = [False]
     monkeypatch.setattr(ExpertWorker, "run_layer", hang_ew2)

@@ -1,5 +1,6 @@
-"""Every cross-worker wait is bounded: a result that is not ready by the deadline is a
-WorkerFailed naming the worker, and a dead worker refuses transfers at once."""
+"""The step's one wait is bounded: a result that is not ready by the deadline is a WorkerFailed
+naming the first worker (in dispatch order) whose output is late, and the layer; a dead worker
+refuses transfers at once, as source or destination."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,14 +17,21 @@ def test_deadline_and_dead_worker():
     slow = jax.jit(lambda x: jax.lax.fori_loop(0, 400, lambda i, a: jnp.tanh(a @ a), x))
     x = ew.put(np.random.default_rng().standard_normal((384, 384), dtype=np.float32))
     t = Transport(deadline_s=1e-4)
-    with pytest.raises(WorkerFailed, match=r"ew0 failed: no result within the 0.000 s deadline"):
-        t.wait(slow(x), ew)
+    ready = aw.put(np.float32(1))
+    y_ew = slow(x)
+    y_aw = t.send(y_ew, aw, src=ew)                       # no wait: the copy follows its producer
+    with pytest.raises(WorkerFailed, match=r"ew0 failed: no result within the 0.000 s deadline") as e:
+        t.wait({0: y_aw}, [(aw, 0, ready), (ew, 3, y_ew), (aw, 4, y_aw)])
+    assert e.value.layer == 3 and t.waits == 1 and t.pulls == 0
     ok = Transport(deadline_s=30.0)
-    y = ok.send(ok.wait(slow(x), ew), aw)
-    assert y.devices() == set(aw.devices)
+    host = ok.wait({0: y_aw}, [(ew, 3, y_ew)])
+    assert isinstance(host[0], np.ndarray) and ok.pulls == 1
+    assert y_aw.devices() == set(aw.devices)
     ew.alive = False
     with pytest.raises(WorkerFailed, match="ew0 failed: send to a dead worker"):
-        ok.send(y, ew)
+        ok.send(y_aw, ew)
+    with pytest.raises(WorkerFailed, match="ew0 failed: worker is dead"):
+        ok.send(y_ew, aw, src=ew)
     assert not ew.probe() and aw.probe()
     t.close()
     ok.close()
