@@ -15,8 +15,8 @@ flags.DEFINE_enum("tiny_family", "qwen2_moe", ["mixtral", "qwen2_moe", "qwen3_mo
                   "Family of --model tiny.")
 flags.DEFINE_integer("num_attention_workers", 2, "Attention workers (AWs).")
 flags.DEFINE_integer("num_expert_workers", 4, "Expert workers (EWs).")
-flags.DEFINE_enum("expert_backend", "auto", ["auto", "dense", "ragged_dot", "pallas"],
-                  "Grouped FFN backend; auto = Pallas on GPU/TPU, ragged_dot on CPU.")
+flags.DEFINE_enum("expert_backend", "auto", ["auto", "tiles", "dense", "ragged_dot", "pallas"],
+                  "Grouped FFN backend; auto = Pallas on GPU/TPU, the XLA tile loop (routed pairs only) on CPU.")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "pallas", "jnp"],
                   "Paged attention; auto = Pallas (Triton) kernel on GPU, jnp on CPU/TPU.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Device dtype.")

@@ -10,7 +10,7 @@ import numbers
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 ROUTER_SCORING = ("softmax", "sigmoid")
-EXPERT_BACKENDS = ("auto", "dense", "ragged_dot", "pallas")
+EXPERT_BACKENDS = ("auto", "tiles", "dense", "ragged_dot", "pallas")
 ATTENTION_BACKENDS = ("auto", "pallas", "jnp")
 RECOVERIES = ("tarragon", "restart")
 RUNTIMES = ("local", "ray")
@@ -143,7 +143,7 @@ class EngineConfig:
     """How the service is laid out and scheduled."""
     num_attention_workers: int = 2
     num_expert_workers: int = 4
-    expert_backend: str = "auto"      # auto: Pallas kernel on GPU/TPU, ragged_dot on CPU
+    expert_backend: str = "auto"      # auto: Pallas kernel on GPU/TPU, the XLA tile loop ("tiles") on CPU
     attention_backend: str = "auto"   # auto: Pallas paged-attention kernel on GPU, jnp on CPU/TPU
     prefill_chunk: int = 32            # max prompt tokens of one request per step (chunked prefill)
     max_step_tokens: int = 256         # token budget of one step on one AW

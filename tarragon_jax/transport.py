@@ -48,7 +48,8 @@ class Transport:
             raise WorkerFailed(late[0], f"no result within the {self.deadline_s:.3f} s deadline",
                                layer=late[1]) from None
         self.pulls += len(results)
-        return {k: np.asarray(v) for k, v in results.items()}
+        with jax.transfer_guard_device_to_host("allow"):     # the step's one sanctioned pull
+            return {k: np.asarray(v) for k, v in results.items()}
 
     def drain(self, trail: list[tuple[object, int, object]], bound_s: float = DRAIN_S) -> bool:
         """After a deadline miss: let the aborted dispatch finish (bounded) before its replay.
