@@ -72,7 +72,7 @@ class AttentionWorker:
         self.scheduler = Scheduler(self.blocks, engine.max_running, engine.max_step_tokens,
                                    engine.prefill_chunk)
         self.programs = ProgramLog()
-        self.refe = ForwardingEngine(handle, transport, ert)
+        self.refe = ForwardingEngine(handle, ert)
         self.restored = RestoreStats()
         self._dtype = dtype
         self._dev: dict = {}

@@ -286,18 +286,18 @@ class Engine:
         if moe is None or not active:
             return True
         answers = {i: [None] * len(self.ews) for i in active}
-        senders = list(active)
+        live = [ew for ew in self.ews if not self.controller.health.is_failed(ew.handle.name)]
+        senders, send_all = list(active), self.controller.transport.send_all
         try:
-            pending = {}
-            for ew in self.ews:
-                if self.controller.health.is_failed(ew.handle.name):
-                    continue
-                bufs = [active[i][0].refe.send(sends[i], ew.handle) for i in senders]
-                pending[ew.index] = (ew, ew.run_layer(moe, bufs))
-            for j, (ew, calls) in pending.items():
-                for i, y in zip(senders, ew.results(calls)):
+            bufs = send_all([t for i in senders for t in active[i][0].refe.outbound(sends[i], live)])
+            calls = [ew.run_layer(moe, bufs[n::len(live)]) for n, ew in enumerate(live)]
+            back = []
+            for ew, call in zip(live, calls):
+                for i, y in zip(senders, ew.results(call)):
                     trail.append((ew.handle, layer, y))
-                    answers[i][j] = active[i][0].refe.receive(y, ew.handle)
+                    back.append((i, ew.index, active[i][0].refe.inbound(y, ew)))
+            for (i, j, _), y in zip(back, send_all([t for _, _, t in back])):
+                answers[i][j] = y
         except WorkerFailed as f:
             self._failure(f.worker, f.reason, "call")
             if f.worker.startswith("aw"):

@@ -4,9 +4,9 @@ transfers of a layer's exchange with the expert workers.
 Each ERT version becomes one small [E, 2] int32 array per MoE layer (expert -> (EW, slot)) on
 this AW's mesh, built once when the version is published; the AW's layer program reads it to
 resolve and pack every (token, k) pair, so a new version is a new array, never a recompile, and
-nothing about routing comes back to the host. `send` hands the packed buffer to an EW, `receive`
-brings an EW's answer back; both are transfers with the transport's liveness checks and never
-wait. On a failed EW the engine replays the layer: the AW re-runs it from its kept inputs under
+nothing about routing comes back to the host. `outbound` names the transfers of the packed buffer
+to the EWs and `inbound` those of their answers; the engine sends a layer's transfers of every AW
+in one batch (Transport.send_all), with liveness checks, never waiting. On a failed EW the engine replays the layer: the AW re-runs it from its kept inputs under
 the newer table, so the same (token, k, expert) pairs go to the next replica. Expert compute is
 stateless and deterministic, so the replayed outputs are the ones the failed EW would have given.
 """
@@ -16,12 +16,11 @@ import jax
 
 from tarragon_jax.routing_table import RoutingTable
 from tarragon_jax.runtime import WorkerHandle
-from tarragon_jax.transport import Transport
 
 
 class ForwardingEngine:
-    def __init__(self, handle: WorkerHandle, transport: Transport, ert: RoutingTable):
-        self.handle, self.transport = handle, transport
+    def __init__(self, handle: WorkerHandle, ert: RoutingTable):
+        self.handle = handle
         self.ert, self._routes = None, []
         self.publish(ert)
 
@@ -34,10 +33,11 @@ class ForwardingEngine:
         """[E, 2] int32 (EW, slot) per expert of an MoE layer, on this AW's mesh."""
         return self._routes[layer]
 
-    def send(self, buf: jax.Array, ew) -> jax.Array:
-        """This AW's packed layer buffer onto an EW's mesh (or its process); raises WorkerFailed."""
-        return self.transport.send(buf, ew, src=self.handle)
+    def outbound(self, buf: jax.Array, ews: list) -> list[tuple]:
+        """The transfers of this AW's packed layer buffer, one to each live EW (the engine sends
+        every AW's at once: Transport.send_all)."""
+        return [(buf, ew.handle, self.handle) for ew in ews]
 
-    def receive(self, y: jax.Array, ew) -> jax.Array:
-        """An EW's [T, k, D] answer onto this AW's mesh; raises WorkerFailed."""
-        return self.transport.send(y, self.handle, src=ew)
+    def inbound(self, y: jax.Array, ew) -> tuple:
+        """The transfer of an EW's [T, k, D] answer back onto this AW's mesh."""
+        return (y, self.handle, ew.handle)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.runtime import WorkerHandle, copy_arrays
 
 DRAIN_S = 60.0     # how long a replay waits for a late worker's dispatched work to finish
 
@@ -34,6 +35,24 @@ class Transport:
         if not dst.alive:
             raise WorkerFailed(dst.name, "send to a dead worker")
         return dst.put(tree)
+
+    def send_all(self, items: list[tuple[jax.Array, object, object]]) -> list:
+        """Many transfers at once: (array, destination, source) -> the array on the destination.
+        Copies between local meshes go out in one call (runtime.copy_arrays); a remote worker's
+        take its host copy (dst.put). Raises WorkerFailed for the first dead source or destination."""
+        for _, dst, src in items:
+            if not src.alive:
+                raise WorkerFailed(src.name, "worker is dead")
+            if not dst.alive:
+                raise WorkerFailed(dst.name, "send to a dead worker")
+        local = [i for i, (a, dst, _) in enumerate(items) if isinstance(dst, WorkerHandle) and isinstance(a, jax.Array)]
+        out = [None] * len(items)
+        for i, y in zip(local, copy_arrays([items[i][0] for i in local], [items[i][1] for i in local])):
+            out[i] = y
+        for i, (a, dst, _) in enumerate(items):
+            if out[i] is None:
+                out[i] = dst.put(a)
+        return out
 
     def wait(self, results: dict, trail: list[tuple[object, int, object]]) -> dict:
         """{key: device array} -> {key: numpy array}, within the deadline. trail: (worker handle,
