@@ -36,6 +36,8 @@ flags.DEFINE_float("transfer_deadline_s", 30.0, "Bounded wait on every cross-wor
 flags.DEFINE_float("heartbeat_interval_s", 0.05, "Controller liveness probes.")
 flags.DEFINE_bool("precompile", False, "Compile every stage program at every batch shape at startup, so no "
                   "serving step (failover steps included) compiles.")
+flags.DEFINE_bool("pingpong", False, "One EW call per AW per layer instead of one over all AWs, so one AW's "
+                  "attention overlaps another's expert work (MegaScale-Infer's ping-pong).")
 flags.DEFINE_string("compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tarragon_jax", "xla"),
                     "Persistent XLA compilation cache ('' to disable).")
 FLAGS = flags.FLAGS
@@ -97,7 +99,8 @@ def engine_config(**overrides):
               max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
               snapshot_flush_s=FLAGS.snapshot_flush_s,
-              transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s, precompile=FLAGS.precompile)
+              transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s, precompile=FLAGS.precompile,
+              pingpong=FLAGS.pingpong)
     kw.update(overrides)
     return EngineConfig(**kw)
 

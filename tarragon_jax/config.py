@@ -158,6 +158,9 @@ class EngineConfig:
     snapshot_flush_s: float = 2.0      # KV snapshots within this window share one Orbax write (durability lag)
     heartbeat_interval_s: float = 0.05 # controller liveness probes of idle workers
     precompile: bool = False           # compile every stage program at every batch shape at startup
+    pingpong: bool = False             # an EW call per AW, not one over all AWs: one AW's attention
+                                       # overlaps the expert work of another (MegaScale-Infer); costs
+                                       # an expert weight read per AW (launch/peer_bench.py measures)
 
     def __post_init__(self) -> None:
         _require(self.num_attention_workers >= 1,

@@ -271,8 +271,10 @@ class Engine:
 
     def _layer(self, layer: int, active: dict, trail: list) -> bool:
         """One layer: every AW's program, then (MoE layer) every live EW once over the buffers of
-        all AWs, and the answers back. Nothing waits (a remote EW's results are gathered after
-        every EW was called). False: a worker failed, the controller reacted, replay the layer."""
+        all AWs (with `pingpong`, once per AW, so an AW's next layer can start while the EWs work
+        on another AW's rows), and the answers back. Nothing waits (a remote EW's results are
+        gathered after every EW was called). False: a worker failed, the controller reacted,
+        replay the layer."""
         sends = {}
         for i, (aw, _) in list(active.items()):
             send = self._guard(aw.attend, layer)
@@ -290,10 +292,12 @@ class Engine:
         senders, send_all = list(active), self.controller.transport.send_all
         try:
             bufs = send_all([t for i in senders for t in active[i][0].refe.outbound(sends[i], live)])
-            calls = [ew.run_layer(moe, bufs[n::len(live)]) for n, ew in enumerate(live)]
+            groups = [[i] for i in senders] if self.config.pingpong else [senders]
+            calls = [(ew, g, ew.run_layer(moe, [bufs[senders.index(i) * len(live) + n] for i in g]))
+                     for g in groups for n, ew in enumerate(live)]
             back = []
-            for ew, call in zip(live, calls):
-                for i, y in zip(senders, ew.results(call)):
+            for ew, g, call in calls:
+                for i, y in zip(g, ew.results(call)):
                     trail.append((ew.handle, layer, y))
                     back.append((i, ew.index, active[i][0].refe.inbound(y, ew)))
             for (i, j, _), y in zip(back, send_all([t for _, _, t in back])):

@@ -14,15 +14,16 @@ def _prompts(rng, vocab, lengths):
     return [rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("family, backend, attention", [("qwen2_moe", "ragged_dot", "jnp"),
-                                                        ("mixtral", "dense", "auto"),
-                                                        ("qwen3_moe", "pallas", "pallas")])
-def test_engine_token_identical_to_reference_with_midrun_arrivals(family, backend, attention):
+@pytest.mark.parametrize("family, backend, attention, pingpong", [("qwen2_moe", "ragged_dot", "jnp", False),
+                                                                  ("mixtral", "dense", "auto", False),
+                                                                  ("qwen3_moe", "pallas", "pallas", False),
+                                                                  ("deepseek_v3", "tiles", "auto", True)])
+def test_engine_token_identical_to_reference_with_midrun_arrivals(family, backend, attention, pingpong):
     rng = np.random.default_rng()
     cfg, params = tiny_model(family, seed=int(rng.integers(1 << 30)))
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=4,
                                            expert_backend=backend, attention_backend=attention,
-                                           prefill_chunk=8, max_step_tokens=24),
+                                           prefill_chunk=8, max_step_tokens=24, pingpong=pingpong),
                  CacheConfig(page_size=4, num_pages=64))
     first = _prompts(rng, cfg.vocab_size, [3, 19, 6])
     late = _prompts(rng, cfg.vocab_size, [11, 2])
