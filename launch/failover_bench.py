@@ -43,7 +43,7 @@ flags.DEFINE_string("plot_out", None, "Draw tokens/s over time per scenario (PNG
 
 
 def _engine(cfg, params, reload, **overrides):
-    from tarragon_jax.engine import Engine
+    from tarragon_jax.serving.engine import Engine
     return Engine(cfg, params, serving_flags.engine_config(**overrides), serving_flags.cache_config(),
                   load_params=reload)
 

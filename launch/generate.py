@@ -60,9 +60,9 @@ def main(argv):
         sys.stdout = sys.stderr
     cfg, params, ckpt, reload, engine_cfg = serving_flags.start()
     from tarragon_jax.config import ConfigError, SamplingParams
-    from tarragon_jax.engine import Engine
+    from tarragon_jax.serving.engine import Engine
     from tarragon_jax.errors import RequestError
-    from tarragon_jax.faults import FaultInjector
+    from tarragon_jax.control.faults import FaultInjector
     try:
         faults = [FaultInjector.from_strings(FLAGS.fail or []) for _ in range(2)]
     except ValueError as e:

@@ -26,7 +26,7 @@ FLAGS.set_default("tiny_family", "qwen3_moe")
 def step_time(n_layers: int, resilience: bool) -> float:
     """Median wall time of a batch-1 decode step (seconds), after an untimed warm-up request."""
     from tarragon_jax.config import SamplingParams
-    from tarragon_jax.engine import Engine
+    from tarragon_jax.serving.engine import Engine
     from tarragon_jax.model.tiny import tiny_model
     cfg, params = tiny_model(FLAGS.tiny_family, seed=1, n_layers=n_layers, max_position=FLAGS.steps + 64)
     eng = Engine(cfg, params, serving_flags.engine_config(resilience=resilience), serving_flags.cache_config())

@@ -91,7 +91,7 @@ def _hf_model(path: str):
 def run_engine(cfg, params, engine_cfg, batches: dict) -> dict:
     """batch -> (tok/s per timed pass, greedy tokens of the last pass) for one engine."""
     from tarragon_jax.config import SamplingParams
-    from tarragon_jax.engine import Engine
+    from tarragon_jax.serving.engine import Engine
     engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config())
     sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
     out = {}

@@ -6,7 +6,7 @@
   curl -s localhost:8000/health
   curl -s localhost:8000/fail -d '{"worker": "ew1"}'     # with --allow_fault_injection: no token changes
 
-Endpoints and errors: tarragon_jax/server.py. All serving flags (layout, runtime, recovery,
+Endpoints and errors: tarragon_jax/serving/server.py. All serving flags (layout, runtime, recovery,
 --precompile, ...) are the shared ones of launch/serving_flags.py.
 """
 from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
@@ -35,8 +35,8 @@ def main(argv):
     del argv
     cfg, params, ckpt, reload, engine_cfg = serving_flags.start()
     from tarragon_jax.config import ConfigError
-    from tarragon_jax.engine import Engine
-    from tarragon_jax.server import EngineLoop, Server
+    from tarragon_jax.serving.engine import Engine
+    from tarragon_jax.serving.server import EngineLoop, Server
     try:
         engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config(), load_params=reload)
     except ConfigError as e:

@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 
 
 def setup_jax() -> None:
-    from tarragon_jax.runtime import use_compile_cache
+    from tarragon_jax.workers.runtime import use_compile_cache
     if FLAGS.compile_cache_dir:
         use_compile_cache(FLAGS.compile_cache_dir)
 

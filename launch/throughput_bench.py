@@ -50,7 +50,7 @@ def main(argv):
     cfg, params, _, reload, engine_cfg = serving_flags.start()
     import numpy as np
     from tarragon_jax.config import SamplingParams
-    from tarragon_jax.engine import Engine
+    from tarragon_jax.serving.engine import Engine
     from tarragon_jax.errors import RequestError
     engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config(), load_params=reload)
     sampling = SamplingParams(max_new_tokens=FLAGS.output_len)

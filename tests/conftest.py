@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from tarragon_jax.runtime import use_compile_cache  # noqa: E402  (after XLA_FLAGS)
+from tarragon_jax.workers.runtime import use_compile_cache  # noqa: E402  (after XLA_FLAGS)
 
 use_compile_cache(os.path.join(tempfile.gettempdir(), "tarragon_jax_test_cache"))
 

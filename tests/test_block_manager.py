@@ -1,6 +1,6 @@
 import pytest
 
-from tarragon_jax.block_manager import BlockManager
+from tarragon_jax.kv.block_manager import BlockManager
 
 
 def test_sink_page_never_allocated_and_exhaustion():

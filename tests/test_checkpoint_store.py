@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from tarragon_jax.checkpoint_store import BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing
+from tarragon_jax.kv.checkpoint_store import BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing
 
 L, PS, KV, HD = 2, 4, 2, 8                     # one block: [L, 2, PS, KV, HD] f32 = 1 KiB
 

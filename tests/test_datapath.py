@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarragon_jax.attention_worker import AttentionWorker
+from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
-from tarragon_jax.engine import Engine
+from tarragon_jax.serving.engine import Engine
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
-from tarragon_jax.transport import Transport
+from tarragon_jax.workers.transport import Transport
 
 
 @jax.jit

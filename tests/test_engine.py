@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
-from tarragon_jax.engine import Engine
+from tarragon_jax.serving.engine import Engine
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
 

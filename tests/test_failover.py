@@ -4,10 +4,10 @@ with no shadow left, a lost snapshot, and the restart baseline."""
 import numpy as np
 import pytest
 
-from tarragon_jax.checkpoint_store import SnapshotCorrupt
+from tarragon_jax.kv.checkpoint_store import SnapshotCorrupt
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
-from tarragon_jax.engine import Engine
-from tarragon_jax.faults import FaultInjector
+from tarragon_jax.serving.engine import Engine
+from tarragon_jax.control.faults import FaultInjector
 from tarragon_jax.model.tiny import tiny_model
 
 CACHE = CacheConfig(page_size=4, num_pages=96)
@@ -106,7 +106,7 @@ def test_no_shadow_left_loads_from_host(model):
 
 
 def test_missing_snapshot_recomputes_from_tokens(model, monkeypatch):
-    from tarragon_jax.checkpoint_store import CheckpointStore
+    from tarragon_jax.kv.checkpoint_store import CheckpointStore
 
     def broken(self, request_id, num_blocks=None):
         raise SnapshotCorrupt(f"request {request_id}: checksum mismatch (injected)")
@@ -136,7 +136,7 @@ def test_hung_expert_worker_found_by_deadline(model, monkeypatch):
     from there on shadows: same tokens."""
     import jax
     import jax.numpy as jnp
-    from tarragon_jax.expert_worker import ExpertWorker
+    from tarragon_jax.workers.expert_worker import ExpertWorker
     cfg, params, early, late, clean = model
 
     @jax.jit
@@ -179,7 +179,7 @@ def test_second_ew_dies_while_orphans_are_loaded(model):
 def test_replacement_that_fails_to_build_leaves_the_service_running(model, monkeypatch):
     """The background replacement raises (no device, out of memory): serving goes on on the
     survivors with identical tokens, the error is on the record, and the EW stays down."""
-    from tarragon_jax.controller import Controller
+    from tarragon_jax.control.controller import Controller
 
     def broken(self, make, failed, rec):
         raise RuntimeError("no device for the replacement (injected)")

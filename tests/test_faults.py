@@ -1,6 +1,6 @@
 import pytest
 
-from tarragon_jax.faults import FaultInjector, FaultSpec, parse_fault
+from tarragon_jax.control.faults import FaultInjector, FaultSpec, parse_fault
 
 
 @pytest.mark.parametrize("text,spec", [

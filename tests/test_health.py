@@ -1,6 +1,6 @@
 import pytest
 
-from tarragon_jax.health import HealthMonitor
+from tarragon_jax.control.health import HealthMonitor
 
 
 class FakeClock:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tarragon_jax.config import ConfigError, EngineConfig, SamplingParams
-from tarragon_jax.engine import Engine
+from tarragon_jax.serving.engine import Engine
 from tarragon_jax.model import reference
 from tarragon_jax.model.hf_loader import CheckpointError, load_checkpoint
 

@@ -9,7 +9,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from serving import request, serving
 from tarragon_jax.model import reference
-from tarragon_jax.openai_api import TextStream
+from tarragon_jax.serving.openai_api import TextStream
 
 
 def char_tokenizer(vocab_size):

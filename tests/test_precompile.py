@@ -4,12 +4,12 @@ every program on zeros through the sink page, leaves the tokens exactly the refe
 import numpy as np
 import pytest
 
-from tarragon_jax import kv_cache
+from tarragon_jax.kv import kv_cache
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
-from tarragon_jax.engine import Engine
+from tarragon_jax.serving.engine import Engine
 from tarragon_jax.model import attention_stage, expert_stage, reference
 from tarragon_jax.model.tiny import tiny_model
-from tarragon_jax.shape_grid import buckets, shape_grid
+from tarragon_jax.workers.shape_grid import buckets, shape_grid
 
 PROGRAMS = (attention_stage.embed, attention_stage.attention_layer, attention_stage.head,
             kv_cache.read_blocks, kv_cache.write_blocks, expert_stage.expert_layer)

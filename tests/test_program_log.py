@@ -1,8 +1,8 @@
 import jax
 import numpy as np
 
-from tarragon_jax.program_log import ProgramLog
-from tarragon_jax.runtime import LocalRuntime
+from tarragon_jax.workers.program_log import ProgramLog
+from tarragon_jax.workers.runtime import LocalRuntime
 
 
 def test_logs_compiled_shapes_and_replays_them_on_another_worker():

@@ -1,8 +1,8 @@
 import pytest
 
-from tarragon_jax.placement import place
-from tarragon_jax.recovery import RecoveryError, plan_aw_failure, plan_expert_routing
-from tarragon_jax.routing_table import Replica
+from tarragon_jax.control.placement import place
+from tarragon_jax.control.recovery import RecoveryError, plan_aw_failure, plan_expert_routing
+from tarragon_jax.workers.routing_table import Replica
 
 
 def test_ew_failure_with_shadows_has_no_loads():

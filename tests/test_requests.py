@@ -2,7 +2,7 @@
 import pytest
 
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, SamplingParams
-from tarragon_jax.engine import Engine
+from tarragon_jax.serving.engine import Engine
 from tarragon_jax.errors import RequestError
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model

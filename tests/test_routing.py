@@ -1,7 +1,7 @@
 import pytest
 
-from tarragon_jax.placement import place, shadow_slots_per_layer
-from tarragon_jax.routing_table import NoLiveReplica, Replica, RoutingTable
+from tarragon_jax.control.placement import place, shadow_slots_per_layer
+from tarragon_jax.workers.routing_table import NoLiveReplica, Replica, RoutingTable
 
 
 def coverage_after_loss(placement, ew: int) -> float:

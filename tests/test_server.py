@@ -153,7 +153,7 @@ def test_a_client_that_leaves_before_the_answer_cancels_its_request(served, monk
 
 
 def _extra_server(loop, **kw):
-    from tarragon_jax.server import Server
+    from tarragon_jax.serving.server import Server
     server = Server(loop, port=0, **kw)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.runtime import LocalRuntime
-from tarragon_jax.transport import Transport
+from tarragon_jax.workers.runtime import LocalRuntime
+from tarragon_jax.workers.transport import Transport
 
 
 def test_deadline_and_dead_worker():

@@ -19,7 +19,7 @@ from pallas_kernels.paged_attention import paged_attention
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.model import layers, wire
 from tarragon_jax.model.router import route
-from tarragon_jax.sampling import sample
+from tarragon_jax.model.sampling import sample
 
 
 def _combine(carry: tuple, ys: tuple) -> jax.Array:

@@ -13,8 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from tarragon_jax.block_manager import BlockManager
-from tarragon_jax.sequence import Sequence, SeqState
+from tarragon_jax.kv.block_manager import BlockManager
+from tarragon_jax.workers.sequence import Sequence, SeqState
 
 
 def bucket(n: int, minimum: int) -> int:

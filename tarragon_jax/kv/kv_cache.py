@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from tarragon_jax.config import CacheConfig, ModelConfig
-from tarragon_jax.runtime import WorkerHandle
+from tarragon_jax.workers.runtime import WorkerHandle
 
 
 def allocate_pages(model: ModelConfig, cache: CacheConfig, worker: WorkerHandle, dtype) -> list[dict]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from tarragon_jax.placement import Placement
-from tarragon_jax.routing_table import Replica, RoutingTable
+from tarragon_jax.control.placement import Placement
+from tarragon_jax.workers.routing_table import Replica, RoutingTable
 
 Key = tuple[int, int]    # (layer, expert)
 

@@ -33,9 +33,9 @@ import threading
 import time
 from typing import Callable
 
-from tarragon_jax import openai_api
+from tarragon_jax.serving import openai_api
 from tarragon_jax.config import ConfigError, SamplingParams
-from tarragon_jax.engine import Engine
+from tarragon_jax.serving.engine import Engine
 from tarragon_jax.errors import RequestError
 
 _SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}

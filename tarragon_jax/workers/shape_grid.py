@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
-from tarragon_jax.scheduler import bucket
+from tarragon_jax.workers.scheduler import bucket
 
 
 def buckets(minimum: int, largest: int) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from tarragon_jax.routing_table import Replica, RoutingTable
+from tarragon_jax.workers.routing_table import Replica, RoutingTable
 
 
 @dataclasses.dataclass(frozen=True)

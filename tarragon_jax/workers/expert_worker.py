@@ -15,9 +15,9 @@ import numpy as np
 
 from tarragon_jax.model import wire
 from tarragon_jax.model.expert_stage import expert_layer
-from tarragon_jax.program_log import ProgramLog
-from tarragon_jax.runtime import WorkerHandle
-from tarragon_jax.shape_grid import ShapeGrid
+from tarragon_jax.workers.program_log import ProgramLog
+from tarragon_jax.workers.runtime import WorkerHandle
+from tarragon_jax.workers.shape_grid import ShapeGrid
 
 _KEYS = ("w_gate", "w_up", "w_down")
 

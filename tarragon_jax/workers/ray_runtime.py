@@ -23,9 +23,9 @@ import warnings
 import numpy as np
 
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.runtime import LocalRuntime, WorkerHandle, use_compile_cache
+from tarragon_jax.workers.runtime import LocalRuntime, WorkerHandle, use_compile_cache
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
 PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) in one process
 
@@ -38,7 +38,7 @@ class ExpertActor:
         import jax
         if compile_cache_dir:
             use_compile_cache(compile_cache_dir)
-        from tarragon_jax.expert_worker import ExpertWorker
+        from tarragon_jax.workers.expert_worker import ExpertWorker
         self.experts = experts
         self.ew = ExpertWorker(index, WorkerHandle(f"ew{index}", (jax.devices()[0],)), primaries, shadows,
                                experts, backend, dtype, top_k)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.runtime import WorkerHandle, copy_arrays
+from tarragon_jax.workers.runtime import WorkerHandle, copy_arrays
 
 DRAIN_S = 60.0     # how long a replay waits for a late worker's dispatched work to finish
 

@@ -14,19 +14,19 @@ import dataclasses
 import jax
 import numpy as np
 
-from tarragon_jax.block_manager import BlockManager
-from tarragon_jax.checkpoint_store import BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing
+from tarragon_jax.kv.block_manager import BlockManager
+from tarragon_jax.kv.checkpoint_store import BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
-from tarragon_jax.forwarding_engine import ForwardingEngine
-from tarragon_jax.kv_cache import allocate_pages, read_blocks, write_blocks
+from tarragon_jax.workers.forwarding_engine import ForwardingEngine
+from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.model import attention_stage as stage
-from tarragon_jax.program_log import ProgramLog
-from tarragon_jax.routing_table import RoutingTable
-from tarragon_jax.runtime import WorkerHandle
-from tarragon_jax.scheduler import Scheduler, StepBatch, bucket
-from tarragon_jax.sequence import Sequence, SeqState
-from tarragon_jax.shape_grid import ShapeGrid
-from tarragon_jax.transport import Transport
+from tarragon_jax.workers.program_log import ProgramLog
+from tarragon_jax.workers.routing_table import RoutingTable
+from tarragon_jax.workers.runtime import WorkerHandle
+from tarragon_jax.workers.scheduler import Scheduler, StepBatch, bucket
+from tarragon_jax.workers.sequence import Sequence, SeqState
+from tarragon_jax.workers.shape_grid import ShapeGrid
+from tarragon_jax.workers.transport import Transport
 
 
 def _serving_params(model: ModelConfig, attn_params: dict, dtype) -> dict:

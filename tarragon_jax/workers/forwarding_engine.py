@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import jax
 
-from tarragon_jax.routing_table import RoutingTable
-from tarragon_jax.runtime import WorkerHandle
+from tarragon_jax.workers.routing_table import RoutingTable
+from tarragon_jax.workers.runtime import WorkerHandle
 
 
 class ForwardingEngine:

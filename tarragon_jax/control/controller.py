@@ -21,20 +21,20 @@ from typing import Callable
 
 import jax
 
-from tarragon_jax.attention_worker import AttentionWorker
-from tarragon_jax.checkpoint_store import CheckpointStore
+from tarragon_jax.workers.attention_worker import AttentionWorker
+from tarragon_jax.kv.checkpoint_store import CheckpointStore
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.expert_worker import ExpertWorker
-from tarragon_jax.health import HealthMonitor
-from tarragon_jax.placement import Placement, place
-from tarragon_jax.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
-from tarragon_jax.recovery import plan_aw_failure, plan_expert_routing
-from tarragon_jax.routing_table import RoutingTable
-from tarragon_jax.runtime import LocalRuntime, WorkerHandle
-from tarragon_jax.sequence import Sequence
-from tarragon_jax.shape_grid import shape_grid
-from tarragon_jax.transport import Transport
+from tarragon_jax.workers.expert_worker import ExpertWorker
+from tarragon_jax.control.health import HealthMonitor
+from tarragon_jax.control.placement import Placement, place
+from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
+from tarragon_jax.control.recovery import plan_aw_failure, plan_expert_routing
+from tarragon_jax.workers.routing_table import RoutingTable
+from tarragon_jax.workers.runtime import LocalRuntime, WorkerHandle
+from tarragon_jax.workers.sequence import Sequence
+from tarragon_jax.workers.shape_grid import shape_grid
+from tarragon_jax.workers.transport import Transport
 
 
 @dataclasses.dataclass
