@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from tarragon_jax.config import CacheConfig, ModelConfig
-from tarragon_jax.workers.runtime import WorkerHandle
 
 
-def allocate_pages(model: ModelConfig, cache: CacheConfig, worker: WorkerHandle, dtype) -> list[dict]:
-    """Per layer {part: [num_pages, page_size, heads, dim]} on the worker's mesh (ModelConfig.cache_row)."""
+def allocate_pages(model: ModelConfig, cache: CacheConfig, sharding: jax.sharding.Sharding, dtype) -> list[dict]:
+    """Per layer {part: [num_pages, page_size, heads, dim]} (ModelConfig.cache_row), made directly
+    where `sharding` says (the attention worker's mesh)."""
     shape = (cache.num_pages, cache.page_size) + model.cache_row
-    return [worker.put({part: jnp.zeros(shape, dtype) for part in model.cache_parts})
+    return [{part: jnp.zeros(shape, dtype, device=sharding) for part in model.cache_parts}
             for _ in range(model.n_layers)]
 
 

@@ -67,7 +67,7 @@ class AttentionWorker:
         self.attention_backend = engine.attention_backend
         self.n_ews = engine.num_expert_workers
         self.params = handle.put(_serving_params(model, attn_params, dtype))
-        self.pages = allocate_pages(model, cache, handle, dtype)
+        self.pages = allocate_pages(model, cache, handle.sharding, dtype)
         self.blocks = BlockManager(cache.num_pages, cache.page_size)
         self.scheduler = Scheduler(self.blocks, engine.max_running, engine.max_step_tokens,
                                    engine.prefill_chunk)
