@@ -106,7 +106,7 @@ class Controller:
 
     def _new_aw(self, i: int, handle: WorkerHandle) -> AttentionWorker:
         return AttentionWorker(i, handle, self.model, self.params["attn"], self.cache, self.config,
-                               self.transport, self.ert, self.dtype, self.store, self.clock)
+                               self.ert, self.dtype, self.store, self.clock)
 
     def live_aws(self) -> list[AttentionWorker]:
         """AWs not known to have failed (a dead but undetected AW fails its next call)."""

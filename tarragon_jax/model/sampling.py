@@ -22,5 +22,9 @@ def _one(logits_V, temperature, top_p, seed, index):
 @jax.jit
 def sample(logits_BxV: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array, seed_B: jax.Array,
            index_B: jax.Array) -> jax.Array:
-    """int32 [B] next tokens."""
-    return jax.vmap(_one)(logits_BxV, temperature_B, top_p_B, seed_B, index_B)
+    """int32 [B] next tokens. The sampling path (a sort of the vocabulary per row) runs only when
+    some row samples: an all-greedy batch, the common case, is one argmax."""
+    greedy = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(temperature_B > 0),
+                        lambda: jax.vmap(_one)(logits_BxV, temperature_B, top_p_B, seed_B, index_B),
+                        lambda: greedy)

@@ -226,16 +226,7 @@ class Engine:
                 host = self.controller.transport.wait(tokens, trail)
                 break
             except WorkerFailed as f:                   # a worker missed the step deadline
-                self._failure(f.worker, f.reason, "call")
-                self.controller.transport.drain(trail)
-                if f.worker.startswith("aw"):
-                    active.pop(int(f.worker[2:]), None)
-                # the fenced worker's answers of this step are not used, even those that came in
-                first = min([layer for h, layer, _ in trail if h.name == f.worker] + [self.model.n_layers - 1])
-                moe_layers = sum(self.model.moe_index(l) is not None for l in range(first, self.model.n_layers))
-                self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k * moe_layers
-                for aw, _ in active.values():
-                    aw.rewind(first)
+                first = self._late(f, active, trail)
         else:
             return []
         for handle, _, _ in trail:
@@ -254,6 +245,22 @@ class Engine:
                     events.append(TokenEvent(seq.request_id, tok, len(seq.output) - 1,
                                              seq.state is SeqState.FINISHED, seq.finish_reason))
         return events
+
+    def _late(self, f: WorkerFailed, active: dict, trail: list) -> int:
+        """A worker missed the step deadline: fence it (the controller reacts as to any failure),
+        let the aborted dispatch drain, and rewind the surviving AWs to the first layer the late
+        worker took part in: none of its answers of this step is used, even those that came in.
+        Returns that layer, where the replay starts."""
+        self._failure(f.worker, f.reason, "call")
+        self.controller.transport.drain(trail)
+        if f.worker.startswith("aw"):
+            active.pop(int(f.worker[2:]), None)
+        first = min([layer for h, layer, _ in trail if h.name == f.worker] + [self.model.n_layers - 1])
+        moe_layers = sum(self.model.moe_index(l) is not None for l in range(first, self.model.n_layers))
+        self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k * moe_layers
+        for aw, _ in active.values():
+            aw.rewind(first)
+        return first
 
     def _layers(self, active: dict, first: int) -> list:
         """Dispatch layers first.. of every active AW (rewound to `first` by the caller on a replay);

@@ -26,7 +26,6 @@ from tarragon_jax.workers.runtime import WorkerHandle
 from tarragon_jax.workers.scheduler import Scheduler, StepBatch, bucket
 from tarragon_jax.workers.sequence import Sequence, SeqState
 from tarragon_jax.workers.shape_grid import ShapeGrid
-from tarragon_jax.workers.transport import Transport
 
 
 def _serving_params(model: ModelConfig, attn_params: dict, dtype) -> dict:
@@ -61,7 +60,7 @@ class RestoreStats:
 
 class AttentionWorker:
     def __init__(self, index: int, handle: WorkerHandle, model: ModelConfig, attn_params: dict,
-                 cache: CacheConfig, engine: EngineConfig, transport: Transport, ert: RoutingTable, dtype,
+                 cache: CacheConfig, engine: EngineConfig, ert: RoutingTable, dtype,
                  store: CheckpointStore | None, clock):
         self.index, self.handle, self.model, self.store, self.clock = index, handle, model, store, clock
         self.attention_backend = engine.attention_backend

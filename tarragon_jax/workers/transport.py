@@ -38,8 +38,8 @@ class Transport:
 
     def send_all(self, items: list[tuple[jax.Array, object, object]]) -> list:
         """Many transfers at once: (array, destination, source) -> the array on the destination.
-        Copies between local meshes go out in one call (runtime.copy_arrays); a remote worker's
-        take its host copy (dst.put). Raises WorkerFailed for the first dead source or destination."""
+        Copies between local meshes go out in one call (runtime.copy_arrays); a remote worker
+        gets a host copy (dst.put). Raises WorkerFailed for the first dead source or destination."""
         for _, dst, src in items:
             if not src.alive:
                 raise WorkerFailed(src.name, "worker is dead")
@@ -63,9 +63,10 @@ class Transport:
         except concurrent.futures.TimeoutError:
             late = next(((w.name, layer) for w, layer, out in trail
                          if not all(a.is_ready() for a in jax.tree.leaves(out) if isinstance(a, jax.Array))),
-                        ("unknown", 0))
-            raise WorkerFailed(late[0], f"no result within the {self.deadline_s:.3f} s deadline",
-                               layer=late[1]) from None
+                        None)
+            if late is not None:      # else everything arrived just after the deadline: take it
+                raise WorkerFailed(late[0], f"no result within the {self.deadline_s:.3f} s deadline",
+                                   layer=late[1]) from None
         self.pulls += len(results)
         with jax.transfer_guard_device_to_host("allow"):     # the step's one sanctioned pull
             return {k: np.asarray(v) for k, v in results.items()}
