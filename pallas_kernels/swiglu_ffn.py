@@ -7,11 +7,10 @@ worker pads its batch to a static size). Backends:
                 on the f32 accumulators, h [M, F] written once), then down. Lowered per platform
                 by grouped_matmul (Mosaic GPU / Triton / Mosaic TPU / interpret on CPU).
   "ragged_dot": three jax.lax.ragged_dot calls (XLA's grouped matmul), activation fused by XLA.
-  "tiles":      XLA, no Pallas: a loop over the group-aligned row tiles that hold rows (the
-                kernels' work items), each a [bm, D] x [D, F] product with its group's weights.
-                Only routed (row, expert) pairs are computed and an empty group's weights are
-                never read: the CPU path (ragged_dot computes every group for every row there,
-                10x slower at decode shapes, launch/kernel_bench.py --suites ffn).
+  "tiles":      XLA, no Pallas: per group, a loop over its row tiles ([bm, D] x [D, F] products
+                with that group's weights). Only routed (row, expert) pairs are computed and an
+                empty group's weights are never read: the CPU path (ragged_dot computes every
+                group for every row there: 5-10x slower at decode shapes on a 2-core CPU).
   "dense":      every expert on every row (einsum) then a one-hot mask; G times the FLOPs, but
                 simple and a useful baseline when groups are tiny.
 Numerics (all backends and the reference): f32 accumulation and activation, h rounded to the
@@ -27,7 +26,7 @@ from pallas_kernels import gmm_common as common
 from pallas_kernels import grouped_matmul
 
 BACKENDS = ("pallas", "tiles", "ragged_dot", "dense")
-TILE_ROWS = 8   # "tiles": rows per work item (fixed, so a row's result never depends on the batch)
+TILE_ROWS = 16   # "tiles": rows per work item (fixed, so a row's result never depends on the batch)
 
 
 def _check(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G):
@@ -110,24 +109,32 @@ def grouped_swiglu_ffn(
 
 
 def _tiles_ffn(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, out_dtype):
-    """The "tiles" backend: fori_loop over the real work items only (a dynamic trip count)."""
+    """The "tiles" backend, unrolled over groups: a group with rows takes its weights as a static
+    slice once (not a dynamic slice per tile) and loops over its row tiles only; an empty group
+    is a skipped branch, so its weights are never touched (an idle shadow costs nothing)."""
     m, d = x_MxD.shape
     bm = TILE_ROWS
-    group_W, start_W, rows_W = common.work_items(group_sizes_G, m, bm)
-    n_items = jnp.sum(rows_W > 0)
+    sizes_G = common.clamp_group_sizes(group_sizes_G, m)
+    starts_G = jnp.cumsum(sizes_G) - sizes_G
     x_pad = jnp.concatenate([x_MxD, jnp.zeros((bm, d), x_MxD.dtype)])     # a tile never clamps
     f32 = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
 
-    def item(w, y_pad):
-        g, start = group_W[w], start_W[w]
-        xt = jax.lax.dynamic_slice_in_dim(x_pad, start, bm)
-        h = common.silu_mul(f32(xt, w_gate_GxDxF[g]), f32(xt, w_up_GxDxF[g])).astype(x_MxD.dtype)
-        yt = f32(h, w_down_GxFxD[g]).astype(out_dtype)
-        keep = (jnp.arange(bm) < rows_W[w])[:, None]          # rows of the next group stay as they are
-        old = jax.lax.dynamic_slice_in_dim(y_pad, start, bm)
-        return jax.lax.dynamic_update_slice_in_dim(y_pad, jnp.where(keep, yt, old), start, 0)
+    def group(g, y):
+        wg, wu, wd = w_gate_GxDxF[g], w_up_GxDxF[g], w_down_GxFxD[g]
 
-    y_pad = jax.lax.fori_loop(0, n_items, item, jnp.zeros((m + bm, d), out_dtype))
+        def tile(j, y):
+            start = starts_G[g] + j * bm
+            xt = jax.lax.dynamic_slice_in_dim(x_pad, start, bm)
+            h = common.silu_mul(f32(xt, wg), f32(xt, wu)).astype(x_MxD.dtype)
+            yt = f32(h, wd).astype(out_dtype)
+            keep = (jnp.arange(bm) < sizes_G[g] - j * bm)[:, None]     # rows of the next group stay
+            old = jax.lax.dynamic_slice_in_dim(y, start, bm)
+            return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(keep, yt, old), start, 0)
+        return jax.lax.fori_loop(0, (sizes_G[g] + bm - 1) // bm, tile, y)
+
+    y_pad = jnp.zeros((m + bm, d), out_dtype)
+    for g in range(w_gate_GxDxF.shape[0]):
+        y_pad = jax.lax.cond(sizes_G[g] > 0, functools.partial(group, g), lambda y: y, y_pad)
     return y_pad[:m]
 
 
