@@ -31,6 +31,7 @@ flags.DEFINE_string("peer_checkpoint_dir", os.path.join(os.path.expanduser("~"),
                                                         "peer_qwen3_moe_92m"),
                     "Where the default checkpoint is written (when no --checkpoint is given).")
 flags.DEFINE_bool("compare_resilience_off", True, "Also run our engine with --noresilience.")
+flags.DEFINE_bool("compare_pingpong", False, "Also run our engine with --pingpong flipped (resilience on).")
 FLAGS.set_default("batch_sizes", ["1", "16", "64"])
 
 PEER_CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
@@ -88,24 +89,16 @@ def _hf_model(path: str):
     return _HF[path]
 
 
-def run_engine(cfg, params, engine_cfg, batches: dict) -> dict:
-    """batch -> (tok/s per timed pass, greedy tokens of the last pass) for one engine."""
+def run_engine(engine, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+    """(tok/s, greedy tokens) of one pass of our engine over the batch (all submitted at once)."""
     from tarragon_jax.config import SamplingParams
-    from tarragon_jax.serving.engine import Engine
-    engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config())
     sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
-    out = {}
-    try:
-        for batch, prompts in batches.items():
-            measure(engine, prompts, sampling)                                       # untimed: compiles
-            runs = [measure(engine, prompts, sampling)["tok_s"] for _ in range(FLAGS.repeats)]
-            ids = [engine.submit(p, sampling) for p in prompts]
-            for _ in engine.stream():
-                pass
-            out[batch] = (runs, [list(engine.requests[i].output) for i in ids])
-    finally:
-        engine.close()
-    return out
+    tok_s = measure(engine, prompts, sampling)["tok_s"]
+    ids = sorted(engine.requests)[-len(prompts):]
+    out = [list(engine.requests[i].output) for i in ids]
+    for i in ids:
+        engine.forget(i)
+    return tok_s, out
 
 
 def summary(runs: list[float]) -> dict:
@@ -123,24 +116,41 @@ def main(argv):
     rng = np.random.default_rng(FLAGS.seed)
     batches = {b: [rng.integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(b)]
                for b in map(int, FLAGS.batch_sizes)}
-    peer = {}
-    for b, prompts in batches.items():
-        run_transformers(path, prompts)                                              # untimed
-        runs = [run_transformers(path, prompts) for _ in range(FLAGS.repeats)]
-        peer[b] = ([r[0] for r in runs], runs[-1][1])
-    ours = {"on": run_engine(cfg, params, engine_cfg, batches)}
+    from tarragon_jax.serving.engine import Engine
+    configs = {"resilience_on": engine_cfg}
     if FLAGS.compare_resilience_off:
-        ours["off"] = run_engine(cfg, params, serving_flags.engine_config(resilience=False), batches)
+        configs["resilience_off"] = serving_flags.engine_config(resilience=False)
+    if FLAGS.compare_pingpong:
+        configs["pingpong_flipped"] = serving_flags.engine_config(pingpong=not FLAGS.pingpong)
+    engines = {mode: Engine(cfg, params, c, serving_flags.cache_config()) for mode, c in configs.items()}
+    peer, ours = {}, {mode: {} for mode in engines}
+    try:
+        for b, prompts in batches.items():      # every system's passes interleaved: drift hits all alike
+            run_transformers(path, prompts)                                          # untimed
+            for engine in engines.values():
+                run_engine(engine, prompts)                                          # untimed: compiles
+            runs = {"transformers": []} | {mode: [] for mode in engines}
+            for _ in range(FLAGS.repeats):
+                runs["transformers"].append(run_transformers(path, prompts))
+                for mode, engine in engines.items():
+                    runs[mode].append(run_engine(engine, prompts))
+            peer[b] = ([r[0] for r in runs["transformers"]], runs["transformers"][-1][1])
+            for mode in engines:
+                ours[mode][b] = ([r[0] for r in runs[mode]], runs[mode][-1][1])
+    finally:
+        for engine in engines.values():
+            engine.close()
     rows = []
     for b in batches:
         row = {"batch": b, "transformers": summary(peer[b][0])}
         for mode, res in ours.items():
-            row[f"tarragon_resilience_{mode}"] = summary(res[b][0])
-            row[f"ratio_resilience_{mode}"] = row[f"tarragon_resilience_{mode}"]["tok_s"] / row["transformers"]["tok_s"]
+            row[f"tarragon_{mode}"] = summary(res[b][0])
+            row[f"ratio_{mode}"] = row[f"tarragon_{mode}"]["tok_s"] / row["transformers"]["tok_s"]
             same = [a == t for o, p in zip(res[b][1], peer[b][1]) for a, t in zip(o, p)]
-            row[f"tokens_agree_resilience_{mode}"] = sum(same) / len(same)
-        if "off" in ours:
-            row["resilience_on_over_off"] = row["tarragon_resilience_on"]["tok_s"] / row["tarragon_resilience_off"]["tok_s"]
+            row[f"tokens_agree_{mode}"] = sum(same) / len(same)
+        for mode in ("resilience_off", "pingpong_flipped"):
+            if mode in ours:
+                row[f"resilience_on_over_{mode}"] = row["tarragon_resilience_on"]["tok_s"] / row[f"tarragon_{mode}"]["tok_s"]
         rows.append(row)
     torch, transformers = _torch()
     n_params = sum(a.size for a in __import__("jax").tree.leaves(params))
@@ -149,21 +159,26 @@ def main(argv):
           f"{FLAGS.output_len}, median of {FLAGS.repeats}; ours: {FLAGS.num_attention_workers} AWs x "
           f"{FLAGS.num_expert_workers} EWs, runtime {FLAGS.runtime}; transformers {transformers.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    head = f"{'batch':>5} {'transformers':>20} {'tarragon (resilience on)':>26} {'ratio':>6}"
-    if "off" in ours:
-        head += f" {'tarragon (off)':>20} {'ratio':>6} {'on/off':>7}"
+    labels = {"resilience_on": "tarragon (resilience on)", "resilience_off": "tarragon (off)",
+              "pingpong_flipped": f"tarragon (pingpong {'off' if FLAGS.pingpong else 'on'})"}
+    head = f"{'batch':>5} {'transformers':>20}"
+    for mode in ours:
+        head += f" {labels[mode]:>26} {'ratio':>6}" + ("" if mode == "resilience_on" else f" {'on / this':>9}")
     print(head + f" {'tokens agree':>12}")
     fmt = lambda s: f"{s['tok_s']:7.1f} ({s['tok_s_min']:.0f}-{s['tok_s_max']:.0f})"
     for r in rows:
-        line = f"{r['batch']:5d} {fmt(r['transformers']):>20} {fmt(r['tarragon_resilience_on']):>26} {r['ratio_resilience_on']:6.2f}"
-        if "off" in ours:
-            line += f" {fmt(r['tarragon_resilience_off']):>20} {r['ratio_resilience_off']:6.2f} {r['resilience_on_over_off']:7.3f}"
-        print(line + f" {r['tokens_agree_resilience_on']:12.3f}")
+        line = f"{r['batch']:5d} {fmt(r['transformers']):>20}"
+        for mode in ours:
+            line += f" {fmt(r[f'tarragon_{mode}']):>26} {r[f'ratio_{mode}']:6.2f}"
+            if mode != "resilience_on":
+                line += f" {r[f'resilience_on_over_{mode}']:9.3f}"
+        print(line + f" {min(r[f'tokens_agree_{m}'] for m in ours):12.3f}")
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as fh:
             json.dump({"config": {"checkpoint": path, "params": n_params, "dtype": FLAGS.dtype,
                                   "num_attention_workers": FLAGS.num_attention_workers,
                                   "num_expert_workers": FLAGS.num_expert_workers, "runtime": FLAGS.runtime,
+                                  "pingpong": FLAGS.pingpong,
                                   "prompt_len": FLAGS.prompt_len, "output_len": FLAGS.output_len,
                                   "repeats": FLAGS.repeats, "transformers": transformers.__version__,
                                   "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
