@@ -10,6 +10,9 @@ from typing import Callable
 from absl import app, flags, logging
 
 flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
+flags.DEFINE_enum("load_format", "auto", ["auto", "dummy"],
+                  "dummy: random weights at the real shapes of --checkpoint's config.json alone (a directory "
+                  "or the file; e.g. launch/configs/qwen3_30b_a3b), made in --dtype.")
 flags.DEFINE_enum("model", None, ["tiny"], "Built-in model instead of --checkpoint.")
 flags.DEFINE_enum("tiny_family", "qwen2_moe", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"],
                   "Family of --model tiny.")
@@ -23,6 +26,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Devic
 flags.DEFINE_integer("page_size", 16, "KV page size (tokens).")
 flags.DEFINE_integer("num_pages", 256, "KV pages per attention worker.")
 flags.DEFINE_integer("prefill_chunk", 32, "Max prompt tokens of a request per step.")
+flags.DEFINE_integer("max_running", 64, "Requests in the running batch of one AW (more wait in its queue).")
 flags.DEFINE_enum("runtime", "local", ["local", "ray"],
                   "local: every worker is a device subset of this process; ray: each EW is its own process "
                   "(a Ray actor; failures are real process deaths).")
@@ -73,6 +77,12 @@ def load_model() -> tuple:
     if FLAGS.model == "tiny":
         path = tempfile.mkdtemp(prefix="tarragon_tiny_")
         save_checkpoint(*tiny_model(FLAGS.tiny_family), path)
+    if FLAGS.load_format == "dummy":
+        from tarragon_jax.model.dummy import dummy_checkpoint
+        import jax.numpy as jnp
+        dtype = jnp.dtype(FLAGS.dtype)
+        cfg, params = dummy_checkpoint(path, dtype)
+        return cfg, params, None, lambda: dummy_checkpoint(path, dtype)[1]
     cfg, params = load_checkpoint(path)
     reload: Callable[[], dict] = lambda: load_checkpoint(path)[1]
     return cfg, params, (FLAGS.checkpoint and path), reload
@@ -95,7 +105,7 @@ def engine_config(**overrides):
     from tarragon_jax.config import EngineConfig
     kw = dict(num_attention_workers=FLAGS.num_attention_workers, num_expert_workers=FLAGS.num_expert_workers,
               expert_backend=FLAGS.expert_backend, attention_backend=FLAGS.attention_backend,
-              prefill_chunk=FLAGS.prefill_chunk,
+              prefill_chunk=FLAGS.prefill_chunk, max_running=FLAGS.max_running,
               max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
               snapshot_flush_s=FLAGS.snapshot_flush_s,

@@ -1,22 +1,28 @@
 """A built-in random model (`--model tiny`): needs no files, exercises every family feature."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from tarragon_jax.config import ModelConfig, tiny_model_config
 
 
-def random_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
-    """Weights scaled so logits and router choices are well separated (no greedy near-ties)."""
+def random_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32,
+                  make: Callable[[tuple, float, float], object] | None = None) -> dict:
+    """Weights scaled so logits and router choices are well separated (no greedy near-ties).
+
+    make(shape, scale, mean) builds one leaf (default: mean + scale * standard normal, in dtype);
+    the dummy load format passes a cheaper one (model/dummy.py)."""
     rng = np.random.default_rng(seed)
     D, H, KV, hd, E, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_experts, cfg.d_expert
+    make = make or (lambda shape, scale, mean: (mean + rng.standard_normal(shape) * scale).astype(dtype))
 
     def w(*shape, scale=None):
-        s = scale if scale is not None else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
-        return (rng.standard_normal(shape) * s).astype(dtype)
+        return make(shape, scale if scale is not None else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1), 0.0)
 
     def norm(n):
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(dtype)
+        return make((n,), 0.1, 1.0)
 
     def mlp(f):
         return {"w_gate": w(D, f), "w_up": w(D, f), "w_down": w(f, D)}

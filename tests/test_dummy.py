@@ -1,0 +1,43 @@
+"""The dummy load format: the shipped real-model configs parse, and weights built from a
+config.json alone have exactly the layout and shapes a checkpoint of it loads with, and serve."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tarragon_jax.config import EngineConfig, SamplingParams
+from tarragon_jax.model.dummy import dummy_checkpoint, read_config
+from tarragon_jax.model.hf_loader import load_checkpoint
+from tarragon_jax.model.tiny import random_params
+from tarragon_jax.serving.engine import Engine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(os.path.dirname(HERE), "launch", "configs")
+
+
+@pytest.mark.parametrize("name, params_b, experts, top_k", [("qwen3_30b_a3b", 30.5, 128, 8),
+                                                            ("mixtral_8x7b", 46.7, 8, 2),
+                                                            ("qwen1.5_moe_a2.7b", 14.3, 60, 4)])
+def test_shipped_configs_parse_at_their_published_sizes(name, params_b, experts, top_k):
+    cfg = read_config(os.path.join(CONFIGS, name))
+    shapes = random_params(cfg, make=lambda shape, scale, mean: jax.ShapeDtypeStruct(shape, np.float32))
+    n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+    assert cfg.n_experts == experts and cfg.top_k == top_k
+    assert abs(n / 1e9 - params_b) / params_b < 0.01
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_dummy_weights_have_the_checkpoint_layout_and_serve(family):
+    path = os.path.join(HERE, "fixtures", family)
+    cfg, real = load_checkpoint(path)
+    dcfg, dummy = dummy_checkpoint(path, np.float32, seed=1)
+    assert dcfg == cfg
+    assert jax.tree.structure(dummy) == jax.tree.structure(real)
+    assert [a.shape for a in jax.tree.leaves(dummy)] == [a.shape for a in jax.tree.leaves(real)]
+    leaves = jax.tree.leaves(dummy)
+    assert all(np.isfinite(a).all() for a in leaves) and len({a.tobytes()[:64] for a in leaves if a.size > 64}) > 3
+    eng = Engine(dcfg, dummy, EngineConfig(num_attention_workers=2, num_expert_workers=2))
+    out = eng.generate([[5, 6, 7], [9, 10]], SamplingParams(max_new_tokens=4))
+    assert [len(o) for o in out] == [4, 4]
+    eng.close()
