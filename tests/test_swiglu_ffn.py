@@ -10,6 +10,7 @@ import pytest
 
 from pallas_kernels.gpu_target import gpu_target
 from pallas_kernels.swiglu_ffn import grouped_swiglu_ffn
+from pallas_kernels.swiglu_ffn import grouped_swiglu_ffn_slots
 from pallas_kernels.swiglu_ffn import grouped_swiglu_reference
 
 S = jax.ShapeDtypeStruct
@@ -55,6 +56,19 @@ def test_backends_match_reference(backend, seed, m, d, f, g, x_dtype, w_dtype, t
     np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=tol, atol=tol * scale)
     if tail:
         assert not np.asarray(y[m - tail :]).any()  # rows past sum(group_sizes) are zero
+
+
+@pytest.mark.parametrize("seed,m,d,f,g,x_dtype,w_dtype,tail,empty", CASES)
+def test_per_slot_weights_match_the_stacked_tiles_backend(seed, m, d, f, g, x_dtype, w_dtype, tail, empty):
+    """Weights kept one array per expert (how an EW holds them on CPU) give the stacked result
+    bit for bit: same tiles, same products."""
+    x, wg, wu, wd, sizes = random_ffn(seed, m, d, f, g, x_dtype, w_dtype, tail=tail, empty=empty)
+    split = [tuple(w[i] for i in range(g)) for w in (wg, wu, wd)]
+    y = grouped_swiglu_ffn_slots(x, *split, sizes)
+    assert y.dtype == jnp.dtype(x_dtype)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(grouped_swiglu_ffn(x, wg, wu, wd, sizes, backend="tiles")))
+    with pytest.raises(ValueError, match="experts' weights"):
+        grouped_swiglu_ffn_slots(x, *[w[:-1] for w in split], sizes)
 
 
 def test_forced_interpret_equals_default_on_cpu():

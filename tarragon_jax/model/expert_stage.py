@@ -14,16 +14,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.swiglu_ffn import grouped_swiglu_ffn
+from pallas_kernels.swiglu_ffn import grouped_swiglu_ffn, grouped_swiglu_ffn_slots
 from tarragon_jax.model import wire
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "backend"))
 def expert_layer(weights: dict, ew_index: jax.Array, bufs: tuple, *, top_k: int, backend: str) -> tuple:
-    """weights: {"w_gate" [S, D, F], "w_up" [S, D, F], "w_down" [S, F, D]} for this EW's S slots;
+    """weights: {"w_gate" [S, D, F], "w_up" [S, D, F], "w_down" [S, F, D]} for this EW's S slots
+    (backend "tiles": tuples of S per-slot arrays instead, see grouped_swiglu_ffn_slots);
     ew_index: int32 scalar, this EW; bufs: one packed [T_i, D + ...] buffer per AW.
     Returns one [T_i, k, D] array per buffer, in the buffers' dtype."""
-    S, D = weights["w_gate"].shape[:2]
+    per_slot = isinstance(weights["w_gate"], (tuple, list))
+    S = len(weights["w_gate"]) if per_slot else weights["w_gate"].shape[0]
+    D = weights["w_down"][0].shape[-1] if per_slot else weights["w_down"].shape[-1]
     hn, slot = [], []
     for buf in bufs:
         h_TxD, route_Tx2k = wire.unpack(buf, D)
@@ -34,8 +37,9 @@ def expert_layer(weights: dict, ew_index: jax.Array, bufs: tuple, *, top_k: int,
     perm_P = jnp.argsort(jnp.where(valid_P, slot_P, S), stable=True)    # served pairs first, by slot
     sizes_S = jnp.zeros(S, jnp.int32).at[jnp.where(valid_P, slot_P, S)].add(1, mode="drop")
     x_sorted = hn_all[perm_P // top_k]
-    y_sorted = grouped_swiglu_ffn(x_sorted, weights["w_gate"], weights["w_up"], weights["w_down"], sizes_S,
-                                  backend=backend)
+    ws = (weights["w_gate"], weights["w_up"], weights["w_down"])
+    y_sorted = (grouped_swiglu_ffn_slots(x_sorted, *ws, sizes_S) if per_slot
+                else grouped_swiglu_ffn(x_sorted, *ws, sizes_S, backend=backend))
     y_P = jnp.zeros_like(y_sorted).at[perm_P].set(y_sorted)
     y_P = jnp.where(valid_P[:, None], y_P, 0)
     out, off = [], 0

@@ -43,12 +43,17 @@ class ExpertWorker:
         self.programs = ProgramLog()
 
     def _stack(self, layer_experts: dict, ids: list[int]) -> dict:
-        return self.handle.put({k: np.asarray(layer_experts[k][ids]).astype(self.dtype) for k in _KEYS})
+        """The weights of these experts on this EW's mesh: one [n, ...] stack per matrix, or, for
+        the "tiles" backend, a tuple of n arrays (its program reads each in place)."""
+        host = {k: np.asarray(layer_experts[k][ids]).astype(self.dtype) for k in _KEYS}
+        if self.backend == "tiles":
+            host = {k: tuple(a) for k, a in host.items()}
+        return self.handle.put(host)
 
     def precompile(self, grid: ShapeGrid) -> None:
         """Run the layer program once at every grid shape (token bucket x number of sending AWs)
         on buffers routed nowhere, so no serving step compiles (programs are logged)."""
-        d = self.weights[0]["w_gate"].shape[1]
+        d = self.weights[0]["w_down"][0].shape[-1]
         for T in grid.tokens:
             buf = np.zeros((T, wire.width(d, 2 * self.top_k, self.dtype)), self.dtype)
             for n in grid.senders:
@@ -60,7 +65,8 @@ class ExpertWorker:
         """Load experts from host memory into new slots appended after the existing ones (no
         replica left elsewhere). The stack grows once, so this layer's program recompiles once."""
         new = self._stack(layer_experts, ids)
-        self.weights[layer] = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), self.weights[layer], new)
+        join = (lambda a, b: a + b) if self.backend == "tiles" else (lambda a, b: jnp.concatenate([a, b]))
+        self.weights[layer] = {k: join(self.weights[layer][k], new[k]) for k in _KEYS}
         self.slots[layer] += list(ids)
 
     def run_layer(self, layer: int, bufs: tuple) -> tuple:
