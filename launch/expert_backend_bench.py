@@ -52,7 +52,9 @@ def main(argv):
         row, first = {"tokens_per_aw": T, "pairs_on_this_ew": int(sum(
             (np.asarray(wire.unpack(b, D)[1][:, :k]) == 0).sum() for b in bufs))}, None
         for backend in FLAGS.backends:
-            call = lambda: expert_layer(w, jnp.int32(0), bufs, top_k=k, backend=backend)
+            # as an EW holds them: "tiles" keeps one array per slot (expert_worker._stack)
+            wb = {n: tuple(a[i] for i in range(S)) for n, a in w.items()} if backend == "tiles" else w
+            call = lambda: expert_layer(wb, jnp.int32(0), bufs, top_k=k, backend=backend)
             out = np.concatenate([np.asarray(y, np.float32).reshape(-1) for y in call()])
             if first is None:
                 first = out
