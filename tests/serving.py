@@ -11,8 +11,8 @@ import urllib.error
 import urllib.request
 
 from tarragon_jax.config import CacheConfig, EngineConfig
-from tarragon_jax.serving.engine import Engine
 from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
 from tarragon_jax.serving.server import EngineLoop, Server
 
 

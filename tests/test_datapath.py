@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
-from tarragon_jax.serving.engine import Engine
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
+from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.transport import Transport
 
 

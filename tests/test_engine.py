@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
-from tarragon_jax.serving.engine import Engine
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
 
 
 def _prompts(rng, vocab, lengths):

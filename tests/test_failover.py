@@ -4,11 +4,11 @@ with no shadow left, a lost snapshot, and the restart baseline."""
 import numpy as np
 import pytest
 
-from tarragon_jax.kv.checkpoint_store import SnapshotCorrupt
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
-from tarragon_jax.serving.engine import Engine
 from tarragon_jax.control.faults import FaultInjector
+from tarragon_jax.kv.checkpoint_store import SnapshotCorrupt
 from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
 
 CACHE = CacheConfig(page_size=4, num_pages=96)
 

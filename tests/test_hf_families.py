@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from tarragon_jax.config import ConfigError, EngineConfig, SamplingParams
-from tarragon_jax.serving.engine import Engine
 from tarragon_jax.model import reference
 from tarragon_jax.model.hf_loader import CheckpointError, load_checkpoint
+from tarragon_jax.serving.engine import Engine
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v3", "deepseek_v3_yarn"]

@@ -4,11 +4,11 @@ every program on zeros through the sink page, leaves the tokens exactly the refe
 import numpy as np
 import pytest
 
-from tarragon_jax.kv import kv_cache
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
-from tarragon_jax.serving.engine import Engine
+from tarragon_jax.kv import kv_cache
 from tarragon_jax.model import attention_stage, expert_stage, reference
 from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
 from tarragon_jax.workers.shape_grid import buckets, shape_grid
 
 PROGRAMS = (attention_stage.embed, attention_stage.attention_layer, attention_stage.head,

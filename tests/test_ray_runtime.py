@@ -9,11 +9,11 @@ import pytest
 import ray
 
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
-from tarragon_jax.serving.engine import Engine
-from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.control.faults import FaultInjector
+from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
 from tarragon_jax.workers.ray_runtime import RemoteHandle
 
 PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32]]

@@ -2,10 +2,10 @@
 import pytest
 
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, SamplingParams
-from tarragon_jax.serving.engine import Engine
 from tarragon_jax.errors import RequestError
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 import numpy as np
 
 from tarragon_jax.config import EngineConfig, SamplingParams
-from tarragon_jax.serving.engine import Engine
-from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.model.sampling import sample
+from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
 
 
 def test_sample_greedy_topp_and_seeded():

@@ -21,15 +21,15 @@ from typing import Callable
 
 import jax
 
-from tarragon_jax.workers.attention_worker import AttentionWorker
-from tarragon_jax.kv.checkpoint_store import CheckpointStore
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
-from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.workers.expert_worker import ExpertWorker
 from tarragon_jax.control.health import HealthMonitor
 from tarragon_jax.control.placement import Placement, place
-from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
 from tarragon_jax.control.recovery import plan_aw_failure, plan_expert_routing
+from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.kv.checkpoint_store import CheckpointStore
+from tarragon_jax.workers.attention_worker import AttentionWorker
+from tarragon_jax.workers.expert_worker import ExpertWorker
+from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import LocalRuntime, WorkerHandle
 from tarragon_jax.workers.sequence import Sequence

@@ -24,8 +24,8 @@ from typing import Callable, Iterator, Sequence as Seq
 
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SamplingParams
 from tarragon_jax.control.controller import Controller, RecoveryRecord
-from tarragon_jax.errors import RequestError, WorkerFailed
 from tarragon_jax.control.faults import FaultInjector
+from tarragon_jax.errors import RequestError, WorkerFailed
 from tarragon_jax.metrics import Metrics
 from tarragon_jax.workers.sequence import Sequence, SeqState
 

@@ -33,10 +33,10 @@ import threading
 import time
 from typing import Callable
 
-from tarragon_jax.serving import openai_api
 from tarragon_jax.config import ConfigError, SamplingParams
-from tarragon_jax.serving.engine import Engine
 from tarragon_jax.errors import RequestError
+from tarragon_jax.serving import openai_api
+from tarragon_jax.serving.engine import Engine
 
 _SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}
 _FIELDS = _SAMPLING | {"prompt_ids", "prompt", "stream"}

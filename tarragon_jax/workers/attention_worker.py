@@ -14,12 +14,12 @@ import dataclasses
 import jax
 import numpy as np
 
+from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
 from tarragon_jax.kv.block_manager import BlockManager
 from tarragon_jax.kv.checkpoint_store import BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing
-from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
-from tarragon_jax.workers.forwarding_engine import ForwardingEngine
 from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.model import attention_stage as stage
+from tarragon_jax.workers.forwarding_engine import ForwardingEngine
 from tarragon_jax.workers.program_log import ProgramLog
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import WorkerHandle
