@@ -14,6 +14,7 @@ need them.
 """
 from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
+import functools
 import json
 import os
 import statistics
@@ -66,7 +67,7 @@ def write_checkpoint(path: str) -> str:
 
 def run_transformers(path: str, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
     """(tok/s, greedy tokens) of one `generate` over the batch (equal prompt lengths: no padding)."""
-    torch, transformers = _torch()
+    torch, _ = _torch()
     model = _hf_model(path)
     x = torch.tensor(prompts)
     with torch.inference_mode():
@@ -79,22 +80,19 @@ def run_transformers(path: str, prompts: list[list[int]]) -> tuple[float, list[l
     return sum(map(len, new)) / secs, new
 
 
-_HF: dict = {}
-
-
+@functools.cache
 def _hf_model(path: str):
     torch, transformers = _torch()
-    if path not in _HF:
-        _HF[path] = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return _HF[path]
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def run_engine(engine, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
     """(tok/s, greedy tokens) of one pass of our engine over the batch (all submitted at once)."""
     from tarragon_jax.config import SamplingParams
     sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
+    before = set(engine.requests)
     tok_s = measure(engine, prompts, sampling)["tok_s"]
-    ids = sorted(engine.requests)[-len(prompts):]
+    ids = [i for i in engine.requests if i not in before]
     out = [list(engine.requests[i].output) for i in ids]
     for i in ids:
         engine.forget(i)

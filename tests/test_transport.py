@@ -19,7 +19,7 @@ def test_deadline_and_dead_worker():
     t = Transport(deadline_s=1e-4)
     ready = aw.put(np.float32(1))
     y_ew = slow(x)
-    y_aw = t.send(y_ew, aw, src=ew)                       # no wait: the copy follows its producer
+    y_aw, = t.send_all([(y_ew, aw, ew)])                  # no wait: the copy follows its producer
     with pytest.raises(WorkerFailed, match=r"ew0 failed: no result within the 0.000 s deadline") as e:
         t.wait({0: y_aw}, [(aw, 0, ready), (ew, 3, y_ew), (aw, 4, y_aw)])
     assert e.value.layer == 3 and t.waits == 1 and t.pulls == 0
@@ -29,9 +29,9 @@ def test_deadline_and_dead_worker():
     assert y_aw.devices() == set(aw.devices)
     ew.alive = False
     with pytest.raises(WorkerFailed, match="ew0 failed: send to a dead worker"):
-        ok.send(y_aw, ew)
+        ok.send_all([(y_aw, ew, aw)])
     with pytest.raises(WorkerFailed, match="ew0 failed: worker is dead"):
-        ok.send(y_ew, aw, src=ew)
+        ok.send_all([(y_ew, aw, ew)])
     assert not ew.probe() and aw.probe()
     t.close()
     ok.close()

@@ -35,8 +35,7 @@ def dummy_checkpoint(path: str, dtype=np.float32, seed: int = 0) -> tuple[ModelC
     block = np.random.default_rng(seed).standard_normal(_BLOCK).astype(np.float32)
 
     def make(shape: tuple, scale: float, mean: float) -> np.ndarray:
-        n = int(np.prod(shape))
-        start = hash((shape, n)) % _BLOCK                       # tensors differ, cheaply
-        flat = np.resize(np.roll(block, -start), n)            # tiles the block: no RNG per element
+        start = hash(tuple(shape)) % _BLOCK                     # tensors differ, cheaply
+        flat = np.resize(np.roll(block, -start), int(np.prod(shape)))   # tiles the block: no RNG per element
         return (mean + flat.reshape(shape) * np.float32(scale)).astype(dtype)
     return cfg, random_params(cfg, seed, dtype, make=make)

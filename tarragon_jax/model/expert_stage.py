@@ -33,15 +33,14 @@ def expert_layer(weights: dict, ew_index: jax.Array, bufs: tuple, *, top_k: int,
         hn.append(h_TxD)
         slot.append(jnp.where(route_Tx2k[:, :top_k] == ew_index, route_Tx2k[:, top_k:], -1).reshape(-1))
     hn_all, slot_P = jnp.concatenate(hn), jnp.concatenate(slot)          # P = sum_i T_i * k pairs
-    valid_P = slot_P >= 0
-    perm_P = jnp.argsort(jnp.where(valid_P, slot_P, S), stable=True)    # served pairs first, by slot
-    sizes_S = jnp.zeros(S, jnp.int32).at[jnp.where(valid_P, slot_P, S)].add(1, mode="drop")
+    key_P = jnp.where(slot_P >= 0, slot_P, S)                          # unserved pairs sort last
+    perm_P = jnp.argsort(key_P, stable=True)                            # served pairs first, by slot
+    sizes_S = jnp.zeros(S, jnp.int32).at[key_P].add(1, mode="drop")
     x_sorted = hn_all[perm_P // top_k]
     ws = (weights["w_gate"], weights["w_up"], weights["w_down"])
     y_sorted = (grouped_swiglu_ffn_slots(x_sorted, *ws, sizes_S) if per_slot
                 else grouped_swiglu_ffn(x_sorted, *ws, sizes_S, backend=backend))
-    y_P = jnp.zeros_like(y_sorted).at[perm_P].set(y_sorted)
-    y_P = jnp.where(valid_P[:, None], y_P, 0)
+    y_P = jnp.zeros_like(y_sorted).at[perm_P].set(y_sorted)   # unserved pairs: past every group, zeros
     out, off = [], 0
     for buf in bufs:
         T = buf.shape[0]

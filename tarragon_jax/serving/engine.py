@@ -229,8 +229,8 @@ class Engine:
                 first = self._late(f, active, trail)
         else:
             return []
-        for handle, _, _ in trail:
-            self.controller.health.heard_from(handle.name)
+        for name in {handle.name for handle, _, _ in trail}:
+            self.controller.health.heard_from(name)
         events = []
         for aw, batch in active.values():
             emitted = self._guard(aw.commit, batch, host[aw.index])
@@ -298,10 +298,10 @@ class Engine:
         live = [ew for ew in self.ews if not self.controller.health.is_failed(ew.handle.name)]
         senders, send_all = list(active), self.controller.transport.send_all
         try:
-            bufs = send_all([t for i in senders for t in active[i][0].refe.outbound(sends[i], live)])
+            on_ew = dict(zip([(i, ew.index) for i in senders for ew in live],
+                             send_all([t for i in senders for t in active[i][0].refe.outbound(sends[i], live)])))
             groups = [[i] for i in senders] if self.config.pingpong else [senders]
-            calls = [(ew, g, ew.run_layer(moe, [bufs[senders.index(i) * len(live) + n] for i in g]))
-                     for g in groups for n, ew in enumerate(live)]
+            calls = [(ew, g, ew.run_layer(moe, [on_ew[i, ew.index] for i in g])) for g in groups for ew in live]
             back = []
             for ew, g, call in calls:
                 for i, y in zip(g, ew.results(call)):

@@ -4,7 +4,8 @@ The AW's data path per step, all dispatched without waiting: embed -> for each l
 (combine of the previous layer, attention, router, dispatch packed for the EWs) and the forwarding
 engine's exchange -> head (last combine, LM head, sampling). The engine drives the layer loop
 across AWs so each EW sees one layer's tokens from every AW together, waits once for the sampled
-tokens, and `commit` then snapshots newly filled KV blocks to the checkpoint store (asynchronously). A request moved here after its AW failed restores its
+tokens, and `commit` then snapshots newly filled KV blocks to the checkpoint store
+(asynchronously). A request moved here after its AW failed restores its
 committed blocks on admission and recomputes only the positions after them.
 """
 from __future__ import annotations
@@ -118,7 +119,8 @@ class AttentionWorker:
         self._inputs[layer] = (self._carry, self._ys)
         self._carry, send, k, v = self.programs.call(
             stage.attention_layer, self.model, self.params["layers"][layer], kv["k"], kv.get("v"), self._carry,
-            self._ys, d["pos"], d["slot"], d["tables"], self.refe.route(moe or 0), impl=self.attention_backend)
+            self._ys, d["pos"], d["slot"], d["tables"], self.refe.route(moe or 0),   # a dense layer routes nothing
+            impl=self.attention_backend)
         _keep_pages(kv, k, v)
         if send is None:
             self._ys = self._no_answers(len(d["pos"]))

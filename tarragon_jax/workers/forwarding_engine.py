@@ -6,8 +6,8 @@ this AW's mesh, built once when the version is published; the AW's layer program
 resolve and pack every (token, k) pair, so a new version is a new array, never a recompile, and
 nothing about routing comes back to the host. `outbound` names the transfers of the packed buffer
 to the EWs and `inbound` those of their answers; the engine sends a layer's transfers of every AW
-in one batch (Transport.send_all), with liveness checks, never waiting. On a failed EW the engine replays the layer: the AW re-runs it from its kept inputs under
-the newer table, so the same (token, k, expert) pairs go to the next replica. Expert compute is
+in one batch (Transport.send_all), with liveness checks, never waiting. On a failed EW the engine
+replays the layer: the AW re-runs it from its kept inputs under the newer table, so the same (token, k, expert) pairs go to the next replica. Expert compute is
 stateless and deterministic, so the replayed outputs are the ones the failed EW would have given.
 """
 from __future__ import annotations

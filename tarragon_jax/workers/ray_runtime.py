@@ -10,7 +10,8 @@ replay, background replacement) because the driver-side proxy has the ExpertWork
 Data path per layer: each AW's packed buffer leaves its device as a host array (the transfer; the
 one place this runtime waits on the AW inside a step), every EW process is called with it before
 any answer is gathered, the actor runs the same ExpertWorker program on its own device, and the
-outputs come back as host arrays that the AW puts on its mesh. The host weights of all experts go into Ray's object store once;
+outputs come back as host arrays that the AW puts on its mesh. The host weights of all experts go
+into Ray's object store once;
 each actor maps them zero-copy and stacks its primaries and shadows (and, after a failure, any
 orphaned expert it is told to load) onto its own device.
 """

@@ -1,7 +1,8 @@
 """Expert routing table (ERT): (layer, logical expert) -> ordered live replicas (EW, slot).
 
 Immutable and versioned: every change makes a new table with version + 1, so an AW can tell
-which placement a dispatch was resolved against. Plain Python; every AW holds its own copy (and its device form, `arrays`).
+which placement a dispatch was resolved against. Plain Python; every AW holds its own copy
+(and its device form, `arrays`).
 `build` demands full coverage (a fresh placement that misses an expert is a bug); tables derived
 after a failure may leave an expert with no replica, and `resolve` then raises NoLiveReplica so
 the controller loads its weights somewhere instead of anyone waiting forever.
@@ -57,7 +58,7 @@ class RoutingTable:
     def arrays(self) -> list[np.ndarray]:
         """Per layer, int32 [n_experts, 2]: (ew, slot) of the replica to send to now. What an AW
         keeps on its device (forwarding engine), so routing needs no host round trip."""
-        return [np.asarray([self.resolve_layer(l)], np.int32)[0].T.copy() for l in range(self.n_layers)]
+        return [np.ascontiguousarray(np.asarray(self.resolve_layer(l), np.int32).T) for l in range(self.n_layers)]
 
     def ews(self) -> set[int]:
         return {r.ew for reps in self._replicas.values() for r in reps}

@@ -1,6 +1,6 @@
 """Explicit transfers between worker meshes, and the one bounded wait of a step.
 
-`send` places an array on the destination worker's mesh (or hands it to its process) without
+`send_all` places arrays on destination workers' meshes (or hands them to their processes) without
 waiting for it to be computed: JAX orders the copy after its producer, so a whole step is
 dispatched before anything is waited on. `wait` is that wait: it blocks until the step's sampled
 tokens are on the host, but never longer than the deadline; on a miss it names the worker to
@@ -28,13 +28,6 @@ class Transport:
         self.pulls = 0            # device -> host copies of step results
         # a hung worker keeps its waiter thread blocked: a few spare threads keep later steps going
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="step-wait")
-
-    def send(self, tree, dst, src=None):
-        if src is not None and not src.alive:
-            raise WorkerFailed(src.name, "worker is dead")
-        if not dst.alive:
-            raise WorkerFailed(dst.name, "send to a dead worker")
-        return dst.put(tree)
 
     def send_all(self, items: list[tuple[jax.Array, object, object]]) -> list:
         """Many transfers at once: (array, destination, source) -> the array on the destination.
