@@ -85,6 +85,12 @@ def test_aw_failure_with_the_paged_attention_kernel(model):
     eng.close()
 
 
+def test_failures_under_pingpong(model):
+    """An EW killed mid-layer and an AW killed later, with an EW call per AW (--pingpong): the
+    replayed layer and the restored requests decode the failure-free tokens."""
+    _check(model, ["ew:1@step=5,layer=1", "aw:0@step=9"], wait_store=True, pingpong=True)
+
+
 def test_ew_and_aw_fail_at_once(model):
     _check(model, ["ew:2@step=6", "aw:1@step=6"])
 
