@@ -30,16 +30,22 @@ flags.DEFINE_integer("max_running", 64, "Requests in the running batch of one AW
 flags.DEFINE_enum("runtime", "local", ["local", "ray"],
                   "local: every worker is a device subset of this process; ray: each EW is its own process "
                   "(a Ray actor; failures are real process deaths).")
-flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart"],
-                  "tarragon: mask failures (shadows, replay, KV restore); restart: rebuild everything.")
+flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart", "restart_regenerate"],
+                  "tarragon: mask failures (shadows, replay, KV restore); restart: rebuild everything and "
+                  "re-prefill every request's prompt and sent tokens; restart_regenerate: rebuild and regenerate "
+                  "the sent tokens one step at a time (a weaker baseline).")
 flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
 flags.DEFINE_float("shadow_budget", 1.0, "Fraction of an EW's primary-expert memory spent on shadow experts.")
 flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax path); default: a temp dir.")
 flags.DEFINE_float("snapshot_flush_s", 2.0, "KV snapshots within this window share one Orbax write (commit is at once, in the store memory).")
 flags.DEFINE_float("transfer_deadline_s", 30.0, "Bounded wait on every cross-worker transfer.")
 flags.DEFINE_float("heartbeat_interval_s", 0.05, "Controller liveness probes.")
-flags.DEFINE_bool("precompile", False, "Compile every stage program at every batch shape at startup, so no "
-                  "serving step (failover steps included) compiles.")
+flags.DEFINE_enum("precompile", "recovery", ["none", "recovery", "all"],
+                  "At startup compile what a recovery runs (restore writes, the recompute step's shapes: no "
+                  "compile inside a recovery), every stage program at every batch shape (all: no serving step "
+                  "compiles), or nothing.")
+flags.DEFINE_bool("snapshot_memory_tier", True, "KV blocks commit in the checkpoint store's host memory at once; "
+                  "off: only once written to the Orbax files, and restores read them.")
 flags.DEFINE_bool("pingpong", False, "One EW call per AW per layer instead of one over all AWs, so one AW's "
                   "attention overlaps another's expert work (MegaScale-Infer's ping-pong).")
 flags.DEFINE_string("compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tarragon_jax", "xla"),
@@ -108,7 +114,7 @@ def engine_config(**overrides):
               prefill_chunk=FLAGS.prefill_chunk, max_running=FLAGS.max_running,
               max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
-              snapshot_flush_s=FLAGS.snapshot_flush_s,
+              snapshot_flush_s=FLAGS.snapshot_flush_s, snapshot_memory_tier=FLAGS.snapshot_memory_tier,
               transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s, precompile=FLAGS.precompile,
               pingpong=FLAGS.pingpong)
     kw.update(overrides)

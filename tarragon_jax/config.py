@@ -12,7 +12,8 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 ROUTER_SCORING = ("softmax", "sigmoid")
 EXPERT_BACKENDS = ("auto", "tiles", "dense", "ragged_dot", "pallas")
 ATTENTION_BACKENDS = ("auto", "pallas", "jnp")
-RECOVERIES = ("tarragon", "restart")
+RECOVERIES = ("tarragon", "restart", "restart_regenerate")
+PRECOMPILES = ("none", "recovery", "all")
 RUNTIMES = ("local", "ray")
 
 
@@ -151,16 +152,27 @@ class EngineConfig:
     transfer_deadline_s: float = 30.0  # bounded wait on every cross-worker transfer
     dtype: str = "float32"             # activation/param dtype on device
     runtime: str = "local"             # local: workers are device subsets of this process; ray: EWs are processes
-    recovery: str = "tarragon"         # tarragon: mask failures; restart: tear everything down (baseline)
+    recovery: str = "tarragon"         # tarragon: mask failures; restart: tear everything down and
+                                       # re-prefill every request (baseline); restart_regenerate: the
+                                       # same, but regenerating the sent tokens one step at a time
     resilience: bool = True            # shadows + KV snapshots + heartbeats (off: the overhead baseline)
     shadow_budget: float = 1.0         # fraction of an EW's primary-expert memory spent on shadows
     checkpoint_dir: str | None = None  # KV snapshots (any Orbax path); None: a fresh dir under the temp dir
     snapshot_flush_s: float = 2.0      # KV snapshots within this window share one Orbax write (durability lag)
+    snapshot_memory_tier: bool = True  # blocks commit in the store's host memory at once; off: only once
+                                       # written to the Orbax files (restores read disk)
     heartbeat_interval_s: float = 0.05 # controller liveness probes of idle workers
-    precompile: bool = False           # compile every stage program at every batch shape at startup
+    precompile: str = "none"           # at startup: "recovery" compiles what a recovery runs (restore
+                                       # writes, the recompute step's shapes; the launchers' default),
+                                       # "all" every shape, "none" nothing (first uses compile in steps)
     pingpong: bool = False             # an EW call per AW, not one over all AWs: one AW's attention
                                        # overlaps the expert work of another (MegaScale-Infer); costs
                                        # an expert weight read per AW (launch/peer_bench.py measures)
+
+    @property
+    def restarts(self) -> bool:
+        """Whether a failure restarts the whole service (a baseline) instead of being masked."""
+        return self.recovery != "tarragon"
 
     def __post_init__(self) -> None:
         _require(self.num_attention_workers >= 1,
@@ -179,6 +191,8 @@ class EngineConfig:
                  f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
         _require(self.runtime in RUNTIMES, f"unknown runtime {self.runtime!r}; choose from {RUNTIMES}")
         _require(self.recovery in RECOVERIES, f"unknown recovery {self.recovery!r}; choose from {RECOVERIES}")
+        _require(self.precompile in PRECOMPILES,
+                 f"unknown precompile {self.precompile!r}; choose from {PRECOMPILES}")
         _require(self.shadow_budget >= 0, f"shadow_budget must be >= 0, got {self.shadow_budget}")
         _require(self.snapshot_flush_s >= 0, f"snapshot_flush_s must be >= 0, got {self.snapshot_flush_s}")
         _require(self.heartbeat_interval_s > 0,

@@ -59,6 +59,14 @@ def stall_around(requests: list[RequestTimes], t_fail: float) -> float:
     return max(spanning) - base
 
 
+def recovered_at(requests: list[RequestTimes], t_fail: float) -> float:
+    """When every request in flight at the failure had its next token: the end of the window in
+    which the failure can have cost anything (t_fail if none was in flight)."""
+    firsts = [next(t for t in r.token_s if t > t_fail) for r in requests
+              if r.submit_s <= t_fail and any(t > t_fail for t in r.token_s)]
+    return max(firsts, default=t_fail)
+
+
 def zero_throughput_window(requests: list[RequestTimes], t_fail: float) -> float:
     """Time from the last token emitted (by anyone) before the failure to the first one after."""
     times = sorted(t for r in requests for t in r.token_s)

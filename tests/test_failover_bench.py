@@ -1,11 +1,14 @@
 """launch/failover_bench.py end to end on a very short workload: every scenario under both
-recoveries keeps every token and request, and the JSON has what the README promises."""
+recoveries keeps every token and request, each row is checked against a separate failure-free
+run, and the JSON has the contract the README promises."""
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCENARIOS = {"no_failure", "ew_failure", "aw_failure", "ew_midstep", "aw_midstep", "ew_hang", "aw_failure_disk",
+             "double"}
 
 
 def test_failover_bench_smoke(tmp_path):
@@ -13,15 +16,25 @@ def test_failover_bench_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     r = subprocess.run([sys.executable, "-m", "launch.failover_bench", "--model", "tiny", "--rate", "10",
                         "--duration_s", "0.6", "--output_len", "10", "--fail_at_s", "0.4", "--restore_lengths", "20",
-                        "--overhead_repeats", "1", "--overhead_requests", "4", "--warmup_rounds", "1", "--json_out", str(out),
-                        "--plot_out", str(png)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+                        "--overhead_repeats", "1", "--overhead_requests", "4", "--warmup_rounds", "0", "--repeats", "1",
+                        "--hang_deadline_s", "0.5", "--hang_s", "1.5", "--json_out", str(out), "--plot_out", str(png)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     names = {(s["name"], s["recovery"]) for s in d["scenarios"]}
-    assert names == {(n, rec) for n in ("no_failure", "ew_failure", "aw_failure") for rec in ("tarragon", "restart")}
+    assert names == {(n, rec) for n in SCENARIOS for rec in ("tarragon", "restart")}
     for s in d["scenarios"]:
         assert {"stall_s", "zero_throughput_s", "tokens_recomputed", "throughput_tok_s", "lost_requests",
-                "tokens_identical"} <= set(s)
-        assert s["tokens_identical"] and s["lost_requests"] == 0
-    assert d["no_failure_overhead"] > 0 and d["restore_vs_replay"][0]["decoded"] == 20
+                "tokens_checked", "tokens_identical", "compiles_in_recovery", "runs", "range"} <= set(s)
+        assert s["tokens_checked"] and s["tokens_identical"] is True and s["lost_requests"] == 0
+        assert (s["fail_at_s"] is None) == (s["name"] == "no_failure")
+    by = {(s["name"], s["recovery"]): s for s in d["scenarios"]}
+    hang = by["ew_hang", "tarragon"]["runs"][0]["failures"]
+    assert hang[0]["worker"] == "ew1" and hang[0]["detected_by"] in ("call", "heartbeat")   # a deadline either way
+    assert hang[0]["detect_s"] <= 0.5 + 0.5
+    assert by["aw_failure_disk", "tarragon"]["blocks_restored"] >= 0
+    assert {f["worker"] for f in by["double", "tarragon"]["runs"][0]["failures"]} == {"ew1", "aw0"}
+    assert by["ew_failure", "restart"]["breakdown"]["restart_s"] > 0
+    assert isinstance(d["no_failure_overhead"], float) and d["restore_vs_reprefill"][0]["decoded"] == 20
+    assert d["restore_vs_reprefill"][0]["same_token"]
     assert png.stat().st_size > 1000 and "restart/tarragon" in r.stdout

@@ -1,4 +1,4 @@
-from tarragon_jax.metrics import RequestTimes, stall_around, throughput_timeline, zero_throughput_window
+from tarragon_jax.metrics import RequestTimes, recovered_at, stall_around, throughput_timeline, zero_throughput_window
 
 
 def test_stall_and_zero_throughput_on_a_synthetic_timeline():
@@ -8,3 +8,5 @@ def test_stall_and_zero_throughput_on_a_synthetic_timeline():
     assert abs(stall_around([a, b, c], 0.45) - (1.0 - 0.1)) < 1e-9
     assert abs(zero_throughput_window([a, b, c], 0.45) - (0.95 - 0.4)) < 1e-9
     assert throughput_timeline([a], 0.0, 0.5) == [8.0, 0.0, 2.0, 2.0]
+    assert recovered_at([a, b, c], 0.45) == 1.4                 # a's next token; c was not in flight
+    assert recovered_at([c], 0.45) == 0.45

@@ -33,7 +33,7 @@ def test_nothing_compiles_after_precompile_and_tokens_match_reference(family):
     rng = np.random.default_rng()
     cfg, params = tiny_model(family, seed=int(rng.integers(1 << 30)), max_position=64)
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=2, max_step_tokens=16,
-                                           prefill_chunk=8, max_running=4, precompile=True),
+                                           prefill_chunk=8, max_running=4, precompile="all"),
                  CacheConfig(page_size=4, num_pages=40))
     assert eng.controller.precompile_s > 0
     compiled = [f._cache_size() for f in PROGRAMS]

@@ -45,7 +45,7 @@ def _dead(pid):
 
 def test_sigkilled_ew_process_is_masked_and_replaced(model):
     cfg, params, want = model
-    eng = _engine(cfg, params, ["ew:1@step=4", "aw:0@step=7"], precompile=True)
+    eng = _engine(cfg, params, ["ew:1@step=4", "aw:0@step=7"], precompile="all")
     pids = [ew.pid for ew in eng.ews]
     assert len(set(pids)) == 3 and os.getpid() not in pids           # one process per EW
     assert eng.generate(PROMPTS, SamplingParams(max_new_tokens=10)) == want

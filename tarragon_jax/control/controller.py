@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -31,9 +32,9 @@ from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
 from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
 from tarragon_jax.workers.routing_table import RoutingTable
-from tarragon_jax.workers.runtime import LocalRuntime, WorkerHandle
+from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, LocalRuntime, WorkerHandle
 from tarragon_jax.workers.sequence import Sequence
-from tarragon_jax.workers.shape_grid import shape_grid
+from tarragon_jax.workers.shape_grid import recovery_grid, shape_grid
 from tarragon_jax.workers.transport import Transport
 
 
@@ -60,8 +61,8 @@ class Controller:
                  load_params: Callable[[], dict] | None = None):
         self.model, self.config, self.cache, self.clock = model, engine, cache, clock
         self.params, self.load_params, self.devices = params, load_params, devices
-        if engine.recovery == "restart" and load_params is None:
-            raise ConfigError("recovery=restart needs load_params: the checkpoint files to reload weights from")
+        if engine.restarts and load_params is None:
+            raise ConfigError(f"recovery={engine.recovery} needs load_params: the checkpoint files to reload weights from")
         self.records: list[RecoveryRecord] = []
         self._build()
 
@@ -82,15 +83,18 @@ class Controller:
         self.placement: Placement = place(self.model.n_moe_layers, self.model.n_experts, cfg.num_expert_workers, budget)
         self.ert: RoutingTable = self.placement.ert
         self.transport = Transport(cfg.transfer_deadline_s)
-        self.store = (CheckpointStore(cfg.checkpoint_dir, flush_interval_s=cfg.snapshot_flush_s)
+        self.store = (CheckpointStore(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,
+                                      flush_interval_s=cfg.snapshot_flush_s)
                       if cfg.resilience else None)
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
-        self.precompile_s = self._precompile() if cfg.precompile else None
+        self.precompile_s = None if cfg.precompile == "none" else self._precompile()
 
     def _precompile(self) -> float:
-        """Every stage program at every shape of the grid, on every worker (seconds taken)."""
-        t0, grid = self.clock(), shape_grid(self.model, self.cache, self.config)
+        """Every stage program at every shape of the grid (the recovery subset, or all), on every
+        worker (seconds taken)."""
+        grids = {"recovery": recovery_grid, "all": shape_grid}
+        t0, grid = self.clock(), grids[self.config.precompile](self.model, self.cache, self.config)
         for w in self.aws + self.ews:
             w.precompile(grid)
             w.handle.probe()                  # the heartbeat's tiny program, on this worker's device
@@ -121,6 +125,12 @@ class Controller:
         self.worker(name).kill()
         self.health.killed(name)
 
+    def hang(self, name: str, seconds: float) -> None:
+        """Fault injection: the EW stops answering for `seconds` without dying (found by the
+        step's deadline, then fenced like a dead one)."""
+        self.worker(name).hang(seconds)
+        self.health.killed(name, f"hung for {seconds:g} s")
+
     def failed(self, name: str, reason: str, source: str) -> RecoveryRecord | None:
         """A datapath call or heartbeat found `name` dead. Returns the record of a new failure."""
         if not self.health.report_failure(name, reason, source):
@@ -133,7 +143,7 @@ class Controller:
         if worker.handle.alive:
             worker.kill()            # fence: a hung or slow worker must not answer (or hold memory) later
         self.records.append(rec)
-        if self.config.recovery == "tarragon":
+        if not self.config.restarts:
             (self._ew_failed if rec.kind == "ew" else self._aw_failed)(rec)
         return rec
 
@@ -233,7 +243,8 @@ class Controller:
         if not self.config.resilience or self.clock() - self._last_heartbeat < self.config.heartbeat_interval_s:
             return []
         self._last_heartbeat = self.clock()
-        probes = {w.handle.name: w.handle.probe for w in self.aws + self.ews
+        bound = min(self.config.transfer_deadline_s, PROBE_TIMEOUT_S)
+        probes = {w.handle.name: functools.partial(w.handle.probe, bound) for w in self.aws + self.ews
                   if not self.health.is_failed(w.handle.name)
                   and self.health.silent_for(w.handle.name) >= self.config.heartbeat_interval_s}
         return [self._act(name, "heartbeat") for name in self.health.heartbeat(probes)]
@@ -246,8 +257,11 @@ class Controller:
 
     # ---- restart baseline ----------------------------------------------------------------------
     def restart(self, requests: list[Sequence], rec: RecoveryRecord) -> None:
-        """What a MegaScale-Infer-like system does on any failure: tear every worker down, reload
-        weights from the checkpoint files, rebuild meshes and recompile, redo every request."""
+        """What a MegaScale-Infer-like system does on any failure: tear every worker down, clear
+        the compiled programs, reload weights from the checkpoint files, rebuild meshes, then
+        re-prefill every request's prompt and sent tokens in chunked passes batched across
+        requests (the strongest restart: request migration in Dynamo, vLLM's resume), or, under
+        restart_regenerate, regenerate the sent tokens one step at a time."""
         t0 = self.clock()
         self.shutdown()
         for w in self.aws + self.ews:
@@ -255,10 +269,13 @@ class Controller:
                 w.kill()                         # tear down: every buffer of every worker goes
         jax.clear_caches()
         self.params = self.load_params()
+        history = self.health.events
         self._build()
+        self.health.events[:0] = history        # the new cluster's record starts with what happened
+        regenerate = self.config.recovery == "restart_regenerate"
         for i, seq in enumerate(requests):
-            rec.tokens_recomputed += seq.num_cached
-            seq.reset_for_restart()
+            rec.tokens_recomputed += seq.num_cached if regenerate else seq.num_tokens - 1
+            seq.regenerate() if regenerate else seq.reprefill()
             self.aws[i % len(self.aws)].scheduler.add(seq)
         rec.restart_s = self.clock() - t0
 

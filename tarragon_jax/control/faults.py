@@ -103,6 +103,11 @@ class FaultInjector:
     def from_strings(cls, texts: Iterable[str]) -> "FaultInjector":
         return cls(parse_fault(t) for t in texts)
 
+    def add(self, spec: FaultSpec) -> None:
+        """Schedule one more fault while the run goes on (a benchmark picks the step at run time)."""
+        self._specs.append(spec)
+        self._fired.append(False)
+
     @property
     def pending(self) -> list[FaultSpec]:
         return [s for s, done in zip(self._specs, self._fired) if not done]

@@ -14,8 +14,8 @@ Every cross-worker call can raise WorkerFailed, and the step's wait names the wo
 the deadline. The engine reports it to the controller and then carries on with what the
 controller decided: the step is replayed from the affected layer (the AWs keep every layer's
 inputs until the step commits; KV writes are idempotent) under the new routing table, a failed AW
-drops out of the step (its requests were moved), and under `recovery=restart` the whole cluster
-is rebuilt.
+drops out of the step (its requests were moved), and under `recovery=restart` (or
+restart_regenerate) the whole cluster is rebuilt.
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ class Engine:
     # ---- failures ---------------------------------------------------------------------------
     def _failure(self, name: str, reason: str, source: str) -> None:
         rec = self.controller.failed(name, reason, source)
-        if rec is not None and self.config.recovery == "restart":
+        if rec is not None and self.config.restarts:
             raise _Restart(rec)
 
     def _inject(self, layer: int | None) -> None:
@@ -163,7 +163,7 @@ class Engine:
         t0, before = self.metrics.clock(), self._recompute_steps()
         try:
             for rec in self.controller.tick():
-                if self.config.recovery == "restart":
+                if self.config.restarts:
                     raise _Restart(rec)
             self._inject(None)
             events = self._step()
@@ -180,7 +180,7 @@ class Engine:
         """Between requests: join finished replacements and probe silent workers, so a worker
         that dies while the service is idle is found and replaced before the next request."""
         for rec in self.controller.tick():
-            if self.config.recovery == "restart":
+            if self.config.restarts:
                 self.controller.restart([], rec)
 
     def forget(self, request_id: int) -> None:

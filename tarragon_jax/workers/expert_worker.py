@@ -9,6 +9,9 @@ paper keeps shadows inactive). A load after a failure grows the stack once.
 """
 from __future__ import annotations
 
+import functools
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,8 +83,32 @@ class ExpertWorker:
         """The answers of run_layer (local: the device arrays themselves, nothing waits)."""
         return pending
 
+    def hang(self, seconds: float) -> None:
+        """Fault injection: stop answering without dying. This worker's device is kept busy for
+        about `seconds`, so the answers of the layers dispatched after it arrive that late (a
+        device in one process still ends its queued work; under ray the process sleeps)."""
+        self._index = _spin(self._index, max(1, int(seconds * _spin_rate(self.handle.sharding))))
+
     def kill(self) -> None:
         """Fail-stop: the device buffers are gone and every later call raises WorkerFailed."""
         self.handle.alive = False
         for a in jax.tree.leaves((self.weights, self._index)):
             a.delete()
+
+
+@jax.jit
+def _spin(index, n):
+    """index, after n rounds of busy work on its device: every layer program reads the EW's
+    index, so all of them wait for this (a hang's stand-in)."""
+    busy = jax.lax.fori_loop(0, n, lambda i, a: jnp.tanh(a @ a), jnp.full((128, 128), 0.5))
+    return index + (busy[0, 0] > 2).astype(index.dtype)         # tanh < 1: index unchanged
+
+
+@functools.cache
+def _spin_rate(sharding) -> float:
+    """Rounds of _spin per second on this mesh (measured once, compiled on the way)."""
+    x = jax.device_put(np.int32(0), sharding)
+    jax.block_until_ready(_spin(x, 1))
+    t0 = time.perf_counter()
+    jax.block_until_ready(_spin(x, 200))
+    return 200 / max(time.perf_counter() - t0, 1e-6)

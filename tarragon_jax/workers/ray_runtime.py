@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import warnings
 
 import numpy as np
@@ -49,6 +50,9 @@ class ExpertActor:
 
     def ping(self) -> bool:
         return self.ew.handle.probe()
+
+    def hang(self, seconds: float) -> None:
+        time.sleep(seconds)                 # the calls queued behind this one wait: a hung process
 
     def run_layer(self, layer: int, bufs: list[np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(y) for y in self.ew.run_layer(layer, self.ew.handle.put(tuple(bufs)))]
@@ -87,9 +91,10 @@ class RemoteHandle:
             detail = " ".join(str(e).split())[:300]      # why, e.g. an error in its startup
             raise WorkerFailed(self.name, f"process failed ({type(e).__name__}: {detail})") from None
 
-    def probe(self) -> bool:
+    def probe(self, timeout_s: float | None = None) -> bool:
         try:
-            return self.alive and bool(self.get(self.actor.ping.remote(), min(self.deadline_s, 5.0)))
+            bound = min(self.deadline_s, 5.0) if timeout_s is None else timeout_s
+            return self.alive and bool(self.get(self.actor.ping.remote(), bound))
         except WorkerFailed:
             return False
 
@@ -151,6 +156,10 @@ class RemoteExpertWorker:
         del layer_experts
         self.handle.get(self.actor.load_experts.remote(layer, list(ids)))
         self.slots[layer] += list(ids)
+
+    def hang(self, seconds: float) -> None:
+        """Fault injection: the process stops answering for `seconds` without dying."""
+        self.actor.hang.remote(seconds)
 
     def kill(self) -> None:
         """Fault injection: SIGKILL the process. The driver is not told; its next call fails."""

@@ -8,6 +8,7 @@ the same. A killed worker's handle refuses every call (WorkerFailed), like a dea
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,10 @@ try:    # the call jax.device_put makes for same-layout copies, without ~50 us o
     _REUSE = _xc.ArrayCopySemantics.REUSE_INPUT
 except (ImportError, AttributeError):           # another jax: the public path below
     _batched_copy = None
+
+
+PROBE_TIMEOUT_S = 5.0     # a heartbeat probe's bound (the controller passes the step deadline)
+PROBE_POLL_S = 1e-4
 
 
 @dataclasses.dataclass
@@ -43,11 +48,18 @@ class WorkerHandle:
         self.check()
         return jax.device_put(tree, self.sharding)
 
-    def probe(self) -> bool:
-        """Heartbeat: the worker is marked alive and its devices still run a tiny program."""
+    def probe(self, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+        """Heartbeat: the worker is marked alive and its devices run a tiny program within
+        timeout_s. Polled, never blocking: a hung device must not stall the caller."""
         if not self.alive:
             return False
-        return int(jax.device_put(jnp.int32(1), self.sharding) + 1) == 2
+        y = jax.device_put(jnp.int32(1), self.sharding) + 1
+        end = time.perf_counter() + timeout_s
+        while not y.is_ready():
+            if time.perf_counter() > end:
+                return False
+            time.sleep(PROBE_POLL_S)
+        return int(y) == 2
 
 
 def copy_arrays(arrays: list, dsts: list) -> list:

@@ -3,7 +3,9 @@
 Every step, waiting requests are admitted FIFO while they fit (pages reserved for their whole
 length, so a running request never stalls for pages); then running requests get tokens: one each
 for those decoding, then prefill chunks of at most `prefill_chunk` while the step budget lasts
-(a request recomputing after a move gets the whole budget: one chunked pass).
+(a request recomputing after a move or a restart gets the whole budget: one chunked pass, and
+such a step always has the full bucket of `max_step_tokens` rows, so the shapes a recovery meets
+are few and known, and compiled at startup: shape_grid.recovery_grid).
 Requests join and leave the running batch at any step. Host-only (numpy).
 """
 from __future__ import annotations
@@ -95,20 +97,22 @@ class Scheduler:
         """This step's tokens for the running batch (call admit() first)."""
         budget = self.max_step_tokens
         picked: list[tuple[Sequence, int]] = []
+        recomputing = False
         decoding = [s for s in self.running if s.num_pending == 1]
         prefilling = [s for s in self.running if s.num_pending > 1]
         for s in decoding + prefilling:
-            chunk = self.max_step_tokens if s.num_cached < s.recompute_until else self.prefill_chunk
-            n = min(s.num_pending, chunk, budget)
+            recompute = s.num_cached < s.recompute_until
+            n = min(s.num_pending, self.max_step_tokens if recompute else self.prefill_chunk, budget)
             if n <= 0:
                 break
             picked.append((s, n))
+            recomputing |= recompute
             budget -= n
-        return self._build(picked) if picked else None
+        return self._build(picked, self.max_step_tokens if recomputing else 0) if picked else None
 
-    def _build(self, picked: list[tuple[Sequence, int]]) -> StepBatch:
+    def _build(self, picked: list[tuple[Sequence, int]], min_tokens: int) -> StepBatch:
         n_tok = sum(n for _, n in picked)
-        T = bucket(n_tok, 8)
+        T = bucket(max(n_tok, min_tokens), 8)
         B = self.table_rows
         R = bucket(len(picked), 4)                        # rows that may sample
         P = bucket(max(self.blocks.pages_for(s.num_cached + n) for s, n in picked), 1)

@@ -25,7 +25,7 @@ class Sequence:
     finish_reason: str = ""
     restore_pending: bool = False         # moved to a new AW: restore committed KV on admission
     recompute_until: int = 0              # positions below this are recomputed in one chunked pass
-    replay: list[int] = dataclasses.field(default_factory=list)   # restart baseline: tokens to regenerate silently
+    replay: list[int] = dataclasses.field(default_factory=list)   # restart_regenerate: tokens to redo silently
 
     @property
     def tokens(self) -> list[int]:
@@ -41,7 +41,8 @@ class Sequence:
         return self.num_tokens - self.num_cached
 
     def append(self, token: int) -> bool:
-        """Record a generated token; False when it regenerates one the user already has (restart)."""
+        """Record a generated token; False when it regenerates one the user already has
+        (restart_regenerate)."""
         self.output.append(token)
         if len(self.output) <= len(self.replay):
             if token != self.replay[len(self.output) - 1]:
@@ -58,8 +59,15 @@ class Sequence:
             self.state = SeqState.FINISHED
         return True
 
-    def reset_for_restart(self) -> None:
-        """Restart baseline: every cached and generated position is lost and redone step by step."""
+    def reprefill(self) -> None:
+        """Restart baseline: the cache is lost; the prompt and the tokens already sent are
+        prefilled again in chunked passes (as a moved request recomputes), then decoding goes on."""
+        self.num_cached, self.recompute_until = 0, self.num_tokens - 1
+        self.state, self.restore_pending = SeqState.WAITING, False
+
+    def regenerate(self) -> None:
+        """restart_regenerate, the weaker baseline: every position is lost and the sent tokens are
+        generated again one step at a time before new ones reach the user."""
         self.replay = list(self.output)
         self.output, self.num_cached, self.recompute_until = [], 0, 0
         self.state, self.restore_pending = SeqState.WAITING, False

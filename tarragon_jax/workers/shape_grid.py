@@ -6,6 +6,12 @@ cache: 1.28 s EW / 0.84 s AW failover stalls, README). Precompiling the grid at 
 failover steps included, a cache hit. The bucket rules live with their users (scheduler: T, P, R;
 the engine pads every AW of a step to one T, so an EW call varies only in how many AWs send);
 this module only enumerates their ranges. Host-only.
+
+`recovery_grid` is the cheap subset compiled at startup by default: what a recovery runs that
+steady serving may not have met yet. A step that recomputes moved (or restarted) requests always
+has the full token bucket (scheduler), so that is one T at every P and R; and the restore writes
+at every block count. Shadows take over inside the same EW program, and a mid-step replay reruns
+shapes the step already ran.
 """
 from __future__ import annotations
 
@@ -43,3 +49,8 @@ def shape_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> 
         senders=tuple(range(1, engine.num_attention_workers + 1)),
         blocks=buckets(4, cache.num_pages),
     )
+
+
+def recovery_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> ShapeGrid:
+    full = shape_grid(model, cache, engine)
+    return dataclasses.replace(full, tokens=(bucket(engine.max_step_tokens, 8),))
