@@ -49,6 +49,7 @@ flags.DEFINE_float("disk_flush_s", 0.1, "aw_failure_disk: the Orbax write window
 flags.DEFINE_list("restore_lengths", ["64", "128", "256", "512"], "Decoded lengths for restore vs re-prefill.")
 flags.DEFINE_integer("overhead_requests", 96, "Requests of the saturated no-failure overhead runs.")
 flags.DEFINE_integer("overhead_repeats", 6, "Off/on pairs, in ABBA order, for the overhead ratio.")
+flags.DEFINE_integer("overhead_passes", 3, "Timed passes over the requests per engine of a pair (longer samples).")
 flags.DEFINE_float("bucket_s", 0.1, "Timeline bucket for the plot.")
 flags.DEFINE_integer("warmup_rounds", 1, "Untimed rounds of every scenario (other seeds) before measuring.")
 flags.DEFINE_integer("repeats", 3, "Run every scenario this many times; the table shows medians and ranges.")
@@ -142,6 +143,7 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
     step_s = statistics.median(g for r in times for g in r.gaps_s) if any(r.gaps_s for r in times) else None
     res = {"name": scenario, "recovery": recovery, "outputs": outputs,
            "stall_s": stall_around(times, t_fail),
+           "jitter_s": None if kills else jitter(times, t0, FLAGS.duration_s),
            "zero_throughput_s": zero_throughput_window(times, t_fail),
            "compiles_in_recovery": watch.count(t_fail, t_back, serving=True),
            "background_compiles": watch.count(t_fail, t_back, serving=False),
@@ -167,6 +169,14 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
     return res
 
 
+def jitter(times, t0: float, span_s: float) -> float:
+    """The largest 'stall' a failure-free run shows at any instant (every 10 ms of the arrival
+    window, after its first half second): how large a stall this machine makes by itself."""
+    from tarragon_jax.metrics import stall_around
+    instants = [t0 + 0.5 + 0.01 * i for i in range(max(1, int((span_s - 0.5) / 0.01)))]
+    return max(stall_around(times, t) for t in instants)
+
+
 PER_RUN = ("stall_s", "zero_throughput_s", "compiles_in_recovery", "tokens_recomputed", "throughput_tok_s")
 
 
@@ -177,7 +187,7 @@ def median_run(same: list[dict], clean: list[list[int]] | None) -> dict:
     for key in PER_RUN + ("rows_replayed", "blocks_restored"):
         row[key] = statistics.median(r[key] for r in same)
     row["range"] = {k: [min(r[k] for r in same), max(r[k] for r in same)] for k in PER_RUN}
-    row["runs"] = [{k: r[k] for k in PER_RUN + ("failures",)} for r in same]
+    row["runs"] = [{k: r[k] for k in PER_RUN + ("failures", "jitter_s")} for r in same]
     row["lost_requests"] = max(r["lost_requests"] for r in same)
     row["tokens_checked"] = clean is not None
     row["tokens_identical"] = all(r["outputs"] == clean for r in same) if clean is not None else None
@@ -185,11 +195,10 @@ def median_run(same: list[dict], clean: list[list[int]] | None) -> dict:
 
 
 def resolution(rows: list[dict]) -> float:
-    """The smallest stall this run can tell from none: the largest 'stall' a failure-free run
-    shows at the failure instant (step jitter), at least the clock's resolution."""
+    """The smallest stall this run can tell from none: the largest 'stall' of the failure-free
+    runs at any instant (step jitter, a GC, a snapshot write), at least the clock's resolution."""
     floor = time.get_clock_info("perf_counter").resolution
-    noise = [x["stall_s"] for r in rows if r["name"] == "no_failure" for x in r["runs"]]
-    return max([floor] + noise)
+    return max([floor] + [x["jitter_s"] for r in rows if r["name"] == "no_failure" for x in r["runs"]])
 
 
 def ratio(rows: list[dict], key: str, name: str, res: float) -> dict | None:
@@ -205,7 +214,8 @@ def ratio(rows: list[dict], key: str, name: str, res: float) -> dict | None:
 
 
 def overhead(cfg, params, reload) -> dict:
-    """Saturated throughput (all requests at t=0) with resilience off and on, in ABBA order."""
+    """Saturated throughput (all requests at t=0) with resilience off and on, in ABBA order; each
+    sample is `overhead_passes` passes over the requests on one engine."""
     import numpy as np
     from tarragon_jax.config import SamplingParams
     rng = np.random.default_rng(FLAGS.seed + 1)
@@ -220,9 +230,10 @@ def overhead(cfg, params, reload) -> dict:
             eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))
             if eng.controller.store is not None:
                 eng.controller.store.wait()
-            t0 = time.perf_counter()
-            outs = eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))
-            tput[on].append(sum(map(len, outs)) / (time.perf_counter() - t0))
+            t0, n = time.perf_counter(), 0
+            for _ in range(FLAGS.overhead_passes):
+                n += sum(map(len, eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))))
+            tput[on].append(n / (time.perf_counter() - t0))
             eng.close()
     ratios = [off / on for off, on in zip(tput[False], tput[True])]
     return {"off_tok_s": tput[False], "on_tok_s": tput[True], "ratios": ratios, "ratio": statistics.median(ratios)}
@@ -294,20 +305,20 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def report(rows, ratios, res, over, rvr, n_requests) -> None:
+def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
     cols = ["stall_s", "zero_throughput_s", "compiles_in_recovery", "tokens_recomputed", "rows_replayed",
             "blocks_restored", "throughput_tok_s", "lost_requests", "tokens_checked", "tokens_identical"]
     bcols = ["detect_s", "reroute_s", "restore_s", "recompute_steps_s", "replacement_ready_s", "restart_s"]
     print(f"{n_requests} requests, Poisson {FLAGS.rate}/s over {FLAGS.duration_s}s, prompt {FLAGS.prompt_len}, "
           f"output {FLAGS.output_len}; {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs; "
           f"failure at {FLAGS.fail_at_s}s; median of {FLAGS.repeats} run(s) per row [min-max]; startup "
-          f"precompile ({FLAGS.precompile}) {_fmt(rows[0]['startup_s'])} s")
+          f"precompile ({FLAGS.precompile}) {_fmt(startup_s)} s")
     print(" | ".join(["scenario", "recovery"] + cols + bcols))
     for r in rows:
         cells = [f"{_fmt(r[c])} [{_fmt(r['range'][c][0])}-{_fmt(r['range'][c][1])}]" if c in ("stall_s", "zero_throughput_s")
                  else _fmt(r[c]) for c in cols]
         print(" | ".join([r["name"], r["recovery"]] + cells + [_fmt(r["breakdown"][c]) for c in bcols]))
-    print(f"resolution (largest no-failure 'stall' at the failure instant): {res * 1e3:.2f} ms")
+    print(f"resolution (largest 'stall' of the failure-free runs at any instant): {res * 1e3:.2f} ms")
     for name, v in ratios.items():
         if v is None:
             continue
@@ -333,15 +344,15 @@ def main(argv):
     cfg, params, _, reload, _ = serving_flags.start()
     watch = CompileWatch(time.perf_counter)             # the engines' metrics clock
     workload = _workload(cfg.vocab_size)
-    # Warm-up, as a server that has run a while: every scenario on other workloads, so the batch
-    # shapes a failure produces are mostly compiled (a first-seen shape compiles in the step).
+    # The reference, first (its startup is the cold one): the same workload, failure-free,
+    # resilience off. Every row is checked against it.
+    ref = run_scenario(cfg, params, reload, "no_failure", "tarragon", workload, watch, resilience=False)
+    clean = ref["outputs"] if ref["lost_requests"] == 0 else None
+    # Warm-up, as a server that has run a while: every scenario on other workloads.
     for r in range(FLAGS.warmup_rounds):
         for scenario in FLAGS.scenarios:
             run_scenario(cfg, params, reload, scenario, "tarragon", _workload(cfg.vocab_size, seed=FLAGS.seed + 100 + r),
                          watch)
-    # The reference: the same workload, failure-free, resilience off. Every row is checked against it.
-    ref = run_scenario(cfg, params, reload, "no_failure", "tarragon", workload, watch, resilience=False)
-    clean = ref["outputs"] if ref["lost_requests"] == 0 else None
     # Every repeat of one recovery before the next: a restart clears the in-memory compiled
     # programs, which must not leak into the other recovery's measurements.
     rows = [median_run([run_scenario(cfg, params, reload, s, rec, workload, watch) for _ in range(FLAGS.repeats)], clean)
@@ -351,10 +362,10 @@ def main(argv):
               for key in ("stall_s", "zero_throughput_s")}
     over = overhead(cfg, params, reload)
     rvr = restore_vs_reprefill(cfg, params, reload)
-    report(rows, ratios, res, over, rvr, len(workload[1]))
+    report(rows, ratios, res, over, rvr, len(workload[1]), ref["startup_s"])
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
-            json.dump({"scenarios": rows, "ratios": ratios, "resolution_s": res, "no_failure_overhead": over["ratio"],
+            json.dump({"scenarios": rows, "ratios": ratios, "resolution_s": res, "startup_s": ref["startup_s"], "no_failure_overhead": over["ratio"],
                        "overhead_runs": over, "restore_vs_reprefill": rvr,
                        "config": {k: FLAGS[k].value for k in ("rate", "duration_s", "prompt_len", "output_len",
                                                              "fail_at_s", "num_attention_workers", "repeats",

@@ -3,9 +3,10 @@
 Every step, waiting requests are admitted FIFO while they fit (pages reserved for their whole
 length, so a running request never stalls for pages); then running requests get tokens: one each
 for those decoding, then prefill chunks of at most `prefill_chunk` while the step budget lasts
-(a request recomputing after a move or a restart gets the whole budget: one chunked pass, and
-such a step always has the full bucket of `max_step_tokens` rows, so the shapes a recovery meets
-are few and known, and compiled at startup: shape_grid.recovery_grid).
+(a request recomputing after a move or a restart gets the whole budget: one chunked pass). A step
+that recomputes has one of two token buckets, that of `prefill_chunk` (a restored request
+recomputes less than a page or so) or the full `max_step_tokens`, so the shapes a recovery meets
+are few and known, and compiled at startup (shape_grid.recovery_grid).
 Requests join and leave the running batch at any step. Host-only (numpy).
 """
 from __future__ import annotations
@@ -22,6 +23,11 @@ from tarragon_jax.workers.sequence import Sequence, SeqState
 def bucket(n: int, minimum: int) -> int:
     """Next power of two >= max(n, minimum): bounds the number of compiled shapes."""
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def recovery_buckets(prefill_chunk: int, max_step_tokens: int) -> tuple[int, ...]:
+    """The token buckets of a step that recomputes: a small one, or the whole budget."""
+    return tuple(sorted({bucket(prefill_chunk, 8), bucket(max_step_tokens, 8)}))
 
 
 @dataclasses.dataclass
@@ -108,11 +114,13 @@ class Scheduler:
             picked.append((s, n))
             recomputing |= recompute
             budget -= n
-        return self._build(picked, self.max_step_tokens if recomputing else 0) if picked else None
+        return self._build(picked, recomputing) if picked else None
 
-    def _build(self, picked: list[tuple[Sequence, int]], min_tokens: int) -> StepBatch:
+    def _build(self, picked: list[tuple[Sequence, int]], recomputing: bool) -> StepBatch:
         n_tok = sum(n for _, n in picked)
-        T = bucket(max(n_tok, min_tokens), 8)
+        T = bucket(n_tok, 8)
+        if recomputing:
+            T = next(b for b in recovery_buckets(self.prefill_chunk, self.max_step_tokens) if b >= n_tok)
         B = self.table_rows
         R = bucket(len(picked), 4)                        # rows that may sample
         P = bucket(max(self.blocks.pages_for(s.num_cached + n) for s, n in picked), 1)

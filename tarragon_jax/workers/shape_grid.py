@@ -8,9 +8,9 @@ the engine pads every AW of a step to one T, so an EW call varies only in how ma
 this module only enumerates their ranges. Host-only.
 
 `recovery_grid` is the cheap subset compiled at startup by default: what a recovery runs that
-steady serving may not have met yet. A step that recomputes moved (or restarted) requests always
-has the full token bucket (scheduler), so that is one T at every P and R; and the restore writes
-at every block count. Shadows take over inside the same EW program, and a mid-step replay reruns
+steady serving may not have met yet. A step that recomputes moved (or restarted) requests has
+one of two token buckets (scheduler: prefill_chunk's or max_step_tokens'), so that is two T at
+every P and R; and the restore writes at every block count. Shadows take over inside the same EW program, and a mid-step replay reruns
 shapes the step already ran.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
-from tarragon_jax.workers.scheduler import bucket
+from tarragon_jax.workers.scheduler import bucket, recovery_buckets
 
 
 def buckets(minimum: int, largest: int) -> tuple[int, ...]:
@@ -53,4 +53,4 @@ def shape_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> 
 
 def recovery_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> ShapeGrid:
     full = shape_grid(model, cache, engine)
-    return dataclasses.replace(full, tokens=(bucket(engine.max_step_tokens, 8),))
+    return dataclasses.replace(full, tokens=recovery_buckets(engine.prefill_chunk, engine.max_step_tokens))
