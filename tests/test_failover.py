@@ -131,9 +131,45 @@ def test_idle_worker_failure_found_by_heartbeat():
     assert rec.worker == "aw1" and rec.detected_by == "heartbeat" and rec.requests_moved == 0
 
 
-def test_restart_baseline_is_token_identical(model):
-    eng = _check(model, ["ew:1@step=5"], recovery="restart")
-    assert eng.controller.records[0].restart_s > 0
+@pytest.mark.parametrize("recovery", ["restart", "restart_regenerate"])
+def test_restart_baselines_are_token_identical(model, recovery):
+    """restart re-prefills each request's prompt and sent tokens in chunked passes; the weaker
+    restart_regenerate redoes the sent tokens one step at a time: more steps, same tokens."""
+    eng = _check(model, ["ew:1@step=5"], recovery=recovery)
+    rec = eng.controller.records[0]
+    assert rec.restart_s > 0 and rec.tokens_recomputed > 0
+    if recovery == "restart_regenerate":
+        reprefill = _check(model, ["ew:1@step=5"], recovery="restart")
+        assert eng.step_index > reprefill.step_index
+
+
+def test_aw_failure_restores_from_the_orbax_files(model):
+    """Memory tier off: blocks commit only once written (a short window here), and the moved
+    requests restore them from disk."""
+    eng = _check(model, ["aw:0@step=9"], wait_store=True, snapshot_memory_tier=False, snapshot_flush_s=0.0)
+    assert eng.aws[1].restored.blocks > 0 and eng.aws[1].restored.fallbacks == 0
+    assert eng.controller.store.stats["memory_bytes"] == 0
+
+
+def test_hung_expert_worker_injected_by_the_controller(model):
+    """Controller.hang (what the failover bench injects): the EW stays alive but its device is
+    busy for longer than the deadline; the deadline (at the step's wait or a heartbeat probe,
+    which is polled, so it cannot stall the loop) finds it, and the tokens stay the same."""
+    cfg, params, early, late, clean = model
+    kw = dict(num_attention_workers=2, num_expert_workers=4, prefill_chunk=8, transfer_deadline_s=0.2)
+    eng = Engine(cfg, params, EngineConfig(**kw), CACHE)
+    sp = SamplingParams(max_new_tokens=12)
+    ids = [eng.submit(p, sp) for p in early]
+    while eng.has_work:
+        if eng.step_index == 3:
+            ids += [eng.submit(p, sp) for p in late]
+        if eng.step_index == 5:
+            eng.controller.hang("ew2", 1.0)
+        eng.step()
+    assert [eng.requests[i].output for i in ids] == clean
+    rec = eng.controller.records[0]
+    assert rec.worker == "ew2" and rec.detected_by in ("call", "heartbeat") and rec.detect_s < 0.2 + 0.5
+    eng.close()
 
 
 def test_hung_expert_worker_found_by_deadline(model, monkeypatch):

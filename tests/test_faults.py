@@ -87,3 +87,11 @@ def test_injectors_are_independent():
     a, b = FaultInjector.from_strings(["ew:0@step=0"]), FaultInjector.from_strings(["ew:0@step=0"])
     assert len(a.due(0, None, prefill_aws=set(), recovering=False)) == 1
     assert len(b.due(0, None, prefill_aws=set(), recovering=False)) == 1
+
+
+def test_a_fault_added_while_running_fires_at_its_point():
+    inj = FaultInjector([])
+    assert inj.due(3, None) == []
+    inj.add(parse_fault("ew:1@step=4,layer=1"))
+    assert inj.due(4, 0) == [] and inj.due(4, 1) == [parse_fault("ew:1@step=4,layer=1")]
+    assert inj.pending == []

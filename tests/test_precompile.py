@@ -1,8 +1,12 @@
 """--precompile: the shape grid covers every shape serving meets (no stage program compiles
 after startup, with requests of mixed lengths arriving mid-run), and precompiling, which runs
 every program on zeros through the sink page, leaves the tokens exactly the reference's."""
+import threading
+
+import jax
 import numpy as np
 import pytest
+from jax._src import dispatch, monitoring
 
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
 from tarragon_jax.kv import kv_cache
@@ -47,4 +51,40 @@ def test_nothing_compiles_after_precompile_and_tokens_match_reference(family):
     assert [f._cache_size() for f in PROGRAMS] == compiled
     for rid, p in zip(ids, prompts):
         assert eng.requests[rid].output == reference.greedy_generate(cfg, params, p, 20)
+    eng.close()
+
+
+def test_recovery_precompile_leaves_nothing_to_compile_in_a_recovery():
+    """--precompile recovery: the steps that recompute moved requests (an AW failure) run only
+    programs compiled at startup: two token buckets at every table width and row count, and the
+    restore writes at every block count."""
+    rng = np.random.default_rng()
+    cfg, params = tiny_model("qwen2_moe", seed=int(rng.integers(1 << 30)), max_position=64)
+    eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=2, max_step_tokens=32,
+                                           prefill_chunk=8, max_running=4, precompile="recovery"),
+                 CacheConfig(page_size=4, num_pages=40))
+    ids = [eng.submit(rng.integers(3, cfg.vocab_size, n).tolist(), SamplingParams(max_new_tokens=16))
+           for n in (3, 17, 9, 5)]
+    for _ in range(8):
+        eng.step()
+    eng.controller.store.wait()
+    compiles = []           # on the serving thread (the replacement AW compiles in the background)
+    listener = lambda event, secs, **kw: (event == dispatch.BACKEND_COMPILE_EVENT and threading.current_thread()
+                                          is threading.main_thread() and compiles.append(kw.get("fun_name")))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        eng.controller.kill("aw0")
+        recomputing = 0
+        while eng.has_work:
+            before, n = sum(a.restored.recompute_steps for a in eng.aws), len(compiles)
+            eng.step()
+            if sum(a.restored.recompute_steps for a in eng.aws) > before:
+                recomputing += 1
+                assert compiles[n:] == []
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert recomputing >= 1 and eng.aws[1].restored.requests > 0
+    for rid in ids:
+        prompt = eng.requests[rid].prompt
+        assert eng.requests[rid].output == reference.greedy_generate(cfg, params, prompt, 16)
     eng.close()
