@@ -67,7 +67,7 @@ class Controller:
         self._build()
 
     # ---- building the cluster --------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, precompile: bool = True) -> None:
         """Fresh cluster state: workers, placement, transport, store, failure detector, jobs."""
         cfg, dtype = self.config, jax.numpy.dtype(self.config.dtype)
         self.dtype = dtype
@@ -88,7 +88,7 @@ class Controller:
                       if cfg.resilience else None)
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
-        self.precompile_s = None if cfg.precompile == "none" else self._precompile()
+        self.precompile_s = None if cfg.precompile == "none" or not precompile else self._precompile()
 
     def _precompile(self) -> float:
         """Every stage program at every shape of the grid (the recovery subset, or all), on every
@@ -270,7 +270,7 @@ class Controller:
         jax.clear_caches()
         self.params = self.load_params()
         history = self.health.events
-        self._build()
+        self._build(precompile=False)    # the strongest restart: compile on first use, from the cache
         self.health.events[:0] = history        # the new cluster's record starts with what happened
         regenerate = self.config.recovery == "restart_regenerate"
         for i, seq in enumerate(requests):
