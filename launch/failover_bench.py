@@ -150,6 +150,7 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
            "tokens_recomputed": sum(a.restored.tokens_recomputed for a in eng.aws) + sum(r.tokens_recomputed for r in recs),
            "rows_replayed": eng.replayed_rows,
            "blocks_restored": sum(a.restored.blocks for a in eng.aws),
+           "restore_fallbacks": sum(a.restored.fallbacks for a in eng.aws),
            "throughput_tok_s": sum(len(o) for o in outputs) / span,
            "lost_requests": sum(len(o) != FLAGS.output_len for o in outputs),
            "timeline": throughput_timeline(times, t0, FLAGS.bucket_s),
@@ -179,14 +180,15 @@ def jitter(times, t0: float, span_s: float) -> dict:
     return {"p90_s": float(np.percentile(stalls, 90)), "max_s": max(stalls)}
 
 
-PER_RUN = ("stall_s", "zero_throughput_s", "compiles_in_recovery", "tokens_recomputed", "throughput_tok_s")
+PER_RUN = ("stall_s", "zero_throughput_s", "compiles_in_recovery", "tokens_recomputed", "blocks_restored",
+           "throughput_tok_s")
 
 
 def median_run(same: list[dict], clean: list[list[int]] | None) -> dict:
     """One row from repeats of a scenario: medians of the timings, every run's values and their
     range, the worst of the invariants; tokens checked against the failure-free run `clean`."""
     row = {k: v for k, v in same[0].items() if k != "outputs"}
-    for key in PER_RUN + ("rows_replayed", "blocks_restored"):
+    for key in PER_RUN + ("rows_replayed", "restore_fallbacks"):
         row[key] = statistics.median(r[key] for r in same)
     row["range"] = {k: [min(r[k] for r in same), max(r[k] for r in same)] for k in PER_RUN}
     row["runs"] = [{k: r[k] for k in PER_RUN + ("failures", "jitter_s")} for r in same]
@@ -224,7 +226,7 @@ def overhead(cfg, params, reload) -> dict:
     rng = np.random.default_rng(FLAGS.seed + 1)
     prompts = [rng.integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(FLAGS.overhead_requests)]
     tput = {False: [], True: []}
-    for rep in range(FLAGS.overhead_repeats):
+    for rep in range(-1, FLAGS.overhead_repeats):          # pair -1: untimed, warms the machine
         for on in ((False, True) if rep % 2 == 0 else (True, False)):
             eng = _engine(cfg, params, reload, resilience=on)
             # untimed pass on the same engine first: every program compiled or loaded (with
@@ -236,7 +238,8 @@ def overhead(cfg, params, reload) -> dict:
             t0, n = time.perf_counter(), 0
             for _ in range(FLAGS.overhead_passes):
                 n += sum(map(len, eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))))
-            tput[on].append(n / (time.perf_counter() - t0))
+            if rep >= 0:
+                tput[on].append(n / (time.perf_counter() - t0))
             eng.close()
     ratios = [off / on for off, on in zip(tput[False], tput[True])]
     return {"off_tok_s": tput[False], "on_tok_s": tput[True], "ratios": ratios, "ratio": statistics.median(ratios)}
@@ -310,7 +313,7 @@ def _fmt(v) -> str:
 
 def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
     cols = ["stall_s", "zero_throughput_s", "compiles_in_recovery", "tokens_recomputed", "rows_replayed",
-            "blocks_restored", "throughput_tok_s", "lost_requests", "tokens_checked", "tokens_identical"]
+            "blocks_restored", "restore_fallbacks", "throughput_tok_s", "lost_requests", "tokens_checked", "tokens_identical"]
     bcols = ["detect_s", "reroute_s", "restore_s", "recompute_steps_s", "replacement_ready_s", "restart_s"]
     print(f"{n_requests} requests, Poisson {FLAGS.rate}/s over {FLAGS.duration_s}s, prompt {FLAGS.prompt_len}, "
           f"output {FLAGS.output_len}; {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs; "
@@ -358,15 +361,15 @@ def main(argv):
         for scenario in FLAGS.scenarios:
             run_scenario(cfg, params, reload, scenario, "tarragon", _workload(cfg.vocab_size, seed=FLAGS.seed + 100 + r),
                          watch)
-    # Every repeat of one recovery before the next: a restart clears the in-memory compiled
-    # programs, which must not leak into the other recovery's measurements.
+    # Steady-state measures first: a restart clears the in-memory compiled programs.
+    over = overhead(cfg, params, reload)
+    rvr = restore_vs_reprefill(cfg, params, reload)
+    # Every repeat of one recovery before the next, tarragon first, for the same reason.
     rows = [median_run([run_scenario(cfg, params, reload, s, rec, workload, watch) for _ in range(FLAGS.repeats)], clean)
             for rec in FLAGS.recoveries for s in FLAGS.scenarios]
     res = resolution(rows)
     ratios = {f"{name}_{key}": ratio(rows, key, name, res) for name in FLAGS.scenarios if name != "no_failure"
               for key in ("stall_s", "zero_throughput_s")}
-    over = overhead(cfg, params, reload)
-    rvr = restore_vs_reprefill(cfg, params, reload)
     report(rows, ratios, res, over, rvr, len(workload[1]), ref["startup_s"])
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:

@@ -94,7 +94,7 @@ def main(argv):
           f"attention {FLAGS.attention_backend}, "
           f"{engine.ews[0].platform}, runtime {FLAGS.runtime})", file=sys.stderr)
     if engine.controller.precompile_s is not None:
-        print(f"precompiled the shape grid in {engine.controller.precompile_s:.1f} s", file=sys.stderr)
+        print(f"precompiled ({FLAGS.precompile}) in {engine.controller.precompile_s:.1f} s", file=sys.stderr)
     for rec in engine.controller.records:
         print(f"failure {rec}", file=sys.stderr)
     engine.close()
