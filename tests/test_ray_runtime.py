@@ -79,3 +79,23 @@ def test_hung_call_misses_the_deadline(model):
     with pytest.raises(WorkerFailed, match="ew9.*deadline"):
         handle.get(hang.remote())
     assert time.perf_counter() - t0 < 2
+
+
+def test_hung_expert_process_is_fenced_and_tokens_stay(model):
+    """Controller.hang on a remote EW: its process sleeps (alive, not answering); the step's
+    deadline finds it, the process is killed (fenced), its rows go to shadows: same tokens."""
+    cfg, params, want = model
+    eng = _engine(cfg, params, [], transfer_deadline_s=5.0)
+    assert eng.generate(PROMPTS, SamplingParams(max_new_tokens=10)) == want   # compiles in the processes
+    ids = [eng.submit(p, SamplingParams(max_new_tokens=10)) for p in PROMPTS]
+    hung_pid, start = eng.ews[1].pid, eng.step_index
+    while eng.has_work:
+        if eng.step_index == start + 4:
+            eng.controller.hang("ew1", 60.0)
+        eng.step()
+    assert [eng.requests[i].output for i in ids] == want
+    rec = next(r for r in eng.controller.records if r.worker == "ew1")
+    assert rec.detect_s < 5.0 + 1.0
+    eng.controller.wait_recoveries()
+    assert _dead(hung_pid)
+    eng.close()
