@@ -96,7 +96,7 @@ def _inject(eng, scenario: str) -> None:
     from tarragon_jax.control.faults import FaultSpec
     ew, aw = f"ew{FLAGS.fail_ew}", f"aw{FLAGS.fail_aw}"
     layer = min(1, eng.model.n_layers - 1)
-    if scenario in ("ew_failure",):
+    if scenario == "ew_failure":
         eng.controller.kill(ew)
     elif scenario in ("aw_failure", "aw_failure_disk"):
         eng.controller.kill(aw)

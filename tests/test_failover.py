@@ -20,7 +20,8 @@ def _workload(seed, vocab):
     return early, late
 
 
-def _serve(cfg, params, early, late, faults=(), wait_store=False, **engine_kw):
+def _serve(cfg, params, early, late, faults=(), wait_store=False, before_step=None, **engine_kw):
+    """The workload (late prompts join at step 3); before_step(engine) runs before every step."""
     kw = dict(num_attention_workers=2, num_expert_workers=4, prefill_chunk=8)
     kw.update(engine_kw)
     eng = Engine(cfg, params, EngineConfig(**kw), CACHE, faults=FaultInjector.from_strings(faults),
@@ -32,6 +33,8 @@ def _serve(cfg, params, early, late, faults=(), wait_store=False, **engine_kw):
             ids += [eng.submit(p, sp) for p in late]
         if wait_store and eng.controller.store is not None:
             eng.controller.store.wait()      # make snapshots committed before the fault fires
+        if before_step is not None:
+            before_step(eng)
         eng.step()
     eng.controller.wait_recoveries()
     outs = [list(eng.requests[i].output) for i in ids]
@@ -156,17 +159,12 @@ def test_hung_expert_worker_injected_by_the_controller(model):
     busy for longer than the deadline; the deadline (at the step's wait or a heartbeat probe,
     which is polled, so it cannot stall the loop) finds it, and the tokens stay the same."""
     cfg, params, early, late, clean = model
-    kw = dict(num_attention_workers=2, num_expert_workers=4, prefill_chunk=8, transfer_deadline_s=0.2)
-    eng = Engine(cfg, params, EngineConfig(**kw), CACHE)
-    sp = SamplingParams(max_new_tokens=12)
-    ids = [eng.submit(p, sp) for p in early]
-    while eng.has_work:
-        if eng.step_index == 3:
-            ids += [eng.submit(p, sp) for p in late]
+
+    def hang_at_step_5(eng):
         if eng.step_index == 5:
             eng.controller.hang("ew2", 1.0)
-        eng.step()
-    assert [eng.requests[i].output for i in ids] == clean
+    outs, eng = _serve(cfg, params, early, late, before_step=hang_at_step_5, transfer_deadline_s=0.2)
+    assert outs == clean
     rec = eng.controller.records[0]
     assert rec.worker == "ew2" and rec.detected_by in ("call", "heartbeat") and rec.detect_s < 0.2 + 0.5
     eng.close()
@@ -192,18 +190,13 @@ def test_hung_expert_worker_found_by_deadline(model, monkeypatch):
         out = run_layer(self, layer, bufs)
         return tuple(stuck(y) for y in out) if self.handle.name == "ew2" and hung[0] else out
 
+    def hang_in_step_4(eng):
+        hung[0] = eng.step_index == 4 and not eng.controller.records
+
     hung = [False]
     monkeypatch.setattr(ExpertWorker, "run_layer", hang_ew2)
-    kw = dict(num_attention_workers=2, num_expert_workers=4, prefill_chunk=8, transfer_deadline_s=0.1)
-    eng = Engine(cfg, params, EngineConfig(**kw), CACHE)
-    sp = SamplingParams(max_new_tokens=12)
-    ids = [eng.submit(p, sp) for p in early]
-    while eng.has_work:
-        if eng.step_index == 3:
-            ids += [eng.submit(p, sp) for p in late]
-        hung[0] = eng.step_index == 4 and not eng.controller.records
-        eng.step()
-    assert [eng.requests[i].output for i in ids] == clean
+    outs, eng = _serve(cfg, params, early, late, before_step=hang_in_step_4, transfer_deadline_s=0.1)
+    assert outs == clean
     rec = eng.controller.records[0]
     assert rec.worker == "ew2" and rec.detected_by == "call" and eng.replayed_rows > 0
     assert "deadline" in [e.detail for e in eng.controller.health.events if e.kind == "failed"][0]

@@ -118,9 +118,8 @@ class Scheduler:
 
     def _build(self, picked: list[tuple[Sequence, int]], recomputing: bool) -> StepBatch:
         n_tok = sum(n for _, n in picked)
-        T = bucket(n_tok, 8)
-        if recomputing:
-            T = next(b for b in recovery_buckets(self.prefill_chunk, self.max_step_tokens) if b >= n_tok)
+        T = (next(b for b in recovery_buckets(self.prefill_chunk, self.max_step_tokens) if b >= n_tok)
+             if recomputing else bucket(n_tok, 8))
         B = self.table_rows
         R = bucket(len(picked), 4)                        # rows that may sample
         P = bucket(max(self.blocks.pages_for(s.num_cached + n) for s, n in picked), 1)

@@ -10,8 +10,8 @@ this module only enumerates their ranges. Host-only.
 `recovery_grid` is the cheap subset compiled at startup by default: what a recovery runs that
 steady serving may not have met yet. A step that recomputes moved (or restarted) requests has
 one of two token buckets (scheduler: prefill_chunk's or max_step_tokens'), so that is two T at
-every P and R; and the restore writes at every block count. Shadows take over inside the same EW program, and a mid-step replay reruns
-shapes the step already ran.
+every P and R; and the restore writes at every block count. Shadows take over inside the same
+EW program, and a mid-step replay reruns shapes the step already ran.
 """
 from __future__ import annotations
 
