@@ -54,7 +54,7 @@ def main(argv):
         for backend in FLAGS.backends:
             # as an EW holds them: "tiles" keeps one array per slot (expert_worker._stack)
             wb = {n: tuple(a[i] for i in range(S)) for n, a in w.items()} if backend == "tiles" else w
-            call = lambda: expert_layer(wb, jnp.int32(0), bufs, top_k=k, backend=backend)
+            call = lambda: expert_layer(wb, jnp.int32(0), jnp.int32(0), bufs, top_k=k, backend=backend)
             out = np.concatenate([np.asarray(y, np.float32).reshape(-1) for y in call()])
             if first is None:
                 first = out

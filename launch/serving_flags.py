@@ -94,9 +94,34 @@ def load_model() -> tuple:
     return cfg, params, (FLAGS.checkpoint and path), reload
 
 
-def eos_ids(ckpt: str | None) -> tuple:
+def tokenizer_and_template(ckpt: str | None, cfg):
+    """(tokenizer or None, ChatTemplate or None) of the checkpoint. The embedded model (no
+    checkpoint) gets the byte tokenizer with ChatML, so it can be served as text and chat;
+    dummy weights get none (token ids only)."""
+    from tarragon_jax.serving.chat_template import ChatTemplate, NoChatTemplate
+    if not ckpt:
+        if FLAGS.load_format == "dummy":
+            return None, None
+        from tarragon_jax.model import byte_tokenizer
+        return byte_tokenizer.byte_tokenizer(cfg.vocab_size), ChatTemplate(byte_tokenizer.CHATML,
+                                                                          {"eos_token": byte_tokenizer.EOS})
+    tokenizer = None
+    if os.path.exists(os.path.join(ckpt, "tokenizer.json")):
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
+    try:
+        return tokenizer, ChatTemplate.from_checkpoint(ckpt)
+    except NoChatTemplate:
+        return tokenizer, None
+
+
+def eos_ids(ckpt: str | None, tokenizer=None) -> tuple:
     """The checkpoint's end-of-sequence ids (generation_config.json, else config.json), where
-    generation stops by default, as clients of a serving system expect."""
+    generation stops by default, as clients of a serving system expect; without a checkpoint,
+    the byte tokenizer's end of turn (tokenizer_and_template)."""
+    if not ckpt and tokenizer is not None:
+        from tarragon_jax.model import byte_tokenizer
+        return (tokenizer.token_to_id(byte_tokenizer.EOS),)
     for name in ("generation_config.json", "config.json"):
         path = os.path.join(ckpt or "", name)
         if ckpt and os.path.exists(path):

@@ -6,14 +6,14 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 
 from tarragon_jax.config import CacheConfig, EngineConfig
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
-from tarragon_jax.serving.server import EngineLoop, Server
+from tarragon_jax.serving.engine_loop import EngineLoop
+from tarragon_jax.serving.server import Server
 
 
 @contextlib.contextmanager
@@ -25,11 +25,9 @@ def serving(family: str, seed: int, **servers):
                     CacheConfig(page_size=4, num_pages=64))
     loop = EngineLoop(engine)
     loop.start()
-    started = {name: Server(loop, port=0, **kw) for name, kw in servers.items()}
-    for s in started.values():
-        threading.Thread(target=s.serve_forever, daemon=True).start()
+    started = {name: Server(loop, port=0, **kw).start() for name, kw in servers.items()}
     try:
-        yield cfg, params, loop, {k: (s, f"http://127.0.0.1:{s.server_address[1]}") for k, s in started.items()}
+        yield cfg, params, loop, {k: (s, s.url) for k, s in started.items()}
     finally:
         for s in started.values():
             s.shutdown()

@@ -119,7 +119,7 @@ def test_eos_id_ends_the_completion_without_its_text(api):
 ])
 def test_bad_requests_name_the_field(api, body, message):
     code, text = request(api[3]["text"] + "/v1/completions", body)
-    assert code == 400 and message in json.loads(text)["error"], text
+    assert code == 400 and message in json.loads(text)["error"]["message"], text
 
 
 def test_null_fields_mean_their_defaults(api):
@@ -190,7 +190,7 @@ def test_a_stream_that_writes_nothing_is_cancelled_when_its_client_leaves(api, m
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    assert sock.recv(12).startswith(b"HTTP/1.0 200")
+    assert sock.recv(12).split()[1] == b"200"
     sock.close()                                                   # the client goes away
     deadline = time.time() + 30
     while not seen:

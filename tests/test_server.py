@@ -34,7 +34,8 @@ def test_concurrent_requests_and_a_kill_mid_run(served):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
-    assert request(url + "/fail", {"worker": "ew1"}) == (200, '{"killed": "ew1"}')
+    code, body = request(url + "/fail", {"worker": "ew1"})
+    assert code == 200 and json.loads(body) == {"killed": "ew1"}
     for t in threads:
         t.join()
     for i, p in enumerate(prompts):
@@ -74,7 +75,7 @@ def test_streaming_sends_tokens_then_a_summary(served):
 def test_bad_requests_get_400_with_the_reason(served, body, raw, message):
     _, _, url, _ = served
     code, text = request(url + "/generate", body, raw)
-    assert code == 400 and message in json.loads(text)["error"]
+    assert code == 400 and message in json.loads(text)["error"]["message"]
 
 
 def test_unknown_worker_and_endpoint(served):
@@ -154,9 +155,8 @@ def test_a_client_that_leaves_before_the_answer_cancels_its_request(served, monk
 
 def _extra_server(loop, **kw):
     from tarragon_jax.serving.server import Server
-    server = Server(loop, port=0, **kw)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+    server = Server(loop, port=0, **kw).start()
+    return server, server.url
 
 
 def test_past_the_limit_a_request_gets_429_and_nothing_else_changes(served):
@@ -168,9 +168,9 @@ def test_past_the_limit_a_request_gets_429_and_nothing_else_changes(served):
     t.start()
     _wait_until(lambda: loop.call(lambda e: e.num_unfinished) == 1, "first request never started")
     code, text = request(url + "/v1/completions", {"prompt": [6, 7], "max_tokens": 4})
-    assert code == 429 and "overloaded" in json.loads(text)["error"]
+    assert code == 429 and "overloaded" in json.loads(text)["error"]["message"]
     code, text = request(url + "/generate", {"prompt_ids": [6, 99999], "max_new_tokens": 4})
-    assert code == 400 and "out of range" in json.loads(text)["error"]           # never servable: not 429
+    assert code == 400 and "out of range" in json.loads(text)["error"]["message"]           # never servable: not 429
     t.join()
     assert first["r"][0] == 200 and json.loads(first["r"][1])["output_ids"] == \
         reference.greedy_generate(cfg, params, [4, 5], 120)
@@ -191,7 +191,7 @@ def test_draining_refuses_new_requests_and_finishes_the_running_ones(served):
     d.start()
     _wait_until(lambda: server.draining, "drain never started")
     code, text = request(url + "/generate", {"prompt_ids": [1, 2], "max_new_tokens": 4})
-    assert code == 503 and "draining" in json.loads(text)["error"]
+    assert code == 503 and "draining" in json.loads(text)["error"]["message"]
     code, text = request(url + "/health")
     assert code == 503 and json.loads(text)["draining"] is True
     t.join()

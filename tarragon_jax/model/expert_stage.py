@@ -5,7 +5,9 @@ choice) as it left its layer program. This EW keeps the (token, k) pairs routed 
 by slot on the device (the grouped matmul wants contiguous groups; an idle slot is an empty
 group, so an inactive shadow costs nothing), runs the FFN over the weights of every slot it holds
 (primaries then shadows, one stack: no copy when a shadow becomes active) and answers each AW with
-[T, k, D]: the output at every pair it served, zero elsewhere. Nothing is read on the host.
+[T, k, D]: the output at every pair it served, zero elsewhere. It also adds the pairs it served
+to a running count on its device (the per-EW load /metrics reports, read only when scraped).
+Nothing is read on the host.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ from tarragon_jax.model import wire
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "backend"))
-def expert_layer(weights: dict, ew_index: jax.Array, bufs: tuple, *, top_k: int, backend: str) -> tuple:
+def expert_layer(weights: dict, ew_index: jax.Array, rows: jax.Array, bufs: tuple, *, top_k: int,
+                 backend: str) -> tuple[tuple, jax.Array]:
     """weights: {"w_gate" [S, D, F], "w_up" [S, D, F], "w_down" [S, F, D]} for this EW's S slots
     (backend "tiles": tuples of S per-slot arrays instead, see grouped_swiglu_ffn_slots);
-    ew_index: int32 scalar, this EW; bufs: one packed [T_i, D + ...] buffer per AW.
-    Returns one [T_i, k, D] array per buffer, in the buffers' dtype."""
+    ew_index: int32 scalar, this EW; rows: int32 scalar, pairs served so far; bufs: one packed
+    [T_i, D + ...] buffer per AW. Returns (one [T_i, k, D] array per buffer, in the buffers' dtype;
+    rows plus the pairs served here)."""
     per_slot = isinstance(weights["w_gate"], (tuple, list))
     S = len(weights["w_gate"]) if per_slot else weights["w_gate"].shape[0]
     D = weights["w_down"][0].shape[-1] if per_slot else weights["w_down"].shape[-1]
@@ -46,4 +50,4 @@ def expert_layer(weights: dict, ew_index: jax.Array, bufs: tuple, *, top_k: int,
         T = buf.shape[0]
         out.append(y_P[off:off + T * top_k].reshape(T, top_k, D))
         off += T * top_k
-    return tuple(out)
+    return tuple(out), rows + jnp.sum(slot_P >= 0, dtype=rows.dtype)

@@ -1,54 +1,68 @@
-"""HTTP front end: one thread owns the engine; stdlib HTTP handler threads talk to it by queue.
+"""HTTP front end: FastAPI on uvicorn, async handlers; the engine stays on its one loop thread.
 
-The engine is single-threaded by design (stage programs, schedulers, the controller), so an
-`EngineLoop` thread is the only caller: handlers hand it closures and wait on futures; tokens
-go back through one queue per request. Endpoints (JSON in, JSON out):
+Endpoints (JSON in, JSON out; every error is OpenAI's {"error": {"message", "type", "param", "code"}}):
 
-  POST /generate  {"prompt_ids": [int] | "prompt": str, "max_new_tokens", "temperature", "top_p",
-                   "seed", "stop_token_ids", "stream": bool}
-                  -> {"request_id", "output_ids", "text"?, "finish_reason", "ttft_s"}
-                  stream: one JSON line per token {"token", "index"}, then the summary line
-  GET  /health    workers (ok | failed | recovering), ERT version, recoveries so far, load,
-                  draining (then the status is 503)
-  POST /fail      {"worker": "ew1"}: fail-stop a worker now (only with allow_faults; for demos)
-  POST /v1/completions, GET /v1/models: the OpenAI API (openai_api.py), SSE when streaming
+  POST /generate             {"prompt_ids": [int] | "prompt": str, "max_new_tokens", "temperature",
+                              "top_p", "seed", "stop_token_ids", "stream"} -> {"request_id", "output_ids",
+                              "text"?, "finish_reason", "ttft_s"}; stream: one JSON line per token, then
+                              the summary line
+  POST /v1/completions, POST /v1/chat/completions, GET /v1/models: the OpenAI API (openai_api.py),
+                              server-sent events when streaming
+  GET  /health               workers, ERT version, recoveries, load; 503 while draining, when the
+                              engine loop died, or when it does not answer within health_timeout_s
+                              (a stuck step)
+  GET  /metrics              Prometheus text format (prometheus_metrics.py)
+  POST /fail                 {"worker": "ew1"}: fail-stop a worker now (allow_faults only; for demos):
+                              checked and killed in one closure on the engine thread
 
-A malformed request gets 400 with the reason (bad JSON, unknown field, prompt too long, ...) and
-never touches requests already accepted. Past `max_unfinished` requests in flight a new one gets
-429 (the client backs off; nothing queues without bound); once `drain()` is called (SIGTERM in
-launch/serve.py) new requests get 503 while the ones in flight finish. A client that disconnects cancels its request (pages and
-snapshots freed at once): a streaming one at its next token, any other within 0.25 s.
+Robust by default: a body over max_body_bytes gets 413; headers not complete within
+header_timeout_s, or a body not complete within body_timeout_s (e.g. a Content-Length longer than
+what is sent), get 408 and the connection is closed; a malformed request line or header (e.g. a
+negative Content-Length) gets 400 from the protocol layer. Past the admission limit (default: the
+KV pages of all AWs, since even the shortest requests cannot all hold a page past that) a new
+request gets 429; while draining, 503. No connection holds a thread: they are asyncio tasks, and a
+client that disconnects cancels its request (pages and snapshots freed) within 0.25 s or at its
+next token.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import contextlib
 import dataclasses
-import http.server
 import json
-import queue
-import select
 import socket
 import threading
 import time
-from typing import Callable
+
+import fastapi
+import h11
+import starlette.exceptions
+import starlette.requests
+import uvicorn
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tarragon_jax.config import ConfigError, SamplingParams
 from tarragon_jax.errors import RequestError
 from tarragon_jax.serving import openai_api
 from tarragon_jax.serving.engine import Engine
+from tarragon_jax.serving.engine_loop import EngineLoop, EngineStopped, Unavailable
 
 _SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}
 _FIELDS = _SAMPLING | {"prompt_ids", "prompt", "stream"}
+AUTO = -1                     # max_unfinished: sized from the KV pages
 
 
-class EngineStopped(RuntimeError):
-    """The engine loop died (an engine error, or no healthy worker left); the server answers 503."""
+@dataclasses.dataclass(frozen=True)
+class HttpLimits:
+    max_body_bytes: int = 1 << 20
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    health_timeout_s: float = 5.0     # /health's probe through the engine thread
+    keep_alive_s: int = 5
 
 
-class Unavailable(RuntimeError):
-    """The server does not take the request now: overloaded (429) or draining (503)."""
-
+class HttpError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
@@ -58,104 +72,33 @@ class _EngineDied(RuntimeError):
     """The engine loop died while this request was running (its clients get an error, not a hang)."""
 
 
-class EngineLoop(threading.Thread):
-    """Steps the engine while it has work, and ticks its controller while idle (heartbeats,
-    replacement joins); runs handler closures between steps."""
-
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.01):
-        super().__init__(name="engine-loop", daemon=True)
-        self.engine, self.idle_wait_s = engine, idle_wait_s
-        self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[int, queue.Queue] = {}
-        self._stopping = threading.Event()
-        self.error: BaseException | None = None
-
-    def call(self, fn: Callable[[Engine], object]):
-        """Run fn(engine) on the engine thread; returns its result or raises its exception."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put((fn, fut))
-        while True:                       # never wait on a loop that died after the put
-            try:
-                return fut.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
-                if self.error is not None or not self.is_alive():
-                    raise EngineStopped(f"engine loop stopped: {self.error!r}") from None
-
-    def submit(self, prompt_ids, sampling: SamplingParams, max_unfinished: int | None = None) -> tuple[int, queue.Queue]:
-        """Accept a request (RequestError if invalid; Unavailable 429 past max_unfinished requests
-        in flight, checked on the engine thread so concurrent clients cannot overshoot); its
-        TokenEvents arrive on the queue."""
-        out: queue.Queue = queue.Queue()
-
-        def accept(engine: Engine) -> int:
-            engine.validate(prompt_ids, sampling)      # a bad request is a 400 even when we are full
-            if max_unfinished is not None and engine.num_unfinished >= max_unfinished:
-                raise Unavailable(429, f"overloaded: {engine.num_unfinished} requests in flight "
-                                       f"(limit {max_unfinished}); retry later")
-            rid = engine.submit(prompt_ids, sampling)
-            self._streams[rid] = out
-            return rid
-        return self.call(accept), out
-
-    def cancel(self, rid: int) -> bool:
-        """The client went away: stop the request and free what it holds."""
-        def drop(engine: Engine) -> bool:
-            self._streams.pop(rid, None)
-            cancelled = engine.cancel(rid)
-            engine.forget(rid)
-            return cancelled
-        return self.call(drop)
-
-    def run(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                if not self.engine.has_work:
-                    self._drain(block=True)
-                    self.engine.idle()
-                    continue
-                self._drain(block=False)
-                for ev in self.engine.step():
-                    stream = self._streams.get(ev.request_id)
-                    if stream is not None:
-                        stream.put(ev)
-                        if ev.finished:
-                            del self._streams[ev.request_id]
-        except BaseException as e:  # noqa: BLE001 -- report to every waiting client, then stop
-            self.error = e
-            for stream in self._streams.values():
-                stream.put(e)
-            self._drain(block=False)
-
-    def _drain(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            fn, fut = item
-            if self.error is not None:
-                fut.set_exception(EngineStopped(f"engine loop stopped: {self.error!r}"))
-            else:
-                try:
-                    fut.set_result(fn(self.engine))
-                except Exception as e:  # noqa: BLE001 -- the caller's error, raised in its thread
-                    fut.set_exception(e)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.join()
-
-
 def health(engine: Engine) -> dict:
     ctl = engine.controller
     state = {w.handle.name: ("failed" if ctl.health.is_failed(w.handle.name) else "ok") for w in ctl.aws + ctl.ews}
     return {"workers": state, "recovering": ctl.recovering, "ert_version": ctl.ert.version,
             "unfinished_requests": engine.num_unfinished,
             "recoveries": [dataclasses.asdict(r) for r in ctl.records]}
+
+
+def kv_admission_limit(engine: Engine) -> int:
+    """Requests in flight past which new ones are refused by default: one per KV page of the AWs."""
+    return sum(aw.blocks.capacity for aw in engine.aws)
+
+
+def fail_worker(name) -> callable:
+    """The /fail closure: check and kill as one step on the engine thread, so two concurrent calls
+    cannot both pass the check and take down the last live AW (or EW) between them."""
+    def fail(engine: Engine) -> str:
+        ctl = engine.controller
+        up = {w.handle.name: w.handle.alive and not ctl.health.is_failed(w.handle.name) for w in ctl.aws + ctl.ews}
+        if name not in up:
+            raise ValueError(f'"worker" must be one of {list(up)}, got {name!r}')
+        if not up[name] or sum(u for w, u in up.items() if w[:2] == name[:2]) < 2:
+            raise ValueError(f"{name} is already down, or is the last live {name[:2].upper()}: killing it would "
+                             f"stop the service")
+        ctl.kill(name)
+        return name
+    return fail
 
 
 def parse_generate(body: dict, tokenizer) -> tuple[list, SamplingParams, bool]:
@@ -191,243 +134,118 @@ def parse_generate(body: dict, tokenizer) -> tuple[list, SamplingParams, bool]:
     return prompt, sampling, body.get("stream", False)
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    server: "Server"
+class _Stream:
+    """One request's TokenEvents, from the engine thread into this handler's asyncio queue."""
 
-    def log_message(self, fmt, *args) -> None:      # quiet: the engine's metrics are the log
-        pass
+    def __init__(self):
+        self.aloop, self.queue, self.closed = asyncio.get_running_loop(), asyncio.Queue(), False
 
-    _streaming = False
-
-    def _json(self, code: int, obj: dict) -> None:
-        if self._streaming:     # an error after a stream began: the stream just ends (no 2nd status)
-            return
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _body(self):
-        n = int(self.headers.get("Content-Length") or 0)
+    def sink(self, ev) -> bool:                 # on the engine thread
+        if self.closed:
+            return False
         try:
-            return json.loads(self.rfile.read(n) or b"null")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"malformed JSON: {e}") from None
-
-    def do_GET(self) -> None:
-        try:
-            if self.path == "/health":       # 503 while draining: load balancers stop sending here
-                draining = self.server.draining
-                self._json(503 if draining else 200, dict(self.server.loop.call(health), draining=draining))
-            elif self.path == "/v1/models":
-                self._json(200, openai_api.models(self.server.model_name))
-            else:
-                self._json(404, {"error": f"no such endpoint: GET {self.path}"})
-        except EngineStopped as e:
-            self._json(503, {"error": str(e)})
-
-    def do_POST(self) -> None:
-        self._streaming = False
-        with self.server.in_flight():
-            self._post()
-
-    def _post(self) -> None:
-        try:
-            if self.path == "/generate":
-                self._generate(*parse_generate(self._body(), self.server.tokenizer))
-            elif self.path == "/v1/completions":
-                s = self.server
-                self._completion(openai_api.parse_completion(self._body(), s.tokenizer, s.model_name, s.eos_ids))
-            elif self.path == "/fail":
-                self._fail(self._body())
-            else:
-                self._json(404, {"error": f"no such endpoint: POST {self.path}"})
-        except (ValueError, RequestError) as e:
-            self._json(400, {"error": str(e)})
-        except Unavailable as e:
-            self._json(e.status, {"error": str(e)})
-        except EngineStopped as e:
-            self._json(503, {"error": str(e)})
-
-    def _client_gone(self) -> bool:
-        """The peer closed its side (readable, and a peek reads EOF) while we were generating."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
+            self.aloop.call_soon_threadsafe(self.queue.put_nowait, ev)
             return True
-
-    def _fail(self, body) -> None:
-        if not self.server.allow_faults:
-            self._json(403, {"error": "fault injection is off (serve with --allow_fault_injection)"})
-            return
-        name = body.get("worker") if isinstance(body, dict) else None
-        workers = self.server.loop.call(lambda e: {
-            w.handle.name: w.handle.alive and not e.controller.health.is_failed(w.handle.name)
-            for w in e.controller.aws + e.controller.ews})
-        if name not in workers:
-            raise ValueError(f'"worker" must be one of {list(workers)}, got {name!r}')
-        live = [w for w, up in workers.items() if up]
-        if name not in live or len([w for w in live if w[:2] == name[:2]]) < 2:
-            raise ValueError(f"{name} is already down, or is the last live {name[:2].upper()}: killing it would "
-                             f"stop the service")
-        self.server.loop.call(lambda e: e.controller.kill(name))
-        self._json(200, {"killed": name})
-
-    def _events(self, rid: int, events: queue.Queue):
-        """The request's TokenEvents until it finishes. Ends early, cancelling the request, if the
-        client hangs up: noticed within 0.25 s by peeking the socket (a client sends nothing after
-        its request; a stream that writes nothing, e.g. token ids without a tokenizer, must not
-        run on), or when a write fails. Raises _EngineDied if the engine loop dies meanwhile."""
-        next_check = time.monotonic() + 0.25
-        while True:
-            if time.monotonic() >= next_check:
-                if self._client_gone():                 # e.g. a timed-out client: free its pages
-                    self.server.loop.cancel(rid)
-                    return
-                next_check = time.monotonic() + 0.25
-            try:
-                ev = events.get(timeout=0.25)
-            except queue.Empty:
-                continue
-            if isinstance(ev, BaseException):
-                raise _EngineDied(f"engine failed: {ev!r}")
-            yield ev
-            if ev.finished:
-                return
-
-    def _start_stream(self, content_type: str) -> None:
-        self._streaming = True                          # from now on no status line can be sent
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.end_headers()
-
-    def _write(self, rid: int, data: str) -> bool:
-        """Send part of a streamed answer; False (request cancelled) if nobody reads any more."""
-        try:
-            self.wfile.write(data.encode())
-            self.wfile.flush()
-            return True
-        except (BrokenPipeError, ConnectionResetError):
-            self.server.loop.cancel(rid)                # nobody reads: free its pages now
+        except RuntimeError:                    # the server's event loop is gone
             return False
 
-    def _generate(self, prompt, sampling: SamplingParams, stream: bool) -> None:
-        rid, events = self.server.submit(prompt, sampling)          # RequestError -> 400 above
-        tok = self.server.tokenizer
-        if stream:
-            self._start_stream("application/x-ndjson")
-        out, reason = [], ""
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus what it lacks: a deadline on the request line and headers (a
+    client that sends half a request otherwise holds the connection forever), and protocol
+    errors answered as OpenAI error objects."""
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()                                   # the next request's headers: a new deadline
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        super().data_received(data)
+
+    def _arm(self) -> None:
+        self._got_bytes = False
+        self.loop.call_later(self.header_timeout_s, self._header_deadline)
+
+    def _header_deadline(self) -> None:
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return                                    # closed, or its headers arrived in time
+        if not self._got_bytes:                       # an idle keep-alive connection: just close it
+            self.transport.close()
+            return
+        self._send_error(408, f"request headers not complete within {self.header_timeout_s} s")
+
+    def send_400_response(self, msg: str) -> None:
+        self._send_error(400, f"malformed HTTP request: {msg}")
+
+    def _send_error(self, status: int, message: str) -> None:
+        body = json.dumps(openai_api.error(message, status)).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"content-length", str(len(body)).encode())]
         try:
-            for ev in self._events(rid, events):
-                out.append(ev.token)
-                if stream and not self._write(rid, json.dumps({"token": ev.token, "index": ev.index}) + "\n"):
-                    return
-                reason = ev.finish_reason
-        except _EngineDied as e:
-            error = {"error": str(e), "request_id": rid}
-            if stream:
-                self._write(rid, json.dumps(error) + "\n")
-            else:
-                self._json(500, error)
-            return
-        if not reason:                                   # the client left; the request is cancelled
-            return
-
-        def finish(engine: Engine) -> float:
-            ttft = engine.metrics.requests[rid].ttft_s
-            engine.forget(rid)
-            return ttft
-        ttft = self.server.loop.call(finish)
-        summary = {"request_id": rid, "output_ids": out, "finish_reason": reason, "ttft_s": ttft}
-        if tok is not None:
-            summary["text"] = tok.decode(out)
-        if stream:
-            self._write(rid, json.dumps(dict(summary, finished=True)) + "\n")
-        else:
-            self._json(200, summary)
-
-    def _completion(self, req: openai_api.CompletionRequest) -> None:
-        """POST /v1/completions: the engine's tokens as OpenAI text; stop strings end the request
-        early (cancelled in the engine, so its pages are freed at once)."""
-        rid, events = self.server.submit(req.prompt_ids, req.sampling)
-        cid, text = openai_api.new_id(), openai_api.TextStream(self.server.tokenizer, req.stop)
-        sse = lambda obj: f"data: {json.dumps(obj)}\n\n"
-        if req.stream:
-            self._start_stream("text/event-stream")
-        n, reason = 0, ""
-        try:
-            for ev in self._events(rid, events):
-                n += 1                                   # a stop token counts but adds no text
-                delta = "" if ev.finish_reason == "stop" else text.push(ev.token)
-                if req.stream and delta and not self._write(rid, sse(openai_api.completion(cid, req, delta, None, None))):
-                    return
-                if text.stopped:
-                    self.server.loop.cancel(rid)
-                    reason = "stop"
-                    break
-                reason = ev.finish_reason
-        except _EngineDied as e:
-            error = {"error": {"message": str(e), "type": "server_error"}}
-            if req.stream:
-                self._write(rid, sse(error))
-            else:
-                self._json(500, error)
-            return
-        if not reason:                                   # the client left; the request is cancelled
-            return
-        if not text.stopped:
-            self.server.loop.call(lambda engine: engine.forget(rid))
-        tail, reason = text.finish(), openai_api.finish_reason(reason, text.stopped)
-        usage = openai_api.usage(req, n)
-        if not req.stream:
-            self._json(200, openai_api.completion(cid, req, text.released, reason, usage))
-            return
-        self._write(rid, sse(openai_api.completion(cid, req, tail, reason, None)))
-        if req.include_usage:
-            self._write(rid, sse(dict(openai_api.completion(cid, req, "", None, usage), choices=[])))
-        self._write(rid, "data: [DONE]\n\n")
+            for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:                # a response was already under way
+            pass
+        self.transport.close()
 
 
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class Server:
+    """The engine loop behind an HTTP port. `start()` serves from a background thread (tests,
+    notebooks, launch/serve.py); `shutdown()` stops it; `drain()` refuses new requests and waits
+    for the ones in flight."""
 
     def __init__(self, loop: EngineLoop, host: str = "127.0.0.1", port: int = 8000, tokenizer=None,
                  allow_faults: bool = False, model_name: str = "tarragon", eos_ids: tuple = (),
-                 max_unfinished: int | None = None):
-        """model_name: what /v1/models reports and /v1/completions accepts; eos_ids: token ids
-        that end an OpenAI completion (the checkpoint's generation_config.json eos_token_id);
-        max_unfinished: requests in flight past which new ones get 429 (None: no limit)."""
-        super().__init__((host, port), Handler)
-        self.loop, self.tokenizer, self.allow_faults = loop, tokenizer, allow_faults
-        self.model_name, self.eos_ids, self.max_unfinished = model_name, tuple(eos_ids), max_unfinished
+                 max_unfinished: int | None = AUTO, chat_template=None, limits: HttpLimits = HttpLimits()):
+        """model_name: what /v1/models reports and the OpenAI API accepts; eos_ids: token ids that
+        end an OpenAI completion (generation_config.json's eos_token_id); max_unfinished: requests
+        in flight past which new ones get 429 (AUTO: kv_admission_limit; None: no limit);
+        chat_template: a ChatTemplate (None: chat requests get 400). /metrics shows the loop's."""
+        self.loop, self.tokenizer, self.allow_faults, self.limits = loop, tokenizer, allow_faults, limits
+        self.model_name, self.eos_ids, self.chat_template = model_name, tuple(eos_ids), chat_template
+        self.max_unfinished = loop.call(kv_admission_limit) if max_unfinished == AUTO else max_unfinished
         self._draining = threading.Event()
-        self._handlers, self._handlers_lock = 0, threading.Lock()
+        self._handlers = 0
+        self.app = _app(self)
+        self._sock = socket.create_server((host, port), reuse_port=False)
+        self.server_address = self._sock.getsockname()[:2]
+        protocol = type("Protocol", (_Protocol,), {"header_timeout_s": limits.header_timeout_s})
+        self._uvicorn = uvicorn.Server(uvicorn.Config(self.app, http=protocol, lifespan="off", log_level="warning",
+                                                      timeout_keep_alive=limits.keep_alive_s, access_log=False))
+        self._thread: threading.Thread | None = None
 
-    @contextlib.contextmanager
-    def in_flight(self):
-        """Counts POST handlers mid-request, so drain() also waits for answers being written."""
-        with self._handlers_lock:
-            self._handlers += 1
-        try:
-            yield
-        finally:
-            with self._handlers_lock:
-                self._handlers -= 1
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+    def start(self) -> "Server":
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._sock]},
+                                        name="http", daemon=True)
+        self._thread.start()
+        while not self._uvicorn.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the HTTP server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def shutdown(self) -> None:
+        self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._sock.close()
 
     @property
     def draining(self) -> bool:
         return self._draining.is_set()
 
-    def submit(self, prompt_ids, sampling: SamplingParams) -> tuple[int, queue.Queue]:
-        if self.draining:
-            raise Unavailable(503, "the server is draining (shutting down): no new requests")
-        return self.loop.submit(prompt_ids, sampling, self.max_unfinished)
-
     def drain(self, timeout_s: float) -> bool:
-        """Refuse new requests, wait up to timeout_s for the ones in flight to finish and their
+        """Refuse new requests (503), wait up to timeout_s for the ones in flight to finish and their
         answers to be written; True if they all did."""
         self._draining.set()
         deadline = time.monotonic() + timeout_s
@@ -436,8 +254,259 @@ class Server(http.server.ThreadingHTTPServer):
                 idle = self.loop.call(lambda engine: engine.num_unfinished) == 0
             except EngineStopped:
                 return False
-            with self._handlers_lock:
-                if idle and self._handlers == 0:
-                    return True
+            if idle and self._handlers == 0:
+                return True
             time.sleep(0.05)
         return False
+
+    # ---- the handlers' helpers (on the server's event loop) -----------------------------------
+    async def body(self, request: fastapi.Request):
+        """The JSON body, within the size and time limits (413, 408), or 400 naming the problem."""
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.limits.max_body_bytes:
+            raise HttpError(413, f"request body of {size} bytes is over the limit of {self.limits.max_body_bytes}")
+
+        async def read() -> bytes:
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > self.limits.max_body_bytes:
+                    raise HttpError(413, f"request body is over the limit of {self.limits.max_body_bytes} bytes")
+            return bytes(data)
+        try:
+            data = await asyncio.wait_for(read(), self.limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"request body not complete within {self.limits.body_timeout_s} s") from None
+        try:
+            return json.loads(data or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"malformed JSON: {e}") from None
+
+    async def submit(self, prompt_ids, sampling: SamplingParams) -> tuple[int, _Stream]:
+        if self.draining:
+            raise Unavailable(503, "the server is draining (shutting down): no new requests")
+        stream = _Stream()
+        try:
+            rid = await self.loop.call_async(self.loop.accept(prompt_ids, sampling, stream.sink, self.max_unfinished))
+        except asyncio.CancelledError:
+            stream.closed = True          # accepted after all? the loop cancels it at its first token
+            raise
+        return rid, stream
+
+    async def tokens(self, request: fastapi.Request, rid: int, stream: _Stream):
+        """The request's TokenEvents until it finishes. A client that hangs up (checked at every
+        token, and every 0.25 s without one) or a consumer that stops early cancels the request;
+        raises _EngineDied if the engine loop dies meanwhile."""
+        done = False
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(stream.queue.get(), 0.25)
+                except asyncio.TimeoutError:
+                    ev = None
+                if await request.is_disconnected():
+                    return
+                if ev is None:
+                    continue
+                if isinstance(ev, BaseException):
+                    done = True
+                    raise _EngineDied(f"engine failed: {ev!r}")
+                done = ev.finished
+                yield ev
+                if done:
+                    return
+        finally:
+            if not done:
+                stream.closed = True
+                with contextlib.suppress(EngineStopped):
+                    self.loop.post(self.loop.cancel(rid))
+
+    async def finish(self, rid: int) -> float | None:
+        """A finished request's TTFT; its records are dropped (a long-running server would grow)."""
+        def finish(engine: Engine) -> float | None:
+            times = engine.metrics.requests.get(rid)
+            engine.forget(rid)
+            return times.ttft_s if times else None
+        return await self.loop.call_async(finish)
+
+
+class _CountHandlers:
+    """ASGI middleware: requests being handled, their streamed answers included (drain waits)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.server._handlers += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.server._handlers -= 1
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    headers = {"connection": "close"} if status in (408, 413) else None    # the body may be half read
+    return JSONResponse(openai_api.error(message, status), status_code=status, headers=headers)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _app(s: Server) -> fastapi.FastAPI:
+    app = fastapi.FastAPI(title="tarragon_jax", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HttpError)
+    async def _http_error(_, e: HttpError):
+        return _error(e.status, str(e))
+
+    @app.exception_handler(ValueError)           # RequestError, parse errors, template rejections
+    async def _bad_request(_, e: ValueError):
+        return _error(400, str(e))
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_, e: Unavailable):
+        return _error(e.status, str(e))
+
+    @app.exception_handler(EngineStopped)
+    async def _stopped(_, e: EngineStopped):
+        return _error(503, str(e))
+
+    @app.exception_handler(starlette.exceptions.HTTPException)
+    async def _framework(request, e):            # unknown path (404), wrong method (405)
+        return _error(e.status_code, f"no such endpoint: {request.method} {request.url.path}"
+                      if e.status_code in (404, 405) else str(e.detail))
+
+    @app.exception_handler(starlette.requests.ClientDisconnect)
+    async def _gone(_, e):                       # left while sending its body: nobody to answer
+        return Response(status_code=499)
+
+    app.add_middleware(_CountHandlers, server=s)
+
+    @app.get("/health")
+    async def _health():
+        try:
+            state = await s.loop.call_async(health, timeout_s=s.limits.health_timeout_s)
+        except TimeoutError as e:
+            return JSONResponse({"status": "stuck", "error": openai_api.error(f"{e}: a step is stuck", 503)["error"],
+                                 "draining": s.draining}, status_code=503)
+        return JSONResponse(dict(state, status="draining" if s.draining else "ok", draining=s.draining),
+                            status_code=503 if s.draining else 200)
+
+    @app.get("/metrics")
+    async def _metrics():
+        with contextlib.suppress(TimeoutError):      # a stuck loop: the last values, still parseable
+            await s.loop.call_async(s.loop.metrics.refresh, timeout_s=s.limits.health_timeout_s)
+        return Response(s.loop.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def _models():
+        return openai_api.models(s.model_name)
+
+    @app.post("/fail")
+    async def _fail(request: fastapi.Request):
+        if not s.allow_faults:
+            raise HttpError(403, "fault injection is off (serve with --allow_fault_injection)")
+        body = await s.body(request)
+        name = body.get("worker") if isinstance(body, dict) else None
+        return {"killed": await s.loop.call_async(fail_worker(name))}
+
+    @app.post("/generate")
+    async def _generate(request: fastapi.Request):
+        prompt, sampling, stream = parse_generate(await s.body(request), s.tokenizer)
+        rid, events = await s.submit(prompt, sampling)
+
+        async def lines():
+            out, reason = [], ""
+            try:
+                async with contextlib.aclosing(s.tokens(request, rid, events)) as tokens:
+                    async for ev in tokens:
+                        out.append(ev.token)
+                        reason = ev.finish_reason
+                        if stream:
+                            yield json.dumps({"token": ev.token, "index": ev.index}) + "\n"
+            except _EngineDied as e:
+                yield {"error": openai_api.error(str(e), 500)["error"], "request_id": rid}
+                return
+            if not reason:                           # the client left; the request is cancelled
+                return
+            summary = {"request_id": rid, "output_ids": out, "finish_reason": reason, "ttft_s": await s.finish(rid)}
+            if s.tokenizer is not None:
+                summary["text"] = s.tokenizer.decode(out)
+            yield summary
+        if stream:
+            async def ndjson():
+                async for part in lines():
+                    yield part if isinstance(part, str) else json.dumps(dict(part, finished="error" not in part)) + "\n"
+            return StreamingResponse(ndjson(), media_type="application/x-ndjson")
+        result = None
+        async for part in lines():
+            result = part
+        if result is None:
+            return Response(status_code=499)         # nobody is listening
+        return JSONResponse(result, status_code=500 if "error" in result else 200)
+
+    async def completion(request: fastapi.Request, req: openai_api.CompletionRequest):
+        """Both OpenAI APIs: the engine's tokens as text; stop strings end the request early
+        (cancelled in the engine, so its pages are freed at once)."""
+        rid, events = await s.submit(req.prompt_ids, req.sampling)
+        cid, text = openai_api.new_id(req.chat), openai_api.TextStream(s.tokenizer, req.stop)
+
+        async def chunks():
+            """(delta, None) per token with text, then ("", usage dict) at the end; raises _EngineDied."""
+            n, reason = 0, ""
+            async with contextlib.aclosing(s.tokens(request, rid, events)) as tokens:
+                async for ev in tokens:
+                    n += 1                           # a stop token counts but adds no text
+                    delta = "" if ev.finish_reason == "stop" else text.push(ev.token)
+                    if delta:
+                        yield delta, None
+                    if text.stopped:
+                        reason = "stop"
+                        break
+                    reason = ev.finish_reason
+            if not reason:                           # the client left; the request is cancelled
+                return
+            if not text.stopped:
+                await s.finish(rid)
+            yield text.finish(), (openai_api.finish_reason(reason, text.stopped), openai_api.usage(req, n))
+        if not req.stream:
+            end = None
+            try:
+                async for _, end in chunks():
+                    pass
+            except _EngineDied as e:
+                return _error(500, str(e))
+            if end is None:
+                return Response(status_code=499)
+            return openai_api.answer(cid, req, text.released, *end)
+
+        async def sse():
+            if req.chat:
+                yield _sse(openai_api.chunk(cid, req, "", None, first=True))
+            try:
+                async for delta, end in chunks():
+                    if end is None:
+                        yield _sse(openai_api.chunk(cid, req, delta, None))
+                        continue
+                    yield _sse(openai_api.chunk(cid, req, delta, end[0]))
+                    if req.include_usage:
+                        yield _sse(openai_api.usage_chunk(cid, req, end[1]))
+                    yield "data: [DONE]\n\n"
+            except _EngineDied as e:
+                yield _sse(openai_api.error(str(e), 500))
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def _completions(request: fastapi.Request):
+        return await completion(request, openai_api.parse_completion(await s.body(request), s.tokenizer,
+                                                                      s.model_name, s.eos_ids))
+
+    @app.post("/v1/chat/completions")
+    async def _chat(request: fastapi.Request):
+        return await completion(request, openai_api.parse_chat(await s.body(request), s.tokenizer, s.chat_template,
+                                                               s.model_name, s.eos_ids))
+
+    return app

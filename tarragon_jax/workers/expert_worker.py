@@ -43,6 +43,7 @@ class ExpertWorker:
         self.slots = [list(p) + list(s) for p, s in zip(primaries, shadows)]
         self.weights = [self._stack(experts[l], ids) for l, ids in enumerate(self.slots)]
         self._index = handle.put(np.int32(index))
+        self._rows = handle.put(np.int32(0))         # (token, k) pairs served, on the device
         self.programs = ProgramLog()
 
     def _stack(self, layer_experts: dict, ids: list[int]) -> dict:
@@ -63,7 +64,7 @@ class ExpertWorker:
                 bufs = self.handle.put(tuple(buf for _ in range(n)))
                 for layer in range(len(self.weights)):
                     self.run_layer(layer, bufs)
-
+        self._rows = self.handle.put(np.int32(0))    # warm-up rows are no load
     def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> None:
         """Load experts from host memory into new slots appended after the existing ones (no
         replica left elsewhere). The stack grows once, so this layer's program recompiles once."""
@@ -76,8 +77,15 @@ class ExpertWorker:
         """Dispatch this layer over every AW's packed buffer (already on this EW's mesh); returns
         one [T, k, D] answer per buffer without waiting for it."""
         self.handle.check()
-        return self.programs.call(expert_layer, self.weights[layer], self._index, tuple(bufs),
-                                  top_k=self.top_k, backend=self.backend)
+        out, self._rows = self.programs.call(expert_layer, self.weights[layer], self._index, self._rows,
+                                             tuple(bufs), top_k=self.top_k, backend=self.backend)
+        return out
+
+    def rows_served(self) -> int:
+        """(token, k) pairs this worker has computed since it joined, replays included (waits
+        for the layers dispatched so far: call it outside steps, e.g. on a /metrics scrape)."""
+        self.handle.check()
+        return int(self._rows)
 
     def results(self, pending: tuple) -> tuple:
         """The answers of run_layer (local: the device arrays themselves, nothing waits)."""
@@ -92,7 +100,7 @@ class ExpertWorker:
     def kill(self) -> None:
         """Fail-stop: the device buffers are gone and every later call raises WorkerFailed."""
         self.handle.alive = False
-        for a in jax.tree.leaves((self.weights, self._index)):
+        for a in jax.tree.leaves((self.weights, self._index, self._rows)):
             a.delete()
 
 

@@ -57,6 +57,9 @@ class ExpertActor:
     def run_layer(self, layer: int, bufs: list[np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(y) for y in self.ew.run_layer(layer, self.ew.handle.put(tuple(bufs)))]
 
+    def rows_served(self) -> int:
+        return self.ew.rows_served()
+
     def load_experts(self, layer: int, ids: list[int]) -> None:
         self.ew.load_experts(layer, ids, self.experts[layer])
 
@@ -150,6 +153,9 @@ class RemoteExpertWorker:
     def precompile(self, grid) -> None:
         self.handle.get(self.actor.precompile.remote(grid), PRECOMPILE_DEADLINE_S)
         self.programs.grid = grid
+
+    def rows_served(self) -> int:
+        return self.handle.get(self.actor.rows_served.remote())
 
     def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> None:
         """The actor loads from its zero-copy view of the host weights (layer_experts is the same)."""
