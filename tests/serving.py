@@ -17,12 +17,13 @@ from tarragon_jax.serving.server import Server
 
 
 @contextlib.contextmanager
-def serving(family: str, seed: int, **servers):
+def serving(family: str, seed: int, cache: dict | None = None, **servers):
     """Yields (cfg, params, loop, {name: (Server, url)}), one Server per keyword (its kwargs),
-    all on one engine loop: 2 AWs x 3 EWs, small pages so requests span several."""
+    all on one engine loop: 2 AWs x 3 EWs, small pages so requests span several (cache: other
+    CacheConfig fields)."""
     cfg, params = tiny_model(family, seed=seed)
     engine = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=3, prefill_chunk=8),
-                    CacheConfig(page_size=4, num_pages=64))
+                    CacheConfig(**(cache or dict(page_size=4, num_pages=64))))
     loop = EngineLoop(engine)
     loop.start()
     started = {name: Server(loop, port=0, **kw).start() for name, kw in servers.items()}

@@ -1,0 +1,230 @@
+"""The server as users of the field meet it: the official `openai` client against a real uvicorn
+server on a free port. Chat completions follow the checkpoint's chat template and equal the
+reference's greedy text; 64 streaming chat clients see identical texts while an EW and an AW are
+killed mid-run; /metrics parses with prometheus_client's parser; the admission limit is the KV
+pages; /fail's check and kill are one step; a stuck engine loop makes /health answer 503."""
+import asyncio
+import json
+import os
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tokenizers import Tokenizer
+
+from serving import serving
+from tarragon_jax.model import reference
+from tarragon_jax.serving.chat_template import ChatTemplate
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "chat_tiny")
+WORDS = ["alpha", "beta", "gamma", "delta", "kiwi", "mango", "pear", "plum", "über", "naïve", "東京"]
+
+
+@pytest.fixture(scope="module")
+def chat():
+    tok, template = Tokenizer.from_file(os.path.join(FIXTURE, "tokenizer.json")), ChatTemplate.from_checkpoint(FIXTURE)
+    eos = tok.token_to_id("<|im_end|>")
+    kw = dict(tokenizer=tok, chat_template=template, model_name="tiny-chat", eos_ids=(eos,), allow_faults=True)
+    with serving("qwen3_moe", 3, main=kw, bare=dict(model_name="tiny-chat"),
+                 cache=dict(page_size=16, num_pages=256)) as (cfg, params, loop, servers):
+        yield cfg, params, tok, template, eos, loop, servers
+
+
+def _client(url: str, cls=openai.OpenAI):
+    return cls(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _messages(rng) -> list:
+    words = " ".join(rng.choice(WORDS, rng.integers(2, 6)))
+    return [{"role": "user", "content": f"Say {words}."}]
+
+
+def _expected(cfg, params, tok, template, eos, messages, n) -> tuple[str, str]:
+    """(text, finish_reason) of the dense reference on the rendered prompt, cut at EOS."""
+    ids = tok.encode(template.render(messages), add_special_tokens=False).ids
+    out = reference.greedy_generate(cfg, params, ids, n)
+    if eos in out:
+        return tok.decode(out[:out.index(eos)]), "stop"
+    return tok.decode(out), "length"
+
+
+def test_chat_completion_is_the_reference_text(chat):
+    cfg, params, tok, template, eos, _, servers = chat
+    client = _client(servers["main"][1])
+    messages = _messages(np.random.default_rng())
+    want, reason = _expected(cfg, params, tok, template, eos, messages, 12)
+    out = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, temperature=0)
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == want
+    assert out.choices[0].finish_reason == reason
+    n_prompt = len(tok.encode(template.render(messages), add_special_tokens=False).ids)
+    assert out.usage.prompt_tokens == n_prompt and out.usage.completion_tokens <= 12
+    stream = client.chat.completions.create(model="tiny-chat", messages=messages, max_completion_tokens=12,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == out.usage.total_tokens
+
+
+def test_chat_text_parts_stop_strings_and_template_errors(chat):
+    cfg, params, tok, template, eos, _, servers = chat
+    client = _client(servers["main"][1])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
+    want, _ = _expected(cfg, params, tok, template, eos, messages, 16)
+    parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "Name a "},
+                                                       {"type": "text", "text": "fruit."}]}]
+    out = client.chat.completions.create(model="tiny-chat", messages=parts, max_tokens=16, temperature=0)
+    assert out.choices[0].message.content == want
+    if len(want) >= 4:                                   # a stop string inside the answer ends it there
+        stop = want[2:4]
+        out = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=16, temperature=0,
+                                             stop=[stop])
+        assert out.choices[0].message.content == want[:want.find(stop)] and out.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="unknown role: robot"):
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        _client(servers["bare"][1]).chat.completions.create(model="tiny-chat", messages=messages)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="tiny-chat", messages=messages, tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="tiny-chat", input="x")
+    assert e.value.body["message"] == "no such endpoint: POST /v1/embeddings"
+
+
+def test_64_streaming_chat_clients_through_an_ew_and_an_aw_failure(chat):
+    """Each client's text with two workers killed mid-run equals its text in a failure-free run
+    on the same server (greedy for half of them, seeded sampling for the rest)."""
+    cfg, params, tok, template, eos, loop, servers = chat
+    url = servers["main"][1]
+    rng = np.random.default_rng()
+    jobs = [(_messages(rng), 0.0 if i % 2 else 0.8, int(rng.integers(1 << 30))) for i in range(64)]
+    streamed = [0]
+
+    async def one(client, messages, temperature, seed):
+        stream = await client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=16,
+                                                      temperature=temperature, seed=seed, stream=True)
+        text, reason = "", None
+        async for c in stream:
+            streamed[0] += 1
+            text += c.choices[0].delta.content or ""
+            reason = c.choices[0].finish_reason or reason
+        return text, reason
+
+    async def run(kill: bool):
+        client = _client(url, openai.AsyncOpenAI)
+        tasks = [asyncio.create_task(one(client, *job)) for job in jobs]
+        if kill:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                for worker, after in (("ew1", 64), ("aw0", 192)):
+                    while streamed[0] < after:
+                        await asyncio.sleep(0.005)
+                    r = await http.post("/fail", json={"worker": worker})
+                    assert r.status_code == 200, r.text
+        return await asyncio.gather(*tasks)
+
+    clean = asyncio.run(run(kill=False))
+    streamed[0] = 0
+    faulty = asyncio.run(run(kill=True))
+    assert faulty == clean
+    assert all(reason in ("stop", "length") for _, reason in faulty)
+    kinds = loop.call(lambda e: sorted(r.kind for r in e.controller.records))
+    assert kinds == ["aw", "ew"]
+    assert loop.call(lambda e: e.controller.records[-1].requests_moved) > 0      # the AW held requests
+
+
+def test_metrics_parse_and_count_what_happened(chat):
+    _, _, _, _, _, loop, servers = chat
+    url = servers["main"][1]
+    client = _client(url)
+    for i in range(3):
+        client.completions.create(model="tiny-chat", prompt=[5, 6, 7 + i], max_tokens=5, temperature=0)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    for name in ("tarragon_worker_up", "tarragon_recoveries", "tarragon_recovery_stall_seconds", "tarragon_ert_version",
+                 "tarragon_requests_running", "tarragon_requests_waiting", "tarragon_time_to_first_token_seconds",
+                 "tarragon_inter_token_latency_seconds", "tarragon_generation_tokens", "tarragon_kv_pages_used",
+                 "tarragon_expert_rows"):
+        assert name in families, name
+    value = lambda fam, sample, **labels: next(s.value for s in families[fam].samples
+                                               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+    assert value("tarragon_generation_tokens", "tarragon_generation_tokens_total") >= 15
+    assert value("tarragon_time_to_first_token_seconds", "tarragon_time_to_first_token_seconds_count") >= 3
+    assert value("tarragon_requests_running", "tarragon_requests_running") == 0
+    ews = [s for s in families["tarragon_expert_rows"].samples if s.name == "tarragon_expert_rows_total"]
+    assert len(ews) == 3 and all(s.value > 0 for s in ews)                    # every EW served rows
+    ups = {s.labels["worker"]: s.value for s in families["tarragon_worker_up"].samples}
+    failed = loop.call(lambda e: sorted(e.controller.health.failed))
+    assert {w for w, up in ups.items() if up == 0} == set(failed)
+    records = loop.call(lambda e: len(e.controller.records))
+    assert sum(s.value for s in families["tarragon_recoveries"].samples if s.name == "tarragon_recoveries_total") \
+        == records
+    assert value("tarragon_recovery_stall_seconds", "tarragon_recovery_stall_seconds_count") == records
+    assert value("tarragon_ert_version", "tarragon_ert_version") == loop.call(lambda e: e.controller.ert.version)
+
+
+def test_fail_checks_and_kills_in_one_step():
+    """Two concurrent /fail calls for the two AWs: one is killed, the other refused (the last live AW)."""
+    with serving("qwen3_moe", 4, main=dict(allow_faults=True)) as (_, _, loop, servers):
+        url, barrier, codes = servers["main"][1], threading.Barrier(2), {}
+
+        def kill(worker):
+            barrier.wait()
+            codes[worker] = httpx.post(url + "/fail", json={"worker": worker}, timeout=60).status_code
+        threads = [threading.Thread(target=kill, args=(w,)) for w in ("aw0", "aw1")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(codes.values()) == [200, 400]
+        assert loop.call(lambda e: sum(a.handle.alive for a in e.aws)) == 1
+
+
+def test_admission_limit_defaults_to_the_kv_pages():
+    with serving("qwen3_moe", 4, main={}, cache=dict(page_size=4, num_pages=6)) as (_, _, loop, servers):
+        server, url = servers["main"]
+        limit = loop.call(lambda e: sum(a.blocks.capacity for a in e.aws))     # 2 x (6 - the sink page)
+        assert server.max_unfinished == limit == 10
+        client = _client(url, openai.AsyncOpenAI)
+
+        async def flood():
+            hold = [asyncio.create_task(client.completions.create(model="tarragon", prompt=[4, 5], max_tokens=18,
+                                                                  temperature=0)) for _ in range(limit)]
+            while loop.call(lambda e: e.num_unfinished) < limit:
+                await asyncio.sleep(0.01)
+            with pytest.raises(openai.RateLimitError, match="overloaded"):
+                await client.completions.create(model="tarragon", prompt=[4, 5], max_tokens=2)
+            return await asyncio.gather(*hold)
+        done = asyncio.run(flood())
+        assert len({d.choices[0].text for d in done}) == 1 and all(d.usage.completion_tokens == 18 for d in done)
+
+
+def test_health_is_503_while_the_engine_loop_is_stuck():
+    from tarragon_jax.serving.server import HttpLimits
+    with serving("qwen3_moe", 4, main=dict(limits=HttpLimits(health_timeout_s=0.5))) as (_, _, loop, servers):
+        url = servers["main"][1]
+        assert httpx.get(url + "/health").status_code == 200
+        step, stuck = loop.engine.step, threading.Event()
+
+        def slow_step():
+            if not stuck.is_set():
+                stuck.set()
+                time.sleep(3.0)                   # a step that does not come back (for a while)
+            return step()
+        loop.engine.step = slow_step
+        got = {}
+        t = threading.Thread(target=lambda: got.update(r=_client(url).completions.create(
+            model="tarragon", prompt=[1, 2], max_tokens=3)))
+        t.start()
+        stuck.wait(30)
+        t0 = time.monotonic()
+        r = httpx.get(url + "/health", timeout=30)
+        assert r.status_code == 503 and r.json()["status"] == "stuck" and time.monotonic() - t0 < 2.0
+        t.join()
+        assert got["r"].usage.completion_tokens == 3                   # the stuck step came back
+        assert httpx.get(url + "/health").status_code == 200
