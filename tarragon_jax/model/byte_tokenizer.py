@@ -1,8 +1,9 @@
 """A byte-level tokenizer for models that come without one (the embedded `--model tiny`).
 
-Every text encodes (256 byte tokens, no merges), so a random-weight model can still be served
-over the text and chat APIs; ChatML's markers are special tokens, and the rest of the vocabulary
-is filled with reserved special tokens, so every id the model can sample decodes (to nothing).
+Every text encodes (256 byte tokens), so a random-weight model can still be served over the text
+and chat APIs. The ids between the bytes and ChatML's three special tokens (at the end) are
+merges of two frequent letters or a letter and a space, so every id the model can sample decodes
+to visible text and a stream has a text delta per token, as with a real tokenizer.
 """
 from __future__ import annotations
 
@@ -19,15 +20,23 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% endif %}")
 
 
+_LETTERS = "etaoinshrdlcumwfgypbvkjxqz"
+
+
 def byte_tokenizer(vocab_size: int) -> Tokenizer:
-    """256 byte tokens, then SPECIAL, then reserved tokens up to vocab_size ids."""
-    if vocab_size < 256 + len(SPECIAL):
-        raise ValueError(f"a byte tokenizer needs a vocabulary of at least {256 + len(SPECIAL)}, got {vocab_size}")
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
-                               merges=[]))
+    """256 byte tokens, then two-character merges, then SPECIAL: vocab_size ids in all."""
+    n_merges = vocab_size - 256 - len(SPECIAL)
+    pairs = [(a, b) for a in _LETTERS for b in "Ġ" + _LETTERS]      # "Ġ": a space, byte-level
+    if not 0 <= n_merges <= len(pairs):
+        raise ValueError(f"a byte tokenizer has {256 + len(SPECIAL)} to {256 + len(SPECIAL) + len(pairs)} ids, "
+                         f"asked for {vocab_size}")
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = pairs[:n_merges]
+    vocab.update({a + b: 256 + i for i, (a, b) in enumerate(merges)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL) + [f"<|reserved_{i}|>" for i in range(vocab_size - 256 - len(SPECIAL))])
+    tok.add_special_tokens(list(SPECIAL))
     return tok
 
 
