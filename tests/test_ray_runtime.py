@@ -99,3 +99,45 @@ def test_hung_expert_process_is_fenced_and_tokens_stay(model):
     eng.controller.wait_recoveries()
     assert _dead(hung_pid)
     eng.close()
+
+
+def test_fail_endpoint_kills_an_ew_process_and_guards_the_last_aw(model):
+    """POST /fail under ray: the check and the kill are one step on the engine thread; the EW's
+    process dies while requests stream, their tokens stay; of two concurrent AW kills one is refused."""
+    import threading
+
+    import httpx
+
+    from tarragon_jax.serving.engine_loop import EngineLoop
+    from tarragon_jax.serving.server import Server
+    cfg, params, want = model
+    eng = _engine(cfg, params, [])
+    loop = EngineLoop(eng)
+    loop.start()
+    server = Server(loop, port=0, allow_faults=True).start()
+    try:
+        pid, got = eng.ews[1].pid, {}
+
+        def generate(i):
+            got[i] = httpx.post(server.url + "/generate", json={"prompt_ids": PROMPTS[i], "max_new_tokens": 10},
+                                timeout=300).json()["output_ids"]
+        clients = [threading.Thread(target=generate, args=(i,)) for i in range(len(PROMPTS))]
+        for t in clients:
+            t.start()
+        assert httpx.post(server.url + "/fail", json={"worker": "ew1"}, timeout=60).json() == {"killed": "ew1"}
+        for t in clients:
+            t.join()
+        assert [got[i] for i in range(len(PROMPTS))] == want
+        assert _dead(pid)
+        codes = []
+        racers = [threading.Thread(target=lambda w=w: codes.append(
+            httpx.post(server.url + "/fail", json={"worker": w}, timeout=60).status_code)) for w in ("aw0", "aw1")]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join()
+        assert sorted(codes) == [200, 400]
+    finally:
+        server.shutdown()
+        loop.stop()
+        eng.close()
