@@ -98,10 +98,10 @@ async def kill(url: str, worker: str, at: float, t0: float) -> dict:
 async def run_pass(url: str, model: str, jobs: list[dict], name: str, kills: list[tuple[str, float]]) -> dict:
     import openai
     from tqdm.asyncio import tqdm
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-    t0 = time.perf_counter()
-    killers = [asyncio.create_task(kill(url, w, at, t0)) for w, at in kills]
-    results = await tqdm.gather(*[one(client, model, job, t0) for job in jobs], desc=name, file=sys.stderr)
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
+        t0 = time.perf_counter()
+        killers = [asyncio.create_task(kill(url, w, at, t0)) for w, at in kills]
+        results = await tqdm.gather(*[one(client, model, job, t0) for job in jobs], desc=name, file=sys.stderr)
     done = [r for r in results if "error" not in r]
     wall = max((r["end"] for r in done), default=t0) - t0
     return {"name": name, "requests": len(jobs), "errors": [r["error"] for r in results if "error" in r],
@@ -141,7 +141,7 @@ def table(passes: list[dict]) -> str:
 def main(argv):
     del argv
     import logging
-    logging.getLogger("httpx").setLevel(logging.WARNING)     # one line per request otherwise
+    logging.getLogger().setLevel(logging.WARNING)     # the HTTP clients log one line per request otherwise
     kills = []
     for spec in FLAGS.fail_at:
         worker, _, at = spec.partition("@")

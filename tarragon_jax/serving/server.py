@@ -33,6 +33,7 @@ import json
 import socket
 import threading
 import time
+from typing import Callable
 
 import fastapi
 import h11
@@ -85,7 +86,7 @@ def kv_admission_limit(engine: Engine) -> int:
     return sum(aw.blocks.capacity for aw in engine.aws)
 
 
-def fail_worker(name) -> callable:
+def fail_worker(name) -> Callable[[Engine], str]:
     """The /fail closure: check and kill as one step on the engine thread, so two concurrent calls
     cannot both pass the check and take down the last live AW (or EW) between them."""
     def fail(engine: Engine) -> str:
