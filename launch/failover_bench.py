@@ -393,5 +393,10 @@ def main(argv):
         sys.exit("invariant violated: a row unchecked, a request lost or changed tokens")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script (pyproject.toml)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -84,6 +84,7 @@ def main(argv):
     if FLAGS.warmup:
         run(faults[1])[2].close()
     outs, secs, engine = run(faults[0])
+    print(f"backends: {engine.backends()}", file=sys.stderr)
     for p, o in zip(prompts, outs):
         print(json.dumps({"prompt_ids": p, "output_ids": o}) if FLAGS.json else f"{p} -> {o}", file=results)
     n_out = sum(len(o) for o in outs)
@@ -100,5 +101,10 @@ def main(argv):
     engine.close()
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script (pyproject.toml)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

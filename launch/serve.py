@@ -68,6 +68,7 @@ def main(argv):
         stopped.set()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain_then_stop, daemon=True).start())
     server.start()
+    print(f"backends: {engine.backends()}", file=sys.stderr, flush=True)
     print(f"serving {cfg.family} ({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, "
           f"runtime {FLAGS.runtime}, chat {'on' if template else 'off'}, admission limit "
           f"{server.max_unfinished}) on {server.url}", file=sys.stderr, flush=True)
@@ -82,5 +83,10 @@ def main(argv):
         engine.close()
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script (pyproject.toml)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

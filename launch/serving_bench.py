@@ -180,5 +180,10 @@ def main(argv):
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script (pyproject.toml)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,6 +1,7 @@
 """Flags every serving launcher shares (model, layout, cache, resilience), and what they build."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -13,7 +14,9 @@ flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory (conf
 flags.DEFINE_enum("load_format", "auto", ["auto", "dummy"],
                   "dummy: random weights at the real shapes of --checkpoint's config.json alone (a directory "
                   "or the file; e.g. launch/configs/qwen3_30b_a3b), made in --dtype.")
-flags.DEFINE_enum("model", None, ["tiny"], "Built-in model instead of --checkpoint.")
+flags.DEFINE_enum("model", None, ["tiny", "demo"], "Built-in model instead of --checkpoint: tiny (random "
+                 "weights, the byte tokenizer) or demo (trained on Python's help texts by launch/train_demo.py; "
+                 "prints text).")
 flags.DEFINE_enum("tiny_family", "qwen2_moe", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"],
                   "Family of --model tiny.")
 flags.DEFINE_integer("num_attention_workers", 2, "Attention workers (AWs).")
@@ -51,6 +54,7 @@ flags.DEFINE_bool("pingpong", False, "One EW call per AW per layer instead of on
 flags.DEFINE_string("compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tarragon_jax", "xla"),
                     "Persistent XLA compilation cache ('' to disable).")
 FLAGS = flags.FLAGS
+DEMO = os.path.join(os.path.dirname(os.path.abspath(importlib.util.find_spec("tarragon_jax").origin)), "model", "demo")
 
 
 def setup_jax() -> None:
@@ -79,7 +83,7 @@ def load_model() -> tuple:
     from tarragon_jax.model.tiny import tiny_model
     if (FLAGS.model is None) == (FLAGS.checkpoint is None):
         raise app.UsageError("give exactly one of --model tiny or --checkpoint DIR")
-    path = FLAGS.checkpoint
+    path = DEMO if FLAGS.model == "demo" else FLAGS.checkpoint
     if FLAGS.model == "tiny":
         path = tempfile.mkdtemp(prefix="tarragon_tiny_")
         save_checkpoint(*tiny_model(FLAGS.tiny_family), path)
@@ -91,7 +95,7 @@ def load_model() -> tuple:
         return cfg, params, None, lambda: dummy_checkpoint(path, dtype)[1]
     cfg, params = load_checkpoint(path)
     reload: Callable[[], dict] = lambda: load_checkpoint(path)[1]
-    return cfg, params, (FLAGS.checkpoint and path), reload
+    return cfg, params, ((FLAGS.checkpoint or FLAGS.model == "demo") and path), reload
 
 
 def tokenizer_and_template(ckpt: str | None, cfg):

@@ -13,12 +13,12 @@ from jax.sharding import AbstractDevice
 from jax.sharding import AbstractMesh
 
 # compute capability x10 -> (device kind as jax names it, SM count)
-BY_ARCH = {80: ("NVIDIA A100", 108), 90: ("NVIDIA H100", 132)}
+BY_ARCH = {75: ("Tesla T4", 40), 80: ("NVIDIA A100", 108), 90: ("NVIDIA H100", 132)}
 
 
 @contextlib.contextmanager
 def gpu_target(arch: int = 90) -> Iterator[None]:
-    """Lower for the GPU of compute capability arch/10 (80: A100, 90: H100/H200)."""
+    """Lower for the GPU of compute capability arch/10 (75: T4, 80: A100, 90: H100/H200)."""
     if arch not in BY_ARCH:
         raise ValueError(f"unknown GPU arch {arch}; choose from {sorted(BY_ARCH)}")
     kind, num_sms = BY_ARCH[arch]

@@ -144,8 +144,9 @@ class EngineConfig:
     """How the service is laid out and scheduled."""
     num_attention_workers: int = 2
     num_expert_workers: int = 4
-    expert_backend: str = "auto"      # auto: Pallas kernel on GPU/TPU, the XLA tile loop ("tiles") on CPU
-    attention_backend: str = "auto"   # auto: Pallas paged-attention kernel on GPU, jnp on CPU/TPU
+    expert_backend: str = "auto"      # auto: by device (workers/backends.py): Pallas on sm_80+ GPUs and TPU,
+                                      # ragged_dot on older GPUs, the XLA tile loop ("tiles") on CPU
+    attention_backend: str = "auto"   # auto: the Pallas paged-attention kernel on sm_80+ GPUs, jnp elsewhere
     prefill_chunk: int = 32            # max prompt tokens of one request per step (chunked prefill)
     max_step_tokens: int = 256         # token budget of one step on one AW
     max_running: int = 64              # requests in the running batch of one AW

@@ -335,9 +335,10 @@ def _attention_tensors(cfg: ModelConfig, a: str, lp: dict) -> dict:
     return t
 
 
-def save_checkpoint(cfg: ModelConfig, params: dict, path: str) -> None:
+def save_checkpoint(cfg: ModelConfig, params: dict, path: str, dtype=np.float32) -> None:
     """Write a Hugging Face checkpoint directory (config.json + model.safetensors, Hub key layout)
-    that load_checkpoint and transformers both read: the inverse of the key map above."""
+    that load_checkpoint and transformers both read: the inverse of the key map above. dtype:
+    float32 or float16 (the tensors' on-disk type)."""
     from safetensors.numpy import save_file
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -367,5 +368,5 @@ def save_checkpoint(cfg: ModelConfig, params: dict, path: str) -> None:
         for j in range(cfg.n_experts):
             for name, key in zip(names, ("w_gate", "w_up", "w_down")):
                 t[f"{m}experts.{j}.{name}.weight"] = ep[key][j].T
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items()},
+    save_file({k: np.ascontiguousarray(v, dtype=dtype) for k, v in t.items()},
               os.path.join(path, "model.safetensors"))

@@ -27,6 +27,7 @@ from tarragon_jax.control.controller import Controller, RecoveryRecord
 from tarragon_jax.control.faults import FaultInjector
 from tarragon_jax.errors import RequestError, WorkerFailed
 from tarragon_jax.metrics import Metrics
+from tarragon_jax.workers import backends
 from tarragon_jax.workers.sequence import Sequence, SeqState
 
 
@@ -76,6 +77,12 @@ class Engine:
     @property
     def ews(self):
         return self.controller.ews
+
+    def backends(self) -> str:
+        """Which backend each stage runs, on which device: the launchers log it at startup."""
+        aws = sorted({f"{aw.attention_backend} on {backends.describe(aw.handle.devices[0])}" for aw in self.aws})
+        ews = sorted({f"{ew.backend} on {ew.platform}" for ew in self.ews})
+        return f"attention: {', '.join(aws)}; experts: {', '.join(ews)}"
 
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt_ids: Seq[int], sampling: SamplingParams = SamplingParams()) -> int:

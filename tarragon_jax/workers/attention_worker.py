@@ -20,6 +20,7 @@ from tarragon_jax.kv.block_manager import BlockManager
 from tarragon_jax.kv.checkpoint_store import BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing
 from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.model import attention_stage as stage
+from tarragon_jax.workers import backends
 from tarragon_jax.workers.forwarding_engine import ForwardingEngine
 from tarragon_jax.workers.program_log import ProgramLog
 from tarragon_jax.workers.routing_table import RoutingTable
@@ -64,7 +65,7 @@ class AttentionWorker:
                  cache: CacheConfig, engine: EngineConfig, ert: RoutingTable, dtype,
                  store: CheckpointStore | None, clock):
         self.index, self.handle, self.model, self.store, self.clock = index, handle, model, store, clock
-        self.attention_backend = engine.attention_backend
+        self.attention_backend = backends.attention_backend(engine.attention_backend, handle.devices[0])
         self.n_ews = engine.num_expert_workers
         self.params = handle.put(_serving_params(model, attn_params, dtype))
         self.pages = allocate_pages(model, cache, handle.sharding, dtype)

@@ -18,19 +18,12 @@ import numpy as np
 
 from tarragon_jax.model import wire
 from tarragon_jax.model.expert_stage import expert_layer
+from tarragon_jax.workers import backends
 from tarragon_jax.workers.program_log import ProgramLog
 from tarragon_jax.workers.runtime import WorkerHandle
 from tarragon_jax.workers.shape_grid import ShapeGrid
 
 _KEYS = ("w_gate", "w_up", "w_down")
-
-
-def resolve_backend(backend: str, platform: str) -> str:
-    """`auto`: the Pallas kernel where it compiles natively; on CPU, where it would only be
-    interpreted, the XLA tile loop (the routed pairs only; ragged_dot is dense there)."""
-    if backend != "auto":
-        return backend
-    return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "tiles"
 
 
 class ExpertWorker:
@@ -39,7 +32,7 @@ class ExpertWorker:
         """primaries/shadows[layer] = expert ids in slot order; experts = host weights of every expert."""
         self.index, self.handle, self.dtype, self.top_k = index, handle, dtype, top_k
         self.platform = handle.devices[0].platform
-        self.backend = resolve_backend(backend, self.platform)
+        self.backend = backends.expert_backend(backend, handle.devices[0])
         self.slots = [list(p) + list(s) for p, s in zip(primaries, shadows)]
         self.weights = [self._stack(experts[l], ids) for l, ids in enumerate(self.slots)]
         self._index = handle.put(np.int32(index))

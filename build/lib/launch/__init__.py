@@ -1,0 +1,1 @@
+"""absl launchers: run as `python -m launch.<name>` from the repository root."""

@@ -1,0 +1,402 @@
+"""Failover benchmark: `python -m launch.failover_bench --model tiny`.
+
+A Poisson workload is served in real time under every scenario (no_failure; ew_failure and
+aw_failure between steps; ew_midstep and aw_midstep between two layers of a step; ew_hang, an EW
+that stops answering without dying; aw_failure_disk, whose moved requests restore from the Orbax
+files because the store's memory tier is off; double, an EW and an AW in the same step), each
+under recovery=tarragon and recovery=restart (teardown, weights reloaded from the files, every
+in-flight request re-prefilled in chunked passes batched across requests; `restart_regenerate`,
+which regenerates sent tokens one step at a time, only on request).
+
+Every row's tokens are checked against a separate failure-free run of the same workload (with
+resilience off). Per row: stall (longest inter-token gap of an in-flight request across the
+failure minus the pre-failure median gap), zero-throughput window, tokens recomputed, compiles on
+the serving thread inside the recovery window (from the failure until every request in flight at
+it has its next token), throughput, lost requests, and the recovery breakdown. Medians of
+`--repeats` with every run kept. Ratios restart/tarragon use no floor: where Tarragon's stall is
+within the jitter of the failure-free runs (their p90 "stall" over instants: the resolution), the
+values are reported as they are and the ratio as a lower bound. Also: the no-failure overhead of
+resilience (ABBA repeats) and, for one request of several decoded lengths, restoring it on
+another AW vs re-prefilling it (what a restart does per request).
+"""
+from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+
+import json
+import statistics
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+from launch import serving_flags
+
+FLAGS = flags.FLAGS
+SCENARIOS = ("no_failure", "ew_failure", "aw_failure", "ew_midstep", "aw_midstep", "ew_hang", "aw_failure_disk",
+             "double")
+flags.DEFINE_float("rate", 16.0, "Poisson arrival rate, requests/s.")
+flags.DEFINE_float("duration_s", 3.0, "Arrival window, seconds.")
+flags.DEFINE_integer("prompt_len", 16, "Prompt tokens per request.")
+flags.DEFINE_integer("output_len", 48, "New tokens per request.")
+flags.DEFINE_float("fail_at_s", 1.5, "When the failure is injected, seconds after the first arrival.")
+flags.DEFINE_integer("fail_ew", 1, "Expert worker that fails.")
+flags.DEFINE_integer("fail_aw", 0, "Attention worker that fails.")
+flags.DEFINE_list("scenarios", list(SCENARIOS), "Scenarios to run.")
+flags.DEFINE_list("recoveries", ["tarragon", "restart"], "Recoveries to compare (restart_regenerate too on request).")
+flags.DEFINE_float("hang_s", 0.5, "ew_hang: how long the EW stops answering.")
+flags.DEFINE_float("hang_deadline_s", 0.1, "ew_hang: the step deadline that finds it.")
+flags.DEFINE_float("disk_flush_s", 0.1, "aw_failure_disk: the Orbax write window (blocks commit once written).")
+flags.DEFINE_list("restore_lengths", ["64", "128", "256", "512"], "Decoded lengths for restore vs re-prefill.")
+flags.DEFINE_integer("overhead_requests", 96, "Requests of the saturated no-failure overhead runs.")
+flags.DEFINE_integer("overhead_repeats", 6, "Off/on pairs, in ABBA order, for the overhead ratio.")
+flags.DEFINE_integer("overhead_passes", 3, "Timed passes over the requests per engine of a pair (longer samples).")
+flags.DEFINE_float("bucket_s", 0.1, "Timeline bucket for the plot.")
+flags.DEFINE_integer("warmup_rounds", 1, "Untimed rounds of every scenario (other seeds) before measuring.")
+flags.DEFINE_integer("repeats", 3, "Run every scenario this many times; the table shows medians and ranges.")
+flags.DEFINE_integer("seed", 0, "Workload seed.")
+flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
+flags.DEFINE_string("plot_out", None, "Draw tokens/s over time per scenario (PNG) here.")
+
+_OVERRIDES = {"ew_hang": lambda: dict(transfer_deadline_s=FLAGS.hang_deadline_s),
+              "aw_failure_disk": lambda: dict(snapshot_memory_tier=False, snapshot_flush_s=FLAGS.disk_flush_s)}
+
+
+class CompileWatch:
+    """Every XLA compile (or persistent-cache load) of the process: (end time, serving thread?)."""
+
+    def __init__(self, clock):
+        import jax
+        from jax._src import dispatch
+        self.clock, self.events = clock, []
+        main = threading.main_thread()
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, duration, **kw: event == dispatch.BACKEND_COMPILE_EVENT
+            and self.events.append((self.clock(), threading.current_thread() is main)))
+
+    def count(self, t0: float, t1: float, serving: bool) -> int:
+        return sum(t0 <= t <= t1 and s == serving for t, s in self.events)
+
+
+def _engine(cfg, params, reload, **overrides):
+    from tarragon_jax.serving.engine import Engine
+    return Engine(cfg, params, serving_flags.engine_config(**overrides), serving_flags.cache_config(),
+                  load_params=reload)
+
+
+def _workload(vocab: int, seed: int | None = None):
+    import numpy as np
+    rng = np.random.default_rng(FLAGS.seed if seed is None else seed)
+    n = max(1, rng.poisson(FLAGS.rate * FLAGS.duration_s))
+    arrivals = np.sort(rng.uniform(0, FLAGS.duration_s, n))
+    return arrivals, [rng.integers(3, vocab, FLAGS.prompt_len).tolist() for _ in range(n)]
+
+
+def _inject(eng, scenario: str) -> None:
+    """The scenario's fault, now (between steps) or at layer 1 of the next step (midstep, double)."""
+    from tarragon_jax.control.faults import FaultSpec
+    ew, aw = f"ew{FLAGS.fail_ew}", f"aw{FLAGS.fail_aw}"
+    layer = min(1, eng.model.n_layers - 1)
+    if scenario == "ew_failure":
+        eng.controller.kill(ew)
+    elif scenario in ("aw_failure", "aw_failure_disk"):
+        eng.controller.kill(aw)
+    elif scenario == "ew_hang":
+        eng.controller.hang(ew, FLAGS.hang_s)
+    else:
+        kinds = {"ew_midstep": ["ew"], "aw_midstep": ["aw"], "double": ["ew", "aw"]}[scenario]
+        for kind in kinds:
+            eng.faults.add(FaultSpec(kind, FLAGS.fail_ew if kind == "ew" else FLAGS.fail_aw,
+                                     step=eng.step_index, layer=layer))
+
+
+def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, watch: CompileWatch,
+                 **overrides) -> dict:
+    """Serve the workload in real time, inject the scenario's failure, and measure."""
+    from tarragon_jax.config import SamplingParams
+    from tarragon_jax.metrics import recovered_at, stall_around, throughput_timeline, zero_throughput_window
+    arrivals, prompts = workload
+    eng = _engine(cfg, params, reload, recovery=recovery, **{**_OVERRIDES.get(scenario, dict)(), **overrides})
+    startup_s = eng.controller.precompile_s
+    sp = SamplingParams(max_new_tokens=FLAGS.output_len)
+    clock, ids, injected = eng.metrics.clock, [], False
+    t0 = clock()
+    while len(ids) < len(prompts) or eng.has_work:
+        now = clock() - t0
+        while len(ids) < len(prompts) and arrivals[len(ids)] <= now:
+            ids.append(eng.submit(prompts[len(ids)], sp))
+        if scenario != "no_failure" and not injected and now >= FLAGS.fail_at_s:
+            _inject(eng, scenario)
+            injected = True
+        if eng.has_work:
+            eng.step()
+        else:
+            time.sleep(min(0.005, max(0.0, arrivals[len(ids)] - now)) if len(ids) < len(prompts) else 0.001)
+    eng.controller.wait_recoveries()
+    times = [eng.metrics.requests[i] for i in ids]
+    outputs = [list(eng.requests[i].output) for i in ids]
+    span = max(t for r in times for t in r.token_s) - t0
+    recs = eng.controller.records
+    kills = [e.t for e in eng.controller.health.events if e.kind == "killed"]
+    # no_failure: the same measures at the same instant, a failure-free run's jitter (the resolution)
+    t_fail = min(kills) if kills else t0 + FLAGS.fail_at_s
+    t_back = recovered_at(times, t_fail)
+    step_s = statistics.median(g for r in times for g in r.gaps_s) if any(r.gaps_s for r in times) else None
+    res = {"name": scenario, "recovery": recovery, "outputs": outputs,
+           "stall_s": stall_around(times, t_fail),
+           "jitter_s": None if kills else jitter(times, t0, FLAGS.duration_s),
+           "zero_throughput_s": zero_throughput_window(times, t_fail),
+           "compiles_in_recovery": watch.count(t_fail, t_back, serving=True),
+           "background_compiles": watch.count(t_fail, t_back, serving=False),
+           "tokens_recomputed": sum(a.restored.tokens_recomputed for a in eng.aws) + sum(r.tokens_recomputed for r in recs),
+           "rows_replayed": eng.replayed_rows,
+           "blocks_restored": sum(a.restored.blocks for a in eng.aws),
+           "restore_fallbacks": sum(a.restored.fallbacks for a in eng.aws),
+           "throughput_tok_s": sum(len(o) for o in outputs) / span,
+           "lost_requests": sum(len(o) != FLAGS.output_len for o in outputs),
+           "timeline": throughput_timeline(times, t0, FLAGS.bucket_s),
+           "fail_at_s": (t_fail - t0) if kills else None,
+           "startup_s": startup_s,
+           "step_s": step_s,
+           "deadline_s": eng.config.transfer_deadline_s,
+           "failures": [{"worker": r.worker, "detected_by": r.detected_by, "detect_s": r.detect_s} for r in recs],
+           "breakdown": {"detect_s": recs[0].detect_s if recs else None,
+                         "reroute_s": recs[0].reroute_s if recs else None,
+                         "restore_s": sum(a.restored.seconds for a in eng.aws),
+                         "recompute_steps_s": eng.recompute_s,
+                         "replacement_ready_s": recs[0].replacement_ready_s if recs else None,
+                         "recompile_s": recs[0].recompile_s if recs else None,
+                         "restart_s": recs[0].restart_s if recs else None}}
+    eng.close()
+    return res
+
+
+def jitter(times, t0: float, span_s: float) -> dict:
+    """The 'stall' a failure-free run shows at an instant, over every 10 ms of the arrival window
+    after its first half second: how large a stall this machine makes by itself (p90, max)."""
+    import numpy as np
+    from tarragon_jax.metrics import stall_around
+    instants = [t0 + 0.5 + 0.01 * i for i in range(max(1, int((span_s - 0.5) / 0.01)))]
+    stalls = [stall_around(times, t) for t in instants]
+    return {"p90_s": float(np.percentile(stalls, 90)), "max_s": max(stalls)}
+
+
+PER_RUN = ("stall_s", "zero_throughput_s", "compiles_in_recovery", "tokens_recomputed", "blocks_restored",
+           "throughput_tok_s")
+
+
+def median_run(same: list[dict], clean: list[list[int]] | None) -> dict:
+    """One row from repeats of a scenario: medians of the timings, every run's values and their
+    range, the worst of the invariants; tokens checked against the failure-free run `clean`."""
+    row = {k: v for k, v in same[0].items() if k != "outputs"}
+    for key in PER_RUN + ("rows_replayed", "restore_fallbacks"):
+        row[key] = statistics.median(r[key] for r in same)
+    row["range"] = {k: [min(r[k] for r in same), max(r[k] for r in same)] for k in PER_RUN}
+    row["runs"] = [{k: r[k] for k in PER_RUN + ("failures", "jitter_s")} for r in same]
+    row["lost_requests"] = max(r["lost_requests"] for r in same)
+    row["tokens_checked"] = clean is not None
+    row["tokens_identical"] = all(r["outputs"] == clean for r in same) if clean is not None else None
+    return row
+
+
+def resolution(rows: list[dict]) -> float:
+    """The smallest stall this run can tell from none: what a failure-free run shows at one
+    instant in ten (step jitter, a GC, a snapshot write; the median over those runs of their p90,
+    so one disturbed run does not decide), at least the clock's resolution."""
+    floor = time.get_clock_info("perf_counter").resolution
+    p90 = [x["jitter_s"]["p90_s"] for r in rows if r["name"] == "no_failure" for x in r["runs"]]
+    return max(floor, statistics.median(p90)) if p90 else floor
+
+
+def ratio(rows: list[dict], key: str, name: str, res: float) -> dict | None:
+    """restart / tarragon for one scenario, no floor: below the resolution the ratio is None and
+    `at_least` is the bound that resolution gives."""
+    by = {r["recovery"]: r[key] for r in rows if r["name"] == name}
+    if not {"restart", "tarragon"} <= set(by):
+        return None
+    out = {"restart": by["restart"], "tarragon": by["tarragon"], "resolution_s": res}
+    if by["tarragon"] > res:
+        return {**out, "ratio": by["restart"] / by["tarragon"], "below_resolution": False}
+    return {**out, "ratio": None, "at_least": by["restart"] / res, "below_resolution": True}
+
+
+def overhead(cfg, params, reload) -> dict:
+    """Saturated throughput (all requests at t=0) with resilience off and on, in ABBA order; each
+    sample is `overhead_passes` passes over the requests on one engine. Also per CPU second of
+    this process (all its threads), which other tenants of a shared machine disturb less."""
+    import numpy as np
+    from tarragon_jax.config import SamplingParams
+    rng = np.random.default_rng(FLAGS.seed + 1)
+    prompts = [rng.integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(FLAGS.overhead_requests)]
+    tput, cpu = {False: [], True: []}, {False: [], True: []}     # tokens per wall second / per CPU second
+    for rep in range(-1, FLAGS.overhead_repeats):          # pair -1: untimed, warms the machine
+        for on in ((False, True) if rep % 2 == 0 else (True, False)):
+            eng = _engine(cfg, params, reload, resilience=on)
+            # untimed pass on the same engine first: every program compiled or loaded (with
+            # --runtime ray each engine's EWs are fresh processes), so only steady state is timed;
+            # its snapshot writes and deletions finish before the clock starts
+            eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))
+            if eng.controller.store is not None:
+                eng.controller.store.wait()
+            t0, c0, n = time.perf_counter(), time.process_time(), 0
+            for _ in range(FLAGS.overhead_passes):
+                n += sum(map(len, eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))))
+            if rep >= 0:
+                tput[on].append(n / (time.perf_counter() - t0))
+                cpu[on].append(n / (time.process_time() - c0))
+            eng.close()
+    ratios = [off / on for off, on in zip(tput[False], tput[True])]
+    cpu_ratios = [off / on for off, on in zip(cpu[False], cpu[True])]
+    return {"off_tok_s": tput[False], "on_tok_s": tput[True], "ratios": ratios, "ratio": statistics.median(ratios),
+            "cpu_ratios": cpu_ratios, "cpu_ratio": statistics.median(cpu_ratios)}
+
+
+def restore_vs_reprefill(cfg, params, reload) -> list[dict]:
+    """One request decoded to length L: its next token after its AW dies (restored on another
+    AW), vs on a fresh engine that re-prefills the prompt and the L sent tokens in chunked passes
+    (what a restart does for it, teardown and reload not counted). Second of two passes."""
+    import numpy as np
+    from tarragon_jax.config import SamplingParams
+    prompt = np.random.default_rng(FLAGS.seed + 2).integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist()
+    out = []
+    for L in map(int, FLAGS.restore_lengths):
+        if FLAGS.prompt_len + L + 2 > cfg.max_position:
+            continue
+        for _ in range(2):
+            eng = _engine(cfg, params, reload)
+            rid = eng.submit(prompt, SamplingParams(max_new_tokens=L + 2))
+            while len(eng.requests[rid].output) < L:
+                eng.step()
+            sent = list(eng.requests[rid].output)
+            eng.controller.store.wait()
+            victim = next(a for a in eng.aws if a.scheduler.running)
+            eng.controller.kill(victim.handle.name)
+            t0 = time.perf_counter()
+            while len(eng.requests[rid].output) < L + 1:
+                eng.step()
+            restore = time.perf_counter() - t0
+            restored_token = eng.requests[rid].output[L]
+            moved_to = next(a for a in eng.aws if a.restored.requests)
+            eng.close()
+            eng = _engine(cfg, params, reload)
+            t0 = time.perf_counter()
+            rid = eng.submit(prompt + sent, SamplingParams(max_new_tokens=1))
+            while not eng.requests[rid].output:
+                eng.step()
+            reprefill = time.perf_counter() - t0
+            same = eng.requests[rid].output[0] == restored_token
+            eng.close()
+        out.append({"decoded": L, "restore_s": restore, "reprefill_s": reprefill, "ratio": reprefill / restore,
+                    "same_token": same, "blocks_restored": moved_to.restored.blocks,
+                    "tokens_recomputed": moved_to.restored.tokens_recomputed})
+    return out
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(results), 1, figsize=(8, 1.6 * len(results)), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], results):
+        xs = [FLAGS.bucket_s * i for i in range(len(r["timeline"]))]
+        ax.plot(xs, r["timeline"], lw=1)
+        if r["fail_at_s"] is not None:
+            ax.axvline(r["fail_at_s"], color="red", ls="--", lw=1)
+        ax.set_ylabel("tok/s")
+        ax.set_title(f"{r['name']} / {r['recovery']}", fontsize=9)
+    axes[-1, 0].set_xlabel("seconds since first arrival")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
+    cols = ["stall_s", "zero_throughput_s", "compiles_in_recovery", "tokens_recomputed", "rows_replayed",
+            "blocks_restored", "restore_fallbacks", "throughput_tok_s", "lost_requests", "tokens_checked", "tokens_identical"]
+    bcols = ["detect_s", "reroute_s", "restore_s", "recompute_steps_s", "replacement_ready_s", "restart_s"]
+    print(f"{n_requests} requests, Poisson {FLAGS.rate}/s over {FLAGS.duration_s}s, prompt {FLAGS.prompt_len}, "
+          f"output {FLAGS.output_len}; {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs; "
+          f"failure at {FLAGS.fail_at_s}s; median of {FLAGS.repeats} run(s) per row [min-max]; startup "
+          f"precompile ({FLAGS.precompile}) {_fmt(startup_s)} s")
+    print(" | ".join(["scenario", "recovery"] + cols + bcols))
+    for r in rows:
+        cells = [f"{_fmt(r[c])} [{_fmt(r['range'][c][0])}-{_fmt(r['range'][c][1])}]" if c in ("stall_s", "zero_throughput_s")
+                 else _fmt(r[c]) for c in cols]
+        print(" | ".join([r["name"], r["recovery"]] + cells + [_fmt(r["breakdown"][c]) for c in bcols]))
+    worst = max(x["jitter_s"]["max_s"] for r in rows if r["name"] == "no_failure" for x in r["runs"])
+    print(f"resolution (median over failure-free runs of their p90 'stall' over instants): {res * 1e3:.2f} ms; "
+          f"the largest at any instant: {worst * 1e3:.2f} ms")
+    for name, v in ratios.items():
+        if v is None:
+            continue
+        text = (f"x{v['ratio']:.0f}" if not v["below_resolution"]
+                else f"tarragon below the resolution, x{v['at_least']:.0f} at least")
+        print(f"restart/tarragon {name}: {v['restart'] * 1e3:.1f} ms / {v['tarragon'] * 1e3:.2f} ms = {text}")
+    hang = [r for r in rows if r["name"] == "ew_hang" and r["recovery"] == "tarragon"]
+    for r in hang:
+        detect = [f["detect_s"] for run in r["runs"] for f in run["failures"]]
+        print(f"ew_hang: detected after {', '.join(f'{d * 1e3:.0f}' for d in detect if d is not None)} ms; deadline "
+              f"{r['deadline_s'] * 1e3:.0f} ms + one step {r['step_s'] * 1e3:.1f} ms")
+    print(f"no-failure overhead (throughput resilience off/on, median of {FLAGS.overhead_repeats} ABBA pairs): "
+          f"{over['ratio']:.4f} (per pair {', '.join(f'{x:.3f}' for x in over['ratios'])}); in tokens per CPU "
+          f"second of this process: {over['cpu_ratio']:.4f} (per pair {', '.join(f'{x:.3f}' for x in over['cpu_ratios'])})")
+    print("restore vs re-prefill: " + "; ".join(
+        f"L={x['decoded']}: restore {x['restore_s'] * 1e3:.1f} ms, re-prefill {x['reprefill_s'] * 1e3:.1f} ms "
+        f"(x{x['ratio']:.1f})" for x in rvr))
+
+
+def main(argv):
+    del argv
+    if unknown := set(FLAGS.scenarios) - set(SCENARIOS):
+        sys.exit(f"error: unknown scenario(s) {sorted(unknown)}; choose from {SCENARIOS}")
+    cfg, params, _, reload, _ = serving_flags.start()
+    watch = CompileWatch(time.perf_counter)             # the engines' metrics clock
+    workload = _workload(cfg.vocab_size)
+    # The reference, first (its startup is the cold one): the same workload, failure-free,
+    # resilience off. Every row is checked against it.
+    ref = run_scenario(cfg, params, reload, "no_failure", "tarragon", workload, watch, resilience=False)
+    clean = ref["outputs"] if ref["lost_requests"] == 0 else None
+    # Warm-up, as a server that has run a while: every scenario on other workloads.
+    for r in range(FLAGS.warmup_rounds):
+        for scenario in FLAGS.scenarios:
+            run_scenario(cfg, params, reload, scenario, "tarragon", _workload(cfg.vocab_size, seed=FLAGS.seed + 100 + r),
+                         watch)
+    # Steady-state measures first: a restart clears the in-memory compiled programs.
+    over = overhead(cfg, params, reload)
+    rvr = restore_vs_reprefill(cfg, params, reload)
+    # Every repeat of one recovery before the next, tarragon first, for the same reason.
+    rows = [median_run([run_scenario(cfg, params, reload, s, rec, workload, watch) for _ in range(FLAGS.repeats)], clean)
+            for rec in FLAGS.recoveries for s in FLAGS.scenarios]
+    res = resolution(rows)
+    ratios = {f"{name}_{key}": ratio(rows, key, name, res) for name in FLAGS.scenarios if name != "no_failure"
+              for key in ("stall_s", "zero_throughput_s")}
+    report(rows, ratios, res, over, rvr, len(workload[1]), ref["startup_s"])
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump({"scenarios": rows, "ratios": ratios, "resolution_s": res, "startup_s": ref["startup_s"], "no_failure_overhead": over["ratio"],
+                       "overhead_runs": over, "restore_vs_reprefill": rvr,
+                       "config": {k: FLAGS[k].value for k in ("rate", "duration_s", "prompt_len", "output_len",
+                                                             "fail_at_s", "num_attention_workers", "repeats",
+                                                             "num_expert_workers", "model", "checkpoint", "precompile",
+                                                             "hang_s", "hang_deadline_s", "disk_flush_s",
+                                                             "warmup_rounds", "runtime")}},
+                      f, indent=1)
+    if FLAGS.plot_out:
+        plot(rows, FLAGS.plot_out)
+    if any(not r["tokens_checked"] or not r["tokens_identical"] or r["lost_requests"] for r in rows):
+        sys.exit("invariant violated: a row unchecked, a request lost or changed tokens")
+
+
+def run() -> None:
+    """The console script (pyproject.toml)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

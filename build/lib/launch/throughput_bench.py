@@ -1,0 +1,88 @@
+"""Failure-free serving throughput and latency by batch size: `python -m launch.throughput_bench --model tiny`.
+
+For each batch size B, B random prompts are submitted at once and decoded to --output_len
+tokens on one engine (built once; every batch size gets an untimed pass first, so compiles are
+not timed). Reports output tokens/s (median and range over --repeats), time to first token and
+inter-token latency percentiles, and writes JSON. All serving flags apply (--runtime,
+--expert_backend, --attention_backend, --precompile, --checkpoint, ...).
+"""
+from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+from launch import serving_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("batch_sizes", ["1", "4", "16", "64"], "Concurrent requests per measurement.")
+flags.DEFINE_integer("prompt_len", 16, "Prompt tokens per request.")
+flags.DEFINE_integer("output_len", 64, "New tokens per request.")
+flags.DEFINE_integer("repeats", 3, "Timed passes per batch size.")
+flags.DEFINE_integer("seed", 0, "Prompt seed.")
+flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
+
+
+def measure(engine, prompts, sampling) -> dict:
+    """One pass: every prompt submitted at t=0; throughput, TTFT and inter-token gaps."""
+    t0 = time.perf_counter()
+    ids = [engine.submit(p, sampling) for p in prompts]
+    for _ in engine.stream():
+        pass
+    secs = time.perf_counter() - t0
+    times = [engine.metrics.requests[i] for i in ids]
+    gaps = [g for t in times for g in t.gaps_s]
+    return {"tok_s": sum(len(engine.requests[i].output) for i in ids) / secs,
+            "ttft_p50_s": percentile([t.ttft_s for t in times], 50),
+            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99)}
+
+
+def main(argv):
+    del argv
+    cfg, params, _, reload, engine_cfg = serving_flags.start()
+    import numpy as np
+    from tarragon_jax.config import SamplingParams
+    from tarragon_jax.serving.engine import Engine
+    from tarragon_jax.errors import RequestError
+    engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config(), load_params=reload)
+    sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
+    rng = np.random.default_rng(FLAGS.seed)
+    rows = []
+    try:
+        for batch in map(int, FLAGS.batch_sizes):
+            prompts = [rng.integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(batch)]
+            measure(engine, prompts, sampling)                                  # untimed: compiles
+            runs = [measure(engine, prompts, sampling) for _ in range(FLAGS.repeats)]
+            tok_s = [r["tok_s"] for r in runs]
+            rows.append({"batch": batch, "tok_s": statistics.median(tok_s), "tok_s_min": min(tok_s),
+                         "tok_s_max": max(tok_s),
+                         **{k: statistics.median(r[k] for r in runs) for k in ("ttft_p50_s", "itl_p50_s", "itl_p99_s")},
+                         "runs": runs})
+    except RequestError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        engine.close()
+    print(f"{cfg.family}, {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, runtime "
+          f"{FLAGS.runtime}, experts {FLAGS.expert_backend}, attention {FLAGS.attention_backend}, prompt "
+          f"{FLAGS.prompt_len}, output {FLAGS.output_len}, median of {FLAGS.repeats}")
+    print(f"{'batch':>5} {'tok/s':>8} {'(min-max)':>15} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'ITL p99 ms':>11}")
+    for r in rows:
+        print(f"{r['batch']:5d} {r['tok_s']:8.1f} {r['tok_s_min']:7.1f}-{r['tok_s_max']:<7.1f} "
+              f"{1e3 * r['ttft_p50_s']:12.1f} {1e3 * r['itl_p50_s']:11.1f} {1e3 * r['itl_p99_s']:11.1f}")
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as fh:
+            json.dump({"config": {k: FLAGS[k].value for k in ("runtime", "expert_backend", "attention_backend",
+                                                               "prompt_len", "output_len", "repeats")},
+                       "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,288 @@
+"""Controller: health events -> recovery actions, and the workers it owns.
+
+Control only: it never touches tokens. It builds the workers, turns failures reported by the
+datapath (failed calls, missed deadlines) or its own heartbeats into new routing-table versions,
+request moves and replacement workers, and runs the restart baseline. Policy lives in
+placement.py / recovery.py, detection in health.py, mechanism in the workers.
+
+EW failure (tarragon): the ERT is derived again without the failed EW (shadows take over);
+experts left with no replica are loaded from host memory onto a live EW before the ERT is
+published; a replacement EW is built on a spare device in a background thread (weights, compile)
+and joins at a step boundary with a newer ERT. AW failure: its live requests move round-robin to
+healthy AWs, which restore committed KV blocks from the checkpoint store; a replacement AW is
+built in the background and takes new requests once ready.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+
+from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
+from tarragon_jax.control.health import HealthMonitor
+from tarragon_jax.control.placement import Placement, place
+from tarragon_jax.control.recovery import plan_aw_failure, plan_expert_routing
+from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.kv.checkpoint_store import CheckpointStore
+from tarragon_jax.workers.attention_worker import AttentionWorker
+from tarragon_jax.workers.expert_worker import ExpertWorker
+from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
+from tarragon_jax.workers.routing_table import RoutingTable
+from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, LocalRuntime, WorkerHandle
+from tarragon_jax.workers.sequence import Sequence
+from tarragon_jax.workers.shape_grid import recovery_grid, shape_grid
+from tarragon_jax.workers.transport import Transport
+
+
+@dataclasses.dataclass
+class RecoveryRecord:
+    """One failure, as the benchmark's breakdown reports it (seconds; None = not applicable)."""
+    worker: str
+    kind: str                            # "ew" | "aw"
+    detected_by: str
+    detect_s: float | None               # injection -> detection
+    reroute_s: float = 0.0               # new ERT published (incl. host loads of orphaned experts)
+    orphans_loaded: int = 0
+    requests_moved: int = 0
+    replacement_ready_s: float | None = None   # detection -> replacement worker joined (weights + compile)
+    recompile_s: float | None = None     # of which: compiling the failed worker's programs for the new mesh
+    restart_s: float | None = None       # restart baseline: teardown + weight reload + rebuild
+    tokens_recomputed: int = 0           # restart baseline: every cached position of every request
+    replacement_error: str | None = None # building the replacement failed: the worker stays down
+
+
+class Controller:
+    def __init__(self, model: ModelConfig, params: dict, engine: EngineConfig, cache: CacheConfig,
+                 devices: list | None, clock: Callable[[], float] = time.perf_counter,
+                 load_params: Callable[[], dict] | None = None):
+        self.model, self.config, self.cache, self.clock = model, engine, cache, clock
+        self.params, self.load_params, self.devices = params, load_params, devices
+        if engine.restarts and load_params is None:
+            raise ConfigError(f"recovery={engine.recovery} needs load_params: the checkpoint files to reload weights from")
+        self.records: list[RecoveryRecord] = []
+        self._build()
+
+    # ---- building the cluster --------------------------------------------------------------
+    def _build(self, precompile: bool = True) -> None:
+        """Fresh cluster state: workers, placement, transport, store, failure detector, jobs."""
+        cfg, dtype = self.config, jax.numpy.dtype(self.config.dtype)
+        self.dtype = dtype
+        self.health = HealthMonitor(self.clock)
+        self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
+        self._jobs: list[tuple[concurrent.futures.Future, Callable, RecoveryRecord]] = []
+        self._last_heartbeat = self.clock()
+        self.runtime = (RayRuntime(self.devices, self.params["experts"], cfg.transfer_deadline_s,
+                                   jax.config.jax_compilation_cache_dir)
+                        if cfg.runtime == "ray" else LocalRuntime(self.devices))
+        aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
+        budget = cfg.shadow_budget if cfg.resilience else 0.0
+        self.placement: Placement = place(self.model.n_moe_layers, self.model.n_experts, cfg.num_expert_workers, budget)
+        self.ert: RoutingTable = self.placement.ert
+        self.transport = Transport(cfg.transfer_deadline_s)
+        self.store = (CheckpointStore(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,
+                                      flush_interval_s=cfg.snapshot_flush_s)
+                      if cfg.resilience else None)
+        self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
+        self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
+        self.precompile_s = None if cfg.precompile == "none" or not precompile else self._precompile()
+
+    def _precompile(self) -> float:
+        """Every stage program at every shape of the grid (the recovery subset, or all), on every
+        worker (seconds taken)."""
+        grids = {"recovery": recovery_grid, "all": shape_grid}
+        t0, grid = self.clock(), grids[self.config.precompile](self.model, self.cache, self.config)
+        for w in self.aws + self.ews:
+            w.precompile(grid)
+            w.handle.probe()                  # the heartbeat's tiny program, on this worker's device
+        return self.clock() - t0
+
+    def _new_ew(self, j: int, handle: WorkerHandle | RemoteHandle) -> ExpertWorker | RemoteExpertWorker:
+        primaries, shadows = self.placement.primaries[j], self.placement.shadows[j]
+        if isinstance(handle, RemoteHandle):
+            return RemoteExpertWorker(j, handle, primaries, shadows, self.runtime, self.config.expert_backend,
+                                      self.dtype, self.model.top_k)
+        return ExpertWorker(j, handle, primaries, shadows, self.params["experts"], self.config.expert_backend,
+                            self.dtype, self.model.top_k)
+
+    def _new_aw(self, i: int, handle: WorkerHandle) -> AttentionWorker:
+        return AttentionWorker(i, handle, self.model, self.params["attn"], self.cache, self.config,
+                               self.ert, self.dtype, self.store, self.clock)
+
+    def live_aws(self) -> list[AttentionWorker]:
+        """AWs not known to have failed (a dead but undetected AW fails its next call)."""
+        return [a for a in self.aws if not self.health.is_failed(a.handle.name)]
+
+    def worker(self, name: str):
+        return {w.handle.name: w for w in self.aws + self.ews}[name]
+
+    # ---- failures ----------------------------------------------------------------------------
+    def kill(self, name: str) -> None:
+        """Fault injection: fail-stop the worker now (detection happens on the next call/heartbeat)."""
+        self.worker(name).kill()
+        self.health.killed(name)
+
+    def hang(self, name: str, seconds: float) -> None:
+        """Fault injection: the EW stops answering for `seconds` without dying (found by the
+        step's deadline, then fenced like a dead one)."""
+        self.worker(name).hang(seconds)
+        self.health.killed(name, f"hung for {seconds:g} s")
+
+    def failed(self, name: str, reason: str, source: str) -> RecoveryRecord | None:
+        """A datapath call or heartbeat found `name` dead. Returns the record of a new failure."""
+        if not self.health.report_failure(name, reason, source):
+            return None
+        return self._act(name, source)
+
+    def _act(self, name: str, source: str) -> RecoveryRecord:
+        rec = RecoveryRecord(name, name[:2], source, self.health.detection_latency_s(name))
+        worker = self.worker(name)
+        if worker.handle.alive:
+            worker.kill()            # fence: a hung or slow worker must not answer (or hold memory) later
+        self.records.append(rec)
+        if not self.config.restarts:
+            (self._ew_failed if rec.kind == "ew" else self._aw_failed)(rec)
+        return rec
+
+    def _ew_failed(self, rec: RecoveryRecord) -> None:
+        t0 = self.clock()
+        ert, rec.orphans_loaded = self._derive_ert()
+        self._publish(ert)
+        rec.reroute_s = self.clock() - t0
+        j = int(rec.worker[2:])
+        self._start(rec, lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j], rec),
+                    lambda ew: self._join_ew(ew, rec, t0))
+
+    def _aw_failed(self, rec: RecoveryRecord) -> None:
+        t0 = self.clock()
+        i = int(rec.worker[2:])
+        dead, healthy = self.aws[i], [a.index for a in self.live_aws()]
+        moving = {s.request_id: s for s in dead.live_requests()}
+        by_aw = {a.index: [s.request_id for s in a.live_requests()] for a in self.live_aws()}
+        by_aw[i] = list(moving)
+        for rid, target in plan_aw_failure(by_aw, i, healthy).items():
+            seq = moving[rid]
+            seq.move()
+            self.aws[target].scheduler.add(seq)
+        rec.requests_moved = len(moving)
+        rec.reroute_s = self.clock() - t0
+        self._start(rec, lambda: self._replacement(lambda h: self._new_aw(i, h), dead, rec),
+                    lambda aw: self._join_aw(aw, rec, t0))
+
+    def _derive_ert(self) -> tuple[RoutingTable, int]:
+        """Plan the table for the live EWs (recovery.plan_expert_routing) and carry out the host
+        loads of experts left without a replica. Returns (ERT, number of experts loaded).
+
+        A load can hit an EW that died but is not detected yet: that is a failure found by a
+        call, handled as one (its own recovery), and the plan is made again without it."""
+        loaded = 0
+        while True:
+            live = {ew.index: ew for ew in self.ews if not self.health.is_failed(ew.handle.name)}
+            ert, loads = plan_expert_routing(self.placement, {ew.index for ew in self.ews} - set(live),
+                                             {j: ew.slots for j, ew in live.items()}, self.ert.version + 1)
+            try:
+                for j, layer, expert in loads:
+                    live[j].load_experts(layer, [expert], self.params["experts"][layer])
+                    loaded += 1
+                return ert, loaded
+            except WorkerFailed as f:
+                self.failed(f.worker, f.reason, "call")
+
+    def _publish(self, ert: RoutingTable) -> None:
+        self.ert = ert
+        for aw in self.aws:
+            if aw.handle.alive:          # a dead AW (found or not yet) takes no transfer
+                aw.refe.publish(ert)
+
+    # ---- background replacements --------------------------------------------------------------
+    def _start(self, rec: RecoveryRecord, build: Callable, join: Callable) -> None:
+        self._jobs.append((self._bg.submit(build), join, rec))
+
+    def _replacement(self, make: Callable[[WorkerHandle], object], failed, rec: RecoveryRecord) -> object:
+        """A new worker on a spare device (weights from host memory) that compiles every program
+        the failed one ran before it joins: its mesh is new, so nothing is compiled for it yet."""
+        worker = make(self.runtime.replacement(failed.handle))
+        worker.programs.extend(failed.programs)
+        t0 = self.clock()
+        worker.programs.replay(worker.handle)
+        worker.handle.probe()                 # the heartbeat's program, compiled before it joins
+        rec.recompile_s = self.clock() - t0
+        return worker
+
+    def _join_ew(self, ew: ExpertWorker, rec: RecoveryRecord, t0: float) -> None:
+        self.ews[ew.index] = ew
+        self.health.revive(ew.handle.name)
+        self._publish(self._derive_ert()[0])
+        rec.replacement_ready_s = self.clock() - t0
+
+    def _join_aw(self, aw: AttentionWorker, rec: RecoveryRecord, t0: float) -> None:
+        aw.refe.publish(self.ert)
+        self.aws[aw.index] = aw
+        self.health.revive(aw.handle.name)
+        rec.replacement_ready_s = self.clock() - t0
+
+    @property
+    def recovering(self) -> bool:
+        return bool(self._jobs)
+
+    def tick(self) -> list[RecoveryRecord]:
+        """At a step boundary: join finished replacements, and (at most every interval) probe the
+        workers no data-path call has heard from within the interval. Returns new failures."""
+        for job in [j for j in self._jobs if j[0].done()]:
+            self._jobs.remove(job)
+            fut, join, rec = job
+            try:
+                worker = fut.result()
+            except Exception as e:  # noqa: BLE001 -- serving goes on without the replacement
+                rec.replacement_error = f"{type(e).__name__}: {e}"
+                continue
+            join(worker)
+        if not self.config.resilience or self.clock() - self._last_heartbeat < self.config.heartbeat_interval_s:
+            return []
+        self._last_heartbeat = self.clock()
+        bound = min(self.config.transfer_deadline_s, PROBE_TIMEOUT_S)
+        probes = {w.handle.name: functools.partial(w.handle.probe, bound) for w in self.aws + self.ews
+                  if not self.health.is_failed(w.handle.name)
+                  and self.health.silent_for(w.handle.name) >= self.config.heartbeat_interval_s}
+        return [self._act(name, "heartbeat") for name in self.health.heartbeat(probes)]
+
+    def wait_recoveries(self) -> None:
+        """Block until every background replacement joined (tests, shutdown)."""
+        while self._jobs:
+            concurrent.futures.wait([f for f, _, _ in self._jobs])
+            self.tick()
+
+    # ---- restart baseline ----------------------------------------------------------------------
+    def restart(self, requests: list[Sequence], rec: RecoveryRecord) -> None:
+        """What a MegaScale-Infer-like system does on any failure: tear every worker down, clear
+        the compiled programs, reload weights from the checkpoint files, rebuild meshes, then
+        re-prefill every request's prompt and sent tokens in chunked passes batched across
+        requests (the strongest restart: request migration in Dynamo, vLLM's resume), or, under
+        restart_regenerate, regenerate the sent tokens one step at a time."""
+        t0 = self.clock()
+        self.shutdown()
+        for w in self.aws + self.ews:
+            if w.handle.alive:
+                w.kill()                         # tear down: every buffer of every worker goes
+        jax.clear_caches()
+        self.params = self.load_params()
+        history = self.health.events
+        self._build(precompile=False)    # the strongest restart: compile on first use, from the cache
+        self.health.events[:0] = history        # the new cluster's record starts with what happened
+        regenerate = self.config.recovery == "restart_regenerate"
+        for i, seq in enumerate(requests):
+            rec.tokens_recomputed += seq.num_cached if regenerate else seq.num_tokens - 1
+            seq.regenerate() if regenerate else seq.reprefill()
+            self.aws[i % len(self.aws)].scheduler.add(seq)
+        rec.restart_s = self.clock() - t0
+
+    def shutdown(self) -> None:
+        self._bg.shutdown(wait=True, cancel_futures=True)
+        self._jobs.clear()
+        self.transport.close()
+        self.runtime.close()
+        if self.store is not None:
+            self.store.close()

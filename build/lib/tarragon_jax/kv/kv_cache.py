@@ -1,0 +1,33 @@
+"""Device page buffers of one attention worker's paged KV cache (donated through every step),
+and the block moves the checkpoint store needs: read full pages out, write restored pages in.
+
+A layer's pages are {"k", "v"}, or {"k"} alone for an MLA latent cache (the latent is the value)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tarragon_jax.config import CacheConfig, ModelConfig
+
+
+def allocate_pages(model: ModelConfig, cache: CacheConfig, sharding: jax.sharding.Sharding, dtype) -> list[dict]:
+    """Per layer {part: [num_pages, page_size, heads, dim]} (ModelConfig.cache_row), made directly
+    where `sharding` says (the attention worker's mesh)."""
+    shape = (cache.num_pages, cache.page_size) + model.cache_row
+    return [{part: jnp.zeros(shape, dtype, device=sharding) for part in model.cache_parts}
+            for _ in range(model.n_layers)]
+
+
+@jax.jit
+def read_blocks(pages: list[dict], page_ids_N: jax.Array) -> jax.Array:
+    """[N, L, parts, page_size, heads, dim]: the pages of N blocks across every layer."""
+    return jnp.stack([jnp.stack([p[part][page_ids_N] for part in sorted(p)], axis=1) for p in pages], axis=1)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def write_blocks(pages: list[dict], page_ids_N: jax.Array, blocks_NxLxP: jax.Array) -> list[dict]:
+    """Inverse of read_blocks into (possibly other) pages; the cache is donated and returned."""
+    return [{part: p[part].at[page_ids_N].set(blocks_NxLxP[:, l, i].astype(p[part].dtype))
+             for i, part in enumerate(sorted(p))} for l, p in enumerate(pages)]

@@ -1,0 +1,95 @@
+"""Attention-worker stage programs: pure jitted functions of (params, state, inputs).
+
+One decode/prefill step on an AW runs `embed`, then per layer one `attention_layer` (the previous
+layer's combine, attention over the paged KV cache, router, shared expert, and the dispatch: the
+routing table's device copy resolves each (token, k) to an (EW, slot) and the expert inputs leave
+packed with it), then `head` (last combine, LM head, sampling). No program output is read on the
+host until the sampled tokens. Tokens are a flat ragged batch:
+token t belongs to block-table row slot_T[t] at position pos_T[t] (prefill chunks and decode
+tokens mix freely); padded tokens point at an all-zero block-table row, i.e. the sink page 0.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.paged_attention import paged_attention
+from tarragon_jax.config import ModelConfig
+from tarragon_jax.model import layers, wire
+from tarragon_jax.model.router import route
+from tarragon_jax.model.sampling import sample
+
+
+def _combine(carry: tuple, ys: tuple) -> jax.Array:
+    """x = h + (sum over k, in k order, of gate weight * expert output + shared).
+
+    ys holds one [T, k, D] answer per expert worker, zero wherever another EW served the (token, k)
+    pair, so their sum is exactly the served outputs whichever EW answered (replays included)."""
+    h_TxD, shared_TxD, w_Txk = carry
+    y_TxkxD = sum(y.astype(jnp.float32) for y in ys)
+    moe = jnp.einsum("tk,tkd->td", w_Txk.astype(jnp.float32), y_TxkxD)
+    return h_TxD + (moe.astype(h_TxD.dtype) + shared_TxD)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed(cfg: ModelConfig, attn: dict, ids_T: jax.Array) -> tuple:
+    """The carry into layer 0: (x, 0, 0), so that combining it with zero expert outputs gives x."""
+    x = attn["embed"][ids_T]
+    return x, jnp.zeros_like(x), jnp.zeros((ids_T.shape[0], cfg.top_k), x.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("impl",), donate_argnums=(2, 3))
+def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax.Array | None,
+                    carry: tuple, ys: tuple, pos_T: jax.Array, slot_T: jax.Array, tables_BxP: jax.Array,
+                    route_Ex2: jax.Array, *, impl: str = "auto"):
+    """One layer's AW program: combine the previous layer's expert outputs into the residual,
+    attend over the paged cache, route, and pack the EWs' input. Nothing leaves the device.
+
+    carry: (h, shared, w) of the previous layer (embed's for layer 0); ys: one [T, k, D] answer
+    per EW of the previous layer (zeros where none). k/v_pages [num_pages, page_size, KV, hd] are
+    donated and returned updated (an MLA latent cache has k_pages [.., 1, Rkv + r] and v_pages
+    None: the latent is the value); writes are idempotent, so a replayed layer is exact.
+    impl: the paged-attention backend (pallas_kernels.paged_attention: Triton on GPU, jnp on CPU).
+    route_Ex2: the routing table of this layer, expert -> (EW, slot).
+    Padding tokens point at the last, all-zero block-table row; they are routed to no EW.
+
+    Returns (carry for the next layer, send [T, D + wire ints] (wire.pack) or None for a dense
+    layer, k_pages, v_pages).
+    """
+    x_TxD = _combine(carry, ys)
+    ps, T = k_pages.shape[1], x_TxD.shape[0]
+    xn = layers.rms_norm(x_TxD, lp["input_norm"], cfg.rms_eps)
+    tables_T = tables_BxP[slot_T]                                   # [T, P]
+    page_T = jnp.take_along_axis(tables_T, (pos_T // ps)[:, None], axis=1)[:, 0]
+    if cfg.latent_cache:
+        q, lat = layers.mla_latent_query(lp, xn, pos_T, cfg)
+        k_pages = k_pages.at[page_T, pos_T % ps].set(lat.astype(k_pages.dtype))
+        o_TxHxL = paged_attention(q, k_pages, k_pages, tables_BxP, slot_T, pos_T, impl=impl)
+        attn_TxHxd = layers.mla_latent_values(lp, o_TxHxL, cfg)
+    else:
+        q, k, v = layers.qkv(lp, xn, pos_T, cfg)
+        k_pages = k_pages.at[page_T, pos_T % ps].set(k.astype(k_pages.dtype))
+        v_pages = v_pages.at[page_T, pos_T % ps].set(v.astype(v_pages.dtype))
+        attn_TxHxd = paged_attention(q, k_pages, v_pages, tables_BxP, slot_T, pos_T, impl=impl)
+    h = x_TxD + layers.attn_output(cfg, attn_TxHxd, lp["wo"])
+    hn = layers.rms_norm(h, lp["post_norm"], cfg.rms_eps)
+    if "mlp" in lp:   # a dense layer: its FFN runs here, in the shared slot; no token goes to an EW
+        w = jnp.zeros((T, cfg.top_k), hn.dtype)
+        return (h, layers.shared_expert(lp["mlp"], hn), w), None, k_pages, v_pages
+    ids, w = route(hn, lp, cfg)
+    shared = layers.shared_expert(lp["shared"], hn) if "shared" in lp else jnp.zeros_like(hn)
+    real_T = slot_T != tables_BxP.shape[0] - 1
+    ew_Txk = jnp.where(real_T[:, None], route_Ex2[ids, 0], -1)
+    send = wire.pack(hn, jnp.concatenate([ew_Txk, route_Ex2[ids, 1]], axis=1))
+    return (h, shared, w), send, k_pages, v_pages
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def head(cfg: ModelConfig, attn: dict, carry: tuple, ys: tuple, last_R: jax.Array, temperature_R: jax.Array,
+         top_p_R: jax.Array, seed_R: jax.Array, index_R: jax.Array) -> jax.Array:
+    """The last layer's combine, the LM head at the rows that end a request's tokens in this step
+    (f32 logits), and sampling: int32 [R] tokens, the one array a step brings to the host."""
+    x = layers.rms_norm(_combine(carry, ys)[last_R], attn["final_norm"], cfg.rms_eps)
+    return sample((x @ attn["lm_head"]).astype(jnp.float32), temperature_R, top_p_R, seed_R, index_R)

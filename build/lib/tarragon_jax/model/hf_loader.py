@@ -1,0 +1,372 @@
+"""Hugging Face checkpoint directory (config.json + *.safetensors) -> ModelConfig + param pytrees.
+
+The key map is explicit: every tensor the family needs is looked up by name and shape-checked, and
+every tensor in the files must be claimed, so a renamed or extra tensor is an error, not silence.
+Routed experts are accepted both per expert (the Hub layout, `experts.{j}.w1`) and fused
+(`experts.gate_up_proj`, transformers >= 5 in-memory layout).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+from safetensors import safe_open
+
+from tarragon_jax.config import ConfigError, ModelConfig
+from tarragon_jax.model.rope import yarn_mscale
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory is missing files, tensors, or has mis-shaped tensors."""
+
+
+_ARCH_TO_FAMILY = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                   "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3"}
+
+
+def _family(raw: dict) -> str:
+    for arch in raw.get("architectures") or []:
+        if arch in _ARCH_TO_FAMILY:
+            return _ARCH_TO_FAMILY[arch]
+    mt = raw.get("model_type")
+    if mt in _ARCH_TO_FAMILY.values():
+        return mt
+    raise ConfigError(f"unknown model family: architectures={raw.get('architectures')} "
+                      f"model_type={mt!r}; supported: {sorted(_ARCH_TO_FAMILY)}")
+
+
+def _rope(raw: dict, family: str) -> dict:
+    """ModelConfig's RoPE fields from rope_parameters (transformers >= 5) or rope_scaling (older
+    files): default RoPE or YaRN, as transformers computes them (model/rope.py)."""
+    rp = dict(raw.get("rope_scaling") or {}, **(raw.get("rope_parameters") or {}))
+    rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
+    out = {"rope_theta": float(rp.get("rope_theta", raw.get("rope_theta", 10000.0)))}
+    if rtype == "default":
+        return out
+    if rtype != "yarn":
+        raise ConfigError(f"unsupported config field: rope type {rtype!r} (default RoPE or yarn)")
+    original = rp.get("original_max_position_embeddings")
+    if not original:
+        raise ConfigError("unsupported config field: yarn RoPE without original_max_position_embeddings")
+    factor = rp.get("factor") or raw["max_position_embeddings"] / original
+    mscale, mscale_all = rp.get("mscale"), rp.get("mscale_all_dim")
+    attention_factor = rp.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                            else yarn_mscale(factor))
+    out.update(rope_yarn_factor=float(factor), rope_yarn_original_max=int(original),
+               rope_yarn_beta_fast=float(rp.get("beta_fast") or 32), rope_yarn_beta_slow=float(rp.get("beta_slow") or 1),
+               rope_yarn_truncate=bool(rp.get("truncate", True)), rope_attention_factor=float(attention_factor))
+    if family == "deepseek_v3" and mscale_all:           # DeepSeek also scales the softmax by mscale^2
+        out["attn_scale"] = yarn_mscale(factor, mscale_all) ** 2
+    return out
+
+
+def config_from_hf(raw: dict) -> ModelConfig:
+    """Translate a transformers config.json dict; unsupported features raise, naming the field."""
+    fam = _family(raw)
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"unsupported config field: hidden_act={raw['hidden_act']!r} (only silu)")
+    if raw.get("use_sliding_window") or (fam == "mixtral" and raw.get("sliding_window")):
+        raise ConfigError(f"unsupported config field: sliding_window={raw.get('sliding_window')}")
+    if fam in ("qwen2_moe", "qwen3_moe"):
+        if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
+            raise ConfigError("unsupported config field: decoder_sparse_step/mlp_only_layers "
+                              "(dense MLP layers are not supported)")
+    if fam in ("qwen3_moe", "deepseek_v3") and raw.get("attention_bias"):
+        raise ConfigError(f"unsupported config field: attention_bias=True for {fam}")
+    d, h = raw["hidden_size"], raw["num_attention_heads"]
+    try:
+        if fam == "deepseek_v3":
+            return _deepseek_config(raw)
+        return ModelConfig(
+            family=fam, vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_hidden_layers"],
+            n_heads=h, n_kv_heads=raw.get("num_key_value_heads", h),
+            head_dim=raw.get("head_dim") or d // h,
+            n_experts=raw["num_local_experts"] if fam == "mixtral" else raw.get("num_experts",
+                                                                                 raw.get("num_local_experts")),
+            top_k=raw["num_experts_per_tok"],
+            d_expert=raw["intermediate_size"] if fam == "mixtral" else raw["moe_intermediate_size"],
+            norm_topk_prob=True if fam == "mixtral" else bool(raw.get("norm_topk_prob", False)),
+            d_shared=raw.get("shared_expert_intermediate_size", 0) if fam == "qwen2_moe" else 0,
+            qkv_bias=fam == "qwen2_moe" and raw.get("qkv_bias", True),
+            qk_norm=fam == "qwen3_moe", **_rope(raw, fam),
+            rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks required field {e.args[0]!r} for family {fam}") from None
+
+
+# transformers' DeepseekV3Config defaults: a config.json that omits a field means these values
+DEEPSEEK_DEFAULTS = {"q_lora_rank": 1536, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
+                     "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                     "rope_interleave": True}
+
+
+def _deepseek_config(raw: dict) -> ModelConfig:
+    """DeepSeek-V3 (and models of its architecture, e.g. Moonlight): MLA attention, sigmoid
+    group-limited routing with a selection bias, shared experts, leading dense layers."""
+    for field, want in (("moe_layer_freq", 1), ("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
+        if raw.get(field, want) != want:
+            raise ConfigError(f"unsupported config field: {field}={raw[field]!r} (only {want!r})")
+    raw = dict(DEEPSEEK_DEFAULTS, **raw)           # explicit nulls stay null: "none" (q LoRA, shared)
+    h, nope, r, F = raw["num_attention_heads"], raw["qk_nope_head_dim"], raw["qk_rope_head_dim"], raw["moe_intermediate_size"]
+    return ModelConfig(
+        family="deepseek_v3", vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
+        n_heads=h, n_kv_heads=h, head_dim=nope + r, q_lora_rank=raw["q_lora_rank"] or 0,
+        kv_lora_rank=raw["kv_lora_rank"], qk_rope_dim=r, v_head_dim=raw["v_head_dim"],
+        rope_interleave=bool(raw["rope_interleave"]), n_experts=raw["n_routed_experts"],
+        top_k=raw["num_experts_per_tok"], d_expert=F, norm_topk_prob=bool(raw["norm_topk_prob"]),
+        d_shared=(raw["n_shared_experts"] or 0) * F, router_scoring="sigmoid", n_group=raw["n_group"] or 1,
+        topk_group=raw["topk_group"] or 1, routed_scaling=float(raw["routed_scaling_factor"]),
+        first_k_dense=raw["first_k_dense_replace"] or 0, d_dense=raw["intermediate_size"],
+        **_rope(raw, "deepseek_v3"), rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+
+
+def _shard_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, n) for n in names]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise CheckpointError(f"shard listed in {index} is missing: {missing[0]}")
+        return files
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in checkpoint directory {path}")
+    return files
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors as host numpy arrays (bf16 via ml_dtypes), never placed on an accelerator."""
+    out = {}
+    with jax.default_device(jax.devices("cpu")[0]):
+        for fn in _shard_files(path):
+            with safe_open(fn, framework="flax") as f:
+                for k in f.keys():
+                    out[k] = np.asarray(f.get_tensor(k))
+    return out
+
+
+class _Claimer:
+    """Pops tensors by name with a shape check, so leftovers can be reported at the end."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], dtype):
+        self.t, self.dtype = dict(tensors), dtype
+
+    def has(self, key: str) -> bool:
+        return key in self.t
+
+    def take(self, key: str, shape: tuple, transpose: bool = False) -> np.ndarray:
+        if key not in self.t:
+            raise CheckpointError(f"missing tensor {key!r} (expected shape {shape})")
+        a = self.t.pop(key)
+        if tuple(a.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        a = a.astype(self.dtype)
+        return np.ascontiguousarray(a.T if transpose else a)
+
+
+def _experts(c: _Claimer, cfg: ModelConfig, pre: str) -> dict:
+    E, D, F = cfg.n_experts, cfg.d_model, cfg.d_expert
+    if c.has(pre + "experts.gate_up_proj"):            # fused layout [E, 2F, D] / [E, D, F]
+        gu = c.take(pre + "experts.gate_up_proj", (E, 2 * F, D))
+        down = c.take(pre + "experts.down_proj", (E, D, F))
+        return {"w_gate": np.ascontiguousarray(gu[:, :F].transpose(0, 2, 1)),
+                "w_up": np.ascontiguousarray(gu[:, F:].transpose(0, 2, 1)),
+                "w_down": np.ascontiguousarray(down.transpose(0, 2, 1))}
+    names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    g = [c.take(f"{pre}experts.{j}.{names[0]}.weight", (F, D), True) for j in range(E)]
+    u = [c.take(f"{pre}experts.{j}.{names[1]}.weight", (F, D), True) for j in range(E)]
+    dn = [c.take(f"{pre}experts.{j}.{names[2]}.weight", (D, F), True) for j in range(E)]
+    return {"w_gate": np.stack(g), "w_up": np.stack(u), "w_down": np.stack(dn)}
+
+
+def _mlp(c: _Claimer, prefix: str, D: int, F: int) -> dict:
+    """A SwiGLU MLP (shared expert, dense layer) from its gate/up/down projections."""
+    return {"w_gate": c.take(prefix + "gate_proj.weight", (F, D), True),
+            "w_up": c.take(prefix + "up_proj.weight", (F, D), True),
+            "w_down": c.take(prefix + "down_proj.weight", (D, F), True)}
+
+
+def _mla(c: _Claimer, cfg: ModelConfig, a: str) -> dict:
+    D, H, hd, r, Rq, Rkv = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.qk_rope_dim, cfg.q_lora_rank, cfg.kv_lora_rank
+    lp = ({"wq_a": c.take(a + "q_a_proj.weight", (Rq, D), True), "q_a_norm": c.take(a + "q_a_layernorm.weight", (Rq,)),
+           "wq_b": c.take(a + "q_b_proj.weight", (H * hd, Rq), True)} if Rq
+          else {"wq": c.take(a + "q_proj.weight", (H * hd, D), True)})
+    lp.update(wkv_a=c.take(a + "kv_a_proj_with_mqa.weight", (Rkv + r, D), True),
+              kv_a_norm=c.take(a + "kv_a_layernorm.weight", (Rkv,)),
+              wkv_b=c.take(a + "kv_b_proj.weight", (H * (hd - r + cfg.value_dim), Rkv), True),
+              wo=c.take(a + "o_proj.weight", (D, H * cfg.value_dim), True))
+    return lp
+
+
+def _deepseek_layer(c: _Claimer, cfg: ModelConfig, i: int, lp: dict) -> tuple[dict, dict | None]:
+    D, m = cfg.d_model, f"model.layers.{i}.mlp."
+    lp.update(_mla(c, cfg, f"model.layers.{i}.self_attn."))
+    if cfg.moe_index(i) is None:
+        lp["mlp"] = _mlp(c, m, D, cfg.d_dense)
+        return lp, None
+    lp.update(router=c.take(m + "gate.weight", (cfg.n_experts, D), True),
+              router_bias=c.take(m + "gate.e_score_correction_bias", (cfg.n_experts,)))
+    if cfg.d_shared:
+        lp["shared"] = _mlp(c, m + "shared_experts.", D, cfg.d_shared)
+    else:                  # transformers writes zero-size shared-expert tensors for n_shared_experts=0
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            key = f"{m}shared_experts.{name}.weight"
+            if c.has(key) and c.t[key].size == 0:
+                c.t.pop(key)
+    return lp, _experts(c, cfg, m)
+
+
+def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> tuple[dict, dict | None]:
+    """(attention-side params, expert-side params or None for a dense layer) of layer i."""
+    D, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    p = f"model.layers.{i}."
+    a = f"{p}self_attn."
+    lp = {"input_norm": c.take(p + "input_layernorm.weight", (D,)),
+          "post_norm": c.take(p + "post_attention_layernorm.weight", (D,))}
+    if cfg.family == "deepseek_v3":
+        return _deepseek_layer(c, cfg, i, lp)
+    lp.update(wq=c.take(a + "q_proj.weight", (H * hd, D), True), wk=c.take(a + "k_proj.weight", (KV * hd, D), True),
+              wv=c.take(a + "v_proj.weight", (KV * hd, D), True), wo=c.take(a + "o_proj.weight", (D, H * hd), True))
+    if cfg.qkv_bias:
+        lp.update(bq=c.take(a + "q_proj.bias", (H * hd,)), bk=c.take(a + "k_proj.bias", (KV * hd,)),
+                  bv=c.take(a + "v_proj.bias", (KV * hd,)))
+    if cfg.qk_norm:
+        lp.update(q_norm=c.take(a + "q_norm.weight", (hd,)), k_norm=c.take(a + "k_norm.weight", (hd,)))
+    moe = p + ("block_sparse_moe." if cfg.family == "mixtral" and c.has(p + "block_sparse_moe.gate.weight")
+               else "mlp.")
+    lp["router"] = c.take(moe + "gate.weight", (cfg.n_experts, D), True)
+    if cfg.d_shared:
+        lp["shared"] = dict(_mlp(c, moe + "shared_expert.", D, cfg.d_shared),
+                            gate=c.take(moe + "shared_expert_gate.weight", (1, D))[0])
+    return lp, _experts(c, cfg, moe)
+
+
+def load_checkpoint(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    """Returns (config, {"attn": ..., "experts": [...]}) with host numpy leaves of `dtype`."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory does not exist: {path}")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"missing config.json in checkpoint directory {path}")
+    with open(cfg_path) as f:
+        cfg = config_from_hf(json.load(f))
+    tensors = _read_tensors(path)
+    if cfg.family == "deepseek_v3":   # multi-token-prediction layers follow the decoder's; unused here
+        tensors = {k: v for k, v in tensors.items() if not _is_mtp(k, cfg.n_layers)}
+    c = _Claimer(tensors, dtype)
+    V, D = cfg.vocab_size, cfg.d_model
+    embed = c.take("model.embed_tokens.weight", (V, D))
+    layers, experts = zip(*(_layer(c, cfg, i) for i in range(cfg.n_layers)))
+    experts = [e for e in experts if e is not None]
+    if cfg.tie_embeddings:
+        c.t.pop("lm_head.weight", None)
+        head = np.ascontiguousarray(embed.T)
+    else:
+        head = c.take("lm_head.weight", (V, D), True)
+    attn = {"embed": embed, "final_norm": c.take("model.norm.weight", (D,)), "lm_head": head,
+            "layers": list(layers)}
+    if c.t:
+        raise CheckpointError(f"unexpected tensors in checkpoint (unsupported layout?): {sorted(c.t)[:5]}")
+    return cfg, {"attn": attn, "experts": list(experts)}
+
+
+def _is_mtp(key: str, n_layers: int) -> bool:
+    parts = key.split(".")
+    return key.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= n_layers
+
+
+def _hf_config(cfg: ModelConfig) -> dict:
+    if cfg.rope_yarn_factor:
+        raise ConfigError("save_checkpoint writes default-RoPE configs only (this one uses YaRN)")
+    arch = {v: k for k, v in _ARCH_TO_FAMILY.items()}[cfg.family]
+    raw = {"architectures": [arch], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+           "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "num_experts_per_tok": cfg.top_k,
+           "max_position_embeddings": cfg.max_position, "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+           "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
+    if cfg.family == "mixtral":
+        raw.update(num_local_experts=cfg.n_experts, intermediate_size=cfg.d_expert)
+    elif cfg.family == "deepseek_v3":
+        if cfg.d_shared % cfg.d_expert:
+            raise ConfigError(f"d_shared={cfg.d_shared} is not a whole number of experts of {cfg.d_expert}")
+        del raw["head_dim"]                            # transformers derives it (= qk_rope_head_dim)
+        raw.update(n_routed_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert,
+                   n_shared_experts=cfg.d_shared // cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
+                   q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
+                   qk_nope_head_dim=cfg.head_dim - cfg.qk_rope_dim, qk_rope_head_dim=cfg.qk_rope_dim,
+                   v_head_dim=cfg.value_dim, rope_interleave=cfg.rope_interleave, n_group=cfg.n_group,
+                   topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling,
+                   first_k_dense_replace=cfg.first_k_dense, intermediate_size=cfg.d_dense, attention_bias=False)
+    else:
+        raw.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=[])
+    if cfg.family == "qwen2_moe":
+        raw.update(shared_expert_intermediate_size=cfg.d_shared, qkv_bias=cfg.qkv_bias)
+    return raw
+
+
+def _mlp_tensors(prefix: str, mlp: dict) -> dict:
+    return {prefix + "gate_proj.weight": mlp["w_gate"].T, prefix + "up_proj.weight": mlp["w_up"].T,
+            prefix + "down_proj.weight": mlp["w_down"].T}
+
+
+def _attention_tensors(cfg: ModelConfig, a: str, lp: dict) -> dict:
+    if cfg.kv_lora_rank:
+        t = ({a + "q_a_proj.weight": lp["wq_a"].T, a + "q_a_layernorm.weight": lp["q_a_norm"],
+              a + "q_b_proj.weight": lp["wq_b"].T} if cfg.q_lora_rank else {a + "q_proj.weight": lp["wq"].T})
+        t.update({a + "kv_a_proj_with_mqa.weight": lp["wkv_a"].T, a + "kv_a_layernorm.weight": lp["kv_a_norm"],
+                  a + "kv_b_proj.weight": lp["wkv_b"].T})
+    else:
+        t = {a + "q_proj.weight": lp["wq"].T, a + "k_proj.weight": lp["wk"].T, a + "v_proj.weight": lp["wv"].T}
+    t[a + "o_proj.weight"] = lp["wo"].T
+    if cfg.qkv_bias:
+        t.update({a + "q_proj.bias": lp["bq"], a + "k_proj.bias": lp["bk"], a + "v_proj.bias": lp["bv"]})
+    if cfg.qk_norm:
+        t.update({a + "q_norm.weight": lp["q_norm"], a + "k_norm.weight": lp["k_norm"]})
+    return t
+
+
+def save_checkpoint(cfg: ModelConfig, params: dict, path: str, dtype=np.float32) -> None:
+    """Write a Hugging Face checkpoint directory (config.json + model.safetensors, Hub key layout)
+    that load_checkpoint and transformers both read: the inverse of the key map above. dtype:
+    float32 or float16 (the tensors' on-disk type)."""
+    from safetensors.numpy import save_file
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(_hf_config(cfg), f, indent=1)
+    attn = params["attn"]
+    t = {"model.embed_tokens.weight": attn["embed"], "model.norm.weight": attn["final_norm"]}
+    if not cfg.tie_embeddings:
+        t["lm_head.weight"] = attn["lm_head"].T
+    names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    moe_prefix = "block_sparse_moe." if cfg.family == "mixtral" else "mlp."
+    for i, lp in enumerate(attn["layers"]):
+        p, m = f"model.layers.{i}.", f"model.layers.{i}.{moe_prefix}"
+        t.update({p + "input_layernorm.weight": lp["input_norm"], p + "post_attention_layernorm.weight": lp["post_norm"]})
+        t.update(_attention_tensors(cfg, p + "self_attn.", lp))
+        if cfg.moe_index(i) is None:
+            t.update(_mlp_tensors(m, lp["mlp"]))
+            continue
+        t[m + "gate.weight"] = lp["router"].T
+        if "router_bias" in lp:
+            t[m + "gate.e_score_correction_bias"] = lp["router_bias"]
+        if "shared" in lp and cfg.family == "deepseek_v3":
+            t.update(_mlp_tensors(m + "shared_experts.", lp["shared"]))
+        elif "shared" in lp:
+            t.update(_mlp_tensors(m + "shared_expert.", lp["shared"]))
+            t[m + "shared_expert_gate.weight"] = lp["shared"]["gate"][None]
+        ep = params["experts"][cfg.moe_index(i)]
+        for j in range(cfg.n_experts):
+            for name, key in zip(names, ("w_gate", "w_up", "w_down")):
+                t[f"{m}experts.{j}.{name}.weight"] = ep[key][j].T
+    save_file({k: np.ascontiguousarray(v, dtype=dtype) for k, v in t.items()},
+              os.path.join(path, "model.safetensors"))

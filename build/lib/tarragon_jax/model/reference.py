@@ -1,0 +1,63 @@
+"""Dense single-device forward over a whole sequence: the test oracle for every engine path.
+
+No cache, no workers, no routing table: every expert is evaluated on every token and combined
+through a dense [T, E] gate matrix, so it shares nothing with the disaggregated datapath but the
+per-token math in layers.py.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tarragon_jax.config import ModelConfig
+from tarragon_jax.model import layers
+from tarragon_jax.model.router import route
+
+
+def _dense_moe(cfg: ModelConfig, experts: dict, hn_TxD: jax.Array, lp: dict) -> jax.Array:
+    ids, w = route(hn_TxD, lp, cfg)
+    gates_TxE = jnp.zeros((hn_TxD.shape[0], cfg.n_experts), hn_TxD.dtype)
+    gates_TxE = gates_TxE.at[jnp.arange(hn_TxD.shape[0])[:, None], ids].add(w)
+    y_ExTxD = jax.vmap(layers.swiglu, in_axes=(None, 0, 0, 0))(
+        hn_TxD, experts["w_gate"], experts["w_up"], experts["w_down"])
+    return jnp.einsum("te,etd->td", gates_TxE, y_ExTxD)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(cfg: ModelConfig, params: dict, ids_T: jax.Array) -> jax.Array:
+    """Logits [T, V] (f32) for a causal sequence of token ids [T]."""
+    attn = params["attn"]
+    T = ids_T.shape[0]
+    pos = jnp.arange(T)
+    x = attn["embed"][ids_T]
+    causal_TxT = pos[None, :] <= pos[:, None]
+    for layer, lp in enumerate(attn["layers"]):
+        q, k, v = layers.qkv(lp, layers.rms_norm(x, lp["input_norm"], cfg.rms_eps), pos, cfg)
+        k_T = jnp.broadcast_to(k[None], (T,) + k.shape)
+        v_T = jnp.broadcast_to(v[None], (T,) + v.shape)
+        h = x + layers.attn_output(cfg, layers.gqa_attention(q, k_T, v_T, causal_TxT), lp["wo"])
+        hn = layers.rms_norm(h, lp["post_norm"], cfg.rms_eps)
+        moe_layer = cfg.moe_index(layer)
+        if moe_layer is None:                      # a dense layer
+            x = h + layers.shared_expert(lp["mlp"], hn)
+            continue
+        moe = _dense_moe(cfg, params["experts"][moe_layer], hn, lp)
+        if "shared" in lp:
+            moe = moe + layers.shared_expert(lp["shared"], hn)
+        x = h + moe
+    x = layers.rms_norm(x, attn["final_norm"], cfg.rms_eps)
+    return (x @ attn["lm_head"]).astype(jnp.float32)
+
+
+def greedy_generate(cfg: ModelConfig, params: dict, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation by re-running the full forward for every token (slow, obviously right)."""
+    seq = list(prompt)
+    for _ in range(max_new_tokens):
+        n = len(seq)
+        padded = seq + [0] * (-n % 64)                 # causal: padding never affects row n-1
+        logits = forward(cfg, params, jnp.asarray(padded, jnp.int32))
+        seq.append(int(np.argmax(np.asarray(logits[n - 1]))))
+    return seq[len(prompt):]

@@ -1,0 +1,30 @@
+"""Token selection on device: greedy, or temperature / top-p with a key derived from
+(request seed, token index), so a request samples the same tokens on whichever AW runs it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _one(logits_V, temperature, top_p, seed, index):
+    greedy = jnp.argmax(logits_V).astype(jnp.int32)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+    scaled = logits_V / jnp.maximum(temperature, 1e-6)
+    probs = jax.nn.softmax(scaled)
+    order = jnp.argsort(-probs)
+    sorted_p = probs[order]
+    keep_sorted = (jnp.cumsum(sorted_p) - sorted_p) < top_p         # always keeps the top token
+    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+    sampled = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf)).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+@jax.jit
+def sample(logits_BxV: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array, seed_B: jax.Array,
+           index_B: jax.Array) -> jax.Array:
+    """int32 [B] next tokens. The sampling path (a sort of the vocabulary per row) runs only when
+    some row samples: an all-greedy batch, the common case, is one argmax."""
+    greedy = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(temperature_B > 0),
+                        lambda: jax.vmap(_one)(logits_BxV, temperature_B, top_p_B, seed_B, index_B),
+                        lambda: greedy)

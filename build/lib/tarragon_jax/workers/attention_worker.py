@@ -1,0 +1,247 @@
+"""Attention worker (AW): owns its requests, their paged KV cache, and the attention-side params.
+
+The AW's data path per step, all dispatched without waiting: embed -> for each layer one program
+(combine of the previous layer, attention, router, dispatch packed for the EWs) and the forwarding
+engine's exchange -> head (last combine, LM head, sampling). The engine drives the layer loop
+across AWs so each EW sees one layer's tokens from every AW together, waits once for the sampled
+tokens, and `commit` then snapshots newly filled KV blocks to the checkpoint store
+(asynchronously). A request moved here after its AW failed restores its
+committed blocks on admission and recomputes only the positions after them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.kv.block_manager import BlockManager
+from tarragon_jax.kv.checkpoint_store import BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing
+from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
+from tarragon_jax.model import attention_stage as stage
+from tarragon_jax.workers import backends
+from tarragon_jax.workers.forwarding_engine import ForwardingEngine
+from tarragon_jax.workers.program_log import ProgramLog
+from tarragon_jax.workers.routing_table import RoutingTable
+from tarragon_jax.workers.runtime import WorkerHandle
+from tarragon_jax.workers.scheduler import Scheduler, StepBatch, bucket
+from tarragon_jax.workers.sequence import Sequence, SeqState
+from tarragon_jax.workers.shape_grid import ShapeGrid
+
+
+def _serving_params(model: ModelConfig, attn_params: dict, dtype) -> dict:
+    """Host params in the serving dtype, except a sigmoid router's weight and selection bias,
+    which stay f32 as transformers keeps them (DeepSeek): bf16 scores would pick other experts."""
+    keep = {"router", "router_bias"} if model.router_scoring == "sigmoid" else set()
+
+    def cast(path, a):
+        last = path[-1]
+        f32 = isinstance(last, jax.tree_util.DictKey) and last.key in keep
+        return np.asarray(a).astype(np.float32 if f32 else dtype)
+    return jax.tree_util.tree_map_with_path(cast, attn_params)
+
+
+def _keep_pages(kv: dict, k, v) -> None:
+    """A layer's pages as attention_layer returned them (v is None for an MLA latent cache)."""
+    kv["k"] = k
+    if v is not None:
+        kv["v"] = v
+
+
+@dataclasses.dataclass
+class RestoreStats:
+    """What moving requests here cost: for the recovery breakdown."""
+    requests: int = 0
+    blocks: int = 0
+    fallbacks: int = 0                    # missing/corrupt snapshot -> recomputed from tokens
+    tokens_recomputed: int = 0
+    seconds: float = 0.0                  # reading snapshots and writing them into pages
+    recompute_steps: int = 0              # steps that carried recompute chunks
+
+
+class AttentionWorker:
+    def __init__(self, index: int, handle: WorkerHandle, model: ModelConfig, attn_params: dict,
+                 cache: CacheConfig, engine: EngineConfig, ert: RoutingTable, dtype,
+                 store: CheckpointStore | None, clock):
+        self.index, self.handle, self.model, self.store, self.clock = index, handle, model, store, clock
+        self.attention_backend = backends.attention_backend(engine.attention_backend, handle.devices[0])
+        self.n_ews = engine.num_expert_workers
+        self.params = handle.put(_serving_params(model, attn_params, dtype))
+        self.pages = allocate_pages(model, cache, handle.sharding, dtype)
+        self.blocks = BlockManager(cache.num_pages, cache.page_size)
+        self.scheduler = Scheduler(self.blocks, engine.max_running, engine.max_step_tokens,
+                                   engine.prefill_chunk)
+        self.programs = ProgramLog()
+        self.refe = ForwardingEngine(handle, ert)
+        self.restored = RestoreStats()
+        self._dtype = dtype
+        self._dev: dict = {}
+        self._zeros: dict = {}            # T -> [T, k, D] zeros: the answer of an EW that sent none
+        self._carry, self._ys, self._inputs = None, (), {}
+
+    def start_step(self) -> StepBatch | None:
+        """Admit, restore moved requests and pick this step's tokens; None if idle."""
+        self.handle.check()
+        moved = [seq for seq in self.scheduler.admit() if seq.restore_pending]
+        if moved:
+            self._restore(moved)
+        batch = self.scheduler.schedule()
+        if batch is not None and any(s.num_cached < s.recompute_until for s in batch.seqs):
+            self.restored.recompute_steps += 1
+        return batch
+
+    def begin(self, batch: StepBatch) -> None:
+        """Put the step's inputs on the mesh in one transfer and embed (the carry into layer 0).
+        Every AW of a step pads to the same token bucket, so an EW's program sees one shape."""
+        self.handle.check()
+        R = len(batch.last_B)
+        sp = [s.sampling for s in batch.seqs] + [batch.seqs[0].sampling] * (R - len(batch.seqs))
+        names = ("ids", "pos", "slot", "tables", "last", "temperature", "top_p", "seed", "index")
+        self._dev = dict(zip(names, self.handle.put((
+            batch.ids_T, batch.pos_T, batch.slot_T, batch.tables_BxP, batch.last_B,
+            np.array([p.temperature for p in sp], np.float32), np.array([p.top_p for p in sp], np.float32),
+            np.array([p.seed for p in sp], np.uint32),
+            np.array([len(s.output) for s in batch.seqs] + [0] * (R - len(batch.seqs)), np.int32)))))
+        self._carry = self.programs.call(stage.embed, self.model, self.params, self._dev["ids"])
+        self._ys, self._inputs = self._no_answers(len(batch.ids_T)), {}
+
+    def _no_answers(self, T: int) -> tuple:
+        if T not in self._zeros:
+            self._zeros[T] = self.handle.put(np.zeros((T, self.model.top_k, self.model.d_model), self._dtype))
+        return (self._zeros[T],) * self.n_ews
+
+    def attend(self, layer: int) -> jax.Array | None:
+        """Dispatch one layer (combine of the previous one, attention, routing); returns the packed
+        buffer for the EWs, or None for a dense layer. The layer's inputs are kept until the step
+        commits, so a failure can replay it (`rewind`)."""
+        self.handle.check()
+        d, kv, moe = self._dev, self.pages[layer], self.model.moe_index(layer)
+        self._inputs[layer] = (self._carry, self._ys)
+        self._carry, send, k, v = self.programs.call(
+            stage.attention_layer, self.model, self.params["layers"][layer], kv["k"], kv.get("v"), self._carry,
+            self._ys, d["pos"], d["slot"], d["tables"], self.refe.route(moe or 0),   # a dense layer routes nothing
+            impl=self.attention_backend)
+        _keep_pages(kv, k, v)
+        if send is None:
+            self._ys = self._no_answers(len(d["pos"]))
+        return send
+
+    def receive(self, ys: list) -> None:
+        """The EWs' answers of the layer just attended, one per EW (None: that EW sent none)."""
+        zero = self._no_answers(len(self._dev["pos"]))[0]
+        self._ys = tuple(zero if y is None else y for y in ys)
+
+    def rewind(self, layer: int) -> None:
+        """Back to the inputs of `layer`, to replay it and every later one (a failure in the step)."""
+        self._carry, self._ys = self._inputs[layer]
+
+    def head(self) -> jax.Array:
+        """Dispatch the last combine, LM head and sampling: int32 [R] tokens on the device."""
+        self.handle.check()
+        d = self._dev
+        return self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, d["last"],
+                                  d["temperature"], d["top_p"], d["seed"], d["index"])
+
+    def _restore(self, seqs: list[Sequence]) -> None:
+        """Restore the committed blocks of requests moved here, all in one padded page write
+        (one compiled variant per bucket), and mark the rest of each for recompute."""
+        t0, ps = self.clock(), self.blocks.page_size
+        pages, data = [], []
+        for seq in seqs:
+            seq.restore_pending = False
+            usable = (seq.num_tokens - 1) // ps           # the last token must stay pending
+            n = 0
+            if self.store is not None and usable:
+                try:
+                    blocks = self.store.restore(seq.request_id)[:usable]
+                    n = len(blocks)
+                    data.append(blocks)
+                    pages += self.blocks.block_table(seq.request_id)[:n]
+                except (SnapshotMissing, SnapshotCorrupt):
+                    self.restored.fallbacks += 1
+            seq.num_cached = n * ps
+            seq.recompute_until = seq.num_tokens - 1
+            self.restored.blocks += n
+            self.restored.tokens_recomputed += seq.num_tokens - 1 - n * ps
+        self.restored.requests += len(seqs)
+        if data:
+            blocks = np.concatenate(data)
+            N = bucket(len(blocks), 4)                    # padding rows write zeros to the sink page 0
+            blocks = np.concatenate([blocks, np.zeros((N - len(blocks),) + blocks.shape[1:], blocks.dtype)])
+            ids = np.asarray(pages + [0] * (N - len(pages)), np.int32)
+            self.pages = self.programs.call(write_blocks, self.pages, *self.handle.put((ids, blocks)))
+        self.restored.seconds += self.clock() - t0
+
+    def commit(self, batch: StepBatch, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
+        """The step's sampled tokens are in: emit for every row whose chunk ended its tokens,
+        advance cache progress of all rows, snapshot newly filled blocks. Returns (seq, token,
+        is_new_to_the_user) per sampled row."""
+        self.handle.check()
+        self._inputs = {}
+        emitted, filled = [], []
+        ps = self.blocks.page_size
+        for row, (s, n) in enumerate(zip(batch.seqs, batch.chunks)):
+            full = range(s.num_cached // ps, (s.num_cached + n) // ps)
+            s.num_cached += n
+            if batch.emits[row]:
+                emitted.append((s, int(toks_R[row]), s.append(int(toks_R[row]))))
+            if s.state is not SeqState.FINISHED:
+                filled += [BlockRef(s.request_id, b) for b in full]
+        self._snapshot(filled)
+        return emitted
+
+    def _snapshot(self, refs: list[BlockRef]) -> None:
+        """Hand newly filled blocks to the store; it copies and writes in the background."""
+        if self.store is None or not refs:
+            return
+        tables = {rid: self.blocks.block_table(rid) for rid in {r.request_id for r in refs}}
+        pages = [tables[r.request_id][r.block] for r in refs]
+        ids = np.zeros(bucket(len(pages), 4), np.int32)
+        ids[:len(pages)] = pages
+        blocks = self.programs.call(read_blocks, self.pages, self.handle.put(ids))
+        self.store.snapshot(self.index, refs, blocks)
+
+    def precompile(self, grid: ShapeGrid) -> None:
+        """Run every stage program once at every grid shape, on zeros routed to the sink page
+        (the padding path of a real step), so no serving step compiles. Programs are logged, so a
+        replacement of this AW compiles the same set before it joins."""
+        def zeros(shape, dtype=np.int32):
+            return self.handle.put(np.zeros(shape, dtype))
+
+        call, m, B = self.programs.call, self.model, self.scheduler.table_rows
+        kv = self.pages[0]
+        kinds = [self.params["layers"][i] for i in sorted({0, m.first_k_dense})]   # dense and MoE layers
+        for T in grid.tokens:
+            carry = call(stage.embed, m, self.params, zeros(T))
+            ys = self._no_answers(T)
+            pos, slot = zeros(T), self.handle.put(np.full(T, B - 1, np.int32))
+            for P in grid.pages:
+                for lp in kinds:
+                    out, _, k, v = call(stage.attention_layer, m, lp, kv["k"], kv.get("v"), carry, ys, pos, slot,
+                                        zeros((B, P)), self.refe.route(0), impl=self.attention_backend)
+                    _keep_pages(kv, k, v)
+            for R in (r for r in grid.rows if r <= max(T, 4)):
+                call(stage.head, m, self.params, out, ys, zeros(R), zeros(R, np.float32), zeros(R, np.float32),
+                     zeros(R, np.uint32), zeros(R))
+        for N in grid.blocks:
+            ids = zeros(N)
+            self.pages = call(write_blocks, self.pages, ids, call(read_blocks, self.pages, ids))
+
+    def release(self, seq: Sequence) -> bool:
+        """A request leaves (finished or cancelled), running or queued: its pages return to the
+        pool and its snapshots are dropped. False if this AW does not hold it."""
+        if not self.scheduler.remove(seq):
+            return False
+        if self.store is not None:
+            self.store.drop(seq.request_id)
+        return True
+
+    def live_requests(self) -> list[Sequence]:
+        return [s for s in list(self.scheduler.waiting) + self.scheduler.running if s.state is not SeqState.FINISHED]
+
+    def kill(self) -> None:
+        """Fail-stop: params and KV pages are deleted; every later call raises WorkerFailed."""
+        self.handle.alive = False
+        for a in jax.tree.leaves((self.params, self.pages, self._dev, self._zeros)):
+            a.delete()

@@ -1,0 +1,77 @@
+"""One request's token history and cache progress. Host-only."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from tarragon_jax.config import SamplingParams
+
+
+class SeqState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Sequence:
+    request_id: int
+    prompt: list[int]
+    sampling: SamplingParams
+    max_len: int                          # prompt + new tokens, capped at the model context
+    output: list[int] = dataclasses.field(default_factory=list)
+    num_cached: int = 0                   # leading tokens whose KV is in the AW's cache
+    state: SeqState = SeqState.WAITING
+    finish_reason: str = ""
+    restore_pending: bool = False         # moved to a new AW: restore committed KV on admission
+    recompute_until: int = 0              # positions below this are recomputed in one chunked pass
+    replay: list[int] = dataclasses.field(default_factory=list)   # restart_regenerate: tokens to redo silently
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the cache: the prompt remainder in prefill, the last token in decode."""
+        return self.num_tokens - self.num_cached
+
+    def append(self, token: int) -> bool:
+        """Record a generated token; False when it regenerates one the user already has
+        (restart_regenerate)."""
+        self.output.append(token)
+        if len(self.output) <= len(self.replay):
+            if token != self.replay[len(self.output) - 1]:
+                raise AssertionError(f"request {self.request_id}: regenerated token {token} differs from "
+                                     f"{self.replay[len(self.output) - 1]} at index {len(self.output) - 1}")
+            return False
+        if token in self.sampling.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.output) >= self.sampling.max_new_tokens:
+            self.finish_reason = "max_new_tokens"
+        elif self.num_tokens >= self.max_len:
+            self.finish_reason = "length"
+        if self.finish_reason:
+            self.state = SeqState.FINISHED
+        return True
+
+    def reprefill(self) -> None:
+        """Restart baseline: the cache is lost; the prompt and the tokens already sent are
+        prefilled again in chunked passes (as a moved request recomputes), then decoding goes on."""
+        self.num_cached, self.recompute_until = 0, self.num_tokens - 1
+        self.state, self.restore_pending = SeqState.WAITING, False
+
+    def regenerate(self) -> None:
+        """restart_regenerate, the weaker baseline: every position is lost and the sent tokens are
+        generated again one step at a time before new ones reach the user."""
+        self.replay = list(self.output)
+        self.output, self.num_cached, self.recompute_until = [], 0, 0
+        self.state, self.restore_pending = SeqState.WAITING, False
+
+    def move(self) -> None:
+        """Tarragon: the request moves to another AW, restores what was committed, recomputes the rest."""
+        self.num_cached, self.state, self.restore_pending = 0, SeqState.WAITING, True

@@ -1,0 +1,56 @@
+"""Every array shape the stage programs can see, derived from the configs and the bucketing rules.
+
+Why: a batch shape seen for the first time compiles inside the step that meets it, with every
+request waiting, including the step in which a failure moved work onto the survivors (on a cold
+cache: 1.28 s EW / 0.84 s AW failover stalls, README). Precompiling the grid at startup (`--precompile`) makes every later step,
+failover steps included, a cache hit. The bucket rules live with their users (scheduler: T, P, R;
+the engine pads every AW of a step to one T, so an EW call varies only in how many AWs send);
+this module only enumerates their ranges. Host-only.
+
+`recovery_grid` is the cheap subset compiled at startup by default: what a recovery runs that
+steady serving may not have met yet. A step that recomputes moved (or restarted) requests has
+one of two token buckets (scheduler: prefill_chunk's or max_step_tokens'), so that is two T at
+every P and R; and the restore writes at every block count. Shadows take over inside the same
+EW program, and a mid-step replay reruns shapes the step already ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.workers.scheduler import bucket, recovery_buckets
+
+
+def buckets(minimum: int, largest: int) -> tuple[int, ...]:
+    """bucket(n, minimum) for every n in 1..largest: powers of two from `minimum`."""
+    out, b = [], minimum
+    while b < bucket(largest, minimum):
+        out.append(b)
+        b *= 2
+    return tuple(out + [bucket(largest, minimum)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeGrid:
+    tokens: tuple[int, ...]       # T: tokens of one AW step
+    pages: tuple[int, ...]        # P: block-table width of a step
+    rows: tuple[int, ...]         # R: requests of a step (rows that may sample)
+    senders: tuple[int, ...]      # AWs whose buffers one EW layer call takes (all AWs of a step pad to one T)
+    blocks: tuple[int, ...]       # KV blocks in one snapshot read / restore write
+
+
+def shape_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> ShapeGrid:
+    max_tokens = engine.max_step_tokens
+    max_pages = min(-(-model.max_position // cache.page_size), cache.num_pages - 1)
+    return ShapeGrid(
+        tokens=buckets(8, max_tokens),
+        pages=buckets(1, max_pages),
+        rows=buckets(4, min(engine.max_running, max_tokens)),
+        senders=tuple(range(1, engine.num_attention_workers + 1)),
+        blocks=buckets(4, cache.num_pages),
+    )
+
+
+def recovery_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> ShapeGrid:
+    full = shape_grid(model, cache, engine)
+    return dataclasses.replace(full, tokens=recovery_buckets(engine.prefill_chunk, engine.max_step_tokens))

@@ -1,0 +1,43 @@
+"""The project installs like a library: a wheel built from the tree, installed into a fresh venv
+(its dependencies seen through a .pth to this interpreter's site-packages, so nothing is
+downloaded), runs `tarragon-generate` from outside the repository, and the public API imports
+from the installed copy."""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(cmd, cwd, **kw):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw)
+    assert r.returncode == 0, " ".join(map(str, cmd)) + "\n" + r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_wheel_installs_and_generates_outside_the_repo(tmp_path):
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+         cwd=tmp_path)
+    wheel, = tmp_path.glob("tarragon_jax-*.whl")
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+    py = venv / "bin" / "python"
+    site = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip()
+    with open(os.path.join(site, "deps_of_the_test_env.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    where = _run([str(py), "-c", "import tarragon_jax, launch; from tarragon_jax import Engine, EngineConfig, "
+                  "SamplingParams, load_checkpoint, FaultInjector; print(tarragon_jax.__file__, launch.__file__)"],
+                 cwd=outside)
+    assert all(p.startswith(site) for p in where.split())
+    cache = os.path.join(tempfile.gettempdir(), "tarragon_jax_test_cache")
+    out = _run([str(venv / "bin" / "tarragon-generate"), "--model", "tiny", "--prompt_ids", "1,2,3",
+                "--max_new_tokens", "4", "--json", "--precompile", "none", "--compile_cache_dir", cache], cwd=outside)
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert lines[0]["prompt_ids"] == [1, 2, 3] and len(lines[0]["output_ids"]) == 4
