@@ -355,7 +355,7 @@ def main(argv):
     del argv
     if unknown := set(FLAGS.scenarios) - set(SCENARIOS):
         sys.exit(f"error: unknown scenario(s) {sorted(unknown)}; choose from {SCENARIOS}")
-    cfg, params, _, reload, _ = serving_flags.start()
+    cfg, params, ckpt, reload, _ = serving_flags.start()
     watch = CompileWatch(time.perf_counter)             # the engines' metrics clock
     workload = _workload(cfg.vocab_size)
     # The reference, first (its startup is the cold one): the same workload, failure-free,
@@ -389,6 +389,10 @@ def main(argv):
                       f, indent=1)
     if FLAGS.plot_out:
         plot(rows, FLAGS.plot_out)
+    tokenizer = serving_flags.tokenizer_and_template(ckpt, cfg)[0]
+    if tokenizer is not None and clean:
+        text = tokenizer.decode(clean[0]).replace("\n", " ")
+        print(f"request 0's text, the same in every checked row: {text[:300]!r}")
     if any(not r["tokens_checked"] or not r["tokens_identical"] or r["lost_requests"] for r in rows):
         sys.exit("invariant violated: a row unchecked, a request lost or changed tokens")
 

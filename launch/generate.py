@@ -28,10 +28,11 @@ flags.DEFINE_bool("stop_at_eos", True, "Stop a prompt at the checkpoint's EOS id
 flags.DEFINE_multi_string("fail", None, "Inject a failure: ew:2@step=40, aw:0@step=80, ew:1@step=12,layer=1, "
                           "aw:1@prefill, ew:3@recovery. Repeatable.")
 flags.DEFINE_bool("warmup", False, "Serve the prompts once untimed first (compiles), then time a second run.")
-flags.DEFINE_bool("json", False, 'One JSON line per prompt: {"prompt_ids": [...], "output_ids": [...]}.')
+flags.DEFINE_bool("json", False, 'One JSON line per prompt: {"prompt_ids": [...], "output_ids": [...]} (and '
+                  '"prompt", "text" where the model has a tokenizer).')
 
 
-def collect_prompts(ckpt, vocab_size: int) -> list[list[int]]:
+def collect_prompts(ckpt, tokenizer, vocab_size: int) -> list[list[int]]:
     import numpy as np
     prompts = []
     for s in FLAGS.prompt_ids or []:
@@ -40,12 +41,10 @@ def collect_prompts(ckpt, vocab_size: int) -> list[list[int]]:
         except ValueError:
             raise app.UsageError(f"--prompt_ids must be comma-separated integers, got {s!r}") from None
     if FLAGS.prompt:
-        tok_path = os.path.join(ckpt or "", "tokenizer.json")
-        if not ckpt or not os.path.exists(tok_path):
-            raise app.UsageError(f"--prompt needs a checkpoint with tokenizer.json ({tok_path} not found)")
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(tok_path)
-        prompts += [tok.encode(t).ids for t in FLAGS.prompt]
+        if tokenizer is None:
+            raise app.UsageError(f"--prompt needs a checkpoint with tokenizer.json "
+                                 f"({os.path.join(ckpt or '', 'tokenizer.json')} not found)")
+        prompts += [tokenizer.encode(t).ids for t in FLAGS.prompt]
     rng = np.random.default_rng(FLAGS.seed)
     prompts += [rng.integers(3, vocab_size, FLAGS.random_prompt_len).tolist() for _ in range(FLAGS.num_random_prompts)]
     if not prompts:
@@ -67,7 +66,8 @@ def main(argv):
         faults = [FaultInjector.from_strings(FLAGS.fail or []) for _ in range(2)]
     except ValueError as e:
         sys.exit(f"error: {e}")
-    prompts = collect_prompts(ckpt, cfg.vocab_size)
+    tokenizer = serving_flags.tokenizer_and_template(ckpt, cfg)[0]
+    prompts = collect_prompts(ckpt, tokenizer, cfg.vocab_size)
     sp = SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
                         seed=FLAGS.seed, stop_token_ids=serving_flags.eos_ids(ckpt) if FLAGS.stop_at_eos else ())
 
@@ -86,7 +86,10 @@ def main(argv):
     outs, secs, engine = run(faults[0])
     print(f"backends: {engine.backends()}", file=sys.stderr)
     for p, o in zip(prompts, outs):
-        print(json.dumps({"prompt_ids": p, "output_ids": o}) if FLAGS.json else f"{p} -> {o}", file=results)
+        line = {"prompt_ids": p, "output_ids": o}
+        if tokenizer is not None:
+            line.update(prompt=tokenizer.decode(p), text=tokenizer.decode(o))
+        print(json.dumps(line) if FLAGS.json else f"{line.get('prompt', p)!r} -> {line.get('text', o)!r}", file=results)
     n_out = sum(len(o) for o in outs)
     ttfts = [t.ttft_s for t in engine.metrics.requests.values()]
     print(f"{len(prompts)} prompts, {n_out} tokens in {secs:.3f} s: {n_out / secs:.1f} tokens/s, "

@@ -35,7 +35,8 @@ def test_text_prompt_with_tokenizer():
              "--max_new_tokens", str(len(tp["greedy_new_tokens"])), "--num_attention_workers", "1")
     assert r.returncode == 0, r.stderr
     line = json.loads(r.stdout.strip().splitlines()[-1])
-    assert line == {"prompt_ids": tp["ids"], "output_ids": tp["greedy_new_tokens"]}
+    assert line["prompt_ids"] == tp["ids"] and line["output_ids"] == tp["greedy_new_tokens"]
+    assert line["prompt"] == tp["text"]                              # and the text, decoded
 
 
 def test_clear_errors():

@@ -1,1 +1,0 @@
-"""absl launchers: run as `python -m launch.<name>` from the repository root."""

@@ -1,1 +1,0 @@
-"""The MoE decoder: checkpoint loading, per-stage math, and the dense reference forward."""
