@@ -206,6 +206,6 @@ def test_gpu_target_names_the_gpu_lowered_for():
     with gpu_target(80):  # A100: the Triton kernel
         text = jax.jit(gmm).trace(x, w, sizes).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
-    with pytest.raises(ValueError, match="arch 75"):
-        with gpu_target(75):
+    with pytest.raises(ValueError, match="arch 70"):
+        with gpu_target(70):
             pass

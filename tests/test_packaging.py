@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,6 +24,10 @@ def test_wheel_installs_and_generates_outside_the_repo(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
          cwd=tmp_path)
     wheel, = tmp_path.glob("tarragon_jax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"tarragon_jax/model/demo/model.safetensors", "tarragon_jax/model/demo/tokenizer_config.json",
+            "launch/configs/qwen3_30b_a3b/config.json", "pallas_kernels/swiglu_ffn.py"} <= names
+    assert not any(n.startswith("tests/") for n in names)
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
     py = venv / "bin" / "python"
