@@ -40,6 +40,8 @@ flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart", "restart_regen
 flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
 flags.DEFINE_float("shadow_budget", 1.0, "Fraction of an EW's primary-expert memory spent on shadow experts.")
 flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax path); default: a temp dir.")
+flags.DEFINE_float("snapshot_interval_s", 0.05, "An AW hands newly filled KV blocks to the checkpoint store at "
+                   "most this often (a block commits up to this much later; 0: every step).")
 flags.DEFINE_float("snapshot_flush_s", 2.0, "KV snapshots within this window share one Orbax write (commit is at once, in the store memory).")
 flags.DEFINE_float("transfer_deadline_s", 30.0, "Bounded wait on every cross-worker transfer.")
 flags.DEFINE_float("heartbeat_interval_s", 0.05, "Controller liveness probes.")
@@ -143,7 +145,8 @@ def engine_config(**overrides):
               prefill_chunk=FLAGS.prefill_chunk, max_running=FLAGS.max_running,
               max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
-              snapshot_flush_s=FLAGS.snapshot_flush_s, snapshot_memory_tier=FLAGS.snapshot_memory_tier,
+              snapshot_flush_s=FLAGS.snapshot_flush_s, snapshot_interval_s=FLAGS.snapshot_interval_s,
+              snapshot_memory_tier=FLAGS.snapshot_memory_tier,
               transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s, precompile=FLAGS.precompile,
               pingpong=FLAGS.pingpong)
     kw.update(overrides)

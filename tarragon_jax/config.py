@@ -160,6 +160,9 @@ class EngineConfig:
     shadow_budget: float = 1.0         # fraction of an EW's primary-expert memory spent on shadows
     checkpoint_dir: str | None = None  # KV snapshots (any Orbax path); None: a fresh dir under the temp dir
     snapshot_flush_s: float = 2.0      # KV snapshots within this window share one Orbax write (durability lag)
+    snapshot_interval_s: float = 0.05  # an AW hands its newly filled KV blocks to the store at most this
+                                       # often (each call costs the decode loop ~0.3 ms of host time; a
+                                       # block commits up to this much later; 0: every step)
     snapshot_memory_tier: bool = True  # blocks commit in the store's host memory at once; off: only once
                                        # written to the Orbax files (restores read disk)
     heartbeat_interval_s: float = 0.05 # controller liveness probes of idle workers
@@ -196,6 +199,7 @@ class EngineConfig:
                  f"unknown precompile {self.precompile!r}; choose from {PRECOMPILES}")
         _require(self.shadow_budget >= 0, f"shadow_budget must be >= 0, got {self.shadow_budget}")
         _require(self.snapshot_flush_s >= 0, f"snapshot_flush_s must be >= 0, got {self.snapshot_flush_s}")
+        _require(self.snapshot_interval_s >= 0, f"snapshot_interval_s must be >= 0, got {self.snapshot_interval_s}")
         _require(self.heartbeat_interval_s > 0,
                  f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         _require(self.dtype in ("float32", "bfloat16", "float16"),

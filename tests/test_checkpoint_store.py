@@ -278,3 +278,23 @@ def test_snapshots_within_the_flush_window_share_one_checkpoint(tmp_path):
         assert len(list((s.directory / "aw0").iterdir())) == 1 and len(list((s.directory / "aw1").iterdir())) == 1
         s.drop_memory_tier()
         np.testing.assert_array_equal(s.restore(4), x)
+
+
+@pytest.mark.parametrize("memory_tier", [True, False])
+def test_a_request_finished_within_the_window_is_never_written(tmp_path, memory_tier):
+    """Its blocks are dropped before the window's Orbax write: the write holds only live requests'
+    blocks (and none at all when every request of the window finished)."""
+    with CheckpointStore(str(tmp_path / "kv"), memory_tier=memory_tier, flush_interval_s=60) as s:
+        live, done = rand_blocks(2, 3), rand_blocks(2, 4)
+        s.snapshot(0, refs(1, [0, 1]) + refs(2, [0, 1]), np.concatenate([live, done]))
+        s.drop(2)                                         # request 2 finished inside the window
+        s.wait()                                          # the window is written now
+        s.drop_memory_tier()
+        np.testing.assert_array_equal(s.restore(1), live)
+        with pytest.raises(SnapshotMissing):
+            s.restore(2)
+        assert s.stats["save_n"] == 1 and s.stats["saved_blocks"] == 2
+        s.snapshot(0, refs(3, [0]), rand_blocks(1, 5))
+        s.drop(3)
+        s.wait()
+        assert s.stats["save_n"] == 1                     # nothing left to write: no Orbax save

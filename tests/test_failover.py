@@ -1,6 +1,8 @@
 """The invariant under injected faults: every request's tokens equal the failure-free run's and
 no request is lost — EW failure, AW failure, both, a failure during a recovery, during prefill,
 with no shadow left, a lost snapshot, and the restart baseline."""
+import time
+
 import numpy as np
 import pytest
 
@@ -70,7 +72,7 @@ def test_ew_failure_mid_layer_replays_to_shadows(model):
 
 
 def test_aw_failure_restores_committed_blocks(model):
-    eng = _check(model, ["aw:0@step=9"], wait_store=True)
+    eng = _check(model, ["aw:0@step=9"], wait_store=True, snapshot_interval_s=0)    # snapshots every step
     rec = eng.controller.records[0]
     assert rec.kind == "aw" and rec.requests_moved > 0
     restored = eng.aws[1].restored
@@ -78,12 +80,30 @@ def test_aw_failure_restores_committed_blocks(model):
     assert restored.tokens_recomputed < restored.requests * 4      # only the tail past the last full block
 
 
+def test_snapshots_are_batched_over_the_interval(model):
+    """An AW hands filled blocks to the store at most every snapshot_interval_s: with the interval
+    longer than the run there is no snapshot call at all, and an AW failure then recomputes its
+    requests from their tokens (the same tokens); with 0, a call in every step that filled one."""
+    never = _check(model, ["aw:0@step=9"], wait_store=True, snapshot_interval_s=1e9)
+    assert never.controller.store.stats["snapshots"] == 0 and never.aws[1].restored.blocks == 0
+    assert never.aws[1].restored.fallbacks == never.controller.records[0].requests_moved > 0
+    cfg, params, early, late, clean = model
+    outs, each = _serve(cfg, params, early, late, snapshot_interval_s=0)
+    batched, eng = _serve(cfg, params, early, late, snapshot_interval_s=0.03,
+                          before_step=lambda _: time.sleep(0.01))                 # a call every ~3 steps
+    assert outs == batched == clean
+    assert 0 < eng.controller.store.stats["snapshots"] < each.controller.store.stats["snapshots"]
+    each.close()
+    eng.close()
+
+
 def test_aw_failure_with_the_paged_attention_kernel(model):
     """The Pallas attention kernel (interpret mode here) is batch invariant, so restored and
     recomputed requests on the other AW decode exactly the kernel's failure-free tokens."""
     cfg, params, early, late, _ = model
     clean, _ = _serve(cfg, params, early, late, attention_backend="pallas")
-    outs, eng = _serve(cfg, params, early, late, ["aw:0@step=9"], wait_store=True, attention_backend="pallas")
+    outs, eng = _serve(cfg, params, early, late, ["aw:0@step=9"], wait_store=True, attention_backend="pallas",
+                       snapshot_interval_s=0)
     assert outs == clean and eng.aws[1].restored.blocks > 0
     eng.close()
 
@@ -233,7 +253,8 @@ def test_deepseek_v3_failures_keep_the_tokens():
     early, late = _workload(8, cfg.vocab_size)
     clean, eng = _serve(cfg, params, early, late)
     eng.close()
-    outs, eng = _serve(cfg, params, early, late, ["ew:1@step=5,layer=0", "aw:0@step=9"], wait_store=True)
+    outs, eng = _serve(cfg, params, early, late, ["ew:1@step=5,layer=0", "aw:0@step=9"], wait_store=True,
+                       snapshot_interval_s=0)
     assert outs == clean and all(len(o) == 12 for o in outs)
     assert [r.kind for r in eng.controller.records] == ["ew", "aw"] and eng.aws[1].restored.blocks > 0
     eng.close()

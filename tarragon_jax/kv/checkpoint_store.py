@@ -148,7 +148,7 @@ class CheckpointStore:
         self._pending = 0
         self._seq = self._first_seq()
         self._errors: list[str] = []
-        self._n_snapshots = self._n_blocks = self._n_bytes = 0
+        self._n_snapshots = self._n_blocks = self._n_bytes = self._n_saved = 0
         self._blocked, self._save = _Timer(), _Timer()
         self._closed = self._exiting = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -296,7 +296,8 @@ class CheckpointStore:
             return {
                 "snapshots": self._n_snapshots, "blocks": self._n_blocks, "bytes": self._n_bytes,
                 "blocked_mean_s": self._blocked.mean, "blocked_max_s": self._blocked.max,
-                "save_mean_s": self._save.mean, "save_max_s": self._save.max,
+                "save_mean_s": self._save.mean, "save_max_s": self._save.max, "save_n": self._save.n,
+                "saved_blocks": self._n_saved,
                 "failed": len(self._errors), "pending": self._pending,
                 "committed_blocks": sum(len(e) for e in self._manifest.values()),
                 "memory_bytes": sum(a.nbytes for a in self._memory.values()),
@@ -394,7 +395,9 @@ class CheckpointStore:
     def _ingest(self, job: _Job) -> None:
         """Host copy and checksum of a snapshot; with the memory tier the blocks commit now (the
         store's host memory is the paper's DRAM bucket), the Orbax write follows per window."""
-        host = np.array(job.blocks)[:len(job.refs)]  # waits for the async host copy; owns its memory
+        if hasattr(job.blocks, "block_until_ready"):
+            job.blocks.block_until_ready()           # waits with the GIL released (np.array would hold it)
+        host = np.array(job.blocks)[:len(job.refs)]  # the async host copy; owns its memory
         job.blocks = None
         job.host = []
         for i, r in enumerate(job.refs):
@@ -415,15 +418,29 @@ class CheckpointStore:
                 blocks[r.block] = _Entry(None, r.key, crc, blk.shape, blk.dtype, job.seq, job.aw)
                 self._memory[(r.request_id, r.block)] = blk
 
+    def _wanted(self, r: BlockRef, blk, crc, epoch: int, job: _Job) -> bool:
+        """Caller holds the lock: the block's request was not dropped since the snapshot, and (with
+        the memory tier) no newer snapshot of the block replaced it."""
+        if self._epoch.get(r.request_id, 0) != epoch:
+            return False
+        if not self.memory_tier:
+            return True
+        entry = self._manifest.get(r.request_id, {}).get(r.block)
+        return entry is not None and entry.seq == job.seq
+
     def _persist(self, jobs: list[_Job]) -> None:
-        """One Orbax checkpoint for the window's snapshots of one AW (a later copy of a block wins);
-        without the memory tier this is when the blocks commit."""
+        """One Orbax checkpoint for the window's snapshots of one AW (a later copy of a block wins),
+        holding only blocks still wanted: a request that finished within the window is never
+        written (it had been, then deleted). Without the memory tier this is when blocks commit."""
         t0 = self._clock()
         latest = {r.key: (r, blk, crc, epoch, job) for job in jobs for r, blk, crc, epoch in job.host}
+        with self._lock:                             # a finished request's blocks are not worth a write
+            latest = {k: v for k, v in latest.items() if self._wanted(*v)}
         if not latest:
             return
         path = self.directory / f"aw{jobs[0].aw}" / f"{jobs[0].seq:08d}"
         self._write(path, {"blocks": np.stack([v[1] for v in latest.values()])})
+        self._n_saved += len(latest)
         dead = []
         with self._lock:
             for row, (k, (r, blk, crc, epoch, job)) in enumerate(latest.items()):

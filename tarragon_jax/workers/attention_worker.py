@@ -74,6 +74,9 @@ class AttentionWorker:
                                    engine.prefill_chunk)
         self.programs = ProgramLog()
         self.refe = ForwardingEngine(handle, ert)
+        self.snapshot_interval_s = engine.snapshot_interval_s
+        self._filled: list[BlockRef] = []        # filled since the last snapshot call
+        self._last_snapshot = clock()
         self.restored = RestoreStats()
         self._dtype = dtype
         self._dev: dict = {}
@@ -188,18 +191,24 @@ class AttentionWorker:
                 emitted.append((s, int(toks_R[row]), s.append(int(toks_R[row]))))
             if s.state is not SeqState.FINISHED:
                 filled += [BlockRef(s.request_id, b) for b in full]
-        self._snapshot(filled)
+        self._filled += filled
+        if self.clock() - self._last_snapshot >= self.snapshot_interval_s:
+            self._snapshot()
         return emitted
 
-    def _snapshot(self, refs: list[BlockRef]) -> None:
-        """Hand newly filled blocks to the store; it copies and writes in the background."""
+    def _snapshot(self) -> None:
+        """Hand the blocks filled since the last call to the store (it copies and writes in the
+        background), those of requests still here: one gather program and one host copy per
+        `snapshot_interval_s`, not per step, since each call costs the decode loop ~0.3 ms of host
+        time (on the tiny model's 6 ms steps, no-failure throughput 1.13x lower every step)."""
+        refs, self._filled, self._last_snapshot = self._filled, [], self.clock()
+        refs = list(dict.fromkeys(r for r in refs if self.blocks.holds(r.request_id)))
         if self.store is None or not refs:
             return
         tables = {rid: self.blocks.block_table(rid) for rid in {r.request_id for r in refs}}
-        pages = [tables[r.request_id][r.block] for r in refs]
-        ids = np.zeros(bucket(len(pages), 4), np.int32)
-        ids[:len(pages)] = pages
-        blocks = self.programs.call(read_blocks, self.pages, self.handle.put(ids))
+        ids = np.zeros(bucket(len(refs), 4), np.int32)       # the pages, padded with the sink page 0
+        ids[:len(refs)] = [tables[r.request_id][r.block] for r in refs]
+        blocks = self.programs.call(read_blocks, self.pages, ids)     # ids travel with the call
         self.store.snapshot(self.index, refs, blocks)
 
     def precompile(self, grid: ShapeGrid) -> None:
@@ -225,8 +234,8 @@ class AttentionWorker:
                 call(stage.head, m, self.params, out, ys, zeros(R), zeros(R, np.float32), zeros(R, np.float32),
                      zeros(R, np.uint32), zeros(R))
         for N in grid.blocks:
-            ids = zeros(N)
-            self.pages = call(write_blocks, self.pages, ids, call(read_blocks, self.pages, ids))
+            blocks = call(read_blocks, self.pages, np.zeros(N, np.int32))     # host ids, as _snapshot passes
+            self.pages = call(write_blocks, self.pages, zeros(N), blocks)
 
     def release(self, seq: Sequence) -> bool:
         """A request leaves (finished or cancelled), running or queued: its pages return to the
