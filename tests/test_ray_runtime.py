@@ -129,6 +129,10 @@ def test_fail_endpoint_kills_an_ew_process_and_guards_the_last_aw(model):
             t.join()
         assert [got[i] for i in range(len(PROMPTS))] == want
         assert _dead(pid)
+        health = httpx.get(server.url + "/health", timeout=60).json()
+        assert health["recoveries"][0]["process"]["pid"] == pid                  # the one that died
+        assert {health["processes"][f"ew{j}"]["pid"] for j in range(3)} == {ew.pid for ew in eng.ews}
+        assert health["processes"]["aw0"]["pid"] == os.getpid()
         codes = []
         racers = [threading.Thread(target=lambda w=w: codes.append(
             httpx.post(server.url + "/fail", json={"worker": w}, timeout=60).status_code)) for w in ("aw0", "aw1")]

@@ -3,6 +3,7 @@ streaming sends each token as it is made, bad requests get 400 with the reason a
 nothing, and a worker killed through /fail mid-run changes no token."""
 import http.client
 import json
+import os
 import signal
 import socket
 import threading
@@ -45,6 +46,8 @@ def test_concurrent_requests_and_a_kill_mid_run(served):
     with urllib.request.urlopen(url + "/health") as r:
         health = json.loads(r.read())
     assert [rec["worker"] for rec in health["recoveries"]] == ["ew1"]
+    assert {p["pid"] for p in health["processes"].values()} == {os.getpid()}      # local: all in this process
+    assert set(health["processes"]) == set(health["workers"]) and health["recoveries"][0]["process"]["devices"]
     assert health["unfinished_requests"] == 0
 
 

@@ -53,6 +53,7 @@ class RecoveryRecord:
     restart_s: float | None = None       # restart baseline: teardown + weight reload + rebuild
     tokens_recomputed: int = 0           # restart baseline: every cached position of every request
     replacement_error: str | None = None # building the replacement failed: the worker stays down
+    process: dict | None = None          # the failed worker's pid, node and devices (WorkerHandle.identity)
 
 
 class Controller:
@@ -131,6 +132,10 @@ class Controller:
         self.worker(name).hang(seconds)
         self.health.killed(name, f"hung for {seconds:g} s")
 
+    def processes(self) -> dict[str, dict]:
+        """Every worker's pid, node and devices, by name (/health shows them)."""
+        return {w.handle.name: w.handle.identity() for w in self.aws + self.ews}
+
     def failed(self, name: str, reason: str, source: str) -> RecoveryRecord | None:
         """A datapath call or heartbeat found `name` dead. Returns the record of a new failure."""
         if not self.health.report_failure(name, reason, source):
@@ -138,8 +143,9 @@ class Controller:
         return self._act(name, source)
 
     def _act(self, name: str, source: str) -> RecoveryRecord:
-        rec = RecoveryRecord(name, name[:2], source, self.health.detection_latency_s(name))
         worker = self.worker(name)
+        rec = RecoveryRecord(name, name[:2], source, self.health.detection_latency_s(name),
+                             process=worker.handle.identity())
         if worker.handle.alive:
             worker.kill()            # fence: a hung or slow worker must not answer (or hold memory) later
         self.records.append(rec)

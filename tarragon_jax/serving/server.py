@@ -8,7 +8,8 @@ Endpoints (JSON in, JSON out; every error is OpenAI's {"error": {"message", "typ
                               the summary line
   POST /v1/completions, POST /v1/chat/completions, GET /v1/models: the OpenAI API (openai_api.py),
                               server-sent events when streaming
-  GET  /health               workers, ERT version, recoveries, load; 503 while draining, when the
+  GET  /health               workers (and each one's pid, node, devices), ERT version, recoveries,
+                              load; 503 while draining, when the
                               engine loop died, or when it does not answer within health_timeout_s
                               (a stuck step)
   GET  /metrics              Prometheus text format (prometheus_metrics.py)
@@ -76,8 +77,8 @@ class _EngineDied(RuntimeError):
 def health(engine: Engine) -> dict:
     ctl = engine.controller
     state = {w.handle.name: ("failed" if ctl.health.is_failed(w.handle.name) else "ok") for w in ctl.aws + ctl.ews}
-    return {"workers": state, "recovering": ctl.recovering, "ert_version": ctl.ert.version,
-            "unfinished_requests": engine.num_unfinished,
+    return {"workers": state, "processes": ctl.processes(), "recovering": ctl.recovering,
+            "ert_version": ctl.ert.version, "unfinished_requests": engine.num_unfinished,
             "recoveries": [dataclasses.asdict(r) for r in ctl.records]}
 
 

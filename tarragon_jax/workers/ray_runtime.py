@@ -45,8 +45,9 @@ class ExpertActor:
         self.ew = ExpertWorker(index, WorkerHandle(f"ew{index}", (jax.devices()[0],)), primaries, shadows,
                                experts, backend, dtype, top_k)
 
-    def info(self) -> tuple[int, str, str]:
-        return os.getpid(), self.ew.handle.devices[0].platform, self.ew.backend
+    def info(self) -> tuple[int, str, str, str]:
+        import ray
+        return os.getpid(), self.ew.handle.devices[0].platform, self.ew.backend, ray.util.get_node_ip_address()
 
     def ping(self) -> bool:
         return self.ew.handle.probe()
@@ -73,6 +74,10 @@ class RemoteHandle:
     def __init__(self, name: str, deadline_s: float):
         self.name, self.deadline_s, self.alive = name, deadline_s, True
         self.actor = None
+        self.where: dict = {}             # pid, node (IP), devices: set once the process answered
+
+    def identity(self) -> dict:
+        return dict(self.where)
 
     def check(self) -> None:
         if not self.alive:
@@ -136,7 +141,8 @@ class RemoteExpertWorker:
         self.n_primary = [len(p) for p in primaries]
         self.actor = handle.actor = runtime.actor_class.remote(
             index, primaries, shadows, runtime.experts_ref, backend, dtype, top_k, runtime.compile_cache_dir)
-        self.pid, self.platform, self.backend = handle.get(self.actor.info.remote(), STARTUP_DEADLINE_S)
+        self.pid, self.platform, self.backend, node = handle.get(self.actor.info.remote(), STARTUP_DEADLINE_S)
+        handle.where = {"pid": self.pid, "node": node, "devices": [f"{self.platform} (ray actor)"]}
         self.programs = RemotePrograms()
 
     def run_layer(self, layer: int, bufs: list):

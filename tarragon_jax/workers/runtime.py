@@ -8,6 +8,8 @@ the same. A killed worker's handle refuses every call (WorkerFailed), like a dea
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 
 import jax
@@ -43,6 +45,11 @@ class WorkerHandle:
     def check(self) -> None:
         if not self.alive:
             raise WorkerFailed(self.name, "worker is dead")
+
+    def identity(self) -> dict:
+        """Where the worker runs (an operator, or an outside test, can find and kill it there):
+        a local worker is a device subset of this process."""
+        return {"pid": os.getpid(), "node": socket.gethostname(), "devices": [str(d) for d in self.devices]}
 
     def put(self, tree):
         self.check()
