@@ -46,7 +46,7 @@ def main(argv):
     from tarragon_jax.config import ConfigError
     from tarragon_jax.serving.engine import Engine
     from tarragon_jax.serving.engine_loop import EngineLoop
-    from tarragon_jax.serving.server import HttpLimits, Server
+    from tarragon_jax.serving.server import AUTO, HttpLimits, Server
     try:
         engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config(), load_params=reload)
     except ConfigError as e:
@@ -57,8 +57,9 @@ def main(argv):
     name = FLAGS.served_model_name or (os.path.basename(os.path.normpath(ckpt)) if ckpt else FLAGS.model)
     limits = HttpLimits(FLAGS.max_body_bytes, FLAGS.header_timeout_s, FLAGS.body_timeout_s, FLAGS.health_timeout_s)
     server = Server(loop, FLAGS.host, FLAGS.port, tokenizer, FLAGS.allow_fault_injection, name,
-                    serving_flags.eos_ids(ckpt, tokenizer), FLAGS.max_unfinished_requests if
-                    FLAGS.max_unfinished_requests != 0 else None, template, limits)
+                    serving_flags.eos_ids(ckpt, tokenizer),
+                    {-1: AUTO, 0: None}.get(FLAGS.max_unfinished_requests, FLAGS.max_unfinished_requests),
+                    template, limits)
     stopped = threading.Event()
 
     def drain_then_stop() -> None:

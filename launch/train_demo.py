@@ -31,12 +31,6 @@ flags.DEFINE_float("lr", 3e-3, "Peak learning rate (warmup, then cosine decay)."
 flags.DEFINE_integer("seed", 0, "Initialization and batch order.")
 flags.DEFINE_string("load_json", None, "Write the per-expert load on held-out text here.")
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
-          "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-          "{% endif %}")
-
-
 def corpus() -> tuple[list[str], list[str]]:
     """(training texts, held-out texts): the pydoc topics in a fixed order, every 10th held out."""
     from pydoc_data import topics
@@ -46,10 +40,12 @@ def corpus() -> tuple[list[str], list[str]]:
 
 def train_tokenizer(texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tarragon_jax.model import byte_tokenizer
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=FLAGS.vocab_size, special_tokens=SPECIAL,
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=FLAGS.vocab_size,
+                                                       special_tokens=list(byte_tokenizer.SPECIAL),
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
 
@@ -62,26 +58,12 @@ def model_config():
 
 def expert_load(cfg, params, ids) -> list[list[float]]:
     """Per MoE layer, each expert's share of the (token, k) choices on these token ids."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
-    from tarragon_jax.model import layers
-    from tarragon_jax.model.router import route
-    attn, x = params["attn"], params["attn"]["embed"][ids]
-    pos = jnp.arange(len(ids))
-    causal = pos[None, :] <= pos[:, None]
+    from tarragon_jax.model import reference
     shares = []
-    for lp, experts in zip(attn["layers"], params["experts"]):       # every layer is MoE here
-        q, k, v = layers.qkv(lp, layers.rms_norm(x, lp["input_norm"], cfg.rms_eps), pos, cfg)
-        kT, vT = (jnp.broadcast_to(a[None], (len(ids),) + a.shape) for a in (k, v))
-        h = x + layers.attn_output(cfg, layers.gqa_attention(q, kT, vT, causal), lp["wo"])
-        hn = layers.rms_norm(h, lp["post_norm"], cfg.rms_eps)
-        chosen, w = route(hn, lp, cfg)
-        counts = np.bincount(np.asarray(chosen).ravel(), minlength=cfg.n_experts)
+    for chosen_Txk in reference.expert_choices(cfg, params, ids):
+        counts = np.bincount(np.asarray(chosen_Txk).ravel(), minlength=cfg.n_experts)
         shares.append((counts / counts.sum()).round(4).tolist())
-        gates = jnp.zeros((len(ids), cfg.n_experts), hn.dtype).at[jnp.arange(len(ids))[:, None], chosen].add(w)
-        y = jax.vmap(layers.swiglu, in_axes=(None, 0, 0, 0))(hn, experts["w_gate"], experts["w_up"], experts["w_down"])
-        x = h + jnp.einsum("te,etd->td", gates, y)
     return shares
 
 
@@ -91,7 +73,7 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from tarragon_jax.model import reference
+    from tarragon_jax.model import byte_tokenizer, reference
     from tarragon_jax.model.hf_loader import save_checkpoint
     from tarragon_jax.model.tiny import random_params
 
@@ -139,11 +121,8 @@ def main(argv):
     os.makedirs(FLAGS.out, exist_ok=True)
     save_checkpoint(cfg, jax.tree.map(np.asarray, params), FLAGS.out, dtype=np.float16)
     with open(os.path.join(FLAGS.out, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": [eot, tok.token_to_id("<|im_end|>")]}, f, indent=1)
-    tok.save(os.path.join(FLAGS.out, "tokenizer.json"))
-    with open(os.path.join(FLAGS.out, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None,
-                   "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
+        json.dump({"eos_token_id": [eot, tok.token_to_id(byte_tokenizer.EOS)]}, f, indent=1)
+    byte_tokenizer.save(FLAGS.out, tok)                     # with the same ChatML template
     if FLAGS.load_json:
         with open(FLAGS.load_json, "w") as f:
             json.dump({"text": "pydoc_data.topics, held-out topics, first 1024 tokens", "top_k": cfg.top_k,

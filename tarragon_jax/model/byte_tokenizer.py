@@ -40,11 +40,11 @@ def byte_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def save(path: str, vocab_size: int, chat_template: str = CHATML) -> None:
-    """Write tokenizer.json and tokenizer_config.json (with the chat template) as a Hugging Face
-    checkpoint has them."""
+def save(path: str, tokenizer: Tokenizer, chat_template: str = CHATML) -> None:
+    """Write tokenizer.json and tokenizer_config.json (with the chat template; ChatML's end of
+    turn as eos_token) as a Hugging Face checkpoint has them."""
     os.makedirs(path, exist_ok=True)
-    byte_tokenizer(vocab_size).save(os.path.join(path, "tokenizer.json"))
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": chat_template, "eos_token": EOS, "bos_token": None,
                    "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)

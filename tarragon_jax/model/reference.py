@@ -17,22 +17,34 @@ from tarragon_jax.model import layers
 from tarragon_jax.model.router import route
 
 
-def _dense_moe(cfg: ModelConfig, experts: dict, hn_TxD: jax.Array, lp: dict) -> jax.Array:
+def _dense_moe(cfg: ModelConfig, experts: dict, hn_TxD: jax.Array, lp: dict) -> tuple[jax.Array, jax.Array]:
+    """(the layer's MoE output [T, D], the router's choices [T, k])."""
     ids, w = route(hn_TxD, lp, cfg)
     gates_TxE = jnp.zeros((hn_TxD.shape[0], cfg.n_experts), hn_TxD.dtype)
     gates_TxE = gates_TxE.at[jnp.arange(hn_TxD.shape[0])[:, None], ids].add(w)
     y_ExTxD = jax.vmap(layers.swiglu, in_axes=(None, 0, 0, 0))(
         hn_TxD, experts["w_gate"], experts["w_up"], experts["w_down"])
-    return jnp.einsum("te,etd->td", gates_TxE, y_ExTxD)
+    return jnp.einsum("te,etd->td", gates_TxE, y_ExTxD), ids
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward(cfg: ModelConfig, params: dict, ids_T: jax.Array) -> jax.Array:
     """Logits [T, V] (f32) for a causal sequence of token ids [T]."""
+    return _forward(cfg, params, ids_T)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def expert_choices(cfg: ModelConfig, params: dict, ids_T: jax.Array) -> tuple:
+    """The router's top-k expert ids [T, k] of every MoE layer, on this sequence (expert load)."""
+    return _forward(cfg, params, ids_T)[1]
+
+
+def _forward(cfg: ModelConfig, params: dict, ids_T: jax.Array) -> tuple[jax.Array, tuple]:
     attn = params["attn"]
     T = ids_T.shape[0]
     pos = jnp.arange(T)
     x = attn["embed"][ids_T]
+    choices = []
     causal_TxT = pos[None, :] <= pos[:, None]
     for layer, lp in enumerate(attn["layers"]):
         q, k, v = layers.qkv(lp, layers.rms_norm(x, lp["input_norm"], cfg.rms_eps), pos, cfg)
@@ -44,12 +56,13 @@ def forward(cfg: ModelConfig, params: dict, ids_T: jax.Array) -> jax.Array:
         if moe_layer is None:                      # a dense layer
             x = h + layers.shared_expert(lp["mlp"], hn)
             continue
-        moe = _dense_moe(cfg, params["experts"][moe_layer], hn, lp)
+        moe, chosen_Txk = _dense_moe(cfg, params["experts"][moe_layer], hn, lp)
+        choices.append(chosen_Txk)
         if "shared" in lp:
             moe = moe + layers.shared_expert(lp["shared"], hn)
         x = h + moe
     x = layers.rms_norm(x, attn["final_norm"], cfg.rms_eps)
-    return (x @ attn["lm_head"]).astype(jnp.float32)
+    return (x @ attn["lm_head"]).astype(jnp.float32), tuple(choices)
 
 
 def greedy_generate(cfg: ModelConfig, params: dict, prompt: list[int], max_new_tokens: int) -> list[int]:

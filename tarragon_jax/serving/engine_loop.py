@@ -4,10 +4,8 @@ The engine is single-threaded by design (stage programs, schedulers, the control
 `EngineLoop` thread is its only caller: the front end hands it closures (`call`, or `call_async`
 from an asyncio handler) and gets each request's TokenEvents through a sink callback, which an
 async server turns into an asyncio queue with `call_soon_threadsafe`. Closures run between
-steps, so a check-then-act closure (admission, /fail) is atomic with respect to the engine.
-
-`beat` is the time the loop last came round (after a step or an idle wait): a loop stuck inside
-a step stops beating, which is what /health's probe looks for.
+steps, so a check-then-act closure (admission, /fail) is atomic with respect to the engine, and a
+closure that does not come back in time (`call_async`'s timeout) means a step is stuck.
 """
 from __future__ import annotations
 
@@ -15,7 +13,6 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-import time
 from typing import Callable
 
 from tarragon_jax.config import SamplingParams
@@ -31,8 +28,9 @@ class EngineStopped(RuntimeError):
     """The engine loop died (an engine error, or no healthy worker left); the server answers 503."""
 
 
-class Unavailable(RuntimeError):
-    """The server does not take the request now: overloaded (429) or draining (503)."""
+class Refused(RuntimeError):
+    """The server refuses the request with this HTTP status: overloaded (429), draining (503), too
+    large (413), too slow (408), fault injection off (403)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -52,7 +50,6 @@ class EngineLoop(threading.Thread):
         self._sinks: dict[int, Sink] = {}
         self._stopping = threading.Event()
         self.error: BaseException | None = None
-        self.beat = time.monotonic()
 
     # ---- the front end's side -----------------------------------------------------------------
     def _put(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
@@ -62,18 +59,16 @@ class EngineLoop(threading.Thread):
         self._inbox.put((fn, fut))
         return fut
 
-    def call(self, fn: Callable[[Engine], object], timeout_s: float | None = None):
-        """Run fn(engine) on the engine thread; its result, or its exception. TimeoutError past
-        timeout_s (the closure may still run later); EngineStopped if the loop dies meanwhile."""
-        fut, deadline = self._put(fn), None if timeout_s is None else time.monotonic() + timeout_s
+    def call(self, fn: Callable[[Engine], object]):
+        """Run fn(engine) on the engine thread; its result, or its exception (EngineStopped if the
+        loop dies meanwhile)."""
+        fut = self._put(fn)
         while True:                       # never wait on a loop that died after the put
             try:
-                return fut.result(timeout=0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic())))
+                return fut.result(timeout=0.5)
             except concurrent.futures.TimeoutError:
                 if self.error is not None or not self.is_alive():
                     raise EngineStopped(f"engine loop stopped: {self.error!r}") from None
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"the engine loop did not answer within {timeout_s} s") from None
 
     def post(self, fn: Callable[[Engine], object]) -> None:
         """Run fn(engine) on the engine thread, without waiting (e.g. cancel from a closing stream)."""
@@ -96,12 +91,12 @@ class EngineLoop(threading.Thread):
 
     def accept(self, prompt_ids, sampling: SamplingParams, sink: Sink, max_unfinished: int | None = None):
         """The closure that admits a request on the engine thread: RequestError if it is invalid
-        (a 400 even when full), Unavailable(429) past max_unfinished requests in flight (checked
+        (a 400 even when full), Refused(429) past max_unfinished requests in flight (checked
         here, so concurrent clients cannot overshoot); returns its id. Its events go to sink."""
         def accept(engine: Engine) -> int:
             engine.validate(prompt_ids, sampling)
             if max_unfinished is not None and engine.num_unfinished >= max_unfinished:
-                raise Unavailable(429, f"overloaded: {engine.num_unfinished} requests in flight "
+                raise Refused(429, f"overloaded: {engine.num_unfinished} requests in flight "
                                        f"(limit {max_unfinished}); retry later")
             rid = engine.submit(prompt_ids, sampling)
             self._sinks[rid] = sink
@@ -121,7 +116,6 @@ class EngineLoop(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self.beat = time.monotonic()
                 if not self.engine.has_work:
                     self._drain(block=True)
                     self.engine.idle()

@@ -48,7 +48,7 @@ from tarragon_jax.config import ConfigError, SamplingParams
 from tarragon_jax.errors import RequestError
 from tarragon_jax.serving import openai_api
 from tarragon_jax.serving.engine import Engine
-from tarragon_jax.serving.engine_loop import EngineLoop, EngineStopped, Unavailable
+from tarragon_jax.serving.engine_loop import EngineLoop, EngineStopped, Refused
 
 _SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}
 _FIELDS = _SAMPLING | {"prompt_ids", "prompt", "stream"}
@@ -62,12 +62,6 @@ class HttpLimits:
     body_timeout_s: float = 10.0
     health_timeout_s: float = 5.0     # /health's probe through the engine thread
     keep_alive_s: int = 5
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class _EngineDied(RuntimeError):
@@ -266,19 +260,19 @@ class Server:
         """The JSON body, within the size and time limits (413, 408), or 400 naming the problem."""
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > self.limits.max_body_bytes:
-            raise HttpError(413, f"request body of {size} bytes is over the limit of {self.limits.max_body_bytes}")
+            raise Refused(413, f"request body of {size} bytes is over the limit of {self.limits.max_body_bytes}")
 
         async def read() -> bytes:
             data = bytearray()
             async for chunk in request.stream():
                 data += chunk
                 if len(data) > self.limits.max_body_bytes:
-                    raise HttpError(413, f"request body is over the limit of {self.limits.max_body_bytes} bytes")
+                    raise Refused(413, f"request body is over the limit of {self.limits.max_body_bytes} bytes")
             return bytes(data)
         try:
             data = await asyncio.wait_for(read(), self.limits.body_timeout_s)
         except asyncio.TimeoutError:
-            raise HttpError(408, f"request body not complete within {self.limits.body_timeout_s} s") from None
+            raise Refused(408, f"request body not complete within {self.limits.body_timeout_s} s") from None
         try:
             return json.loads(data or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -286,7 +280,7 @@ class Server:
 
     async def submit(self, prompt_ids, sampling: SamplingParams) -> tuple[int, _Stream]:
         if self.draining:
-            raise Unavailable(503, "the server is draining (shutting down): no new requests")
+            raise Refused(503, "the server is draining (shutting down): no new requests")
         stream = _Stream()
         try:
             rid = await self.loop.call_async(self.loop.accept(prompt_ids, sampling, stream.sink, self.max_unfinished))
@@ -360,16 +354,12 @@ def _sse(obj) -> str:
 def _app(s: Server) -> fastapi.FastAPI:
     app = fastapi.FastAPI(title="tarragon_jax", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(HttpError)
-    async def _http_error(_, e: HttpError):
-        return _error(e.status, str(e))
-
     @app.exception_handler(ValueError)           # RequestError, parse errors, template rejections
     async def _bad_request(_, e: ValueError):
         return _error(400, str(e))
 
-    @app.exception_handler(Unavailable)
-    async def _unavailable(_, e: Unavailable):
+    @app.exception_handler(Refused)
+    async def _refused(_, e: Refused):
         return _error(e.status, str(e))
 
     @app.exception_handler(EngineStopped)
@@ -410,7 +400,7 @@ def _app(s: Server) -> fastapi.FastAPI:
     @app.post("/fail")
     async def _fail(request: fastapi.Request):
         if not s.allow_faults:
-            raise HttpError(403, "fault injection is off (serve with --allow_fault_injection)")
+            raise Refused(403, "fault injection is off (serve with --allow_fault_injection)")
         body = await s.body(request)
         name = body.get("worker") if isinstance(body, dict) else None
         return {"killed": await s.loop.call_async(fail_worker(name))}

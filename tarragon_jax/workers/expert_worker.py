@@ -58,6 +58,7 @@ class ExpertWorker:
                 for layer in range(len(self.weights)):
                     self.run_layer(layer, bufs)
         self._rows = self.handle.put(np.int32(0))    # warm-up rows are no load
+
     def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> None:
         """Load experts from host memory into new slots appended after the existing ones (no
         replica left elsewhere). The stack grows once, so this layer's program recompiles once."""
