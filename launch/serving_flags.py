@@ -33,6 +33,8 @@ flags.DEFINE_integer("max_running", 64, "Requests in the running batch of one AW
 flags.DEFINE_enum("runtime", "local", ["local", "ray"],
                   "local: every worker is a device subset of this process; ray: each EW is its own process "
                   "(a Ray actor; failures are real process deaths).")
+flags.DEFINE_string("ray_address", None, "With --runtime ray: join this Ray cluster (e.g. 'auto' on a node where "
+                    "`ray start` ran, or ray://head:10001); unset: start Ray on this machine.")
 flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart", "restart_regenerate"],
                   "tarragon: mask failures (shadows, replay, KV restore); restart: rebuild everything and "
                   "re-prefill every request's prompt and sent tokens; restart_regenerate: rebuild and regenerate "
@@ -143,7 +145,7 @@ def engine_config(**overrides):
     kw = dict(num_attention_workers=FLAGS.num_attention_workers, num_expert_workers=FLAGS.num_expert_workers,
               expert_backend=FLAGS.expert_backend, attention_backend=FLAGS.attention_backend,
               prefill_chunk=FLAGS.prefill_chunk, max_running=FLAGS.max_running,
-              max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, recovery=FLAGS.recovery,
+              max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, ray_address=FLAGS.ray_address, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
               snapshot_flush_s=FLAGS.snapshot_flush_s, snapshot_interval_s=FLAGS.snapshot_interval_s,
               snapshot_memory_tier=FLAGS.snapshot_memory_tier,

@@ -153,6 +153,8 @@ class EngineConfig:
     transfer_deadline_s: float = 30.0  # bounded wait on every cross-worker transfer
     dtype: str = "float32"             # activation/param dtype on device
     runtime: str = "local"             # local: workers are device subsets of this process; ray: EWs are processes
+    ray_address: str | None = None     # ray: join this Ray cluster ("auto", "ray://host:10001", "host:6379");
+                                       # None: start one on this machine (or use the one ray.init made)
     recovery: str = "tarragon"         # tarragon: mask failures; restart: tear everything down and
                                        # re-prefill every request (baseline); restart_regenerate: the
                                        # same, but regenerating the sent tokens one step at a time
@@ -194,6 +196,8 @@ class EngineConfig:
         _require(self.transfer_deadline_s > 0,
                  f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
         _require(self.runtime in RUNTIMES, f"unknown runtime {self.runtime!r}; choose from {RUNTIMES}")
+        _require(self.ray_address is None or self.runtime == "ray",
+                 f"ray_address={self.ray_address!r} needs runtime='ray', got runtime={self.runtime!r}")
         _require(self.recovery in RECOVERIES, f"unknown recovery {self.recovery!r}; choose from {RECOVERIES}")
         _require(self.precompile in PRECOMPILES,
                  f"unknown precompile {self.precompile!r}; choose from {PRECOMPILES}")

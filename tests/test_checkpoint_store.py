@@ -298,3 +298,33 @@ def test_a_request_finished_within_the_window_is_never_written(tmp_path, memory_
         s.drop(3)
         s.wait()
         assert s.stats["save_n"] == 1                     # nothing left to write: no Orbax save
+
+
+class _SlowCopy:
+    """Blocks whose device->host copy lands only when `landed` is set (a copy in flight)."""
+
+    def __init__(self, a: np.ndarray, landed):
+        self.a, self.landed, self.shape, self.dtype = a, landed, a.shape, a.dtype
+
+    def block_until_ready(self):
+        self.landed.wait(30)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.a
+
+
+def test_abandon_loses_only_what_had_not_landed(store):
+    import threading
+    landed = threading.Event()
+    kept, in_flight, queued = rand_blocks(1, 1), rand_blocks(1, 2), rand_blocks(1, 3)
+    store.snapshot(0, refs(3, [0]), kept)
+    store.wait()                                                   # landed and committed
+    store.snapshot(0, refs(3, [1]), _SlowCopy(in_flight, landed))  # the writer waits for this copy
+    time.sleep(0.2)
+    store.snapshot(0, refs(3, [2]), queued)                        # queued behind it
+    store.snapshot(1, refs(4, [0]), queued)                        # another AW's
+    store.abandon(0)                                               # aw0 dies
+    landed.set()
+    store.wait()
+    assert store.committed_blocks(3) == 1 and np.array_equal(store.restore(3)[0], kept[0])
+    assert store.committed_blocks(4) == 1                          # aw1's snapshots are not aw0's

@@ -14,7 +14,7 @@ from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
-from tarragon_jax.workers.ray_runtime import RemoteHandle
+from tarragon_jax.workers.ray_runtime import RemoteHandle, connect
 
 PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32]]
 
@@ -145,3 +145,63 @@ def test_fail_endpoint_kills_an_ew_process_and_guards_the_last_aw(model):
         server.shutdown()
         loop.stop()
         eng.close()
+
+
+def test_store_process_holds_what_was_committed(model, tmp_path):
+    """The checkpoint store's own process: blocks round-trip bit-exact through it, it is not
+    this process, and a restore of something it never had is SnapshotMissing, as locally."""
+    import numpy as np
+
+    from tarragon_jax.kv.checkpoint_store import BlockRef, SnapshotMissing
+    from tarragon_jax.kv.remote_store import RemoteCheckpointStore
+    connect()
+    store = RemoteCheckpointStore(str(tmp_path / "kv"), memory_tier=True, flush_interval_s=None, deadline_s=30)
+    try:
+        x = np.random.default_rng(5).standard_normal((3, 2, 2, 4, 2, 8), dtype=np.float32)
+        store.snapshot(0, [BlockRef(9, b) for b in range(3)], x)
+        store.wait()
+        assert store.identity()["pid"] != os.getpid() and store.committed_blocks(9) == 3
+        assert np.array_equal(store.restore(9), x)
+        store.drop_memory_tier()
+        assert np.array_equal(store.restore(9, 2), x[:2])               # from its Orbax files
+        store.drop(9)
+        with pytest.raises(SnapshotMissing, match="request 9"):
+            store.restore(9)
+        assert store.errors == []
+    finally:
+        store.close()
+
+
+def _fail_aw_midway(eng, kill_store: bool):
+    ids = [eng.submit(p, SamplingParams(max_new_tokens=10)) for p in PROMPTS]
+    start = eng.step_index
+    while eng.has_work:
+        if eng.step_index == start + 8:
+            if kill_store:
+                os.kill(eng.controller.processes()["store"]["pid"], 9)
+            eng.controller.kill("aw0")
+        eng.step()
+    return [eng.requests[i].output for i in ids]
+
+
+def test_moved_requests_restore_from_the_store_process(model):
+    """An AW fails: its requests' committed blocks come from the store's process (not this one,
+    not an EW's) on the AW that takes them, and the tokens are the reference's."""
+    cfg, params, want = model
+    eng = _engine(cfg, params, [], snapshot_interval_s=0.0)
+    where = eng.controller.processes()["store"]
+    assert where["pid"] not in {os.getpid()} | {ew.pid for ew in eng.ews}
+    assert _fail_aw_midway(eng, kill_store=False) == want
+    assert eng.aws[1].restored.blocks > 0 and eng.aws[1].restored.fallbacks == 0
+    eng.close()
+
+
+def test_a_dead_store_process_costs_a_recompute_not_a_token(model):
+    """The store's process is SIGKILLed, then an AW fails: nothing can be restored, so the moved
+    requests recompute from their tokens, which stay the reference's."""
+    cfg, params, want = model
+    eng = _engine(cfg, params, [], snapshot_interval_s=0.0)
+    assert _fail_aw_midway(eng, kill_store=True) == want
+    assert eng.aws[1].restored.requests > 0 and eng.aws[1].restored.blocks == 0
+    assert eng.aws[1].restored.fallbacks == eng.aws[1].restored.requests
+    eng.close()

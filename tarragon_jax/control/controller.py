@@ -27,7 +27,6 @@ from tarragon_jax.control.health import HealthMonitor
 from tarragon_jax.control.placement import Placement, place
 from tarragon_jax.control.recovery import plan_aw_failure, plan_expert_routing
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.kv.checkpoint_store import CheckpointStore
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
 from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
@@ -77,16 +76,14 @@ class Controller:
         self._jobs: list[tuple[concurrent.futures.Future, Callable, RecoveryRecord]] = []
         self._last_heartbeat = self.clock()
         self.runtime = (RayRuntime(self.devices, self.params["experts"], cfg.transfer_deadline_s,
-                                   jax.config.jax_compilation_cache_dir)
+                                   jax.config.jax_compilation_cache_dir, cfg.ray_address, cfg.num_expert_workers)
                         if cfg.runtime == "ray" else LocalRuntime(self.devices))
         aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
         budget = cfg.shadow_budget if cfg.resilience else 0.0
         self.placement: Placement = place(self.model.n_moe_layers, self.model.n_experts, cfg.num_expert_workers, budget)
         self.ert: RoutingTable = self.placement.ert
         self.transport = Transport(cfg.transfer_deadline_s)
-        self.store = (CheckpointStore(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,
-                                      flush_interval_s=cfg.snapshot_flush_s)
-                      if cfg.resilience else None)
+        self.store = self.runtime.checkpoint_store(cfg) if cfg.resilience else None
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
         self.precompile_s = None if cfg.precompile == "none" or not precompile else self._precompile()
@@ -133,8 +130,12 @@ class Controller:
         self.health.killed(name, f"hung for {seconds:g} s")
 
     def processes(self) -> dict[str, dict]:
-        """Every worker's pid, node and devices, by name (/health shows them)."""
-        return {w.handle.name: w.handle.identity() for w in self.aws + self.ews}
+        """Every worker's pid, node and devices, by name (/health shows them), and the checkpoint
+        store's where it is a process of its own (--runtime ray)."""
+        out = {w.handle.name: w.handle.identity() for w in self.aws + self.ews}
+        if hasattr(self.store, "identity"):
+            out["store"] = self.store.identity()
+        return out
 
     def failed(self, name: str, reason: str, source: str) -> RecoveryRecord | None:
         """A datapath call or heartbeat found `name` dead. Returns the record of a new failure."""

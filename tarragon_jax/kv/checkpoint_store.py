@@ -77,10 +77,19 @@ class _Job:
     refs: list[BlockRef]
     blocks: Any           # jax.Array (host copy in flight) or np.ndarray, [n, L, parts, ps, kv, hd]
     epochs: list[int]     # per ref: the request's drop epoch when enqueued (stale -> not committed)
+    life: int = 0         # the sending AW's life (abandon() ends it): a dead AW's copy never lands
     host: list = dataclasses.field(default_factory=list)   # (ref, block, crc, epoch) once ingested
 
 
 _FLUSH = object()          # queue token: wait()/close() want the current window written now
+
+
+def check_snapshot(refs: list[BlockRef], shape: tuple) -> None:
+    """ValueError for a snapshot() whose blocks cannot be these refs' (any store's contract)."""
+    if len(shape) != 6 or shape[0] < len(refs) or shape[2] not in (1, 2):
+        raise ValueError(f"blocks must be [n>={len(refs)}, L, parts (2: K and V; 1: a latent), page_size, kv, hd], got {shape}")
+    if len(set(refs)) != len(refs):
+        raise ValueError(f"duplicate BlockRefs in one snapshot: {refs}")
 
 
 def _crc(a: np.ndarray) -> int:
@@ -145,6 +154,7 @@ class CheckpointStore:
         self._memory: dict[tuple[int, int], np.ndarray] = {}
         self._live: dict[str, int] = {}             # checkpoint path -> committed entries in it
         self._epoch: dict[int, int] = {}            # request -> times dropped (while jobs in flight)
+        self._life: dict[int, int] = {}             # AW -> times abandoned (its failures)
         self._pending = 0
         self._seq = self._first_seq()
         self._errors: list[str] = []
@@ -163,10 +173,7 @@ class CheckpointStore:
         on the host, so the device never runs a per-count slice program)."""
         t0 = self._clock()
         shape = tuple(blocks.shape)
-        if len(shape) != 6 or shape[0] < len(refs) or shape[2] not in (1, 2):
-            raise ValueError(f"blocks must be [n>={len(refs)}, L, parts (2: K and V; 1: a latent), page_size, kv, hd], got {shape}")
-        if len(set(refs)) != len(refs):
-            raise ValueError(f"duplicate BlockRefs in one snapshot: {refs}")
+        check_snapshot(refs, shape)
         if not refs:
             return
         if hasattr(blocks, "copy_to_host_async"):
@@ -176,7 +183,8 @@ class CheckpointStore:
                 raise RuntimeError("snapshot() on a closed CheckpointStore")
             seq, self._seq = self._seq, self._seq + 1
             self._pending += 1
-            job = _Job(seq, aw, list(refs), blocks, [self._epoch.get(r.request_id, 0) for r in refs])
+            job = _Job(seq, aw, list(refs), blocks, [self._epoch.get(r.request_id, 0) for r in refs],
+                       self._life.get(aw, 0))
             self._n_snapshots += 1
             self._n_blocks += len(refs)
             self._n_bytes += len(refs) * int(np.prod(shape[1:])) * np.dtype(blocks.dtype).itemsize
@@ -247,6 +255,12 @@ class CheckpointStore:
             self._pending += len(dead)
         for p in dead:
             self._queue.put(p)                       # str job: delete that checkpoint directory
+
+    def abandon(self, aw: int) -> None:
+        """AW `aw` died: its snapshots whose host copy has not landed yet never will (they were
+        reads of its device memory), so they do not commit. What was ingested stays committed."""
+        with self._lock:
+            self._life[aw] = self._life.get(aw, 0) + 1
 
     def drop_memory_tier(self) -> None:
         """Forget the host copies (tests, or under host memory pressure): restores read disk."""
@@ -397,6 +411,11 @@ class CheckpointStore:
         store's host memory is the paper's DRAM bucket), the Orbax write follows per window."""
         if hasattr(job.blocks, "block_until_ready"):
             job.blocks.block_until_ready()           # waits with the GIL released (np.array would hold it)
+        with self._lock:
+            lost = job.life != self._life.get(job.aw, 0)
+        if lost:                                     # its AW died before the copy landed
+            job.blocks, job.host = None, []
+            return
         host = np.array(job.blocks)[:len(job.refs)]  # the async host copy; owns its memory
         job.blocks = None
         job.host = []

@@ -250,7 +250,10 @@ class AttentionWorker:
         return [s for s in list(self.scheduler.waiting) + self.scheduler.running if s.state is not SeqState.FINISHED]
 
     def kill(self) -> None:
-        """Fail-stop: params and KV pages are deleted; every later call raises WorkerFailed."""
+        """Fail-stop: params and KV pages are deleted; every later call raises WorkerFailed.
+        Snapshots still reading its memory are lost with it (what the store holds stays)."""
         self.handle.alive = False
+        if self.store is not None:
+            self.store.abandon(self.index)
         for a in jax.tree.leaves((self.params, self.pages, self._dev, self._zeros)):
             a.delete()

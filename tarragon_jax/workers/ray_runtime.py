@@ -1,5 +1,7 @@
-"""Ray runtime: every expert worker is its own OS process (a Ray actor); attention workers stay
-local device subsets of the driver (their KV pages live on its devices).
+"""Ray runtime: every expert worker is its own OS process (a Ray actor), and so is the checkpoint
+store (kv/remote_store.py); attention workers stay local device subsets of the driver (their KV
+pages live on its devices). Actors spread over the nodes of the Ray cluster, this machine's or
+one joined by address, each EW on an accelerator of its own where the cluster has them.
 
 Why: with the local runtime a "failure" is simulated inside one process. Here an EW failure is
 what the paper means: the process dies (fault injection sends it SIGKILL), nobody tells the
@@ -24,7 +26,9 @@ import warnings
 
 import numpy as np
 
+from tarragon_jax.config import EngineConfig
 from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.kv.remote_store import RemoteCheckpointStore, where
 from tarragon_jax.workers.runtime import LocalRuntime, WorkerHandle, use_compile_cache
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,9 +49,9 @@ class ExpertActor:
         self.ew = ExpertWorker(index, WorkerHandle(f"ew{index}", (jax.devices()[0],)), primaries, shadows,
                                experts, backend, dtype, top_k)
 
-    def info(self) -> tuple[int, str, str, str]:
-        import ray
-        return os.getpid(), self.ew.handle.devices[0].platform, self.ew.backend, ray.util.get_node_ip_address()
+    def info(self) -> dict:
+        return {**where(), "platform": self.ew.handle.devices[0].platform, "backend": self.ew.backend,
+                "devices": [f"{self.ew.handle.devices[0]} (ray actor)"]}
 
     def ping(self) -> bool:
         return self.ew.handle.probe()
@@ -139,10 +143,11 @@ class RemoteExpertWorker:
         self.index, self.handle = index, handle
         self.slots = [list(p) + list(s) for p, s in zip(primaries, shadows)]
         self.n_primary = [len(p) for p in primaries]
-        self.actor = handle.actor = runtime.actor_class.remote(
+        self.actor = handle.actor = runtime.actor_class.options(**runtime.actor_options()).remote(
             index, primaries, shadows, runtime.experts_ref, backend, dtype, top_k, runtime.compile_cache_dir)
-        self.pid, self.platform, self.backend, node = handle.get(self.actor.info.remote(), STARTUP_DEADLINE_S)
-        handle.where = {"pid": self.pid, "node": node, "devices": [f"{self.platform} (ray actor)"]}
+        info = handle.get(self.actor.info.remote(), STARTUP_DEADLINE_S)
+        self.pid, self.platform, self.backend = info.pop("pid"), info.pop("platform"), info.pop("backend")
+        handle.where = {"pid": self.pid, **info}
         self.programs = RemotePrograms()
 
     def run_layer(self, layer: int, bufs: list):
@@ -181,26 +186,44 @@ class RemoteExpertWorker:
             pass
 
 
+def connect(address: str | None = None, object_store_bytes: int = 0) -> None:
+    """Join the Ray cluster at `address` (started with `ray start`), or start one on this machine;
+    nothing when this process is connected already. Workers import this package: on a cluster of
+    several hosts it must be installed on each (pip install); PYTHONPATH covers one machine."""
+    import ray
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)}}
+    with warnings.catch_warnings():      # Ray forks only to exec its daemons at once
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+        if address:
+            ray.init(address=address, log_to_driver=False, runtime_env=env)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     object_store_memory=object_store_bytes + (128 << 20), runtime_env=env)
+
+
 class RayRuntime(LocalRuntime):
-    """AWs on the driver's devices (LocalRuntime); EWs as Ray actors on this machine's Ray
-    cluster (started here unless the caller already connected one)."""
+    """AWs on the driver's devices (LocalRuntime); EWs and the checkpoint store as Ray actors,
+    spread over the nodes of the Ray cluster (this machine's unless `address` names another)."""
 
     def __init__(self, devices: list | None, experts: list[dict], deadline_s: float,
-                 compile_cache_dir: str | None = None):
+                 compile_cache_dir: str | None = None, address: str | None = None, num_ews: int = 1):
         import ray
         super().__init__(devices)
-        if not ray.is_initialized():
-            weights = sum(a.nbytes for layer in experts for a in layer.values())
-            with warnings.catch_warnings():      # Ray forks only to exec its daemons at once
-                warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         object_store_memory=weights + (128 << 20),
-                         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                             p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)}})
+        connect(address, sum(a.nbytes for layer in experts for a in layer.values()))
         self.actor_class = ray.remote(num_cpus=0, max_restarts=0)(ExpertActor)
         self.experts_ref = ray.put(experts)
-        self.deadline_s, self.compile_cache_dir = deadline_s, compile_cache_dir
+        self.deadline_s, self.compile_cache_dir, self.num_ews = deadline_s, compile_cache_dir, num_ews
         self._actors: list = []
+
+    def actor_options(self) -> dict:
+        """Where an EW process goes: spread over the cluster's nodes, each on an accelerator of
+        its own when the cluster has one per EW (shared ones when fewer; Ray sets each process's
+        CUDA_VISIBLE_DEVICES), else on CPU devices."""
+        import ray
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return {"scheduling_strategy": "SPREAD", "num_gpus": min(1.0, gpus / self.num_ews) if gpus else 0}
 
     def workers(self, num_aws: int, num_ews: int) -> tuple[list[WorkerHandle], list[RemoteHandle]]:
         aws, _ = super().workers(num_aws, 0)
@@ -210,6 +233,12 @@ class RayRuntime(LocalRuntime):
         if isinstance(failed, RemoteHandle):
             return self._remote(failed.name)           # a new process
         return super().replacement(failed)
+
+    def checkpoint_store(self, cfg: EngineConfig) -> RemoteCheckpointStore:
+        """The KV snapshot store in its own process: committed blocks outlive any AW."""
+        return RemoteCheckpointStore(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,
+                                     flush_interval_s=cfg.snapshot_flush_s, deadline_s=self.deadline_s,
+                                     options={"scheduling_strategy": "SPREAD"})
 
     def _remote(self, name: str) -> RemoteHandle:
         handle = RemoteHandle(name, self.deadline_s)

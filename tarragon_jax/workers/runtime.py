@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tarragon_jax.config import EngineConfig
 from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.kv.checkpoint_store import CheckpointStore
 
 try:    # the call jax.device_put makes for same-layout copies, without ~50 us of Python per array
     from jax._src.lib import xla_client as _xc
@@ -109,6 +111,11 @@ class LocalRuntime:
         aws = [WorkerHandle(f"aw{i}", self._pick()) for i in range(num_aws)]
         ews = [WorkerHandle(f"ew{j}", self._pick()) for j in range(num_ews)]
         return aws, ews
+
+    def checkpoint_store(self, cfg: EngineConfig) -> CheckpointStore:
+        """The KV snapshot store, in this process (memory tier and Orbax writer thread)."""
+        return CheckpointStore(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,
+                               flush_interval_s=cfg.snapshot_flush_s)
 
     def close(self) -> None:
         """Nothing to stop: local workers are buffers of this process (see RayRuntime)."""
