@@ -252,42 +252,51 @@ def overhead(cfg, params, reload) -> dict:
 
 def restore_vs_reprefill(cfg, params, reload) -> list[dict]:
     """One request decoded to length L: its next token after its AW dies (restored on another
-    AW), vs on a fresh engine that re-prefills the prompt and the L sent tokens in chunked passes
-    (what a restart does for it, teardown and reload not counted). Second of two passes."""
+    AW, from the store's memory tier, or with the tier off from its Orbax files; under --runtime
+    ray the store is its own process), vs on a fresh engine that re-prefills the prompt and the
+    L sent tokens in chunked passes (what a restart does for it, teardown and reload not
+    counted). Second of two passes each. `read_s`: of the restore, reading the snapshots and
+    writing them into pages."""
     import numpy as np
     from tarragon_jax.config import SamplingParams
     prompt = np.random.default_rng(FLAGS.seed + 2).integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist()
+    tiers = {"memory": {}, "disk": dict(snapshot_memory_tier=False, snapshot_flush_s=FLAGS.disk_flush_s)}
     out = []
     for L in map(int, FLAGS.restore_lengths):
         if FLAGS.prompt_len + L + 2 > cfg.max_position:
             continue
+        row = {"decoded": L}
+        for tier, overrides in tiers.items():
+            for _ in range(2):
+                eng = _engine(cfg, params, reload, **overrides)
+                rid = eng.submit(prompt, SamplingParams(max_new_tokens=L + 2))
+                while len(eng.requests[rid].output) < L:
+                    eng.step()
+                sent = list(eng.requests[rid].output)
+                eng.controller.store.wait()
+                victim = next(a for a in eng.aws if a.scheduler.running)
+                eng.controller.kill(victim.handle.name)
+                t0 = time.perf_counter()
+                while len(eng.requests[rid].output) < L + 1:
+                    eng.step()
+                restore = time.perf_counter() - t0
+                moved_to = next(a for a in eng.aws if a.restored.requests)
+                row[tier] = {"restore_s": restore, "read_s": moved_to.restored.seconds,
+                             "token": eng.requests[rid].output[L], "blocks_restored": moved_to.restored.blocks,
+                             "tokens_recomputed": moved_to.restored.tokens_recomputed}
+                eng.close()
         for _ in range(2):
-            eng = _engine(cfg, params, reload)
-            rid = eng.submit(prompt, SamplingParams(max_new_tokens=L + 2))
-            while len(eng.requests[rid].output) < L:
-                eng.step()
-            sent = list(eng.requests[rid].output)
-            eng.controller.store.wait()
-            victim = next(a for a in eng.aws if a.scheduler.running)
-            eng.controller.kill(victim.handle.name)
-            t0 = time.perf_counter()
-            while len(eng.requests[rid].output) < L + 1:
-                eng.step()
-            restore = time.perf_counter() - t0
-            restored_token = eng.requests[rid].output[L]
-            moved_to = next(a for a in eng.aws if a.restored.requests)
-            eng.close()
             eng = _engine(cfg, params, reload)
             t0 = time.perf_counter()
             rid = eng.submit(prompt + sent, SamplingParams(max_new_tokens=1))
             while not eng.requests[rid].output:
                 eng.step()
-            reprefill = time.perf_counter() - t0
-            same = eng.requests[rid].output[0] == restored_token
+            row["reprefill_s"] = time.perf_counter() - t0
+            token = eng.requests[rid].output[0]
             eng.close()
-        out.append({"decoded": L, "restore_s": restore, "reprefill_s": reprefill, "ratio": reprefill / restore,
-                    "same_token": same, "blocks_restored": moved_to.restored.blocks,
-                    "tokens_recomputed": moved_to.restored.tokens_recomputed})
+        row["same_token"] = all(row[t].pop("token") == token for t in tiers)
+        row.update(restore_s=row["memory"]["restore_s"], ratio=row["reprefill_s"] / row["memory"]["restore_s"])
+        out.append(row)
     return out
 
 
@@ -346,9 +355,12 @@ def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
     print(f"no-failure overhead (throughput resilience off/on, median of {FLAGS.overhead_repeats} ABBA pairs): "
           f"{over['ratio']:.4f} (per pair {', '.join(f'{x:.3f}' for x in over['ratios'])}); in tokens per CPU "
           f"second of this process: {over['cpu_ratio']:.4f} (per pair {', '.join(f'{x:.3f}' for x in over['cpu_ratios'])})")
-    print("restore vs re-prefill: " + "; ".join(
-        f"L={x['decoded']}: restore {x['restore_s'] * 1e3:.1f} ms, re-prefill {x['reprefill_s'] * 1e3:.1f} ms "
-        f"(x{x['ratio']:.1f})" for x in rvr))
+    print("restore (the next token after the AW died; in brackets reading the snapshots into pages) vs "
+          "re-prefill: " + "; ".join(
+              f"L={x['decoded']}: from the store's memory {x['memory']['restore_s'] * 1e3:.1f} ms "
+              f"[{x['memory']['read_s'] * 1e3:.1f}], from its files {x['disk']['restore_s'] * 1e3:.1f} ms "
+              f"[{x['disk']['read_s'] * 1e3:.1f}], re-prefill {x['reprefill_s'] * 1e3:.1f} ms (x{x['ratio']:.1f})"
+              for x in rvr))
 
 
 def main(argv):

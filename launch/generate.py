@@ -6,6 +6,7 @@ injects worker failures (e.g. `--fail ew:2@step=10 --fail aw:0@step=20`); output
 """
 from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +30,8 @@ flags.DEFINE_multi_string("fail", None, "Inject a failure: ew:2@step=40, aw:0@st
                           "aw:1@prefill, ew:3@recovery. Repeatable.")
 flags.DEFINE_bool("warmup", False, "Serve the prompts once untimed first (compiles), then time a second run.")
 flags.DEFINE_bool("json", False, 'One JSON line per prompt: {"prompt_ids": [...], "output_ids": [...]} (and '
-                  '"prompt", "text" where the model has a tokenizer).')
+                  '"prompt", "text" where the model has a tokenizer); on stderr, a {"recovery": {...}} line '
+                  'per failure, with the failed worker\'s pid and node.')
 
 
 def collect_prompts(ckpt, tokenizer, vocab_size: int) -> list[list[int]]:
@@ -99,8 +101,8 @@ def main(argv):
           f"{engine.ews[0].platform}, runtime {FLAGS.runtime})", file=sys.stderr)
     if engine.controller.precompile_s is not None:
         print(f"precompiled ({FLAGS.precompile}) in {engine.controller.precompile_s:.1f} s", file=sys.stderr)
-    for rec in engine.controller.records:
-        print(f"failure {rec}", file=sys.stderr)
+    for rec in engine.controller.records:     # with --json a JSON line each (the failed worker's pid and node)
+        print(json.dumps({"recovery": dataclasses.asdict(rec)}) if FLAGS.json else f"failure {rec}", file=sys.stderr)
     engine.close()
 
 

@@ -37,4 +37,5 @@ def test_failover_bench_smoke(tmp_path):
     assert by["ew_failure", "restart"]["breakdown"]["restart_s"] > 0
     assert isinstance(d["no_failure_overhead"], float) and d["restore_vs_reprefill"][0]["decoded"] == 20
     assert d["restore_vs_reprefill"][0]["same_token"]
+    assert all(d["restore_vs_reprefill"][0][tier]["blocks_restored"] > 0 for tier in ("memory", "disk"))
     assert png.stat().st_size > 1000 and "restart/tarragon" in r.stdout

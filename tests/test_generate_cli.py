@@ -54,7 +54,9 @@ def test_fault_flags_keep_outputs_and_report_recoveries():
     failed = _run(*args, "--fail", "ew:1@step=3", "--fail", "aw:0@step=5")
     assert clean.returncode == 0 and failed.returncode == 0, failed.stderr
     assert failed.stdout == clean.stdout
-    assert "failure RecoveryRecord(worker='ew1'" in failed.stderr and "worker='aw0'" in failed.stderr
+    recs = [json.loads(l)["recovery"] for l in failed.stderr.splitlines() if l.startswith('{"recovery"')]
+    assert [r["worker"] for r in recs] == ["ew1", "aw0"]
+    assert all(r["process"]["pid"] > 0 and r["process"]["node"] for r in recs)      # where it ran
     bad = _run(*args, "--fail", "ew:9@step=3")
     assert bad.returncode != 0 and "targets ew9, but there are only 4 expert workers" in bad.stderr
 

@@ -1,0 +1,57 @@
+"""Many nodes: a Ray cluster of three nodes on this machine (ray.cluster_utils, the way Ray tests
+itself), joined by address. The EWs and the checkpoint store spread over the nodes; a whole
+node is then taken away (its raylet and every process on it killed) while requests decode, and
+every token is still the dense reference's."""
+import os
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
+from tarragon_jax.model import reference
+from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
+
+PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32]]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.shutdown()                      # another module's local Ray instance
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 96 << 20})
+    nodes = [c.add_node(num_cpus=1, object_store_memory=96 << 20) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_workers_spread_over_nodes_and_a_lost_node_changes_no_token(cluster):
+    c, nodes = cluster
+    cfg, params = tiny_model("mixtral", seed=11, max_position=64)
+    want = [reference.greedy_generate(cfg, params, p, 10) for p in PROMPTS]
+    eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=3, runtime="ray",
+                                           ray_address=c.address, prefill_chunk=4, max_step_tokens=16,
+                                           max_running=4, snapshot_interval_s=0.0),
+                 CacheConfig(page_size=4, num_pages=64))
+    procs = eng.controller.processes()
+    ew_nodes = {procs[f"ew{j}"]["node_id"] for j in range(3)}
+    assert len(ew_nodes | {procs["store"]["node_id"]}) >= 2           # spread, not all on one node
+    assert ray.get_runtime_context().get_node_id() not in {n.node_id for n in nodes}   # the driver is on the head
+    # the worker node that hosts an EW (the store's node if it must)
+    victim = max(nodes, key=lambda n: (sum(procs[f"ew{j}"]["node_id"] == n.node_id for j in range(3)),
+                                       procs["store"]["node_id"] != n.node_id))
+    lost = {f"ew{j}" for j in range(3) if procs[f"ew{j}"]["node_id"] == victim.node_id}
+    assert lost and len(lost) < 3
+    ids = [eng.submit(p, SamplingParams(max_new_tokens=10)) for p in PROMPTS]
+    start = eng.step_index
+    while eng.has_work:
+        if eng.step_index == start + 6:
+            c.remove_node(victim, allow_graceful=False)              # the host is gone
+        eng.step()
+    assert [eng.requests[i].output for i in ids] == want
+    assert {r.worker for r in eng.controller.records} == lost
+    assert all(r.process["node_id"] == victim.node_id for r in eng.controller.records)
+    eng.close()
+    assert os.getpid() == procs["aw0"]["pid"]
