@@ -3,6 +3,7 @@ itself), joined by address. The EWs and the checkpoint store spread over the nod
 node is then taken away (its raylet and every process on it killed) while requests decode, and
 every token is still the dense reference's."""
 import os
+import time
 
 import pytest
 import ray
@@ -14,6 +15,14 @@ from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
 
 PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32]]
+
+
+def _dead(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +45,27 @@ def test_workers_spread_over_nodes_and_a_lost_node_changes_no_token(cluster):
                                            max_running=4, snapshot_interval_s=0.0),
                  CacheConfig(page_size=4, num_pages=64))
     procs = eng.controller.processes()
-    ew_nodes = {procs[f"ew{j}"]["node_id"] for j in range(3)}
-    assert len(ew_nodes | {procs["store"]["node_id"]}) >= 2           # spread, not all on one node
+    workers = [f"aw{i}" for i in range(2)] + [f"ew{j}" for j in range(3)]
+    assert len({procs[w]["node_id"] for w in workers + ["store"]}) >= 2     # spread, not all on one node
     assert ray.get_runtime_context().get_node_id() not in {n.node_id for n in nodes}   # the driver is on the head
-    # the worker node that hosts an EW (the store's node if it must)
-    victim = max(nodes, key=lambda n: (sum(procs[f"ew{j}"]["node_id"] == n.node_id for j in range(3)),
-                                       procs["store"]["node_id"] != n.node_id))
-    lost = {f"ew{j}" for j in range(3) if procs[f"ew{j}"]["node_id"] == victim.node_id}
-    assert lost and len(lost) < 3
+
+    def on(node):
+        return {w for w in workers if procs[w]["node_id"] == node.node_id}
+    # a worker node whose loss leaves an AW and an EW alive, with as many workers on it as can be
+    victim = max((n for n in nodes if {"aw0", "aw1"} - on(n) and {"ew0", "ew1", "ew2"} - on(n)),
+                 key=lambda n: (len(on(n)), procs["store"]["node_id"] != n.node_id))
+    lost = on(victim)
+    assert lost
     ids = [eng.submit(p, SamplingParams(max_new_tokens=10)) for p in PROMPTS]
     start = eng.step_index
     while eng.has_work:
         if eng.step_index == start + 6:
             c.remove_node(victim, allow_graceful=False)              # the host is gone
+            while not all(_dead(procs[w]["pid"]) for w in lost):
+                time.sleep(0.05)
         eng.step()
     assert [eng.requests[i].output for i in ids] == want
     assert {r.worker for r in eng.controller.records} == lost
     assert all(r.process["node_id"] == victim.node_id for r in eng.controller.records)
+    assert os.getpid() not in {procs[w]["pid"] for w in workers}      # every worker is a process of its own
     eng.close()
-    assert os.getpid() == procs["aw0"]["pid"]

@@ -29,12 +29,12 @@ from tarragon_jax.control.recovery import plan_aw_failure, plan_expert_routing
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
+from tarragon_jax.workers.ray_attention import RemoteAttentionWorker
 from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, LocalRuntime, WorkerHandle
 from tarragon_jax.workers.sequence import Sequence
 from tarragon_jax.workers.shape_grid import recovery_grid, shape_grid
-from tarragon_jax.workers.transport import Transport
 
 
 @dataclasses.dataclass
@@ -75,14 +75,14 @@ class Controller:
         self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
         self._jobs: list[tuple[concurrent.futures.Future, Callable, RecoveryRecord]] = []
         self._last_heartbeat = self.clock()
-        self.runtime = (RayRuntime(self.devices, self.params["experts"], cfg.transfer_deadline_s,
-                                   jax.config.jax_compilation_cache_dir, cfg.ray_address, cfg.num_expert_workers)
+        self.runtime = (RayRuntime(self.params, cfg.transfer_deadline_s, jax.config.jax_compilation_cache_dir,
+                                   cfg.ray_address, cfg.num_attention_workers + cfg.num_expert_workers)
                         if cfg.runtime == "ray" else LocalRuntime(self.devices))
         aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
         budget = cfg.shadow_budget if cfg.resilience else 0.0
         self.placement: Placement = place(self.model.n_moe_layers, self.model.n_experts, cfg.num_expert_workers, budget)
         self.ert: RoutingTable = self.placement.ert
-        self.transport = Transport(cfg.transfer_deadline_s)
+        self.transport = self.runtime.transport(cfg.transfer_deadline_s)
         self.store = self.runtime.checkpoint_store(cfg) if cfg.resilience else None
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
@@ -106,7 +106,10 @@ class Controller:
         return ExpertWorker(j, handle, primaries, shadows, self.params["experts"], self.config.expert_backend,
                             self.dtype, self.model.top_k)
 
-    def _new_aw(self, i: int, handle: WorkerHandle) -> AttentionWorker:
+    def _new_aw(self, i: int, handle: WorkerHandle | RemoteHandle) -> AttentionWorker | RemoteAttentionWorker:
+        if isinstance(handle, RemoteHandle):
+            return RemoteAttentionWorker(i, handle, self.runtime, self.model, self.cache, self.config, self.ert,
+                                         self.dtype, self.store)
         return AttentionWorker(i, handle, self.model, self.params["attn"], self.cache, self.config,
                                self.ert, self.dtype, self.store, self.clock)
 

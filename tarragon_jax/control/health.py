@@ -24,6 +24,7 @@ class HealthMonitor:
         self._clock = clock
         self._failed: set[str] = set()
         self._killed_at: dict[str, float] = {}
+        self._injected: set[str] = set()        # killed here, not yet replaced (detected or not)
         self._detected_at: dict[str, float] = {}
         self._heard: dict[str, float] = {}
         self.events: list[HealthEvent] = []
@@ -40,6 +41,7 @@ class HealthMonitor:
         """Ground truth: a fault was injected into `worker` now (starts a new incident)."""
         t = self._clock()
         self._killed_at[worker] = t
+        self._injected.add(worker)
         if worker not in self._failed:
             self._detected_at.pop(worker, None)
         self.events.append(HealthEvent(t, worker, "killed", detail))
@@ -73,10 +75,16 @@ class HealthMonitor:
     def revive(self, worker: str, detail: str = "replacement joined") -> None:
         """A worker with this name is serving again (a replacement); keeps the last incident's times."""
         self._failed.discard(worker)
+        self._injected.discard(worker)
         self.events.append(HealthEvent(self._clock(), worker, "revived", detail))
 
     def is_failed(self, worker: str) -> bool:
         return worker in self._failed
+
+    def is_down(self, worker: str) -> bool:
+        """Failed, or killed by fault injection and not detected yet (a process that was sent
+        SIGKILL still looks alive until a call or a heartbeat finds it)."""
+        return worker in self._failed or worker in self._injected
 
     @property
     def failed(self) -> frozenset[str]:

@@ -58,12 +58,10 @@ class StoreActor:
 class RemoteCheckpointStore:
     """CheckpointStore's interface over a StoreActor (the driver's side)."""
 
-    def __init__(self, directory: str | None, *, memory_tier: bool, flush_interval_s: float | None,
-                 deadline_s: float, options: dict | None = None):
-        import ray
-        self.memory_tier, self.deadline_s = memory_tier, deadline_s
-        self.actor = ray.remote(num_cpus=0, max_restarts=0)(StoreActor).options(**(options or {})).remote(
-            directory, memory_tier, flush_interval_s)
+    def __init__(self, actor, *, memory_tier: bool, deadline_s: float, owner: bool = False):
+        """A client of the store process `actor` (a StoreActor handle: the driver starts one,
+        every AW process attaches to it); only the owner stops it on close()."""
+        self.actor, self.memory_tier, self.deadline_s, self.owner = actor, memory_tier, deadline_s, owner
         self.where = self._get(self.actor.info.remote(), STARTUP_DEADLINE_S)
         self.directory = self.where["directory"]
         self._queue: collections.deque = collections.deque()     # ("snap", aw, refs, blocks) | ("drop", rid)
@@ -74,6 +72,15 @@ class RemoteCheckpointStore:
         self._closed = False
         self._thread = threading.Thread(target=self._send, name="kv-store-sender", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def start(cls, directory: str | None, *, memory_tier: bool, flush_interval_s: float | None,
+              deadline_s: float, options: dict | None = None) -> "RemoteCheckpointStore":
+        """Start the store's process (options: Ray actor options, e.g. its scheduling strategy)."""
+        import ray
+        actor = ray.remote(num_cpus=0, max_restarts=0)(StoreActor).options(**(options or {})).remote(
+            directory, memory_tier, flush_interval_s)
+        return cls(actor, memory_tier=memory_tier, deadline_s=deadline_s, owner=True)
 
     def identity(self) -> dict:
         return {k: v for k, v in self.where.items() if k != "directory"}
@@ -130,20 +137,22 @@ class RemoteCheckpointStore:
         return self._call("stats")
 
     def close(self) -> None:
-        """Ship what is queued, let the store finish its writes, stop its process."""
+        """Ship what is queued; the owner also lets the store finish its writes and stops its process."""
         import ray
         if self._closed:
             return
         try:
-            self.wait(self.deadline_s)
-            self._call("close")
+            self.wait(self.deadline_s) if self.owner else self._shipped(self.deadline_s)
+            if self.owner:
+                self._call("close")
         except (StoreUnavailable, TimeoutError) as e:
             log.warning("checkpoint store did not close cleanly: %s", e)
         self._closed = True
         with self._cv:
             self._cv.notify_all()
         self._thread.join(timeout=5)
-        ray.kill(self.actor)
+        if self.owner:
+            ray.kill(self.actor)
 
     # ---- internals -----------------------------------------------------------------------------
     def _put(self, item: tuple) -> None:

@@ -27,7 +27,6 @@ from tarragon_jax.control.controller import Controller, RecoveryRecord
 from tarragon_jax.control.faults import FaultInjector
 from tarragon_jax.errors import RequestError, WorkerFailed
 from tarragon_jax.metrics import Metrics
-from tarragon_jax.workers import backends
 from tarragon_jax.workers.sequence import Sequence, SeqState
 
 
@@ -80,7 +79,7 @@ class Engine:
 
     def backends(self) -> str:
         """Which backend each stage runs, on which device: the launchers log it at startup."""
-        aws = sorted({f"{aw.attention_backend} on {backends.describe(aw.handle.devices[0])}" for aw in self.aws})
+        aws = sorted({f"{aw.attention_backend} on {aw.device}" for aw in self.aws})
         ews = sorted({f"{ew.backend} on {ew.platform}" for ew in self.ews})
         return f"attention: {', '.join(aws)}; experts: {', '.join(ews)}"
 
@@ -212,7 +211,7 @@ class Engine:
                 batches[aw.index] = (aw, batch)
         if not batches:
             return []
-        T = max(len(b.ids_T) for _, b in batches.values())     # one token bucket: one EW program shape
+        T = max(b.T for _, b in batches.values())     # one token bucket: one EW program shape
         active = {}
         for i, (aw, batch) in batches.items():
             batch = batch.padded_to(T)
@@ -324,7 +323,9 @@ class Engine:
                 self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k
             return False
         for i, (aw, _) in active.items():
-            aw.receive(answers[i])
+            receipt = aw.receive(answers[i])
+            if receipt is not None:                     # a remote AW's: the step's wait checks it
+                trail.append((aw.handle, layer, receipt))
         return True
 
     def stream(self) -> Iterator[TokenEvent]:

@@ -86,7 +86,7 @@ def fail_worker(name) -> Callable[[Engine], str]:
     cannot both pass the check and take down the last live AW (or EW) between them."""
     def fail(engine: Engine) -> str:
         ctl = engine.controller
-        up = {w.handle.name: w.handle.alive and not ctl.health.is_failed(w.handle.name) for w in ctl.aws + ctl.ews}
+        up = {w.handle.name: not ctl.health.is_down(w.handle.name) for w in ctl.aws + ctl.ews}
         if name not in up:
             raise ValueError(f'"worker" must be one of {list(up)}, got {name!r}')
         if not up[name] or sum(u for w, u in up.items() if w[:2] == name[:2]) < 2:

@@ -66,6 +66,7 @@ class AttentionWorker:
                  store: CheckpointStore | None, clock):
         self.index, self.handle, self.model, self.store, self.clock = index, handle, model, store, clock
         self.attention_backend = backends.attention_backend(engine.attention_backend, handle.devices[0])
+        self.device = backends.describe(handle.devices[0])
         self.n_ews = engine.num_expert_workers
         self.params = handle.put(_serving_params(model, attn_params, dtype))
         self.pages = allocate_pages(model, cache, handle.sharding, dtype)

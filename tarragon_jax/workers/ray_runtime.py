@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import typing
 import warnings
 
 import numpy as np
@@ -29,7 +30,8 @@ import numpy as np
 from tarragon_jax.config import EngineConfig
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore, where
-from tarragon_jax.workers.runtime import LocalRuntime, WorkerHandle, use_compile_cache
+from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
+from tarragon_jax.workers.transport import DRAIN_S, Transport
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
@@ -59,8 +61,10 @@ class ExpertActor:
     def hang(self, seconds: float) -> None:
         time.sleep(seconds)                 # the calls queued behind this one wait: a hung process
 
-    def run_layer(self, layer: int, bufs: list[np.ndarray]) -> list[np.ndarray]:
-        return [np.asarray(y) for y in self.ew.run_layer(layer, self.ew.handle.put(tuple(bufs)))]
+    def run_layer(self, layer: int, *bufs: np.ndarray):
+        """One AW's buffer per argument (Ray resolved the refs); one return value per buffer."""
+        ys = [np.asarray(y) for y in self.ew.run_layer(layer, self.ew.handle.put(bufs))]
+        return ys[0] if len(ys) == 1 else tuple(ys)
 
     def rows_served(self) -> int:
         return self.ew.rows_served()
@@ -87,11 +91,6 @@ class RemoteHandle:
         if not self.alive:
             raise WorkerFailed(self.name, "worker is dead")
 
-    def put(self, tree):
-        """The transfer to this worker: device arrays leave as host arrays."""
-        import jax
-        self.check()
-        return jax.tree.map(np.asarray, tree)
 
     def get(self, ref, deadline_s: float | None = None):
         import ray
@@ -112,27 +111,20 @@ class RemoteHandle:
 
 
 class RemotePrograms:
-    """The ProgramLog interface for a remote EW: remembers the input shapes of every layer call,
-    so a replacement process can compile the same programs (on zeros) before it joins."""
+    """The ProgramLog interface for a remote worker: the shape grid it compiled at startup, which a
+    replacement process compiles too before it joins (what a dead process compiled later is
+    gone with it)."""
 
     def __init__(self):
-        self._seen: set[tuple] = set()
-        self.grid = None                  # the shape grid, when the EW was precompiled
-
-    def note(self, layer: int, bufs: list) -> None:
-        self._seen.add((layer, tuple((b.shape, str(b.dtype)) for b in bufs)))
+        self.grid = None
 
     def extend(self, other: "RemotePrograms") -> None:
-        self._seen |= other._seen
         self.grid = self.grid or other.grid
 
     def replay(self, handle: RemoteHandle) -> int:
         if self.grid is not None:
             handle.get(handle.actor.precompile.remote(self.grid), PRECOMPILE_DEADLINE_S)
-        for layer, shapes in sorted(self._seen):
-            handle.get(handle.actor.run_layer.remote(layer, [np.zeros(shape, dtype) for shape, dtype in shapes]),
-                       STARTUP_DEADLINE_S)
-        return len(self._seen)
+        return int(self.grid is not None)
 
 
 class RemoteExpertWorker:
@@ -150,16 +142,16 @@ class RemoteExpertWorker:
         handle.where = {"pid": self.pid, **info}
         self.programs = RemotePrograms()
 
-    def run_layer(self, layer: int, bufs: list):
-        """Send every AW's buffer (host arrays) and return the call's future: the engine calls every
-        EW of a layer before it gathers any answer."""
+    def run_layer(self, layer: int, bufs: list) -> list:
+        """Call the process with every AW's buffer (refs: Ray moves the data from the AW's process
+        to this one); returns one ref per buffer, for its AW's receive. Nothing waits."""
         self.handle.check()
-        self.programs.note(layer, bufs)
-        return self.actor.run_layer.remote(layer, list(bufs))
+        out = self.actor.run_layer.options(num_returns=len(bufs)).remote(layer, *bufs)
+        return [out] if len(bufs) == 1 else list(out)
 
-    def results(self, pending) -> list[np.ndarray]:
-        """The answers, within the deadline; a dead or hung process raises WorkerFailed."""
-        return self.handle.get(pending)
+    def results(self, pending: list) -> list:
+        """The answers' refs (the step's one wait finds a dead or late process)."""
+        return pending
 
     def precompile(self, grid) -> None:
         self.handle.get(self.actor.precompile.remote(grid), PRECOMPILE_DEADLINE_S)
@@ -186,6 +178,84 @@ class RemoteExpertWorker:
             pass
 
 
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [a for v in tree.values() for a in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [a for v in tree for a in _leaves(v)]
+    return [tree]
+
+
+class RayTransport(Transport):
+    """The transport between worker processes: every value is an ObjectRef that Ray moves from
+    its producer's process to its consumer's; the driver forwards refs, never data."""
+
+    def __init__(self, deadline_s: float, runtime: "RayRuntime"):
+        super().__init__(deadline_s)
+        self.runtime = runtime
+
+    def send_all(self, items: list[tuple]) -> list:
+        for _, dst, src in items:
+            if not src.alive:
+                raise WorkerFailed(src.name, "worker is dead")
+            if not dst.alive:
+                raise WorkerFailed(dst.name, "send to a dead worker")
+        return [ref for ref, _, _ in items]
+
+    def wait(self, results: dict, trail: list[tuple[object, int, object]]) -> dict:
+        """{key: ref of sampled tokens} -> {key: numpy array}, within the deadline. Every AW's
+        receive of the step (a Receipt in the trail) is checked too: an EW that died fails it. A
+        failure names the worker whose process died (its actor id); a miss, the first worker in
+        dispatch order whose output is not ready."""
+        import ray
+        self.waits += 1
+        refs = list(dict.fromkeys(list(results.values()) + [r for r in map(_ref, (o for _, _, o in trail)) if r is not None]))
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.deadline_s, fetch_local=False)
+        if len(ready) < len(refs):
+            for w, layer, out in trail:
+                r = _ref(out)
+                if r is not None and not ray.wait([r], timeout=0, fetch_local=False)[0]:
+                    raise WorkerFailed(w.name, f"no result within the {self.deadline_s:.3f} s deadline", layer=layer)
+        checks = [(w, out.ref) for w, _, out in trail if isinstance(out, Receipt)] + [(k, r) for k, r in results.items()]
+        got = {}
+        for key, ref in checks:
+            try:
+                got[key] = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise self._blame(e, key) from None
+        self.pulls += len(results)
+        return {k: got[k] for k in results}
+
+    def _blame(self, e: Exception, key) -> WorkerFailed:
+        """The worker whose process failed: the actor named by the error, else the caller."""
+        dead = getattr(e, "actor_id", None)
+        by_id = {h.actor._actor_id.hex(): h for h in self.runtime._actors if h.actor is not None}
+        handle = by_id.get(dead)
+        name = handle.name if handle is not None else (key.name if isinstance(key, RemoteHandle) else f"aw{key}")
+        detail = " ".join(str(e).split())[:300]
+        return WorkerFailed(name, f"process failed ({type(e).__name__}: {detail})")
+
+    def drain(self, trail: list[tuple[object, int, object]], bound_s: float = DRAIN_S) -> bool:
+        import ray
+        self.waits += 1
+        refs = list(dict.fromkeys(r for r in map(_ref, (o for _, _, o in trail)) if r is not None))
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=bound_s, fetch_local=False)
+        return len(ready) == len(refs)
+
+
+class Receipt(typing.NamedTuple):
+    """The ref of a remote AW's receive call: the step's wait gets it (a failed answer fails it)."""
+    ref: object
+
+
+def _ref(out):
+    """The ObjectRef of a trail entry's output (None for a local one)."""
+    import ray
+    if isinstance(out, Receipt):
+        return out.ref
+    return out if isinstance(out, ray.ObjectRef) else None
+
+
 def connect(address: str | None = None, object_store_bytes: int = 0) -> None:
     """Join the Ray cluster at `address` (started with `ray start`), or start one on this machine;
     nothing when this process is connected already. Workers import this package: on a cluster of
@@ -203,42 +273,53 @@ def connect(address: str | None = None, object_store_bytes: int = 0) -> None:
                      object_store_memory=object_store_bytes + (128 << 20), runtime_env=env)
 
 
-class RayRuntime(LocalRuntime):
-    """AWs on the driver's devices (LocalRuntime); EWs and the checkpoint store as Ray actors,
-    spread over the nodes of the Ray cluster (this machine's unless `address` names another)."""
+class RayRuntime:
+    """Every AW and EW, and the checkpoint store, as Ray actors spread over the nodes of the Ray
+    cluster (this machine's unless `address` names another). The weights go into Ray's object
+    store once; each process maps its part zero-copy."""
 
-    def __init__(self, devices: list | None, experts: list[dict], deadline_s: float,
-                 compile_cache_dir: str | None = None, address: str | None = None, num_ews: int = 1):
+    def __init__(self, params: dict, deadline_s: float, compile_cache_dir: str | None = None,
+                 address: str | None = None, num_workers: int = 1):
         import ray
-        super().__init__(devices)
-        connect(address, sum(a.nbytes for layer in experts for a in layer.values()))
-        self.actor_class = ray.remote(num_cpus=0, max_restarts=0)(ExpertActor)
-        self.experts_ref = ray.put(experts)
-        self.deadline_s, self.compile_cache_dir, self.num_ews = deadline_s, compile_cache_dir, num_ews
-        self._actors: list = []
 
-    def actor_options(self) -> dict:
-        """Where an EW process goes: spread over the cluster's nodes, each on an accelerator of
-        its own when the cluster has one per EW (shared ones when fewer; Ray sets each process's
+        from tarragon_jax.workers.ray_attention import AttentionActor
+        experts = params["experts"]
+        connect(address, sum(np.asarray(a).nbytes for a in _leaves(params)))
+        self.actor_class = ray.remote(num_cpus=0, max_restarts=0)(ExpertActor)
+        self.aw_class = ray.remote(num_cpus=0, max_restarts=0)(AttentionActor)
+        self.experts_ref, self.attn_ref = ray.put(experts), ray.put(params["attn"])
+        self.deadline_s, self.compile_cache_dir, self.num_workers = deadline_s, compile_cache_dir, num_workers
+        self._actors: list = []
+        self._placed = 0                  # processes placed so far (round-robin over the nodes)
+
+    def actor_options(self, accelerator: bool = True) -> dict:
+        """Where the next process goes: round-robin over the cluster's live nodes in creation order
+        (store, EWs, AWs; a replacement takes the next live node), so the workers of one kind are
+        spread and a node's loss takes as few as can be; each worker on an accelerator of its own
+        when the cluster has one per worker (shared when fewer; Ray sets the process's
         CUDA_VISIBLE_DEVICES), else on CPU devices."""
         import ray
-        gpus = ray.cluster_resources().get("GPU", 0)
-        return {"scheduling_strategy": "SPREAD", "num_gpus": min(1.0, gpus / self.num_ews) if gpus else 0}
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        node, self._placed = nodes[self._placed % len(nodes)], self._placed + 1
+        gpus = ray.cluster_resources().get("GPU", 0) if accelerator else 0
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True),
+                "num_gpus": min(1.0, gpus / self.num_workers) if gpus else 0}
 
-    def workers(self, num_aws: int, num_ews: int) -> tuple[list[WorkerHandle], list[RemoteHandle]]:
-        aws, _ = super().workers(num_aws, 0)
-        return aws, [self._remote(f"ew{j}") for j in range(num_ews)]
+    def workers(self, num_aws: int, num_ews: int) -> tuple[list[RemoteHandle], list[RemoteHandle]]:
+        return [self._remote(f"aw{i}") for i in range(num_aws)], [self._remote(f"ew{j}") for j in range(num_ews)]
 
-    def replacement(self, failed):
-        if isinstance(failed, RemoteHandle):
-            return self._remote(failed.name)           # a new process
-        return super().replacement(failed)
+    def replacement(self, failed: RemoteHandle) -> RemoteHandle:
+        return self._remote(failed.name)               # a new process
+
+    def transport(self, deadline_s: float) -> "RayTransport":
+        return RayTransport(deadline_s, self)
 
     def checkpoint_store(self, cfg: EngineConfig) -> RemoteCheckpointStore:
         """The KV snapshot store in its own process: committed blocks outlive any AW."""
-        return RemoteCheckpointStore(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,
-                                     flush_interval_s=cfg.snapshot_flush_s, deadline_s=self.deadline_s,
-                                     options={"scheduling_strategy": "SPREAD"})
+        return RemoteCheckpointStore.start(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,
+                                           flush_interval_s=cfg.snapshot_flush_s, deadline_s=self.deadline_s,
+                                           options=self.actor_options(accelerator=False))
 
     def _remote(self, name: str) -> RemoteHandle:
         handle = RemoteHandle(name, self.deadline_s)
@@ -252,4 +333,4 @@ class RayRuntime(LocalRuntime):
             if handle.actor is not None:
                 ray.kill(handle.actor)
         self._actors.clear()
-        self.experts_ref = None           # a restart puts the weights again: free this copy first
+        self.experts_ref = self.attn_ref = None     # a restart puts the weights again: free this copy first

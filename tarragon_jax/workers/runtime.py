@@ -112,6 +112,11 @@ class LocalRuntime:
         ews = [WorkerHandle(f"ew{j}", self._pick()) for j in range(num_ews)]
         return aws, ews
 
+    def transport(self, deadline_s: float):
+        """Copies between this process's meshes, and the step's bounded wait."""
+        from tarragon_jax.workers.transport import Transport
+        return Transport(deadline_s)
+
     def checkpoint_store(self, cfg: EngineConfig) -> CheckpointStore:
         """The KV snapshot store, in this process (memory tier and Orbax writer thread)."""
         return CheckpointStore(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,

@@ -43,6 +43,11 @@ class StepBatch:
     emits: list[bool]             # whether the row's chunk reaches the end of its tokens
     n_tokens: int                 # real tokens (T minus padding)
 
+    @property
+    def T(self) -> int:
+        """Token rows, padding included (the step's bucket)."""
+        return len(self.ids_T)
+
     def padded_to(self, T: int) -> "StepBatch":
         """The same batch over T >= len(ids_T) token rows (the step's common bucket across AWs);
         the new rows are padding: token 0 at position 0 of the all-zero table row."""
