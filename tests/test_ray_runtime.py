@@ -205,3 +205,51 @@ def test_a_dead_store_process_costs_a_recompute_not_a_token(model):
     assert eng.aws[1].restored.requests > 0 and eng.aws[1].restored.blocks == 0
     assert eng.aws[1].restored.fallbacks == eng.aws[1].restored.requests
     eng.close()
+
+
+def test_sigkill_from_outside_of_pids_read_from_health_changes_no_token(model):
+    """An operator's view: /health names every worker's process; while four requests stream, an
+    outside SIGKILL goes to an AW's pid and then to an EW's pid. Nobody tells the service; every
+    streamed token is still the reference's, and /health reports both recoveries by pid."""
+    import json
+    import signal
+    import threading
+
+    import httpx
+
+    from tarragon_jax.model import reference as ref
+    from tarragon_jax.serving.engine_loop import EngineLoop
+    from tarragon_jax.serving.server import Server
+    cfg, params, _ = model
+    want = [ref.greedy_generate(cfg, params, p, 24) for p in PROMPTS]
+    eng = _engine(cfg, params, [])
+    loop = EngineLoop(eng)
+    loop.start()
+    server = Server(loop, port=0).start()
+    try:
+        procs = httpx.get(server.url + "/health", timeout=60).json()["processes"]
+        got = {i: [] for i in range(len(PROMPTS))}
+
+        def stream(i):
+            body = {"prompt_ids": PROMPTS[i], "max_new_tokens": 24, "stream": True}
+            with httpx.stream("POST", server.url + "/generate", json=body, timeout=300) as r:
+                for line in r.iter_lines():
+                    if line.strip() and "token" in json.loads(line):
+                        got[i].append(json.loads(line)["token"])
+        clients = [threading.Thread(target=stream, args=(i,)) for i in range(len(PROMPTS))]
+        for t in clients:
+            t.start()
+        for victim, after in (("aw0", 4), ("ew1", 12)):
+            while min(map(len, got.values())) < after:
+                time.sleep(0.005)
+            os.kill(procs[victim]["pid"], signal.SIGKILL)
+        for t in clients:
+            t.join()
+        assert [got[i] for i in range(len(PROMPTS))] == want
+        health = httpx.get(server.url + "/health", timeout=60).json()
+        assert {r["worker"]: r["process"]["pid"] for r in health["recoveries"]} == {
+            "aw0": procs["aw0"]["pid"], "ew1": procs["ew1"]["pid"]}
+    finally:
+        server.shutdown()
+        loop.stop()
+        eng.close()

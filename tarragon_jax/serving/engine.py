@@ -203,9 +203,10 @@ class Engine:
         commit. A worker found dead while dispatching, or late at the wait, is recovered from by
         replaying the step from the affected layer with what the controller decided."""
         batches = {}
-        for aw in self.controller.live_aws():
-            if not aw.scheduler.num_requests:
-                continue                    # nothing assigned: no call (heartbeats watch idle AWs)
+        busy = [aw for aw in self.controller.live_aws() if aw.scheduler.num_requests]
+        for aw in busy:                     # (an idle AW gets no call: heartbeats watch it)
+            aw.prefetch()
+        for aw in busy:
             batch = self._guard(aw.start_step)
             if batch is not None and batch is not _FAILED:
                 batches[aw.index] = (aw, batch)
@@ -323,9 +324,7 @@ class Engine:
                 self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k
             return False
         for i, (aw, _) in active.items():
-            receipt = aw.receive(answers[i])
-            if receipt is not None:                     # a remote AW's: the step's wait checks it
-                trail.append((aw.handle, layer, receipt))
+            aw.receive(answers[i])
         return True
 
     def stream(self) -> Iterator[TokenEvent]:

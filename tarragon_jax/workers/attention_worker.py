@@ -84,6 +84,9 @@ class AttentionWorker:
         self._zeros: dict = {}            # T -> [T, k, D] zeros: the answer of an EW that sent none
         self._carry, self._ys, self._inputs = None, (), {}
 
+    def prefetch(self) -> None:
+        """Nothing to start early: a local start_step is a direct call (see RemoteAttentionWorker)."""
+
     def start_step(self) -> StepBatch | None:
         """Admit, restore moved requests and pick this step's tokens; None if idle."""
         self.handle.check()

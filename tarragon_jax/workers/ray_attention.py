@@ -39,6 +39,7 @@ class StepInfo:
     T: int                        # token rows (bucketed)
     n_tokens: int                 # real tokens
     rids: tuple[int, ...]         # request of each row
+    chunks: tuple[int, ...]       # tokens each row puts in the cache
     emits: tuple[bool, ...]
     num_free: int                 # free KV pages after admission
     restored: RestoreStats
@@ -85,24 +86,28 @@ class AttentionActor:
         if self.batch is None:
             return None
         b = self.batch
-        return StepInfo(len(b.ids_T), b.n_tokens, tuple(s.request_id for s in b.seqs), tuple(b.emits),
-                        self.aw.blocks.num_free, self.aw.restored)
+        return StepInfo(len(b.ids_T), b.n_tokens, tuple(s.request_id for s in b.seqs), tuple(b.chunks),
+                        tuple(b.emits), self.aw.blocks.num_free, self.aw.restored)
 
     def begin(self, T: int) -> None:
         self.batch = self.batch.padded_to(T)
         self.aw.begin(self.batch)
 
-    def attend(self, layer: int) -> np.ndarray | None:
+    def attend(self, layer: int, *ys) -> np.ndarray | None:
+        """The previous MoE layer's answers (if any), then this layer: one call per layer."""
+        self._receive(ys)
         send = self.aw.attend(layer)
         return None if send is None else np.asarray(send)
 
-    def receive(self, *ys) -> None:
-        self.aw.receive([None if y is None else self.aw.handle.put(y) for y in ys])
+    def _receive(self, ys: tuple) -> None:
+        if ys:
+            self.aw.receive([None if y is None else self.aw.handle.put(y) for y in ys])
 
     def rewind(self, layer: int) -> None:
         self.aw.rewind(layer)
 
-    def head(self) -> np.ndarray:
+    def head(self, *ys) -> np.ndarray:
+        self._receive(ys)
         return np.asarray(self.aw.head())
 
     def commit(self, toks_R: np.ndarray) -> None:
@@ -186,11 +191,17 @@ class RemoteAttentionWorker:
         self.refe = RemoteForwarding(self.actor, handle, ert)
         self.restored = RestoreStats()
         self.programs = RemotePrograms()
-        self._info: StepInfo | None = None
+        self._ys: tuple = ()                 # the last MoE layer's answers, for the next call
+        self._start = None                   # a prefetched start_step
+
+    def prefetch(self) -> None:
+        """Start this step's start_step now, so every AW's runs at once (one round trip per step)."""
+        self._start = self.actor.start_step.remote()
 
     def start_step(self) -> StepInfo | None:
         self.handle.check()
-        info = self.handle.get(self.actor.start_step.remote())
+        ref, self._start = self._start or self.actor.start_step.remote(), None
+        info = self.handle.get(ref)
         if info is not None:
             self.blocks.num_free, self.restored = info.num_free, info.restored
             for rid in info.rids:
@@ -200,25 +211,28 @@ class RemoteAttentionWorker:
 
     def begin(self, info: StepInfo) -> None:
         self.handle.check()
-        self._info = info
+        self._ys = ()
         self.actor.begin.remote(info.T)
 
     def attend(self, layer: int):
         self.handle.check()
-        return self.actor.attend.remote(layer)
+        ys, self._ys = self._ys, ()
+        return self.actor.attend.remote(layer, *ys)
 
-    def receive(self, ys: list):
-        """The EWs' answers (refs, None where an EW sent none); returns the call's ref, which the
-        step's wait checks (a failed answer fails it)."""
-        from tarragon_jax.workers.ray_runtime import Receipt
-        return Receipt(self.actor.receive.remote(*ys))
+    def receive(self, ys: list) -> None:
+        """The EWs' answers (refs, None where an EW sent none) ride with the next call (attend or
+        head): one actor call per layer. A failed answer fails that call, and with it every later
+        output of the step, the sampled tokens included: the step's wait finds it there."""
+        self._ys = tuple(ys)
 
     def rewind(self, layer: int) -> None:
+        self._ys = ()
         self.actor.rewind.remote(layer)
 
     def head(self):
         self.handle.check()
-        return self.actor.head.remote()
+        ys, self._ys = self._ys, ()
+        return self.actor.head.remote(*ys)
 
     def commit(self, info: StepInfo, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
         """The same commit on both sides: the AW's process advances its cache and snapshots, the
@@ -226,9 +240,12 @@ class RemoteAttentionWorker:
         self.handle.check()
         self.actor.commit.remote(toks_R)
         emitted = []
-        for row, (rid, emits) in enumerate(zip(info.rids, info.emits)):
+        for row, (rid, n, emits) in enumerate(zip(info.rids, info.chunks, info.emits)):
             seq = self.scheduler.seqs.get(rid)
-            if emits and seq is not None:
+            if seq is None:
+                continue
+            seq.num_cached += n                 # the driver's copy of the cache progress
+            if emits:
                 emitted.append((seq, int(toks_R[row]), seq.append(int(toks_R[row]))))
         return emitted
 

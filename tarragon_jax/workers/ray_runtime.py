@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import typing
 import warnings
 
 import numpy as np
@@ -203,10 +202,10 @@ class RayTransport(Transport):
         return [ref for ref, _, _ in items]
 
     def wait(self, results: dict, trail: list[tuple[object, int, object]]) -> dict:
-        """{key: ref of sampled tokens} -> {key: numpy array}, within the deadline. Every AW's
-        receive of the step (a Receipt in the trail) is checked too: an EW that died fails it. A
-        failure names the worker whose process died (its actor id); a miss, the first worker in
-        dispatch order whose output is not ready."""
+        """{key: ref of sampled tokens} -> {key: numpy array}, within the deadline. Every output
+        of a step feeds the sampled tokens (an AW's layer call takes the EWs' answers of the
+        layer before), so a process that died fails them: the failure names it by its actor id.
+        A miss names the first worker in dispatch order whose output is not ready."""
         import ray
         self.waits += 1
         refs = list(dict.fromkeys(list(results.values()) + [r for r in map(_ref, (o for _, _, o in trail)) if r is not None]))
@@ -216,9 +215,8 @@ class RayTransport(Transport):
                 r = _ref(out)
                 if r is not None and not ray.wait([r], timeout=0, fetch_local=False)[0]:
                     raise WorkerFailed(w.name, f"no result within the {self.deadline_s:.3f} s deadline", layer=layer)
-        checks = [(w, out.ref) for w, _, out in trail if isinstance(out, Receipt)] + [(k, r) for k, r in results.items()]
         got = {}
-        for key, ref in checks:
+        for key, ref in results.items():
             try:
                 got[key] = ray.get(ref)
             except ray.exceptions.RayError as e:
@@ -231,7 +229,7 @@ class RayTransport(Transport):
         dead = getattr(e, "actor_id", None)
         by_id = {h.actor._actor_id.hex(): h for h in self.runtime._actors if h.actor is not None}
         handle = by_id.get(dead)
-        name = handle.name if handle is not None else (key.name if isinstance(key, RemoteHandle) else f"aw{key}")
+        name = handle.name if handle is not None else f"aw{key}"     # else it failed inside the AW's call
         detail = " ".join(str(e).split())[:300]
         return WorkerFailed(name, f"process failed ({type(e).__name__}: {detail})")
 
@@ -243,16 +241,9 @@ class RayTransport(Transport):
         return len(ready) == len(refs)
 
 
-class Receipt(typing.NamedTuple):
-    """The ref of a remote AW's receive call: the step's wait gets it (a failed answer fails it)."""
-    ref: object
-
-
 def _ref(out):
     """The ObjectRef of a trail entry's output (None for a local one)."""
     import ray
-    if isinstance(out, Receipt):
-        return out.ref
     return out if isinstance(out, ray.ObjectRef) else None
 
 
