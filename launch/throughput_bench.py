@@ -4,7 +4,10 @@ For each batch size B, B random prompts are submitted at once and decoded to --o
 tokens on one engine (built once; every batch size gets an untimed pass first, so compiles are
 not timed). Reports output tokens/s (median and range over --repeats), time to first token and
 inter-token latency percentiles, and writes JSON. All serving flags apply (--runtime,
---expert_backend, --attention_backend, --precompile, --checkpoint, ...).
+--expert_backend, --attention_backend, --precompile, --checkpoint, ...). `--runtimes local,ray`
+measures several runtimes in one run, their passes alternated, and prints each one's throughput
+as a ratio of the first's; under ray it also times an idle actor's round trip (the floor of one
+cross-process hop on this machine).
 """
 from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
@@ -24,6 +27,8 @@ flags.DEFINE_integer("output_len", 64, "New tokens per request.")
 flags.DEFINE_integer("repeats", 3, "Timed passes per batch size.")
 flags.DEFINE_integer("seed", 0, "Prompt seed.")
 flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
+flags.DEFINE_list("runtimes", None, "Measure these runtimes in one run, passes alternated (e.g. local,ray); "
+                  "default: --runtime alone.")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -45,43 +50,81 @@ def measure(engine, prompts, sampling) -> dict:
             "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99)}
 
 
+def ray_round_trip_s(n: int = 30) -> float:
+    """Median round trip of a call to an idle Ray actor that returns a small array."""
+    import numpy as np
+    import ray
+
+    class Echo:
+        def f(self):
+            return np.zeros(64, np.float32)
+    actor = ray.remote(num_cpus=0)(Echo).remote()
+    ray.get(actor.f.remote())
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        ray.get(actor.f.remote())
+        times.append(time.perf_counter() - t0)
+    ray.kill(actor)
+    return statistics.median(times)
+
+
 def main(argv):
     del argv
-    cfg, params, _, reload, engine_cfg = serving_flags.start()
+    cfg, params, _, reload, _ = serving_flags.start()
     import numpy as np
     from tarragon_jax.config import SamplingParams
     from tarragon_jax.serving.engine import Engine
     from tarragon_jax.errors import RequestError
-    engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config(), load_params=reload)
+    runtimes = FLAGS.runtimes or [FLAGS.runtime]
+    if len(set(runtimes)) != len(runtimes) or not set(runtimes) <= {"local", "ray"}:
+        sys.exit(f"error: --runtimes must name distinct runtimes out of local, ray; got {runtimes}")
+    engines = {rt: Engine(cfg, params, serving_flags.engine_config(runtime=rt), serving_flags.cache_config(),
+                          load_params=reload) for rt in runtimes}
+    hop = ray_round_trip_s() if "ray" in runtimes else None
     sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
     rng = np.random.default_rng(FLAGS.seed)
-    rows = []
+    rows = {rt: [] for rt in runtimes}
     try:
         for batch in map(int, FLAGS.batch_sizes):
             prompts = [rng.integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(batch)]
-            measure(engine, prompts, sampling)                                  # untimed: compiles
-            runs = [measure(engine, prompts, sampling) for _ in range(FLAGS.repeats)]
-            tok_s = [r["tok_s"] for r in runs]
-            rows.append({"batch": batch, "tok_s": statistics.median(tok_s), "tok_s_min": min(tok_s),
-                         "tok_s_max": max(tok_s),
-                         **{k: statistics.median(r[k] for r in runs) for k in ("ttft_p50_s", "itl_p50_s", "itl_p99_s")},
-                         "runs": runs})
+            for engine in engines.values():
+                measure(engine, prompts, sampling)                              # untimed: compiles
+            runs = {rt: [] for rt in runtimes}
+            for rep in range(FLAGS.repeats):
+                for rt in (runtimes if rep % 2 == 0 else runtimes[::-1]):
+                    runs[rt].append(measure(engines[rt], prompts, sampling))
+            for rt in runtimes:
+                tok_s = [r["tok_s"] for r in runs[rt]]
+                rows[rt].append({"batch": batch, "tok_s": statistics.median(tok_s), "tok_s_min": min(tok_s),
+                                 "tok_s_max": max(tok_s),
+                                 **{k: statistics.median(r[k] for r in runs[rt])
+                                    for k in ("ttft_p50_s", "itl_p50_s", "itl_p99_s")},
+                                 "runs": runs[rt]})
     except RequestError as e:
         sys.exit(f"error: {e}")
     finally:
-        engine.close()
-    print(f"{cfg.family}, {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, runtime "
-          f"{FLAGS.runtime}, experts {FLAGS.expert_backend}, attention {FLAGS.attention_backend}, prompt "
-          f"{FLAGS.prompt_len}, output {FLAGS.output_len}, median of {FLAGS.repeats}")
-    print(f"{'batch':>5} {'tok/s':>8} {'(min-max)':>15} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'ITL p99 ms':>11}")
-    for r in rows:
-        print(f"{r['batch']:5d} {r['tok_s']:8.1f} {r['tok_s_min']:7.1f}-{r['tok_s_max']:<7.1f} "
-              f"{1e3 * r['ttft_p50_s']:12.1f} {1e3 * r['itl_p50_s']:11.1f} {1e3 * r['itl_p99_s']:11.1f}")
+        for engine in engines.values():
+            engine.close()
+    for rt in runtimes:
+        print(f"{cfg.family}, {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, runtime "
+              f"{rt}, experts {FLAGS.expert_backend}, attention {FLAGS.attention_backend}, prompt "
+              f"{FLAGS.prompt_len}, output {FLAGS.output_len}, median of {FLAGS.repeats}")
+        print(f"{'batch':>5} {'tok/s':>8} {'(min-max)':>15} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'ITL p99 ms':>11}")
+        for r in rows[rt]:
+            print(f"{r['batch']:5d} {r['tok_s']:8.1f} {r['tok_s_min']:7.1f}-{r['tok_s_max']:<7.1f} "
+                  f"{1e3 * r['ttft_p50_s']:12.1f} {1e3 * r['itl_p50_s']:11.1f} {1e3 * r['itl_p99_s']:11.1f}")
+    for rt in runtimes[1:]:
+        print(f"{rt} / {runtimes[0]} throughput: " + ", ".join(
+            f"B={a['batch']} {b['tok_s'] / a['tok_s']:.3f}" for a, b in zip(rows[runtimes[0]], rows[rt])))
+    if hop is not None:
+        print(f"ray: an idle actor's round trip {hop * 1e3:.2f} ms (median of 30)")
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as fh:
-            json.dump({"config": {k: FLAGS[k].value for k in ("runtime", "expert_backend", "attention_backend",
-                                                               "prompt_len", "output_len", "repeats")},
-                       "rows": rows}, fh, indent=1)
+            json.dump({"config": {k: FLAGS[k].value for k in ("runtime", "runtimes", "expert_backend",
+                                                               "attention_backend", "prompt_len", "output_len",
+                                                               "repeats")},
+                       "rows": rows[runtimes[0]], "by_runtime": rows, "ray_round_trip_s": hop}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,20 +9,13 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from processes import dead
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
 
 PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32]]
-
-
-def _dead(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +54,7 @@ def test_workers_spread_over_nodes_and_a_lost_node_changes_no_token(cluster):
     while eng.has_work:
         if eng.step_index == start + 6:
             c.remove_node(victim, allow_graceful=False)              # the host is gone
-            while not all(_dead(procs[w]["pid"]) for w in lost):
+            while not all(dead(procs[w]["pid"]) for w in lost):
                 time.sleep(0.05)
         eng.step()
     assert [eng.requests[i].output for i in ids] == want

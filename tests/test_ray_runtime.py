@@ -8,13 +8,15 @@ import time
 import pytest
 import ray
 
+from processes import dead
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
 from tarragon_jax.control.faults import FaultInjector
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
-from tarragon_jax.workers.ray_runtime import RemoteHandle, connect
+from tarragon_jax.workers.ray_runtime import connect
+from tarragon_jax.workers.remote_worker import RemoteHandle
 
 PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32]]
 
@@ -34,15 +36,6 @@ def _engine(cfg, params, faults, **kw):
                   load_params=lambda: params)
 
 
-def _dead(pid):
-    """Gone, or a zombie waiting to be reaped: either way it runs nothing."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 def test_sigkilled_ew_process_is_masked_and_replaced(model):
     cfg, params, want = model
     eng = _engine(cfg, params, ["ew:1@step=4", "aw:0@step=7"], precompile="all")
@@ -52,7 +45,7 @@ def test_sigkilled_ew_process_is_masked_and_replaced(model):
     eng.controller.wait_recoveries()
     ew_rec, aw_rec = eng.controller.records
     assert ew_rec.worker == "ew1" and ew_rec.detected_by == "call" and eng.replayed_rows > 0
-    assert _dead(pids[1])                                              # a real process death
+    assert dead(pids[1])                                              # a real process death
     assert ew_rec.replacement_ready_s is not None and eng.ews[1].pid not in pids
     assert eng.ews[1].programs.grid is not None          # the new process compiled the grid too
     assert aw_rec.worker == "aw0" and aw_rec.requests_moved > 0
@@ -97,7 +90,7 @@ def test_hung_expert_process_is_fenced_and_tokens_stay(model):
     rec = next(r for r in eng.controller.records if r.worker == "ew1")
     assert rec.detect_s < 5.0 + 1.0
     eng.controller.wait_recoveries()
-    assert _dead(hung_pid)
+    assert dead(hung_pid)
     eng.close()
 
 
@@ -128,7 +121,7 @@ def test_fail_endpoint_kills_an_ew_process_and_guards_the_last_aw(model):
         for t in clients:
             t.join()
         assert [got[i] for i in range(len(PROMPTS))] == want
-        assert _dead(pid)
+        assert dead(pid)
         health = httpx.get(server.url + "/health", timeout=60).json()
         assert health["recoveries"][0]["process"]["pid"] == pid                  # the one that died
         assert {health["processes"][f"ew{j}"]["pid"] for j in range(3)} == {ew.pid for ew in eng.ews}

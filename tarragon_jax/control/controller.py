@@ -30,7 +30,8 @@ from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
 from tarragon_jax.workers.ray_attention import RemoteAttentionWorker
-from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker, RemoteHandle
+from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker
+from tarragon_jax.workers.remote_worker import RemoteHandle
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, LocalRuntime, WorkerHandle
 from tarragon_jax.workers.sequence import Sequence

@@ -16,8 +16,6 @@ is committed and survives a SIGKILL of the AW.
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import time
 
 import numpy as np
@@ -25,12 +23,10 @@ import numpy as np
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore, where
 from tarragon_jax.workers.attention_worker import AttentionWorker, RestoreStats
+from tarragon_jax.workers.remote_worker import STARTUP_DEADLINE_S, RemotePrograms, RemoteWorker
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
 from tarragon_jax.workers.sequence import Sequence, SeqState
-
-STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and puts its params on its device
-PRECOMPILE_DEADLINE_S = 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +169,11 @@ class RemoteForwarding:
         return (y, self.handle, ew.handle)
 
 
-class RemoteAttentionWorker:
+class RemoteAttentionWorker(RemoteWorker):
     """Driver-side proxy with the AttentionWorker interface the engine and controller use."""
 
     def __init__(self, index: int, handle, runtime, model: ModelConfig, cache: CacheConfig, engine: EngineConfig,
                  ert: RoutingTable, dtype, store: RemoteCheckpointStore | None):
-        from tarragon_jax.workers.ray_runtime import RemotePrograms
         self.index, self.handle, self.model = index, handle, model
         self.actor = handle.actor = runtime.aw_class.options(**runtime.actor_options()).remote(
             index, model, runtime.attn_ref, cache, engine, ert, str(np.dtype(dtype)),
@@ -258,17 +253,3 @@ class RemoteAttentionWorker:
 
     def live_requests(self) -> list[Sequence]:
         return self.scheduler.running
-
-    def precompile(self, grid) -> None:
-        self.handle.get(self.actor.precompile.remote(grid), PRECOMPILE_DEADLINE_S)
-        self.programs.grid = grid
-
-    def hang(self, seconds: float) -> None:
-        self.actor.hang.remote(seconds)
-
-    def kill(self) -> None:
-        """Fault injection: SIGKILL the process (the driver is not told; its next call fails)."""
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

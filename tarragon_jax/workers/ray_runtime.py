@@ -1,26 +1,27 @@
-"""Ray runtime: every expert worker is its own OS process (a Ray actor), and so is the checkpoint
-store (kv/remote_store.py); attention workers stay local device subsets of the driver (their KV
-pages live on its devices). Actors spread over the nodes of the Ray cluster, this machine's or
-one joined by address, each EW on an accelerator of its own where the cluster has them.
+"""Ray runtime: every worker is its own OS process (a Ray actor): each attention worker
+(workers/ray_attention.py), each expert worker (ExpertActor here) and the checkpoint store
+(kv/remote_store.py). The actors go round-robin over the live nodes of the Ray cluster, this
+machine's or one joined by address, each worker on an accelerator of its own where the cluster
+has them.
 
-Why: with the local runtime a "failure" is simulated inside one process. Here an EW failure is
-what the paper means: the process dies (fault injection sends it SIGKILL), nobody tells the
-driver, and the next call to it fails with Ray's actor-died error, which becomes `WorkerFailed`;
-a hung process misses the transfer deadline the same way. Recovery is unchanged (shadows,
-replay, background replacement) because the driver-side proxy has the ExpertWorker interface.
+Why: with the local runtime a "failure" is simulated inside one process. Here it is what the
+paper means: the process dies (fault injection sends it SIGKILL; so can anyone, by the pid
+/health shows), nobody tells the driver, and whatever depended on its outputs fails with Ray's
+actor-died error naming the actor, which the transport turns into `WorkerFailed` for that
+worker; a hung process misses the step's deadline the same way. Recovery is unchanged (shadows,
+replay, moved requests, background replacements) because the driver-side proxies have the
+workers' interfaces.
 
-Data path per layer: each AW's packed buffer leaves its device as a host array (the transfer; the
-one place this runtime waits on the AW inside a step), every EW process is called with it before
-any answer is gathered, the actor runs the same ExpertWorker program on its own device, and the
-outputs come back as host arrays that the AW puts on its mesh. The host weights of all experts go
-into Ray's object store once;
-each actor maps them zero-copy and stacks its primaries and shadows (and, after a failure, any
-orphaned expert it is told to load) onto its own device.
+Data path per layer: the AW's layer call returns its packed buffer as an ObjectRef, every EW
+process is called with the refs of every AW (Ray resolves them: the data goes from process to
+process, never through the driver's Python), each EW's answer per AW is a ref again, and the AW's
+next call takes them. The driver waits once per step, for the sampled tokens (RayTransport).
+The host weights go into Ray's object store once; each process maps them zero-copy and puts its
+part (an EW: its primaries and shadows, and any orphaned expert it is told to load) on its device.
 """
 from __future__ import annotations
 
 import os
-import signal
 import time
 import warnings
 
@@ -29,12 +30,12 @@ import numpy as np
 from tarragon_jax.config import EngineConfig
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore, where
+from tarragon_jax.workers.ray_attention import AttentionActor
+from tarragon_jax.workers.remote_worker import STARTUP_DEADLINE_S, RemoteHandle, RemotePrograms, RemoteWorker
 from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
 from tarragon_jax.workers.transport import DRAIN_S, Transport
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
-PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) in one process
 
 
 class ExpertActor:
@@ -75,58 +76,7 @@ class ExpertActor:
         self.ew.precompile(grid)
 
 
-class RemoteHandle:
-    """A remote EW's identity and liveness from the driver's side; `get` is the bounded wait."""
-
-    def __init__(self, name: str, deadline_s: float):
-        self.name, self.deadline_s, self.alive = name, deadline_s, True
-        self.actor = None
-        self.where: dict = {}             # pid, node (IP), devices: set once the process answered
-
-    def identity(self) -> dict:
-        return dict(self.where)
-
-    def check(self) -> None:
-        if not self.alive:
-            raise WorkerFailed(self.name, "worker is dead")
-
-
-    def get(self, ref, deadline_s: float | None = None):
-        import ray
-        try:
-            return ray.get(ref, timeout=self.deadline_s if deadline_s is None else deadline_s)
-        except ray.exceptions.GetTimeoutError:
-            raise WorkerFailed(self.name, f"no result within the {self.deadline_s:.3f} s deadline") from None
-        except ray.exceptions.RayError as e:             # died, or failed inside (e.g. out of memory)
-            detail = " ".join(str(e).split())[:300]      # why, e.g. an error in its startup
-            raise WorkerFailed(self.name, f"process failed ({type(e).__name__}: {detail})") from None
-
-    def probe(self, timeout_s: float | None = None) -> bool:
-        try:
-            bound = min(self.deadline_s, 5.0) if timeout_s is None else timeout_s
-            return self.alive and bool(self.get(self.actor.ping.remote(), bound))
-        except WorkerFailed:
-            return False
-
-
-class RemotePrograms:
-    """The ProgramLog interface for a remote worker: the shape grid it compiled at startup, which a
-    replacement process compiles too before it joins (what a dead process compiled later is
-    gone with it)."""
-
-    def __init__(self):
-        self.grid = None
-
-    def extend(self, other: "RemotePrograms") -> None:
-        self.grid = self.grid or other.grid
-
-    def replay(self, handle: RemoteHandle) -> int:
-        if self.grid is not None:
-            handle.get(handle.actor.precompile.remote(self.grid), PRECOMPILE_DEADLINE_S)
-        return int(self.grid is not None)
-
-
-class RemoteExpertWorker:
+class RemoteExpertWorker(RemoteWorker):
     """Driver-side proxy with the ExpertWorker interface the engine and controller use."""
 
     def __init__(self, index: int, handle: RemoteHandle, primaries, shadows, runtime: "RayRuntime",
@@ -152,10 +102,6 @@ class RemoteExpertWorker:
         """The answers' refs (the step's one wait finds a dead or late process)."""
         return pending
 
-    def precompile(self, grid) -> None:
-        self.handle.get(self.actor.precompile.remote(grid), PRECOMPILE_DEADLINE_S)
-        self.programs.grid = grid
-
     def rows_served(self) -> int:
         return self.handle.get(self.actor.rows_served.remote())
 
@@ -164,17 +110,6 @@ class RemoteExpertWorker:
         del layer_experts
         self.handle.get(self.actor.load_experts.remote(layer, list(ids)))
         self.slots[layer] += list(ids)
-
-    def hang(self, seconds: float) -> None:
-        """Fault injection: the process stops answering for `seconds` without dying."""
-        self.actor.hang.remote(seconds)
-
-    def kill(self) -> None:
-        """Fault injection: SIGKILL the process. The driver is not told; its next call fails."""
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _leaves(tree):
@@ -272,8 +207,6 @@ class RayRuntime:
     def __init__(self, params: dict, deadline_s: float, compile_cache_dir: str | None = None,
                  address: str | None = None, num_workers: int = 1):
         import ray
-
-        from tarragon_jax.workers.ray_attention import AttentionActor
         experts = params["experts"]
         connect(address, sum(np.asarray(a).nbytes for a in _leaves(params)))
         self.actor_class = ray.remote(num_cpus=0, max_restarts=0)(ExpertActor)
