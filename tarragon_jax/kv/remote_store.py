@@ -70,6 +70,7 @@ class RemoteCheckpointStore:
         self._sent: list = []             # refs of snapshot calls since the last wait()
         self._errors: list[str] = []
         self._closed = False
+        self._final: dict | None = None   # the store's last stats and errors, once closed
         self._thread = threading.Thread(target=self._send, name="kv-store-sender", daemon=True)
         self._thread.start()
 
@@ -130,11 +131,12 @@ class RemoteCheckpointStore:
 
     @property
     def errors(self) -> list[str]:
-        return self._errors + self._call("errors")
+        return self._errors + (self._final["errors"] if self._final else self._call("errors"))
 
     @property
     def stats(self) -> dict:
-        return self._call("stats")
+        """The store's counters (after close(): its last ones, as a local store keeps them)."""
+        return self._final["stats"] if self._final else self._call("stats")
 
     def close(self) -> None:
         """Ship what is queued; the owner also lets the store finish its writes and stops its process."""
@@ -145,6 +147,7 @@ class RemoteCheckpointStore:
             self.wait(self.deadline_s) if self.owner else self._shipped(self.deadline_s)
             if self.owner:
                 self._call("close")
+                self._final = {"stats": self._call("stats"), "errors": self._call("errors")}
         except (StoreUnavailable, TimeoutError) as e:
             log.warning("checkpoint store did not close cleanly: %s", e)
         self._closed = True
