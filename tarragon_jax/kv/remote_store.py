@@ -46,11 +46,8 @@ class StoreActor:
     def info(self) -> dict:
         return {**where(), "devices": ["host memory + Orbax files (ray actor)"], "directory": str(self.store.directory)}
 
-    def snapshot(self, aw: int, refs: list[BlockRef], blocks: np.ndarray) -> None:
-        self.store.snapshot(aw, refs, blocks)
-
     def call(self, name: str, *args):
-        """Every other CheckpointStore method or property, by name."""
+        """A CheckpointStore method or property, by name."""
         got = getattr(self.store, name)
         return got(*args) if callable(got) else got
 
@@ -180,7 +177,7 @@ class RemoteCheckpointStore:
                     _, aw, refs, blocks = item
                     if hasattr(blocks, "block_until_ready"):
                         blocks.block_until_ready()          # the GIL is released while it lands
-                    ref = self.actor.snapshot.remote(aw, refs, np.asarray(blocks)[:len(refs)])
+                    ref = self.actor.call.remote("snapshot", aw, refs, np.asarray(blocks)[:len(refs)])
                     with self._cv:
                         self._sent.append(ref)
                     if len(self._sent) >= SETTLE_EVERY:

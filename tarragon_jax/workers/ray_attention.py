@@ -21,9 +21,10 @@ import time
 import numpy as np
 
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.kv.block_manager import BlockManager
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore, where
 from tarragon_jax.workers.attention_worker import AttentionWorker, RestoreStats
-from tarragon_jax.workers.remote_worker import STARTUP_DEADLINE_S, RemotePrograms, RemoteWorker
+from tarragon_jax.workers.remote_worker import RemoteWorker
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
 from tarragon_jax.workers.sequence import Sequence, SeqState
@@ -120,15 +121,17 @@ class AttentionActor:
         self.aw.precompile(grid)
 
 
-@dataclasses.dataclass
-class PageCounts:
-    """The driver's view of a remote AW's KV pages (capacity, and free pages at its last step)."""
-    capacity: int
-    page_size: int
-    num_free: int
+class PageCounts(BlockManager):
+    """The driver's view of a remote AW's KV pages: the allocator's arithmetic (capacity,
+    pages_for), with the free count the AW's process reported at its last step."""
 
-    def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+    def __init__(self, num_pages: int, page_size: int):
+        super().__init__(num_pages, page_size)
+        self.reported_free = self.capacity
+
+    @property
+    def num_free(self) -> int:
+        return self.reported_free
 
 
 class Assigned:
@@ -174,18 +177,14 @@ class RemoteAttentionWorker(RemoteWorker):
 
     def __init__(self, index: int, handle, runtime, model: ModelConfig, cache: CacheConfig, engine: EngineConfig,
                  ert: RoutingTable, dtype, store: RemoteCheckpointStore | None):
-        self.index, self.handle, self.model = index, handle, model
-        self.actor = handle.actor = runtime.aw_class.options(**runtime.actor_options()).remote(
-            index, model, runtime.attn_ref, cache, engine, ert, str(np.dtype(dtype)),
-            None if store is None else store.actor, runtime.compile_cache_dir)
-        info = handle.get(self.actor.info.remote(), STARTUP_DEADLINE_S)
-        self.pid, self.attention_backend, self.device = info.pop("pid"), info.pop("attention_backend"), info.pop("device")
-        handle.where = {"pid": self.pid, **info}
-        self.blocks = PageCounts(cache.num_pages - 1, cache.page_size, cache.num_pages - 1)
+        self.index, self.model = index, model
+        info = self._spawn(handle, runtime, runtime.aw_class, index, model, runtime.attn_ref, cache, engine, ert,
+                           str(np.dtype(dtype)), None if store is None else store.actor, runtime.compile_cache_dir)
+        self.attention_backend, self.device = info["attention_backend"], info["device"]
+        self.blocks = PageCounts(cache.num_pages, cache.page_size)
         self.scheduler = Assigned(self.actor)
         self.refe = RemoteForwarding(self.actor, handle, ert)
         self.restored = RestoreStats()
-        self.programs = RemotePrograms()
         self._ys: tuple = ()                 # the last MoE layer's answers, for the next call
         self._start = None                   # a prefetched start_step
 
@@ -198,7 +197,7 @@ class RemoteAttentionWorker(RemoteWorker):
         ref, self._start = self._start or self.actor.start_step.remote(), None
         info = self.handle.get(ref)
         if info is not None:
-            self.blocks.num_free, self.restored = info.num_free, info.restored
+            self.blocks.reported_free, self.restored = info.num_free, info.restored
             for rid in info.rids:
                 if rid in self.scheduler.seqs and self.scheduler.seqs[rid].state is SeqState.WAITING:
                     self.scheduler.seqs[rid].state = SeqState.RUNNING

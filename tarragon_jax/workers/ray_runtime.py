@@ -31,9 +31,9 @@ from tarragon_jax.config import EngineConfig
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore, where
 from tarragon_jax.workers.ray_attention import AttentionActor
-from tarragon_jax.workers.remote_worker import STARTUP_DEADLINE_S, RemoteHandle, RemotePrograms, RemoteWorker
+from tarragon_jax.workers.remote_worker import RemoteHandle, RemoteWorker
 from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
-from tarragon_jax.workers.transport import DRAIN_S, Transport
+from tarragon_jax.workers.transport import DRAIN_S, Transport, check_live
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,15 +81,12 @@ class RemoteExpertWorker(RemoteWorker):
 
     def __init__(self, index: int, handle: RemoteHandle, primaries, shadows, runtime: "RayRuntime",
                  backend: str, dtype, top_k: int):
-        self.index, self.handle = index, handle
+        self.index = index
         self.slots = [list(p) + list(s) for p, s in zip(primaries, shadows)]
         self.n_primary = [len(p) for p in primaries]
-        self.actor = handle.actor = runtime.actor_class.options(**runtime.actor_options()).remote(
-            index, primaries, shadows, runtime.experts_ref, backend, dtype, top_k, runtime.compile_cache_dir)
-        info = handle.get(self.actor.info.remote(), STARTUP_DEADLINE_S)
-        self.pid, self.platform, self.backend = info.pop("pid"), info.pop("platform"), info.pop("backend")
-        handle.where = {"pid": self.pid, **info}
-        self.programs = RemotePrograms()
+        info = self._spawn(handle, runtime, runtime.actor_class, index, primaries, shadows, runtime.experts_ref,
+                           backend, dtype, top_k, runtime.compile_cache_dir)
+        self.platform, self.backend = info["platform"], info["backend"]
 
     def run_layer(self, layer: int, bufs: list) -> list:
         """Call the process with every AW's buffer (refs: Ray moves the data from the AW's process
@@ -112,14 +109,6 @@ class RemoteExpertWorker(RemoteWorker):
         self.slots[layer] += list(ids)
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        return [a for v in tree.values() for a in _leaves(v)]
-    if isinstance(tree, (list, tuple)):
-        return [a for v in tree for a in _leaves(v)]
-    return [tree]
-
-
 class RayTransport(Transport):
     """The transport between worker processes: every value is an ObjectRef that Ray moves from
     its producer's process to its consumer's; the driver forwards refs, never data."""
@@ -129,11 +118,7 @@ class RayTransport(Transport):
         self.runtime = runtime
 
     def send_all(self, items: list[tuple]) -> list:
-        for _, dst, src in items:
-            if not src.alive:
-                raise WorkerFailed(src.name, "worker is dead")
-            if not dst.alive:
-                raise WorkerFailed(dst.name, "send to a dead worker")
+        check_live(items)
         return [ref for ref, _, _ in items]
 
     def wait(self, results: dict, trail: list[tuple[object, int, object]]) -> dict:
@@ -206,9 +191,10 @@ class RayRuntime:
 
     def __init__(self, params: dict, deadline_s: float, compile_cache_dir: str | None = None,
                  address: str | None = None, num_workers: int = 1):
+        import jax
         import ray
         experts = params["experts"]
-        connect(address, sum(np.asarray(a).nbytes for a in _leaves(params)))
+        connect(address, sum(np.asarray(a).nbytes for a in jax.tree.leaves(params)))
         self.actor_class = ray.remote(num_cpus=0, max_restarts=0)(ExpertActor)
         self.aw_class = ray.remote(num_cpus=0, max_restarts=0)(AttentionActor)
         self.experts_ref, self.attn_ref = ray.put(experts), ray.put(params["attn"])

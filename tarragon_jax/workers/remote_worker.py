@@ -65,8 +65,17 @@ class RemotePrograms:
 
 
 class RemoteWorker:
-    """What every driver-side proxy of a worker process does the same way (self.handle, .actor,
-    .pid, .programs are set by the subclass)."""
+    """What every driver-side proxy of a worker process does the same way."""
+
+    def _spawn(self, handle: RemoteHandle, runtime, actor_class, *args) -> dict:
+        """Start the worker's process where the runtime places it and wait for it to answer;
+        returns what it reports of itself (its pid and node go on the handle)."""
+        self.handle, self.programs = handle, RemotePrograms()
+        self.actor = handle.actor = actor_class.options(**runtime.actor_options()).remote(*args)
+        info = handle.get(self.actor.info.remote(), STARTUP_DEADLINE_S)
+        self.pid = info["pid"]
+        handle.where = {k: v for k, v in info.items() if k in ("pid", "node", "node_id", "devices")}
+        return info
 
     def precompile(self, grid) -> None:
         self.handle.get(self.actor.precompile.remote(grid), PRECOMPILE_DEADLINE_S)

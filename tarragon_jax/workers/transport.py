@@ -21,6 +21,15 @@ from tarragon_jax.workers.runtime import WorkerHandle, copy_arrays
 DRAIN_S = 60.0     # how long a replay waits for a late worker's dispatched work to finish
 
 
+def check_live(items: list[tuple]) -> None:
+    """WorkerFailed for the first dead source or destination of (value, destination, source)."""
+    for _, dst, src in items:
+        if not src.alive:
+            raise WorkerFailed(src.name, "worker is dead")
+        if not dst.alive:
+            raise WorkerFailed(dst.name, "send to a dead worker")
+
+
 class Transport:
     def __init__(self, deadline_s: float):
         self.deadline_s = deadline_s
@@ -31,13 +40,9 @@ class Transport:
 
     def send_all(self, items: list[tuple[jax.Array, object, object]]) -> list:
         """Many transfers at once: (array, destination, source) -> the array on the destination.
-        Copies between local meshes go out in one call (runtime.copy_arrays); a remote worker
-        gets a host copy (dst.put). Raises WorkerFailed for the first dead source or destination."""
-        for _, dst, src in items:
-            if not src.alive:
-                raise WorkerFailed(src.name, "worker is dead")
-            if not dst.alive:
-                raise WorkerFailed(dst.name, "send to a dead worker")
+        Copies between local meshes go out in one call (runtime.copy_arrays); a host array goes
+        through dst.put. Raises WorkerFailed for the first dead source or destination."""
+        check_live(items)
         local = [i for i, (a, dst, _) in enumerate(items) if isinstance(dst, WorkerHandle) and isinstance(a, jax.Array)]
         out = [None] * len(items)
         for i, y in zip(local, copy_arrays([items[i][0] for i in local], [items[i][1] for i in local])):
