@@ -185,6 +185,20 @@ def test_snapshot_does_not_wait_on_storage(store, monkeypatch):
     assert store.stats["save_max_s"] >= 0.5 > store.stats["blocked_max_s"]
 
 
+def test_sums_from_the_device_read_are_kept_and_checked(store):
+    """An AW passes the checksums its read program computed; the store keeps those (a wrong one
+    is found at restore, so they are what it checks) and never recomputes them on ingest."""
+    from tarragon_jax.kv.checksum import block_sums_host
+    x = rand_blocks(3, 15)
+    sums = block_sums_host(x)
+    store.snapshot(0, refs(12, range(3)), jax.device_put(x), jax.device_put(sums))
+    store.snapshot(0, refs(13, [0]), x[:1], sums[1:2])           # the wrong block's sum
+    store.wait()
+    np.testing.assert_array_equal(store.restore(12), x)
+    with pytest.raises(SnapshotCorrupt, match="request 13 block 0: checksum mismatch in the memory-tier"):
+        store.restore(13)
+
+
 def test_device_array_on_non_default_device(store):
     x = rand_blocks(3, 14)
     dev = jax.device_put(x, jax.devices()[3])

@@ -2,7 +2,8 @@
 
 An AW hands `snapshot()` a device array of whole KV blocks; the call only starts the device->host
 copy and enqueues, so the decode loop never waits on storage. One background thread (low CPU
-priority) turns each snapshot into numpy and checksums every block (crc32). With the memory tier
+priority) turns each snapshot into numpy and keeps every block's checksum (kv/checksum.py: computed
+by the AW's read program, or here in one vectorized pass). With the memory tier
 (the paper's DRAM bucket of the store) the blocks *commit* right then; every `flush_interval_s`
 the window's blocks of each AW are written as one Orbax checkpoint (`directory/aw{aw}/{seq:08d}`,
 one array `{"blocks": [n, L, parts, page_size, kv, hd]}`; the manifest knows each block's row),
@@ -29,12 +30,13 @@ import tempfile
 import threading
 import time
 import weakref
-import zlib
 from typing import Any, Callable
 
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from tarragon_jax.kv.checksum import block_sums_host
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class _Entry:
     """Where a committed block lives and what it must hash to."""
     path: str | None      # checkpoint directory holding it; None until persisted (memory tier only)
     key: str
-    crc: int
+    sum: int              # kv/checksum.py's block_sums of the block
     shape: tuple
     dtype: np.dtype
     seq: int
@@ -78,7 +80,8 @@ class _Job:
     blocks: Any           # jax.Array (host copy in flight) or np.ndarray, [n, L, parts, ps, kv, hd]
     epochs: list[int]     # per ref: the request's drop epoch when enqueued (stale -> not committed)
     life: int = 0         # the sending AW's life (abandon() ends it): a dead AW's copy never lands
-    host: list = dataclasses.field(default_factory=list)   # (ref, block, crc, epoch) once ingested
+    sums: Any = None      # [n] uint32 block checksums (device or host), None: computed on ingest
+    host: list = dataclasses.field(default_factory=list)   # (ref, block, sum, epoch) once ingested
 
 
 _FLUSH = object()          # queue token: wait()/close() want the current window written now
@@ -92,8 +95,15 @@ def check_snapshot(refs: list[BlockRef], shape: tuple) -> None:
         raise ValueError(f"duplicate BlockRefs in one snapshot: {refs}")
 
 
-def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+def start_host_copy(*arrays) -> None:
+    """Start the device->host copy of a snapshot's device arrays (nothing for host arrays)."""
+    for a in arrays:
+        if hasattr(a, "copy_to_host_async"):
+            a.copy_to_host_async()
+
+
+def _tier(memory_copy, e: _Entry) -> str:
+    return "memory-tier" if memory_copy is not None else f"disk ({e.path})"
 
 
 class _Timer:
@@ -167,24 +177,24 @@ class CheckpointStore:
         _close_before_exit(self)
 
     # ---- engine-side API ---------------------------------------------------------------------
-    def snapshot(self, aw: int, refs: list[BlockRef], blocks) -> None:
+    def snapshot(self, aw: int, refs: list[BlockRef], blocks, sums=None) -> None:
         """Queue blocks [n, L, parts, page_size, kv, hd] for a durable write; returns without waiting.
         n may exceed len(refs): the rows past it are padding of a bucketed device read (sliced
-        on the host, so the device never runs a per-count slice program)."""
+        on the host, so the device never runs a per-count slice program). sums: their [n]
+        checksums (kv_cache.read_blocks computes them with the read); None: computed here."""
         t0 = self._clock()
         shape = tuple(blocks.shape)
         check_snapshot(refs, shape)
         if not refs:
             return
-        if hasattr(blocks, "copy_to_host_async"):
-            blocks.copy_to_host_async()
+        start_host_copy(blocks, sums)
         with self._lock:
             if self._closed:
                 raise RuntimeError("snapshot() on a closed CheckpointStore")
             seq, self._seq = self._seq, self._seq + 1
             self._pending += 1
             job = _Job(seq, aw, list(refs), blocks, [self._epoch.get(r.request_id, 0) for r in refs],
-                       self._life.get(aw, 0))
+                       self._life.get(aw, 0), sums)
             self._n_snapshots += 1
             self._n_blocks += len(refs)
             self._n_bytes += len(refs) * int(np.prod(shape[1:])) * np.dtype(blocks.dtype).itemsize
@@ -232,13 +242,15 @@ class CheckpointStore:
             for b in bs:
                 out[b] = got[chosen[b].key]
         for b, (e, a) in enumerate(zip(chosen, out)):
-            tier = "memory-tier" if mem[b] is not None else f"disk ({e.path})"
             if a.shape != e.shape or a.dtype != e.dtype:
-                raise SnapshotCorrupt(f"request {request_id} block {b}: {tier} copy has {a.dtype}{a.shape}, "
-                                      f"snapshot was {e.dtype}{e.shape}")
-            if _crc(a) != e.crc:
-                raise SnapshotCorrupt(f"request {request_id} block {b}: checksum mismatch in the {tier} copy")
-        return np.stack(out)
+                raise SnapshotCorrupt(f"request {request_id} block {b}: {_tier(mem[b], e)} copy has "
+                                      f"{a.dtype}{a.shape}, snapshot was {e.dtype}{e.shape}")
+        blocks = np.stack(out)
+        for b, got in enumerate(block_sums_host(blocks)):
+            if got != chosen[b].sum:
+                raise SnapshotCorrupt(f"request {request_id} block {b}: checksum mismatch in the "
+                                      f"{_tier(mem[b], chosen[b])} copy")
+        return blocks
 
     def drop(self, request_id: int) -> None:
         """Forget a finished request; in-flight snapshots of it will not commit; files go lazily."""
@@ -416,17 +428,16 @@ class CheckpointStore:
         if lost:                                     # its AW died before the copy landed
             job.blocks, job.host = None, []
             return
-        host = np.array(job.blocks)[:len(job.refs)]  # the async host copy; owns its memory
-        job.blocks = None
-        job.host = []
-        for i, r in enumerate(job.refs):
-            blk = host[i] if len(job.refs) == 1 else host[i].copy()
-            blk.flags.writeable = False
-            job.host.append((r, blk, _crc(blk), job.epochs[i]))
+        n = len(job.refs)
+        host = np.asarray(job.blocks)[:n]            # the host copy (CPU: the buffer itself)
+        host.flags.writeable = False                 # its rows (views, no copy each) are the blocks
+        sums = block_sums_host(host) if job.sums is None else np.asarray(job.sums)[:n]
+        job.blocks = job.sums = None
+        job.host = list(zip(job.refs, host, sums.tolist(), job.epochs))
         if not self.memory_tier:
             return
         with self._lock:
-            for r, blk, crc, epoch in job.host:
+            for r, blk, sum_, epoch in job.host:
                 if self._epoch.get(r.request_id, 0) != epoch:
                     continue                         # dropped while in flight
                 blocks = self._manifest.setdefault(r.request_id, {})
@@ -434,10 +445,10 @@ class CheckpointStore:
                 if old is not None and old.path is not None and self._unref(old.path):
                     self._pending += 1
                     self._queue.put(old.path)
-                blocks[r.block] = _Entry(None, r.key, crc, blk.shape, blk.dtype, job.seq, job.aw)
+                blocks[r.block] = _Entry(None, r.key, sum_, blk.shape, blk.dtype, job.seq, job.aw)
                 self._memory[(r.request_id, r.block)] = blk
 
-    def _wanted(self, r: BlockRef, blk, crc, epoch: int, job: _Job) -> bool:
+    def _wanted(self, r: BlockRef, blk, sum_, epoch: int, job: _Job) -> bool:
         """Caller holds the lock: the block's request was not dropped since the snapshot, and (with
         the memory tier) no newer snapshot of the block replaced it."""
         if self._epoch.get(r.request_id, 0) != epoch:
@@ -452,7 +463,7 @@ class CheckpointStore:
         holding only blocks still wanted: a request that finished within the window is never
         written (it had been, then deleted). Without the memory tier this is when blocks commit."""
         t0 = self._clock()
-        latest = {r.key: (r, blk, crc, epoch, job) for job in jobs for r, blk, crc, epoch in job.host}
+        latest = {r.key: (r, blk, sum_, epoch, job) for job in jobs for r, blk, sum_, epoch in job.host}
         with self._lock:                             # a finished request's blocks are not worth a write
             latest = {k: v for k, v in latest.items() if self._wanted(*v)}
         if not latest:
@@ -462,7 +473,7 @@ class CheckpointStore:
         self._n_saved += len(latest)
         dead = []
         with self._lock:
-            for row, (k, (r, blk, crc, epoch, job)) in enumerate(latest.items()):
+            for row, (k, (r, blk, sum_, epoch, job)) in enumerate(latest.items()):
                 if self._epoch.get(r.request_id, 0) != epoch:
                     continue                         # dropped while in flight
                 blocks = self._manifest.setdefault(r.request_id, {})
@@ -471,7 +482,7 @@ class CheckpointStore:
                     continue                         # replaced by a newer snapshot since
                 if old is not None and old.path is not None and self._unref(old.path):
                     dead.append(old.path)
-                blocks[r.block] = _Entry(str(path), k, crc, blk.shape, blk.dtype, job.seq, job.aw, row)
+                blocks[r.block] = _Entry(str(path), k, sum_, blk.shape, blk.dtype, job.seq, job.aw, row)
                 self._live[str(path)] = self._live.get(str(path), 0) + 1
             if str(path) not in self._live:
                 dead.append(str(path))               # every block dropped or replaced before it landed

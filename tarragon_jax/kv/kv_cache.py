@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from tarragon_jax.config import CacheConfig, ModelConfig
+from tarragon_jax.kv import checksum
 
 
 def allocate_pages(model: ModelConfig, cache: CacheConfig, sharding: jax.sharding.Sharding, dtype) -> list[dict]:
@@ -20,10 +21,19 @@ def allocate_pages(model: ModelConfig, cache: CacheConfig, sharding: jax.shardin
             for _ in range(model.n_layers)]
 
 
+def block_sums(blocks_N: jax.Array) -> jax.Array:
+    """[N] uint32 checksums of blocks [N, ...] on the device (kv/checksum.py)."""
+    word = checksum.word_type(jnp.dtype(blocks_N.dtype).itemsize)
+    words = jax.lax.bitcast_convert_type(blocks_N, word).astype(jnp.uint32).reshape(blocks_N.shape[0], -1)
+    return checksum.weighted_sums(words, jnp)
+
+
 @jax.jit
-def read_blocks(pages: list[dict], page_ids_N: jax.Array) -> jax.Array:
-    """[N, L, parts, page_size, heads, dim]: the pages of N blocks across every layer."""
-    return jnp.stack([jnp.stack([p[part][page_ids_N] for part in sorted(p)], axis=1) for p in pages], axis=1)
+def read_blocks(pages: list[dict], page_ids_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """([N, L, parts, page_size, heads, dim], [N] uint32): the pages of N blocks across every
+    layer, and each block's checksum (the store keeps it to verify restored copies)."""
+    blocks = jnp.stack([jnp.stack([p[part][page_ids_N] for part in sorted(p)], axis=1) for p in pages], axis=1)
+    return blocks, block_sums(blocks)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -19,7 +19,8 @@ import threading
 
 import numpy as np
 
-from tarragon_jax.kv.checkpoint_store import BlockRef, CheckpointStore, SnapshotMissing, check_snapshot
+from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, SnapshotMissing, check_snapshot,
+                                              start_host_copy)
 
 log = logging.getLogger(__name__)
 STARTUP_DEADLINE_S = 120.0       # the actor process imports orbax (and jax)
@@ -84,13 +85,12 @@ class RemoteCheckpointStore:
         return {k: v for k, v in self.where.items() if k != "directory"}
 
     # ---- the engine's side ---------------------------------------------------------------------
-    def snapshot(self, aw: int, refs: list[BlockRef], blocks) -> None:
+    def snapshot(self, aw: int, refs: list[BlockRef], blocks, sums=None) -> None:
         check_snapshot(refs, tuple(blocks.shape))
         if not refs:
             return
-        if hasattr(blocks, "copy_to_host_async"):
-            blocks.copy_to_host_async()
-        self._put(("snap", aw, list(refs), blocks))
+        start_host_copy(blocks, sums)
+        self._put(("snap", aw, list(refs), blocks, sums))
 
     def drop(self, request_id: int) -> None:
         self._put(("drop", request_id))
@@ -174,10 +174,12 @@ class RemoteCheckpointStore:
                 if item[0] == "drop":
                     self.actor.call.remote("drop", item[1])
                 else:
-                    _, aw, refs, blocks = item
+                    _, aw, refs, blocks, sums = item
                     if hasattr(blocks, "block_until_ready"):
                         blocks.block_until_ready()          # the GIL is released while it lands
-                    ref = self.actor.call.remote("snapshot", aw, refs, np.asarray(blocks)[:len(refs)])
+                    n = len(refs)
+                    ref = self.actor.call.remote("snapshot", aw, refs, np.asarray(blocks)[:n],
+                                                 None if sums is None else np.asarray(sums)[:n])
                     with self._cv:
                         self._sent.append(ref)
                     if len(self._sent) >= SETTLE_EVERY:

@@ -212,8 +212,8 @@ class AttentionWorker:
         tables = {rid: self.blocks.block_table(rid) for rid in {r.request_id for r in refs}}
         ids = np.zeros(bucket(len(refs), 4), np.int32)       # the pages, padded with the sink page 0
         ids[:len(refs)] = [tables[r.request_id][r.block] for r in refs]
-        blocks = self.programs.call(read_blocks, self.pages, ids)     # ids travel with the call
-        self.store.snapshot(self.index, refs, blocks)
+        blocks, sums = self.programs.call(read_blocks, self.pages, ids)     # ids travel with the call
+        self.store.snapshot(self.index, refs, blocks, sums)
 
     def precompile(self, grid: ShapeGrid) -> None:
         """Run every stage program once at every grid shape, on zeros routed to the sink page
@@ -238,7 +238,7 @@ class AttentionWorker:
                 call(stage.head, m, self.params, out, ys, zeros(R), zeros(R, np.float32), zeros(R, np.float32),
                      zeros(R, np.uint32), zeros(R))
         for N in grid.blocks:
-            blocks = call(read_blocks, self.pages, np.zeros(N, np.int32))     # host ids, as _snapshot passes
+            blocks, _ = call(read_blocks, self.pages, np.zeros(N, np.int32))     # host ids, as _snapshot passes
             self.pages = call(write_blocks, self.pages, zeros(N), blocks)
 
     def release(self, seq: Sequence) -> bool:
