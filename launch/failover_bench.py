@@ -12,7 +12,7 @@ Every row's tokens are checked against a separate failure-free run of the same w
 resilience off). Per row: stall (longest inter-token gap of an in-flight request across the
 failure minus the pre-failure median gap), zero-throughput window, tokens recomputed, compiles on
 the serving thread inside the recovery window (from the failure until every request in flight at
-it has its next token), throughput, lost requests, and the recovery breakdown. Medians of
+it has its next token; under --runtime ray also those of the serving worker processes), throughput, lost requests, and the recovery breakdown. Medians of
 `--repeats` with every run kept. Ratios restart/tarragon use no floor: where Tarragon's stall is
 within the jitter of the failure-free runs (their p90 "stall" over instants: the resolution), the
 values are reported as they are and the ratio as a lower bound. Also: the no-failure overhead of
@@ -48,7 +48,7 @@ flags.DEFINE_float("hang_deadline_s", 0.1, "ew_hang: the step deadline that find
 flags.DEFINE_float("disk_flush_s", 0.1, "aw_failure_disk: the Orbax write window (blocks commit once written).")
 flags.DEFINE_list("restore_lengths", ["64", "128", "256", "512"], "Decoded lengths for restore vs re-prefill.")
 flags.DEFINE_integer("overhead_requests", 96, "Requests of the saturated no-failure overhead runs.")
-flags.DEFINE_integer("overhead_repeats", 12, "Off/on pairs, in ABBA order, for the overhead ratio.")
+flags.DEFINE_integer("overhead_repeats", 16, "Off/on pairs, in ABBA order, for the overhead ratio.")
 flags.DEFINE_integer("overhead_passes", 24, "Timed passes over the requests per engine of a pair: a sample should "
                      "last about one Orbax write window (--snapshot_flush_s), whose writes it pays for.")
 flags.DEFINE_float("bucket_s", 0.1, "Timeline bucket for the plot.")
@@ -141,12 +141,14 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
     # no_failure: the same measures at the same instant, a failure-free run's jitter (the resolution)
     t_fail = min(kills) if kills else t0 + FLAGS.fail_at_s
     t_back = recovered_at(times, t_fail)
+    in_workers = sum(t_fail <= t <= t_back for t in worker_compiles(eng))
     step_s = statistics.median(g for r in times for g in r.gaps_s) if any(r.gaps_s for r in times) else None
     res = {"name": scenario, "recovery": recovery, "outputs": outputs,
            "stall_s": stall_around(times, t_fail),
            "jitter_s": None if kills else jitter(times, t0, FLAGS.duration_s),
            "zero_throughput_s": zero_throughput_window(times, t_fail),
-           "compiles_in_recovery": watch.count(t_fail, t_back, serving=True),
+           "compiles_in_recovery": watch.count(t_fail, t_back, serving=True) + in_workers,
+           "worker_process_compiles": in_workers,
            "background_compiles": watch.count(t_fail, t_back, serving=False),
            "tokens_recomputed": sum(a.restored.tokens_recomputed for a in eng.aws) + sum(r.tokens_recomputed for r in recs),
            "rows_replayed": eng.replayed_rows,
@@ -169,6 +171,16 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
                          "restart_s": recs[0].restart_s if recs else None}}
     eng.close()
     return res
+
+
+def worker_compiles(eng) -> list[float]:
+    """Under --runtime ray: when each live worker process compiled while serving (CompileLog),
+    on the engine's clock (same host); a dead process's are gone with it, a replacement's replay
+    before it joined is not serving. Empty for the local runtime (the driver's watch sees all)."""
+    from tarragon_jax.workers.remote_worker import RemoteWorker
+    offset = time.time() - eng.metrics.clock()
+    return [t - offset for w in eng.aws + eng.ews if isinstance(w, RemoteWorker) and w.handle.alive
+            for t in w.compile_times()]
 
 
 def jitter(times, t0: float, span_s: float) -> dict:
@@ -252,7 +264,15 @@ def overhead(cfg, params, reload) -> dict:
     ratios = [off / on for off, on in zip(tput[False], tput[True])]
     cpu_ratios = [off / on for off, on in zip(cpu[False], cpu[True])]
     return {"off_tok_s": tput[False], "on_tok_s": tput[True], "ratios": ratios, "ratio": statistics.median(ratios),
-            "cpu_ratios": cpu_ratios, "cpu_ratio": statistics.median(cpu_ratios)}
+            "ratio_ci95": median_ci95(ratios), "cpu_ratios": cpu_ratios, "cpu_ratio": statistics.median(cpu_ratios)}
+
+
+def median_ci95(xs: list[float], draws: int = 10000, seed: int = 0) -> list[float]:
+    """Bootstrap 95% interval of the median: how far this machine's noise lets the pairs pin it."""
+    import numpy as np
+    x = np.asarray(xs)
+    meds = np.median(np.random.default_rng(seed).choice(x, (draws, len(x))), axis=1)
+    return [float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))]
 
 
 def restore_vs_reprefill(cfg, params, reload) -> list[dict]:
@@ -358,7 +378,7 @@ def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
         print(f"ew_hang: detected after {', '.join(f'{d * 1e3:.0f}' for d in detect if d is not None)} ms; deadline "
               f"{r['deadline_s'] * 1e3:.0f} ms + one step {r['step_s'] * 1e3:.1f} ms")
     print(f"no-failure overhead (throughput resilience off/on, median of {FLAGS.overhead_repeats} ABBA pairs): "
-          f"{over['ratio']:.4f} (per pair {', '.join(f'{x:.3f}' for x in over['ratios'])}); in tokens per CPU "
+          f"{over['ratio']:.4f}, 95% interval {over['ratio_ci95'][0]:.3f}-{over['ratio_ci95'][1]:.3f} (per pair {', '.join(f'{x:.3f}' for x in over['ratios'])}); in tokens per CPU "
           f"second of this process: {over['cpu_ratio']:.4f} (per pair {', '.join(f'{x:.3f}' for x in over['cpu_ratios'])})")
     print("restore (the next token after the AW died; in brackets reading the snapshots into pages) vs "
           "re-prefill: " + "; ".join(

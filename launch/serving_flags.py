@@ -42,7 +42,7 @@ flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart", "restart_regen
 flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
 flags.DEFINE_float("shadow_budget", 1.0, "Fraction of an EW's primary-expert memory spent on shadow experts.")
 flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax path); default: a temp dir.")
-flags.DEFINE_float("snapshot_interval_s", 0.1, "An AW hands newly filled KV blocks to the checkpoint store at "
+flags.DEFINE_float("snapshot_interval_s", 0.05, "An AW hands newly filled KV blocks to the checkpoint store at "
                    "most this often (a block commits up to this much later; 0: every step).")
 flags.DEFINE_float("snapshot_flush_s", 10.0, "KV snapshots within this window share one Orbax write (commit is at once, in the store memory; the files are a second tier).")
 flags.DEFINE_float("transfer_deadline_s", 30.0, "Bounded wait on every cross-worker transfer.")

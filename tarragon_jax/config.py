@@ -162,7 +162,7 @@ class EngineConfig:
     shadow_budget: float = 1.0         # fraction of an EW's primary-expert memory spent on shadows
     checkpoint_dir: str | None = None  # KV snapshots (any Orbax path); None: a fresh dir under the temp dir
     snapshot_flush_s: float = 10.0     # KV snapshots within this window share one Orbax write (durability lag)
-    snapshot_interval_s: float = 0.1   # an AW hands its newly filled KV blocks to the store at most this
+    snapshot_interval_s: float = 0.05  # an AW hands its newly filled KV blocks to the store at most this
                                        # often (each call costs the decode loop ~0.3 ms of host time; a
                                        # block commits up to this much later; 0: every step)
     snapshot_memory_tier: bool = True  # blocks commit in the store's host memory at once; off: only once

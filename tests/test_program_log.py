@@ -1,7 +1,9 @@
+import time
+
 import jax
 import numpy as np
 
-from tarragon_jax.workers.program_log import ProgramLog
+from tarragon_jax.workers.program_log import CompileLog, ProgramLog
 from tarragon_jax.workers.runtime import LocalRuntime
 
 
@@ -21,3 +23,19 @@ def test_logs_compiled_shapes_and_replays_them_on_another_worker():
     other = ProgramLog()
     other.extend(log)
     assert other.replay(b) == 1 and f._cache_size() == before + 1   # compiled for b's device
+
+
+def test_compile_log_counts_serving_compiles_only():
+    """A worker process's CompileLog: a compile while serving is logged with its wall time; one
+    inside warming() (startup, precompile, a replacement's replay) is not; a cached call is none."""
+    log = CompileLog()
+    scale = float(np.random.default_rng().uniform(2, 3))
+    warm = jax.jit(lambda x: x * scale)
+    with log.warming():
+        warm(np.ones(3, np.float32))
+    assert log.times == []
+    t0 = time.time()
+    jax.jit(lambda x: x + scale)(np.ones(4, np.float32))
+    assert len(log.times) == 1 and t0 <= log.times[0] <= time.time()
+    warm(np.ones(3, np.float32))                              # compiled already
+    assert len(log.times) == 1

@@ -49,6 +49,8 @@ def test_sigkilled_ew_process_is_masked_and_replaced(model):
     assert ew_rec.replacement_ready_s is not None and eng.ews[1].pid not in pids
     assert eng.ews[1].programs.grid is not None          # the new process compiled the grid too
     assert aw_rec.worker == "aw0" and aw_rec.requests_moved > 0
+    # precompile="all": no process compiled while serving (a replacement's replay is warm-up)
+    assert all(w.compile_times() == [] for w in eng.aws + eng.ews if w.handle.alive)
     eng.close()
 
 
@@ -59,6 +61,8 @@ def test_restart_baseline_rebuilds_the_processes(model):
     assert eng.generate(PROMPTS, SamplingParams(max_new_tokens=10)) == want
     assert eng.controller.records[0].restart_s > 0
     assert not set(pids) & {ew.pid for ew in eng.ews}
+    t = time.time()        # the rebuilt processes compile on first use, while serving: counted
+    assert all(0 < len(ts) and max(ts) < t for ts in (w.compile_times() for w in eng.aws + eng.ews))
     eng.close()
 
 

@@ -217,8 +217,10 @@ class AttentionWorker:
 
     def precompile(self, grid: ShapeGrid) -> None:
         """Run every stage program once at every grid shape, on zeros routed to the sink page
-        (the padding path of a real step), so no serving step compiles. Programs are logged, so a
-        replacement of this AW compiles the same set before it joins."""
+        (the padding path of a real step), so no serving step compiles, and the heartbeat's probe
+        program. Programs are logged, so a replacement of this AW compiles the same set before it
+        joins."""
+        self.handle.probe()
         def zeros(shape, dtype=np.int32):
             return self.handle.put(np.zeros(shape, dtype))
 

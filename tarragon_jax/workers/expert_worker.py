@@ -49,7 +49,9 @@ class ExpertWorker:
 
     def precompile(self, grid: ShapeGrid) -> None:
         """Run the layer program once at every grid shape (token bucket x number of sending AWs)
-        on buffers routed nowhere, so no serving step compiles (programs are logged)."""
+        on buffers routed nowhere, so no serving step compiles (programs are logged), and the
+        heartbeat's probe program."""
+        self.handle.probe()
         d = self.weights[0]["w_down"][0].shape[-1]
         for T in grid.tokens:
             buf = np.zeros((T, wire.width(d, 2 * self.top_k, self.dtype)), self.dtype)

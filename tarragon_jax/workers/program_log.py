@@ -8,7 +8,9 @@ cache this is mostly a cache read).
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import time
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -47,3 +49,26 @@ class ProgramLog:
 
     def extend(self, other: "ProgramLog") -> None:
         self._seen.update(other._seen)
+
+
+class CompileLog:
+    """Wall-clock times of the XLA compiles (or persistent-cache loads) this process ran while
+    serving, i.e. outside `warming()` (startup, precompile, a replacement's replay). A worker
+    process keeps one, so the failover bench can count the compiles inside a recovery in every
+    process, not only the driver's. One per process: jax.monitoring listeners are process-wide."""
+
+    def __init__(self):
+        from jax._src import dispatch
+        self.times: list[float] = []
+        self._warming = 0
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, duration, **kw: event == dispatch.BACKEND_COMPILE_EVENT and not self._warming
+            and self.times.append(time.time()))
+
+    @contextlib.contextmanager
+    def warming(self) -> Iterator[None]:
+        self._warming += 1
+        try:
+            yield
+        finally:
+            self._warming -= 1

@@ -24,7 +24,8 @@ from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
 from tarragon_jax.kv.block_manager import BlockManager
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore, where
 from tarragon_jax.workers.attention_worker import AttentionWorker, RestoreStats
-from tarragon_jax.workers.remote_worker import RemoteWorker
+from tarragon_jax.workers.program_log import CompileLog
+from tarragon_jax.workers.remote_worker import RemoteWorker, WorkerProcess
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
 from tarragon_jax.workers.sequence import Sequence, SeqState
@@ -45,7 +46,7 @@ class StepInfo:
         return dataclasses.replace(self, T=max(T, self.T))
 
 
-class AttentionActor:
+class AttentionActor(WorkerProcess):
     """Runs inside the AW's process: one AttentionWorker on the process's first device."""
 
     def __init__(self, index: int, model: ModelConfig, attn_params: dict, cache: CacheConfig, engine: EngineConfig,
@@ -55,8 +56,10 @@ class AttentionActor:
             use_compile_cache(compile_cache_dir)
         client = (RemoteCheckpointStore(store, memory_tier=engine.snapshot_memory_tier,
                                         deadline_s=engine.transfer_deadline_s) if store is not None else None)
-        self.aw = AttentionWorker(index, WorkerHandle(f"aw{index}", (jax.devices()[0],)), model, attn_params, cache,
-                                  engine, ert, jax.numpy.dtype(dtype), client, time.perf_counter)
+        self.compiles = CompileLog()
+        with self.compiles.warming():
+            self.aw = AttentionWorker(index, WorkerHandle(f"aw{index}", (jax.devices()[0],)), model, attn_params,
+                                      cache, engine, ert, jax.numpy.dtype(dtype), client, time.perf_counter)
         self.batch = None
 
     def info(self) -> dict:
@@ -67,9 +70,6 @@ class AttentionActor:
 
     def ping(self) -> bool:
         return self.aw.handle.probe()
-
-    def hang(self, seconds: float) -> None:
-        time.sleep(seconds)
 
     def add(self, seq: Sequence) -> None:
         self.aw.scheduler.add(seq)
@@ -118,7 +118,8 @@ class AttentionActor:
         self.aw.refe.publish(ert)
 
     def precompile(self, grid) -> None:
-        self.aw.precompile(grid)
+        with self.compiles.warming():
+            self.aw.precompile(grid)
 
 
 class PageCounts(BlockManager):

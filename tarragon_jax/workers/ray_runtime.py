@@ -22,7 +22,6 @@ part (an EW: its primaries and shadows, and any orphaned expert it is told to lo
 from __future__ import annotations
 
 import os
-import time
 import warnings
 
 import numpy as np
@@ -30,15 +29,16 @@ import numpy as np
 from tarragon_jax.config import EngineConfig
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore, where
+from tarragon_jax.workers.program_log import CompileLog
 from tarragon_jax.workers.ray_attention import AttentionActor
-from tarragon_jax.workers.remote_worker import RemoteHandle, RemoteWorker
+from tarragon_jax.workers.remote_worker import RemoteHandle, RemoteWorker, WorkerProcess
 from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
 from tarragon_jax.workers.transport import DRAIN_S, Transport, check_live
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class ExpertActor:
+class ExpertActor(WorkerProcess):
     """Runs inside the actor process: one ExpertWorker on the process's first device."""
 
     def __init__(self, index: int, primaries, shadows, experts: list[dict], backend: str, dtype, top_k: int,
@@ -47,9 +47,10 @@ class ExpertActor:
         if compile_cache_dir:
             use_compile_cache(compile_cache_dir)
         from tarragon_jax.workers.expert_worker import ExpertWorker
-        self.experts = experts
-        self.ew = ExpertWorker(index, WorkerHandle(f"ew{index}", (jax.devices()[0],)), primaries, shadows,
-                               experts, backend, dtype, top_k)
+        self.experts, self.compiles = experts, CompileLog()
+        with self.compiles.warming():
+            self.ew = ExpertWorker(index, WorkerHandle(f"ew{index}", (jax.devices()[0],)), primaries, shadows,
+                                   experts, backend, dtype, top_k)
 
     def info(self) -> dict:
         return {**where(), "platform": self.ew.handle.devices[0].platform, "backend": self.ew.backend,
@@ -57,9 +58,6 @@ class ExpertActor:
 
     def ping(self) -> bool:
         return self.ew.handle.probe()
-
-    def hang(self, seconds: float) -> None:
-        time.sleep(seconds)                 # the calls queued behind this one wait: a hung process
 
     def run_layer(self, layer: int, *bufs: np.ndarray):
         """One AW's buffer per argument (Ray resolved the refs); one return value per buffer."""
@@ -73,7 +71,8 @@ class ExpertActor:
         self.ew.load_experts(layer, ids, self.experts[layer])
 
     def precompile(self, grid) -> None:
-        self.ew.precompile(grid)
+        with self.compiles.warming():
+            self.ew.precompile(grid)
 
 
 class RemoteExpertWorker(RemoteWorker):

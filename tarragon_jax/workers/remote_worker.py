@@ -1,11 +1,13 @@
 """A worker process as the driver sees it (`--runtime ray`): its handle (identity, liveness, the
 bounded wait on its calls), the programs a replacement must compile, and what every proxy of a
-worker process does alike (precompile, hang, kill). The proxies: ray_runtime.RemoteExpertWorker,
-ray_attention.RemoteAttentionWorker."""
+worker process does alike (precompile, hang, kill, its serving compiles). The proxies:
+ray_runtime.RemoteExpertWorker, ray_attention.RemoteAttentionWorker; inside the processes, what
+their actors share (WorkerProcess)."""
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from tarragon_jax.errors import WorkerFailed
 
@@ -85,9 +87,23 @@ class RemoteWorker:
         """Fault injection: the process stops answering for `seconds` without dying."""
         self.actor.hang.remote(seconds)
 
+    def compile_times(self) -> list[float]:
+        """Wall-clock times of the compiles the process ran while serving (CompileLog)."""
+        return self.handle.get(self.actor.compile_times.remote())
+
     def kill(self) -> None:
         """Fault injection: SIGKILL the process. The driver is not told; its next call fails."""
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+class WorkerProcess:
+    """What the actors of every worker process do alike, inside it (`self.compiles` a CompileLog)."""
+
+    def hang(self, seconds: float) -> None:
+        time.sleep(seconds)                 # the calls queued behind this one wait: a hung process
+
+    def compile_times(self) -> list[float]:
+        return self.compiles.times
