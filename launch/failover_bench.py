@@ -49,8 +49,9 @@ flags.DEFINE_float("disk_flush_s", 0.1, "aw_failure_disk: the Orbax write window
 flags.DEFINE_list("restore_lengths", ["64", "128", "256", "512"], "Decoded lengths for restore vs re-prefill.")
 flags.DEFINE_integer("overhead_requests", 96, "Requests of the saturated no-failure overhead runs.")
 flags.DEFINE_integer("overhead_repeats", 16, "Off/on pairs, in ABBA order, for the overhead ratio.")
-flags.DEFINE_integer("overhead_passes", 24, "Timed passes over the requests per engine of a pair: a sample should "
-                     "last about one Orbax write window (--snapshot_flush_s), whose writes it pays for.")
+flags.DEFINE_float("overhead_sample_s", 6.0, "Each engine of a pair serves passes over the requests for at least "
+                   "this long, then waits for its snapshot writes (it pays for them): this machine's noise falls "
+                   "only as the square root of the time measured.")
 flags.DEFINE_float("bucket_s", 0.1, "Timeline bucket for the plot.")
 flags.DEFINE_integer("warmup_rounds", 1, "Untimed rounds of every scenario (other seeds) before measuring.")
 flags.DEFINE_integer("repeats", 3, "Run every scenario this many times; the table shows medians and ranges.")
@@ -234,10 +235,10 @@ def ratio(rows: list[dict], key: str, name: str, res: float) -> dict | None:
 
 def overhead(cfg, params, reload) -> dict:
     """Saturated throughput (all requests at t=0) with resilience off and on, in ABBA order; each
-    sample is `overhead_passes` passes over the requests on one engine, then the wait for its
-    snapshots to be written: a sample pays for its own Orbax file writes (one per AW when it lasts
-    about a write window, as in steady state; more when shorter). Also per CPU second of this
-    process (all its threads), which other tenants of a shared machine disturb less."""
+    sample is passes over the requests on one engine for `overhead_sample_s`, then the wait for
+    its snapshots to be written: a sample pays for its own Orbax file writes (one per AW, more
+    often than the default 10 s window would). Also per CPU second of this process (all its
+    threads). The median's 95% interval comes from the pairs (bootstrap)."""
     import numpy as np
     from tarragon_jax.config import SamplingParams
     rng = np.random.default_rng(FLAGS.seed + 1)
@@ -253,7 +254,7 @@ def overhead(cfg, params, reload) -> dict:
             if eng.controller.store is not None:
                 eng.controller.store.wait()
             t0, c0, n = time.perf_counter(), time.process_time(), 0
-            for _ in range(FLAGS.overhead_passes):
+            while n == 0 or time.perf_counter() - t0 < FLAGS.overhead_sample_s:
                 n += sum(map(len, eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))))
             if eng.controller.store is not None:
                 eng.controller.store.wait()

@@ -16,7 +16,7 @@ def test_failover_bench_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     r = subprocess.run([sys.executable, "-m", "launch.failover_bench", "--model", "tiny", "--rate", "10",
                         "--duration_s", "0.6", "--output_len", "10", "--fail_at_s", "0.4", "--restore_lengths", "20",
-                        "--overhead_repeats", "1", "--overhead_requests", "4", "--warmup_rounds", "0", "--repeats", "1",
+                        "--overhead_repeats", "1", "--overhead_requests", "4", "--overhead_sample_s", "0.2", "--warmup_rounds", "0", "--repeats", "1",
                         "--hang_deadline_s", "0.5", "--hang_s", "1.5", "--json_out", str(out), "--plot_out", str(png)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
