@@ -12,8 +12,9 @@ Every row's tokens are checked against a separate failure-free run of the same w
 resilience off). Per row: stall (longest inter-token gap of an in-flight request across the
 failure minus the pre-failure median gap), zero-throughput window, tokens recomputed, compiles on
 the serving thread inside the recovery window (from the failure until every request in flight at
-it has its next token; under --runtime ray also those of the serving worker processes), throughput, lost requests, and the recovery breakdown. Medians of
-`--repeats` with every run kept. Ratios restart/tarragon use no floor: where Tarragon's stall is
+it has its next token; under --runtime ray also those of the serving worker processes),
+throughput, lost requests, and the recovery breakdown. Medians of `--repeats` with every run
+kept. Ratios restart/tarragon use no floor: where Tarragon's stall is
 within the jitter of the failure-free runs (their p90 "stall" over instants: the resolution), the
 values are reported as they are and the ratio as a lower bound. Also: the no-failure overhead of
 resilience (ABBA repeats) and, for one request of several decoded lengths, restoring it on
@@ -24,7 +25,6 @@ from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imp
 import json
 import statistics
 import sys
-import threading
 import time
 
 from absl import app, flags
@@ -63,22 +63,6 @@ _OVERRIDES = {"ew_hang": lambda: dict(transfer_deadline_s=FLAGS.hang_deadline_s)
               "aw_failure_disk": lambda: dict(snapshot_memory_tier=False, snapshot_flush_s=FLAGS.disk_flush_s)}
 
 
-class CompileWatch:
-    """Every XLA compile (or persistent-cache load) of the process: (end time, serving thread?)."""
-
-    def __init__(self, clock):
-        import jax
-        from jax._src import dispatch
-        self.clock, self.events = clock, []
-        main = threading.main_thread()
-        jax.monitoring.register_event_duration_secs_listener(
-            lambda event, duration, **kw: event == dispatch.BACKEND_COMPILE_EVENT
-            and self.events.append((self.clock(), threading.current_thread() is main)))
-
-    def count(self, t0: float, t1: float, serving: bool) -> int:
-        return sum(t0 <= t <= t1 and s == serving for t, s in self.events)
-
-
 def _engine(cfg, params, reload, **overrides):
     from tarragon_jax.serving.engine import Engine
     return Engine(cfg, params, serving_flags.engine_config(**overrides), serving_flags.cache_config(),
@@ -111,7 +95,7 @@ def _inject(eng, scenario: str) -> None:
                                      step=eng.step_index, layer=layer))
 
 
-def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, watch: CompileWatch,
+def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, watch,
                  **overrides) -> dict:
     """Serve the workload in real time, inject the scenario's failure, and measure."""
     from tarragon_jax.config import SamplingParams
@@ -142,15 +126,19 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
     # no_failure: the same measures at the same instant, a failure-free run's jitter (the resolution)
     t_fail = min(kills) if kills else t0 + FLAGS.fail_at_s
     t_back = recovered_at(times, t_fail)
-    in_workers = sum(t_fail <= t <= t_back for t in worker_compiles(eng))
+    offset = time.time() - clock()                  # wall clock -> the engine's clock (one host)
+
+    def in_window(wall_times) -> int:
+        return sum(t_fail <= t - offset <= t_back for t in wall_times)
+    in_workers = in_window(worker_compiles(eng))
     step_s = statistics.median(g for r in times for g in r.gaps_s) if any(r.gaps_s for r in times) else None
     res = {"name": scenario, "recovery": recovery, "outputs": outputs,
            "stall_s": stall_around(times, t_fail),
            "jitter_s": None if kills else jitter(times, t0, FLAGS.duration_s),
            "zero_throughput_s": zero_throughput_window(times, t_fail),
-           "compiles_in_recovery": watch.count(t_fail, t_back, serving=True) + in_workers,
+           "compiles_in_recovery": in_window(t for t, main in watch.events if main) + in_workers,
            "worker_process_compiles": in_workers,
-           "background_compiles": watch.count(t_fail, t_back, serving=False),
+           "background_compiles": in_window(t for t, main in watch.events if not main),
            "tokens_recomputed": sum(a.restored.tokens_recomputed for a in eng.aws) + sum(r.tokens_recomputed for r in recs),
            "rows_replayed": eng.replayed_rows,
            "blocks_restored": sum(a.restored.blocks for a in eng.aws),
@@ -175,12 +163,11 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
 
 
 def worker_compiles(eng) -> list[float]:
-    """Under --runtime ray: when each live worker process compiled while serving (CompileLog),
-    on the engine's clock (same host); a dead process's are gone with it, a replacement's replay
-    before it joined is not serving. Empty for the local runtime (the driver's watch sees all)."""
+    """Under --runtime ray: when (wall clock) each live worker process compiled while serving
+    (CompileLog); a dead process's are gone with it, a replacement's replay before it joined is
+    not serving. Empty for the local runtime (this process's own log sees all)."""
     from tarragon_jax.workers.remote_worker import RemoteWorker
-    offset = time.time() - eng.metrics.clock()
-    return [t - offset for w in eng.aws + eng.ews if isinstance(w, RemoteWorker) and w.handle.alive
+    return [t for w in eng.aws + eng.ews if isinstance(w, RemoteWorker) and w.handle.alive
             for t in w.compile_times()]
 
 
@@ -379,7 +366,8 @@ def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
         print(f"ew_hang: detected after {', '.join(f'{d * 1e3:.0f}' for d in detect if d is not None)} ms; deadline "
               f"{r['deadline_s'] * 1e3:.0f} ms + one step {r['step_s'] * 1e3:.1f} ms")
     print(f"no-failure overhead (throughput resilience off/on, median of {FLAGS.overhead_repeats} ABBA pairs): "
-          f"{over['ratio']:.4f}, 95% interval {over['ratio_ci95'][0]:.3f}-{over['ratio_ci95'][1]:.3f} (per pair {', '.join(f'{x:.3f}' for x in over['ratios'])}); in tokens per CPU "
+          f"{over['ratio']:.4f}, 95% interval {over['ratio_ci95'][0]:.3f}-{over['ratio_ci95'][1]:.3f} "
+          f"(per pair {', '.join(f'{x:.3f}' for x in over['ratios'])}); in tokens per CPU "
           f"second of this process: {over['cpu_ratio']:.4f} (per pair {', '.join(f'{x:.3f}' for x in over['cpu_ratios'])})")
     print("restore (the next token after the AW died; in brackets reading the snapshots into pages) vs "
           "re-prefill: " + "; ".join(
@@ -394,7 +382,8 @@ def main(argv):
     if unknown := set(FLAGS.scenarios) - set(SCENARIOS):
         sys.exit(f"error: unknown scenario(s) {sorted(unknown)}; choose from {SCENARIOS}")
     cfg, params, ckpt, reload, _ = serving_flags.start()
-    watch = CompileWatch(time.perf_counter)             # the engines' metrics clock
+    from tarragon_jax.workers.program_log import CompileLog
+    watch = CompileLog()                                # this process's compiles; main thread: serving
     workload = _workload(cfg.vocab_size)
     # The reference, first (its startup is the cold one): the same workload, failure-free,
     # resilience off. Every row is checked against it.

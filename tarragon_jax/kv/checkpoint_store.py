@@ -430,6 +430,8 @@ class CheckpointStore:
             return
         n = len(job.refs)
         host = np.asarray(job.blocks)[:n]            # the host copy (CPU: the buffer itself)
+        if host.flags.writeable:                     # a caller's own numpy array: the store keeps a copy
+            host = host.copy()
         host.flags.writeable = False                 # its rows (views, no copy each) are the blocks
         sums = block_sums_host(host) if job.sums is None else np.asarray(job.sums)[:n]
         job.blocks = job.sums = None

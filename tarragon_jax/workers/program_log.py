@@ -9,6 +9,7 @@ cache this is mostly a cache read).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -52,18 +53,24 @@ class ProgramLog:
 
 
 class CompileLog:
-    """Wall-clock times of the XLA compiles (or persistent-cache loads) this process ran while
-    serving, i.e. outside `warming()` (startup, precompile, a replacement's replay). A worker
-    process keeps one, so the failover bench can count the compiles inside a recovery in every
-    process, not only the driver's. One per process: jax.monitoring listeners are process-wide."""
+    """The XLA compiles (or persistent-cache loads) this process ran outside `warming()` (startup,
+    precompile, a replacement's replay): (wall-clock end time, on the main thread?) each. A worker
+    process keeps one, so the failover bench counts the compiles inside a recovery in every
+    process; the bench's own process keeps one too, where the main thread is the serving loop.
+    One per process: jax.monitoring listeners are process-wide."""
 
     def __init__(self):
         from jax._src import dispatch
-        self.times: list[float] = []
+        self.events: list[tuple[float, bool]] = []
         self._warming = 0
+        main = threading.main_thread()
         jax.monitoring.register_event_duration_secs_listener(
             lambda event, duration, **kw: event == dispatch.BACKEND_COMPILE_EVENT and not self._warming
-            and self.times.append(time.time()))
+            and self.events.append((time.time(), threading.current_thread() is main)))
+
+    @property
+    def times(self) -> list[float]:
+        return [t for t, _ in self.events]
 
     @contextlib.contextmanager
     def warming(self) -> Iterator[None]:

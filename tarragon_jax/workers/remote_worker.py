@@ -30,7 +30,6 @@ class RemoteHandle:
         if not self.alive:
             raise WorkerFailed(self.name, "worker is dead")
 
-
     def get(self, ref, deadline_s: float | None = None):
         import ray
         try:
