@@ -29,8 +29,9 @@ from tarragon_jax.control.recovery import plan_aw_failure, plan_expert_routing
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
-from tarragon_jax.workers.ray_attention import RemoteAttentionWorker
-from tarragon_jax.workers.ray_runtime import RayRuntime, RemoteExpertWorker
+from tarragon_jax.workers.attention_process import RemoteAttentionWorker
+from tarragon_jax.workers.expert_process import RemoteExpertWorker
+from tarragon_jax.workers.ray_runtime import RayRuntime
 from tarragon_jax.workers.remote_worker import RemoteHandle
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, LocalRuntime, WorkerHandle
@@ -77,7 +78,8 @@ class Controller:
         self._jobs: list[tuple[concurrent.futures.Future, Callable, RecoveryRecord]] = []
         self._last_heartbeat = self.clock()
         self.runtime = (RayRuntime(self.params, cfg.transfer_deadline_s, jax.config.jax_compilation_cache_dir,
-                                   cfg.ray_address, cfg.num_attention_workers + cfg.num_expert_workers)
+                                   cfg.ray_address, cfg.num_attention_workers + cfg.num_expert_workers,
+                                   cfg.channel_spin_s)
                         if cfg.runtime == "ray" else LocalRuntime(self.devices))
         aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
         budget = cfg.shadow_budget if cfg.resilience else 0.0
@@ -110,9 +112,14 @@ class Controller:
     def _new_aw(self, i: int, handle: WorkerHandle | RemoteHandle) -> AttentionWorker | RemoteAttentionWorker:
         if isinstance(handle, RemoteHandle):
             return RemoteAttentionWorker(i, handle, self.runtime, self.model, self.cache, self.config, self.ert,
-                                         self.dtype, self.store)
+                                         self.dtype, self.store, self.ew_addresses)
         return AttentionWorker(i, handle, self.model, self.params["attn"], self.cache, self.config,
                                self.ert, self.dtype, self.store, self.clock)
+
+    def ew_addresses(self) -> dict[int, dict]:
+        """Where the live EW processes take layer buffers (what every remote AW exchanges with)."""
+        return {ew.index: ew.address for ew in self.ews
+                if not self.health.is_failed(ew.handle.name) and hasattr(ew, "address")}
 
     def live_aws(self) -> list[AttentionWorker]:
         """AWs not known to have failed (a dead but undetected AW fails its next call)."""
@@ -206,7 +213,10 @@ class Controller:
         self.ert = ert
         for aw in self.aws:
             if aw.handle.alive:          # a dead AW (found or not yet) takes no transfer
-                aw.refe.publish(ert)
+                try:
+                    aw.refe.publish(ert)
+                except WorkerFailed:     # its process is gone: its next step call finds it
+                    pass
 
     # ---- background replacements --------------------------------------------------------------
     def _start(self, rec: RecoveryRecord, build: Callable, join: Callable) -> None:
@@ -293,7 +303,8 @@ class Controller:
     def shutdown(self) -> None:
         self._bg.shutdown(wait=True, cancel_futures=True)
         self._jobs.clear()
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()
         self.runtime.close()
         if self.store is not None:
             self.store.close()

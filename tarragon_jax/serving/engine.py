@@ -202,16 +202,11 @@ class Engine:
         """Dispatch every AW and EW program of every layer, wait once for the sampled tokens,
         commit. A worker found dead while dispatching, or late at the wait, is recovered from by
         replaying the step from the affected layer with what the controller decided."""
-        batches = {}
-        busy = [aw for aw in self.controller.live_aws() if aw.scheduler.num_requests]
-        for aw in busy:                     # (an idle AW gets no call: heartbeats watch it)
-            aw.prefetch()
-        for aw in busy:
-            batch = self._guard(aw.start_step)
-            if batch is not None and batch is not _FAILED:
-                batches[aw.index] = (aw, batch)
+        batches = self._start_steps()
         if not batches:
             return []
+        if self.controller.transport is None:          # worker processes: each AW drives its layers
+            return self._process_step(batches)
         T = max(b.T for _, b in batches.values())     # one token bucket: one EW program shape
         active = {}
         for i, (aw, batch) in batches.items():
@@ -238,6 +233,59 @@ class Engine:
             return []
         for name in {handle.name for handle, _, _ in trail}:
             self.controller.health.heard_from(name)
+        return self._commit(active, host)
+
+    def _start_steps(self) -> dict:
+        """{AW index: (AW, its step batch)} of every busy live AW (every start sent before any
+        answer is awaited)."""
+        batches = {}
+        busy = [aw for aw in self.controller.live_aws() if aw.scheduler.num_requests]
+        for aw in busy:                     # (an idle AW gets no call: heartbeats watch it)
+            self._guard(aw.prefetch)
+        for aw in busy:
+            batch = self._guard(aw.start_step)
+            if batch is not None and batch is not _FAILED:
+                batches[aw.index] = (aw, batch)
+        return batches
+
+    def _process_step(self, batches: dict) -> list[TokenEvent]:
+        """A step on worker processes: every AW is launched (it runs its layers, exchanging each
+        with the EW processes itself), then the driver waits once for all of them. An AW that
+        names a failed EW is re-launched from that layer once the controller re-planned (new
+        routing table); an AW that died or missed the deadline drops out (its requests moved)."""
+        from tarragon_jax.workers.rpc import RemoteError, gather
+        T = max(b.T for _, b in batches.values())     # one token bucket: one EW program shape
+        active = {i: (aw, b.padded_to(T)) for i, (aw, b) in batches.items()}
+        todo, host, tag = {i: 0 for i in active}, {}, self.step_index * 1000
+        while todo:
+            senders = tuple(sorted(todo))
+            for i in list(todo):
+                if self._guard(active[i][0].launch, T, tag, todo[i], senders) is _FAILED:
+                    del todo[i], active[i]
+            answers = gather({i: (active[i][0].rpc, active[i][0].running) for i in todo},
+                             self.config.transfer_deadline_s)
+            todo, tag = {}, tag + 1
+            for i, got in sorted(answers.items()):
+                if isinstance(got, RemoteError):
+                    raise got
+                if isinstance(got, WorkerFailed):                    # the AW itself
+                    self._failure(got.worker, got.reason, "deadline" if "deadline" in got.reason else "call")
+                    active.pop(i, None)
+                elif got[0] == "failed":                             # an EW, at a layer
+                    _, worker, layer, why = got
+                    self._failure(worker, why, "call")
+                    todo[i] = layer
+                    moe = sum(self.model.moe_index(l) is not None for l in range(layer, self.model.n_layers))
+                    self.replayed_rows += active[i][1].n_tokens * self.model.top_k * moe
+                else:
+                    host[i] = got[1]
+                    self.controller.health.heard_from(active[i][0].handle.name)
+        for name in self.controller.ew_addresses():
+            self.controller.health.heard_from(f"ew{name}")
+        return self._commit(active, host)
+
+    def _commit(self, active: dict, host: dict) -> list[TokenEvent]:
+        """Every AW's step stands: commit its tokens and emit the new ones."""
         events = []
         for aw, batch in active.values():
             emitted = self._guard(aw.commit, batch, host[aw.index])

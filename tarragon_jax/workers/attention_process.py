@@ -1,0 +1,284 @@
+"""Attention workers as processes (`--runtime ray`): each AW is a Ray actor holding its KV pages,
+its scheduler and its compiled programs; the driver keeps only the request records and the
+tokens already emitted (what the controller needs to move requests when an AW dies).
+
+The AW drives its own step. The driver sends it one message to learn the batch's shape
+(start_step: every AW of a step pads to one token bucket) and one to run the step (run_step);
+the AW's process then runs every layer itself: its layer program, the packed buffer to each live
+EW process over a data channel (workers/channel.py: shared memory and a Unix socket on one host),
+their answers back, the next layer, the head; it answers with the sampled tokens, or with the
+EW that failed and the layer where, so the driver can re-plan and have it replay from there.
+Nothing of a layer passes through the driver or through Ray.
+
+Snapshots go from the AW process straight to the checkpoint store's process; what the store has
+is committed and survives a SIGKILL of the AW.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import numpy as np
+
+from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.kv.block_manager import BlockManager
+from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.kv.remote_store import RemoteCheckpointStore
+from tarragon_jax.workers import channel as chan
+from tarragon_jax.workers.attention_worker import AttentionWorker, RestoreStats
+from tarragon_jax.workers.program_log import CompileLog
+from tarragon_jax.workers.remote_worker import RemoteWorker, WorkerProcess
+from tarragon_jax.workers.routing_table import RoutingTable
+from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
+from tarragon_jax.workers.sequence import Sequence, SeqState
+
+EW_WAIT_FRACTION = 0.5      # of the step deadline: an AW's wait for a layer's EW answers (the
+                            # driver's wait for the AW's step is the whole deadline: the AW
+                            # names a hung EW before the driver would blame the AW)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What the driver needs of an AW's step batch: its shape and which rows emit a token."""
+    T: int                        # token rows (bucketed)
+    n_tokens: int                 # real tokens
+    rids: tuple[int, ...]         # request of each row
+    chunks: tuple[int, ...]       # tokens each row puts in the cache
+    emits: tuple[bool, ...]
+    num_free: int                 # free KV pages after admission
+    restored: RestoreStats
+
+    def padded_to(self, T: int) -> "StepInfo":
+        return dataclasses.replace(self, T=max(T, self.T))
+
+
+class AttentionActor(WorkerProcess):
+    """Runs inside the AW's process: one AttentionWorker on the process's first device, served by
+    the process's loop; it drives its own step's layer loop over its data channels to the EWs."""
+
+    def __init__(self, index: int, model: ModelConfig, attn_params: dict, cache: CacheConfig, engine: EngineConfig,
+                 ert: RoutingTable, dtype: str, store, compile_cache_dir: str | None, spin_s: float):
+        import jax
+        if compile_cache_dir:
+            use_compile_cache(compile_cache_dir)
+        client = (RemoteCheckpointStore(store, memory_tier=engine.snapshot_memory_tier,
+                                        deadline_s=engine.transfer_deadline_s) if store is not None else None)
+        self.compiles = CompileLog()
+        with self.compiles.warming():
+            self.aw = AttentionWorker(index, WorkerHandle(f"aw{index}", (jax.devices()[0],)), model, attn_params,
+                                      cache, engine, ert, jax.numpy.dtype(dtype), client, time.perf_counter)
+        self.index, self.n_layers, self.n_ews = index, model.n_layers, engine.num_expert_workers
+        self.ew_wait_s = EW_WAIT_FRACTION * engine.transfer_deadline_s
+        self.batch = None
+        self.peers: dict[int, dict] = {}                 # live EW -> its address
+        self.channels: dict[int, chan.Channel] = {}     # live EW -> data channel (opened on first use)
+        self._start_server(f"aw{index}", spin_s)
+        self.spin_s = spin_s
+
+    def info(self) -> dict:
+        from tarragon_jax.workers import backends
+        device = self.aw.handle.devices[0]
+        return {**self._where(), "devices": [f"{device} (ray actor)"], "attention_backend": self.aw.attention_backend,
+                "device": backends.describe(device)}
+
+    def ping(self) -> bool:
+        return self.aw.handle.probe()
+
+    def add(self, seq: Sequence) -> None:
+        self.aw.scheduler.add(seq)
+
+    def release(self, request_id: int) -> bool:
+        seq = next((s for s in self.aw.live_requests() if s.request_id == request_id), None)
+        return seq is not None and self.aw.release(seq)
+
+    def publish(self, ert: RoutingTable, peers: dict[int, dict]) -> None:
+        """A routing table version and the live EWs' addresses (a replacement's is new)."""
+        self.aw.refe.publish(ert)
+        for j in list(self.channels):
+            if peers.get(j) != self.peers.get(j):
+                self.channels.pop(j).close()
+        self.peers = dict(peers)
+
+    def start_step(self) -> StepInfo | None:
+        self.batch = self.aw.start_step()
+        if self.batch is None:
+            return None
+        b = self.batch
+        return StepInfo(len(b.ids_T), b.n_tokens, tuple(s.request_id for s in b.seqs), tuple(b.chunks),
+                        tuple(b.emits), self.aw.blocks.num_free, self.aw.restored)
+
+    def run_step(self, T: int, tag: int, first: int, senders: tuple[int, ...]):
+        """The step's layers from `first` (0: embed the batch padded to T; else replay from the
+        kept inputs of `first`), each MoE layer's buffer sent to every live EW and their answers
+        received here, then the head. Returns ("ok", tokens [R]) or ("failed", worker, layer,
+        why): an EW whose process closed its channel (found at once) or did not answer within
+        its wait; the driver re-plans and calls again from that layer."""
+        if first == 0:
+            self.batch = self.batch.padded_to(T)
+            self.aw.begin(self.batch)
+        else:
+            self.aw.rewind(first)
+        for layer in range(first, self.n_layers):
+            send = self.aw.attend(layer)
+            if send is None:
+                continue
+            failed = self._exchange(np.asarray(send), tag, layer, senders)
+            if failed is not None:
+                return ("failed", failed[0], layer, failed[1])
+        return ("ok", np.asarray(self.aw.head()))
+
+    def _exchange(self, buf: np.ndarray, tag: int, layer: int, senders: tuple) -> tuple[str, str] | None:
+        """One layer's buffer to every live EW, their answers into the AW; (EW, why) on a failure."""
+        live = sorted(self.peers)
+        for j in live:
+            try:
+                if j not in self.channels:
+                    self.channels[j] = chan.connect(self.peers[j], {"name": f"aw{self.index}", "aw": self.index,
+                                                                    "role": "data"})
+                self.channels[j].send(("buf", tag, layer, senders), buf)
+            except (chan.ChannelClosed, chan.ChannelTimeout) as e:
+                self.channels.pop(j, None)
+                return f"ew{j}", f"send failed ({e})"
+        ys: list = [None] * self.n_ews
+        waiting, end = {self.channels[j]: j for j in live}, time.monotonic() + self.ew_wait_s
+        while waiting:
+            ready = chan.wait_readable(list(waiting), max(0.0, end - time.monotonic()), self.spin_s)
+            if not ready:
+                j = min(waiting.values())
+                return f"ew{j}", f"no answer within {self.ew_wait_s:.3f} s"
+            for ch in ready:
+                j = waiting[ch]
+                try:
+                    meta, y = ch.recv(max(0.0, end - time.monotonic()))
+                except (chan.ChannelClosed, chan.ChannelTimeout) as e:
+                    self.channels.pop(j, None)
+                    return f"ew{j}", f"process gone ({e})"
+                if meta == ("ans", tag, layer):        # else a stale answer of an aborted attempt
+                    ys[j] = y
+                    del waiting[ch]
+        self.aw.receive(list(self.aw.handle.put(tuple(ys))))
+        return None
+
+    def commit(self, toks_R: np.ndarray) -> None:
+        """The step's tokens (the driver has them: the step stands). Finished requests leave at
+        once, their pages back in the pool."""
+        for seq, _, _ in self.aw.commit(self.batch, toks_R):
+            if seq.state is SeqState.FINISHED:
+                self.aw.release(seq)
+
+    def precompile(self, grid) -> None:
+        with self.compiles.warming():
+            self.aw.precompile(grid)
+
+
+class PageCounts(BlockManager):
+    """The driver's view of a remote AW's KV pages: the allocator's arithmetic (capacity,
+    pages_for), with the free count the AW's process reported at its last step."""
+
+    def __init__(self, num_pages: int, page_size: int):
+        super().__init__(num_pages, page_size)
+        self.reported_free = self.capacity
+
+    @property
+    def num_free(self) -> int:
+        return self.reported_free
+
+
+class Assigned:
+    """The driver's view of a remote AW's scheduler: the requests assigned to it, unfinished."""
+
+    def __init__(self, rpc):
+        self.rpc, self.seqs = rpc, {}
+
+    def add(self, seq: Sequence) -> None:
+        self.seqs[seq.request_id] = seq
+        self.rpc.cast("add", seq)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.seqs.values() if s.state is not SeqState.FINISHED]
+
+
+class RemoteForwarding:
+    """A remote AW's forwarding engine as the driver sees it: each routing table version goes to
+    the AW's process with the addresses of the live EWs it exchanges layers with."""
+
+    def __init__(self, rpc, ert: RoutingTable, peers: Callable[[], dict]):
+        self.rpc, self.ert, self.peers = rpc, ert, peers
+        self.rpc.cast("publish", ert, peers())
+
+    def publish(self, ert: RoutingTable) -> None:
+        self.ert = ert
+        self.rpc.cast("publish", ert, self.peers())
+
+
+class RemoteAttentionWorker(RemoteWorker):
+    """Driver-side proxy with the AttentionWorker calls the engine and controller make; a step is
+    prefetch/start_step (the batch's shape), launch (the AW runs every layer itself) and commit."""
+
+    def __init__(self, index: int, handle, runtime, model: ModelConfig, cache: CacheConfig, engine: EngineConfig,
+                 ert: RoutingTable, dtype, store: RemoteCheckpointStore | None, peers: Callable[[], dict]):
+        self.index, self.model = index, model
+        info = self._spawn(handle, runtime, runtime.aw_class, index, model, runtime.attn_ref, cache, engine, ert,
+                           str(np.dtype(dtype)), None if store is None else store.actor, runtime.compile_cache_dir,
+                           runtime.spin_s)
+        self.attention_backend, self.device = info["attention_backend"], info["device"]
+        self.blocks = PageCounts(cache.num_pages, cache.page_size)
+        self.scheduler = Assigned(self.rpc)
+        self.refe = RemoteForwarding(self.rpc, ert, peers)
+        self.restored = RestoreStats()
+        self._start = None                   # a prefetched start_step
+        self.running: int | None = None      # the launched run_step's call id
+
+    def prefetch(self) -> None:
+        """Start this step's start_step now, so every AW's runs at once (one round trip per step)."""
+        self._start = self.rpc.submit("start_step")
+
+    def start_step(self) -> StepInfo | None:
+        self.handle.check()
+        i, self._start = (self._start if self._start is not None else self.rpc.submit("start_step")), None
+        info = self.rpc.result(i)
+        if info is not None:
+            self.blocks.reported_free, self.restored = info.num_free, info.restored
+            for rid in info.rids:
+                if rid in self.scheduler.seqs and self.scheduler.seqs[rid].state is SeqState.WAITING:
+                    self.scheduler.seqs[rid].state = SeqState.RUNNING
+        return info
+
+    def launch(self, T: int, tag: int, first: int, senders: tuple[int, ...]) -> None:
+        """Start the step's layers from `first` in the AW's process (rpc.gather waits for them)."""
+        self.handle.check()
+        self.running = self.rpc.submit("run_step", T, tag, first, senders)
+
+    def commit(self, info: StepInfo, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
+        """The same commit on both sides: the AW's process advances its cache and snapshots, the
+        driver appends the emitted tokens to its records (the same stop rules decide the end)."""
+        self.handle.check()
+        self.rpc.cast("commit", toks_R)
+        emitted = []
+        for row, (rid, n, emits) in enumerate(zip(info.rids, info.chunks, info.emits)):
+            seq = self.scheduler.seqs.get(rid)
+            if seq is None:
+                continue
+            seq.num_cached += n                 # the driver's copy of the cache progress
+            if emits:
+                emitted.append((seq, int(toks_R[row]), seq.append(int(toks_R[row]))))
+        return emitted
+
+    def release(self, seq: Sequence) -> bool:
+        if self.scheduler.seqs.pop(seq.request_id, None) is None:
+            return False
+        if self.handle.alive:
+            try:
+                self.rpc.cast("release", seq.request_id)
+            except WorkerFailed:
+                pass                            # gone: its pages went with it
+        return True
+
+    def live_requests(self) -> list[Sequence]:
+        return self.scheduler.running
