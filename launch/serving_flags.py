@@ -33,6 +33,9 @@ flags.DEFINE_integer("max_running", 64, "Requests in the running batch of one AW
 flags.DEFINE_enum("runtime", "local", ["local", "ray"],
                   "local: every worker is a device subset of this process; ray: each EW is its own process "
                   "(a Ray actor; failures are real process deaths).")
+flags.DEFINE_float("channel_spin_us", None, "With --runtime ray: how long a worker process's receive polls "
+                   "before it sleeps (waking a sleeping process costs ~30 us on a VM; an idle worker sleeps); "
+                   "unset: 100 when the host has a core per worker, else 0.")
 flags.DEFINE_string("ray_address", None, "With --runtime ray: join this Ray cluster (e.g. 'auto' on a node where "
                     "`ray start` ran, or ray://head:10001); unset: start Ray on this machine.")
 flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart", "restart_regenerate"],
@@ -150,7 +153,7 @@ def engine_config(**overrides):
               snapshot_flush_s=FLAGS.snapshot_flush_s, snapshot_interval_s=FLAGS.snapshot_interval_s,
               snapshot_memory_tier=FLAGS.snapshot_memory_tier,
               transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s, precompile=FLAGS.precompile,
-              pingpong=FLAGS.pingpong)
+              pingpong=FLAGS.pingpong, channel_spin_s=None if FLAGS.channel_spin_us is None else FLAGS.channel_spin_us * 1e-6)
     kw.update(overrides)
     return EngineConfig(**kw)
 

@@ -154,8 +154,10 @@ class EngineConfig:
     dtype: str = "float32"             # activation/param dtype on device
     runtime: str = "local"             # local: workers are device subsets of this process; ray: every worker
                                        # (and the checkpoint store) is a process of its own
-    channel_spin_s: float = 1e-4       # ray: a worker's receive polls this long before it sleeps (waking a
-                                       # sleeping process costs ~30 us on a VM; an idle one sleeps)
+    channel_spin_s: float | None = None  # ray: a worker's receive polls this long before it sleeps (waking a
+                                       # sleeping process costs ~30 us on a VM; an idle one sleeps); None:
+                                       # 100 us when the host has a core per worker, else 0 (a polling
+                                       # worker takes the core another one computes on)
     ray_address: str | None = None     # ray: join this Ray cluster ("auto", "ray://host:10001", "host:6379");
                                        # None: start one on this machine (or use the one ray.init made)
     recovery: str = "tarragon"         # tarragon: mask failures; restart: tear everything down and
@@ -198,7 +200,7 @@ class EngineConfig:
         _require(self.max_running > 0, f"max_running must be > 0, got {self.max_running}")
         _require(self.transfer_deadline_s > 0,
                  f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
-        _require(self.channel_spin_s >= 0, f"channel_spin_s must be >= 0, got {self.channel_spin_s}")
+        _require(self.channel_spin_s is None or self.channel_spin_s >= 0, f"channel_spin_s must be >= 0, got {self.channel_spin_s}")
         _require(self.runtime in RUNTIMES, f"unknown runtime {self.runtime!r}; choose from {RUNTIMES}")
         _require(self.ray_address is None or self.runtime == "ray",
                  f"ray_address={self.ray_address!r} needs runtime='ray', got runtime={self.runtime!r}")

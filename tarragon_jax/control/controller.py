@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import os
 import time
 from typing import Callable
 
@@ -57,6 +58,13 @@ class RecoveryRecord:
     process: dict | None = None          # the failed worker's pid, node and devices (WorkerHandle.identity)
 
 
+def _spin_s(cfg: EngineConfig) -> float:
+    """How long a worker process polls its channels before sleeping (EngineConfig.channel_spin_s)."""
+    if cfg.channel_spin_s is not None:
+        return cfg.channel_spin_s
+    return 1e-4 if (os.cpu_count() or 1) > cfg.num_attention_workers + cfg.num_expert_workers else 0.0
+
+
 class Controller:
     def __init__(self, model: ModelConfig, params: dict, engine: EngineConfig, cache: CacheConfig,
                  devices: list | None, clock: Callable[[], float] = time.perf_counter,
@@ -79,7 +87,7 @@ class Controller:
         self._last_heartbeat = self.clock()
         self.runtime = (RayRuntime(self.params, cfg.transfer_deadline_s, jax.config.jax_compilation_cache_dir,
                                    cfg.ray_address, cfg.num_attention_workers + cfg.num_expert_workers,
-                                   cfg.channel_spin_s)
+                                   _spin_s(cfg))
                         if cfg.runtime == "ray" else LocalRuntime(self.devices))
         aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
         budget = cfg.shadow_budget if cfg.resilience else 0.0

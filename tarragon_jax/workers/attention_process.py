@@ -59,6 +59,7 @@ class AttentionActor(WorkerProcess):
 
     def __init__(self, index: int, model: ModelConfig, attn_params: dict, cache: CacheConfig, engine: EngineConfig,
                  ert: RoutingTable, dtype: str, store, compile_cache_dir: str | None, spin_s: float):
+        self._setup_jax()
         import jax
         if compile_cache_dir:
             use_compile_cache(compile_cache_dir)

@@ -32,6 +32,7 @@ class ExpertActor(WorkerProcess):
 
     def __init__(self, index: int, primaries, shadows, experts: list[dict], backend: str, dtype, top_k: int,
                  compile_cache_dir: str | None, deadline_s: float, spin_s: float):
+        self._setup_jax()
         import jax
         if compile_cache_dir:
             use_compile_cache(compile_cache_dir)

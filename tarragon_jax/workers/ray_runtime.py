@@ -39,7 +39,10 @@ def connect(address: str | None = None, object_store_bytes: int = 0) -> None:
     import ray
     if ray.is_initialized():
         return
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)}}
+    # a worker uses one device: no simulated CPU devices (each is a thread pool of its own)
+    xla = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p),
+                        "XLA_FLAGS": xla}}
     with warnings.catch_warnings():      # Ray forks only to exec its daemons at once
         warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
         if address:
