@@ -116,6 +116,7 @@ def test_fail_endpoint_kills_an_ew_process_and_guards_the_last_aw(model):
         assert health["recoveries"][0]["process"]["pid"] == pid                  # the one that died
         assert {health["processes"][f"ew{j}"]["pid"] for j in range(3)} == {ew.pid for ew in eng.ews}
         assert health["processes"]["aw0"]["pid"] == eng.aws[0].pid != os.getpid()    # its own process
+        assert health["processes"]["ew0"]["rss_mb"] > 0 and health["processes"]["driver"]["pid"] == os.getpid()
         codes = []
         racers = [threading.Thread(target=lambda w=w: codes.append(
             httpx.post(server.url + "/fail", json={"worker": w}, timeout=60).status_code)) for w in ("aw0", "aw1")]

@@ -47,7 +47,7 @@ def test_concurrent_requests_and_a_kill_mid_run(served):
         health = json.loads(r.read())
     assert [rec["worker"] for rec in health["recoveries"]] == ["ew1"]
     assert {p["pid"] for p in health["processes"].values()} == {os.getpid()}      # local: all in this process
-    assert set(health["processes"]) == set(health["workers"]) and health["recoveries"][0]["process"]["devices"]
+    assert set(health["processes"]) == set(health["workers"]) | {"driver"} and health["recoveries"][0]["process"]["devices"]
     assert health["unfinished_requests"] == 0
 
 

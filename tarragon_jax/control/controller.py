@@ -34,6 +34,7 @@ from tarragon_jax.workers.attention_process import RemoteAttentionWorker
 from tarragon_jax.workers.expert_process import RemoteExpertWorker
 from tarragon_jax.workers.ray_runtime import RayRuntime
 from tarragon_jax.workers.remote_worker import RemoteHandle
+from tarragon_jax.workers.rpc import RemoteError
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, LocalRuntime, WorkerHandle
 from tarragon_jax.workers.sequence import Sequence
@@ -149,11 +150,20 @@ class Controller:
         self.health.killed(name, f"hung for {seconds:g} s")
 
     def processes(self) -> dict[str, dict]:
-        """Every worker's pid, node and devices, by name (/health shows them), and the checkpoint
-        store's where it is a process of its own (--runtime ray)."""
-        out = {w.handle.name: w.handle.identity() for w in self.aws + self.ews}
+        """Every worker's pid, node, devices and resident memory, by name (/health shows them),
+        the checkpoint store's where it is a process of its own (--runtime ray), and the driver's."""
+        from tarragon_jax.workers.remote_worker import resident_mb
+        out = {}
+        for w in self.aws + self.ews:
+            out[w.handle.name] = w.handle.identity()
+            if isinstance(w.handle, RemoteHandle) and w.handle.alive:
+                try:
+                    out[w.handle.name]["rss_mb"] = round(w.memory_mb(), 1)
+                except (WorkerFailed, RemoteError):
+                    pass                                 # dead, not yet found: no figure
         if hasattr(self.store, "identity"):
             out["store"] = self.store.identity()
+        out["driver"] = {"pid": os.getpid(), "rss_mb": round(resident_mb(), 1)}
         return out
 
     def failed(self, name: str, reason: str, source: str) -> RecoveryRecord | None:

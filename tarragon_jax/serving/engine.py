@@ -27,6 +27,7 @@ from tarragon_jax.control.controller import Controller, RecoveryRecord
 from tarragon_jax.control.faults import FaultInjector
 from tarragon_jax.errors import RequestError, WorkerFailed
 from tarragon_jax.metrics import Metrics
+from tarragon_jax.workers.rpc import RemoteError, gather
 from tarragon_jax.workers.sequence import Sequence, SeqState
 
 
@@ -253,7 +254,6 @@ class Engine:
         with the EW processes itself), then the driver waits once for all of them. An AW that
         names a failed EW is re-launched from that layer once the controller re-planned (new
         routing table); an AW that died or missed the deadline drops out (its requests moved)."""
-        from tarragon_jax.workers.rpc import RemoteError, gather
         T = max(b.T for _, b in batches.values())     # one token bucket: one EW program shape
         active = {i: (aw, b.padded_to(T)) for i, (aw, b) in batches.items()}
         todo, host, tag = {i: 0 for i in active}, {}, self.step_index * 1000

@@ -37,7 +37,8 @@ class RpcClient:
         self.ch.peer.setdefault("name", name)
         self._ids = itertools.count()
         self._answers: dict[int, tuple] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # one reader at a time (answers are kept by id)
+        self._send_lock = threading.Lock()     # one message at a time on the socket
 
     def cast(self, method: str, *args) -> None:
         self._send((None, method, args))
@@ -76,7 +77,8 @@ class RpcClient:
 
     def _send(self, msg: tuple) -> None:
         try:
-            self.ch.send(msg, timeout=self.deadline_s)
+            with self._send_lock:
+                self.ch.send(msg, timeout=self.deadline_s)
         except (chan.ChannelClosed, chan.ChannelTimeout) as e:
             raise WorkerFailed(self.name, f"process unreachable ({e})") from None
 
