@@ -237,3 +237,14 @@ def test_sigkill_from_outside_of_pids_read_from_health_changes_no_token(model):
         server.shutdown()
         loop.stop()
         eng.close()
+
+
+def test_dense_first_layer_over_the_process_data_plane():
+    """DeepSeek-V3's leading dense layer: the AW processes name each MoE layer as the EW processes
+    count them (an EW indexes its weights by MoE layer), and the tokens are the reference's."""
+    cfg, params = tiny_model("deepseek_v3", seed=4, max_position=64)
+    want = [reference.greedy_generate(cfg, params, p, 6) for p in PROMPTS[:2]]
+    eng = _engine(cfg, params, [])
+    assert cfg.first_k_dense > 0 and eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=6)) == want
+    assert not eng.controller.records
+    eng.close()

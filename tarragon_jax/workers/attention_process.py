@@ -124,20 +124,21 @@ class AttentionActor(WorkerProcess):
             send = self.aw.attend(layer)
             if send is None:
                 continue
-            failed = self._exchange(np.asarray(send), tag, layer, senders)
+            failed = self._exchange(np.asarray(send), tag, self.aw.model.moe_index(layer), senders)
             if failed is not None:
                 return ("failed", failed[0], layer, failed[1])
         return ("ok", np.asarray(self.aw.head()))
 
-    def _exchange(self, buf: np.ndarray, tag: int, layer: int, senders: tuple) -> tuple[str, str] | None:
-        """One layer's buffer to every live EW, their answers into the AW; (EW, why) on a failure."""
+    def _exchange(self, buf: np.ndarray, tag: int, moe: int, senders: tuple) -> tuple[str, str] | None:
+        """One MoE layer's buffer (moe: its index among the MoE layers, as the EWs count them) to
+        every live EW, their answers into the AW; (EW, why) on a failure."""
         live = sorted(self.peers)
         for j in live:
             try:
                 if j not in self.channels:
                     self.channels[j] = chan.connect(self.peers[j], {"name": f"aw{self.index}", "aw": self.index,
                                                                     "role": "data"})
-                self.channels[j].send(("buf", tag, layer, senders), buf)
+                self.channels[j].send(("buf", tag, moe, senders), buf)
             except (chan.ChannelClosed, chan.ChannelTimeout) as e:
                 self.channels.pop(j, None)
                 return f"ew{j}", f"send failed ({e})"
@@ -155,7 +156,7 @@ class AttentionActor(WorkerProcess):
                 except (chan.ChannelClosed, chan.ChannelTimeout) as e:
                     self.channels.pop(j, None)
                     return f"ew{j}", f"process gone ({e})"
-                if meta == ("ans", tag, layer):        # else a stale answer of an aborted attempt
+                if meta == ("ans", tag, moe):          # else a stale answer of an aborted attempt
                     ys[j] = y
                     del waiting[ch]
         self.aw.receive(list(self.aw.handle.put(tuple(ys))))

@@ -14,6 +14,8 @@ worker's JAX programs after startup.
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import threading
 import time
 import traceback
@@ -148,6 +150,16 @@ class Server:
         return self
 
     def serve(self) -> None:
+        """The loop. A bug in a handler ends the process (fail-stop): its peers see the death at
+        once, where a dead loop in a live process would only be found at their deadlines."""
+        try:
+            self._serve()
+        except BaseException:  # noqa: BLE001 -- whatever it was, this worker is no longer sound
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(70)
+
+    def _serve(self) -> None:
         socks = {s.fileno(): s for s in self.listener.sockets()}
         while not self._stop:
             ready = chan.wait_readable(list(socks.values()) + self.channels, self.next_timeout(), self.spin_s)
