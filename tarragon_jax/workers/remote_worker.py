@@ -16,7 +16,7 @@ import threading
 import time
 
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.workers.channel import host_id
+from tarragon_jax.workers.channel import host_id, wait_readable
 from tarragon_jax.workers.rpc import RemoteError, RpcClient, Server
 
 STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
@@ -45,6 +45,16 @@ class RemoteHandle:
             return self.alive and self.rpc is not None and bool(self.rpc.call("ping", timeout=bound))
         except (WorkerFailed, RemoteError):
             return False
+
+    def gone(self) -> bool:
+        """The process closed its control channel (it died), seen without a call: a poll."""
+        if self.rpc is None or not self.alive or not wait_readable([self.rpc.ch], 0):
+            return False
+        try:
+            self.rpc.pump(0.1)           # an answer nobody awaited yet is kept for its caller
+            return False
+        except WorkerFailed:
+            return True
 
     def fence(self) -> None:
         """Make sure the process is gone (a hung one must never answer later): Ray kills it
