@@ -68,7 +68,9 @@ class HealthMonitor:
                 ok, reason = bool(probe()), "probe returned False"
             except Exception as e:  # a dead worker's probe may raise anything
                 ok, reason = False, f"probe raised {type(e).__name__}: {e}"
-            if not ok and self.report_failure(worker, reason, "heartbeat"):
+            if ok:
+                self._heard[worker] = self._clock()       # an answered probe is a heartbeat too
+            elif self.report_failure(worker, reason, "heartbeat"):
                 newly.append(worker)
         return newly
 
