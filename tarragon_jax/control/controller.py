@@ -133,7 +133,7 @@ class Controller:
     def ew_addresses(self) -> dict[int, dict]:
         """Where the live EW processes take layer buffers (what every remote AW exchanges with)."""
         return {ew.index: ew.address for ew in self.ews
-                if not self.health.is_failed(ew.handle.name) and hasattr(ew, "address")}
+                if not self.health.is_failed(ew.handle.name) and isinstance(ew, RemoteExpertWorker)}
 
     def live_aws(self) -> list[AttentionWorker]:
         """AWs not known to have failed (a dead but undetected AW fails its next call)."""

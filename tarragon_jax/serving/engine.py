@@ -275,8 +275,7 @@ class Engine:
                     _, worker, layer, why = got
                     self._failure(worker, why, "call")
                     todo[i] = layer
-                    moe = sum(self.model.moe_index(l) is not None for l in range(layer, self.model.n_layers))
-                    self.replayed_rows += active[i][1].n_tokens * self.model.top_k * moe
+                    self.replayed_rows += active[i][1].n_tokens * self.model.top_k * self._moe_layers_from(layer)
                 else:
                     host[i] = got[1]
                     self.controller.health.heard_from(active[i][0].handle.name)
@@ -311,11 +310,14 @@ class Engine:
         if f.worker.startswith("aw"):
             active.pop(int(f.worker[2:]), None)
         first = min([layer for h, layer, _ in trail if h.name == f.worker] + [self.model.n_layers - 1])
-        moe_layers = sum(self.model.moe_index(l) is not None for l in range(first, self.model.n_layers))
-        self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k * moe_layers
+        self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k * self._moe_layers_from(first)
         for aw, _ in active.values():
             aw.rewind(first)
         return first
+
+    def _moe_layers_from(self, first: int) -> int:
+        """MoE layers a replay from `first` runs again."""
+        return sum(self.model.moe_index(l) is not None for l in range(first, self.model.n_layers))
 
     def _layers(self, active: dict, first: int) -> list:
         """Dispatch layers first.. of every active AW (rewound to `first` by the caller on a replay);

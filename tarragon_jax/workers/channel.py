@@ -208,13 +208,7 @@ class Listener:
         sock, _ = listening.accept()
         sock.settimeout(timeout)
         if sock.family == socket.AF_UNIX:
-            peer, fds, _, _ = socket.recv_fds(sock, 4096, 1)
-            fd, seg = _segment()
-            socket.send_fds(sock, [pickle.dumps(me)], [fd])
-            os.close(fd)
-            in_seg = mmap.mmap(fds[0], SEGMENT_BYTES)
-            os.close(fds[0])
-            return Channel(sock, pickle.loads(peer), seg, in_seg)
+            return _unix_handshake(sock, me, first=False)
         ch = Channel(sock, {})
         ch.peer, _ = ch.recv(timeout)
         ch.send(me)
@@ -237,15 +231,7 @@ def connect(address: dict, me: dict, timeout: float = 10.0) -> Channel:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
             sock.connect(address["unix"])
-            fd, seg = _segment()
-            socket.send_fds(sock, [pickle.dumps(me)], [fd])
-            os.close(fd)
-            peer, fds, _, _ = socket.recv_fds(sock, 4096, 1)
-            if not fds:
-                raise ChannelClosed(f"{address['unix']}: closed during the handshake")
-            in_seg = mmap.mmap(fds[0], SEGMENT_BYTES)
-            os.close(fds[0])
-            return Channel(sock, pickle.loads(peer), seg, in_seg)
+            return _unix_handshake(sock, me, first=True)
         sock = socket.create_connection(tuple(address["tcp"]), timeout=timeout)
         ch = Channel(sock, {})
         ch.send(me)
@@ -255,6 +241,27 @@ def connect(address: dict, me: dict, timeout: float = 10.0) -> Channel:
         if isinstance(e, ChannelClosed):
             raise
         raise ChannelClosed(f"cannot connect to {address}: {type(e).__name__}: {e}") from None
+
+
+def _unix_handshake(sock: socket.socket, me: dict, first: bool) -> Channel:
+    """Swap identities and shared-memory segments (their descriptors cross the socket): the
+    connecting side sends first."""
+    fd, seg = _segment()
+
+    def send():
+        socket.send_fds(sock, [pickle.dumps(me)], [fd])
+
+    if first:
+        send()
+    peer, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+    if not fds:
+        raise ChannelClosed("closed during the handshake")
+    if not first:
+        send()
+    os.close(fd)
+    in_seg = mmap.mmap(fds[0], SEGMENT_BYTES)
+    os.close(fds[0])
+    return Channel(sock, pickle.loads(peer), seg, in_seg)
 
 
 def host_id() -> str:
