@@ -151,7 +151,8 @@ def main(argv):
                 row[f"resilience_on_over_{mode}"] = row["tarragon_resilience_on"]["tok_s"] / row[f"tarragon_{mode}"]["tok_s"]
         rows.append(row)
     torch, transformers = _torch()
-    n_params = sum(a.size for a in __import__("jax").tree.leaves(params))
+    from tarragon_jax.model.weights import sizes
+    n_params = sum(__import__("jax").tree.leaves(sizes(cfg)))
     print(f"{cfg.family}, {n_params / 1e6:.0f}M params, d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_experts} experts top-{cfg.top_k}, {FLAGS.dtype}; prompt {FLAGS.prompt_len}, output "
           f"{FLAGS.output_len}, median of {FLAGS.repeats}; ours: {FLAGS.num_attention_workers} AWs x "

@@ -71,7 +71,7 @@ def setup_jax() -> None:
 
 
 def start() -> tuple:
-    """Launcher preamble: quiet logs, the compile cache, then (config, params, checkpoint dir,
+    """Launcher preamble: quiet logs, the compile cache, then (config, weights, checkpoint dir,
     reload, engine config); a bad checkpoint or flag value exits with "error: ..." naming it."""
     logging.set_verbosity(logging.WARNING)
     setup_jax()
@@ -84,9 +84,11 @@ def start() -> tuple:
 
 
 def load_model() -> tuple:
-    """(config, params, checkpoint dir, reload) from --model / --checkpoint. The tiny model is
-    written to a checkpoint directory first, so the restart baseline reloads files either way."""
-    from tarragon_jax.model.hf_loader import load_checkpoint, save_checkpoint
+    """(config, weights, checkpoint dir, reload) from --model / --checkpoint: where each worker
+    reads its own part of the weights (model/weights.py), so the launcher's process holds none.
+    The tiny model is written to a checkpoint directory first, so the restart baseline reloads
+    files either way."""
+    from tarragon_jax.model.hf_loader import CheckpointWeights, save_checkpoint
     from tarragon_jax.model.tiny import tiny_model
     if (FLAGS.model is None) == (FLAGS.checkpoint is None):
         raise app.UsageError("give exactly one of --model tiny or --checkpoint DIR")
@@ -95,14 +97,14 @@ def load_model() -> tuple:
         path = tempfile.mkdtemp(prefix="tarragon_tiny_")
         save_checkpoint(*tiny_model(FLAGS.tiny_family), path)
     if FLAGS.load_format == "dummy":
-        from tarragon_jax.model.dummy import dummy_checkpoint
+        from tarragon_jax.model.dummy import DummyWeights
         import jax.numpy as jnp
         dtype = jnp.dtype(FLAGS.dtype)
-        cfg, params = dummy_checkpoint(path, dtype)
-        return cfg, params, None, lambda: dummy_checkpoint(path, dtype)[1]
-    cfg, params = load_checkpoint(path)
-    reload: Callable[[], dict] = lambda: load_checkpoint(path)[1]
-    return cfg, params, ((FLAGS.checkpoint or FLAGS.model == "demo") and path), reload
+        weights = DummyWeights(path, dtype)
+        return weights.config, weights, None, lambda: DummyWeights(path, dtype)
+    weights = CheckpointWeights(path)
+    reload: Callable[[], CheckpointWeights] = lambda: CheckpointWeights(path)
+    return weights.config, weights, ((FLAGS.checkpoint or FLAGS.model == "demo") and path), reload
 
 
 def tokenizer_and_template(ckpt: str | None, cfg):

@@ -72,12 +72,12 @@ def _device_time(fn, args, static) -> float:
     return statistics.median(times[1:])
 
 
-def active_weight_bytes(cfg, params, itemsize: int) -> int:
+def active_weight_bytes(cfg, sizes: dict, itemsize: int) -> int:
     """Bytes of weights one decoded token reads: every attention-side weight but the embedding
-    table (one row), and top_k of each MoE layer's experts."""
+    table (one row), and top_k of each MoE layer's experts (sizes: weights.sizes(cfg))."""
     import jax
-    attn = sum(a.size for a in jax.tree.leaves(params["attn"])) - params["attn"]["embed"].size + cfg.d_model
-    experts = sum(a.size for layer in params["experts"] for a in layer.values()) * cfg.top_k // cfg.n_experts
+    attn = sum(jax.tree.leaves(sizes["attn"])) - sizes["attn"]["embed"] + cfg.d_model
+    experts = sum(n for layer in sizes["experts"] for n in layer.values()) * cfg.top_k // cfg.n_experts
     return (attn + experts) * itemsize
 
 
@@ -110,6 +110,7 @@ def measure_batch(engine, cfg, batch: int) -> dict:
 def main(argv):
     del argv
     import jax.numpy as jnp
+    from tarragon_jax.model.weights import sizes
     from tarragon_jax.serving.engine import Engine
     cfg, params, _, _, engine_cfg = serving_flags.start()
     engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config())
@@ -117,7 +118,7 @@ def main(argv):
         rows = [measure_batch(engine, cfg, b) for b in map(int, FLAGS.batch_sizes)]
     finally:
         engine.close()
-    weights = active_weight_bytes(cfg, params, jnp.dtype(FLAGS.dtype).itemsize)
+    weights = active_weight_bytes(cfg, sizes(cfg), jnp.dtype(FLAGS.dtype).itemsize)
     for r in rows:
         r["roofline_fraction"] = weights / r["step_wall_s"] / (FLAGS.hbm_tb_s * 1e12)
     print(f"{cfg.family} d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_experts} experts top-{cfg.top_k}, "

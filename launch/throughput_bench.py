@@ -81,6 +81,7 @@ def main(argv):
         sys.exit(f"error: --runtimes must name distinct runtimes out of local, ray; got {runtimes}")
     engines = {rt: Engine(cfg, params, serving_flags.engine_config(runtime=rt), serving_flags.cache_config(),
                           load_params=reload) for rt in runtimes}
+    memory = {rt: {name: p.get("rss_mb") for name, p in e.controller.processes().items()} for rt, e in engines.items()}
     hop = ray_round_trip_s() if "ray" in runtimes else None
     sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
     rng = np.random.default_rng(FLAGS.seed)
@@ -117,6 +118,8 @@ def main(argv):
     for rt in runtimes[1:]:
         print(f"{rt} / {runtimes[0]} throughput: " + ", ".join(
             f"B={a['batch']} {b['tok_s'] / a['tok_s']:.3f}" for a, b in zip(rows[runtimes[0]], rows[rt])))
+    for rt in runtimes:
+        print(f"{rt}: resident MB after startup: " + ", ".join(f"{k} {v:.0f}" for k, v in memory[rt].items() if v))
     if hop is not None:
         print(f"ray: an idle actor's round trip {hop * 1e3:.2f} ms (median of 30)")
     if FLAGS.json_out:
@@ -124,7 +127,8 @@ def main(argv):
             json.dump({"config": {k: FLAGS[k].value for k in ("runtime", "runtimes", "expert_backend",
                                                                "attention_backend", "prompt_len", "output_len",
                                                                "repeats")},
-                       "rows": rows[runtimes[0]], "by_runtime": rows, "ray_round_trip_s": hop}, fh, indent=1)
+                       "rows": rows[runtimes[0]], "by_runtime": rows, "ray_round_trip_s": hop,
+                       "resident_mb": memory}, fh, indent=1)
 
 
 if __name__ == "__main__":

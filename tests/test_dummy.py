@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from tarragon_jax.config import EngineConfig, SamplingParams
-from tarragon_jax.model.dummy import dummy_checkpoint, read_config
+from tarragon_jax.model.dummy import DummyWeights, dummy_checkpoint, read_config
 from tarragon_jax.model.hf_loader import load_checkpoint
-from tarragon_jax.model.tiny import random_params
+from tarragon_jax.model.weights import sizes
 from tarragon_jax.serving.engine import Engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -21,8 +21,7 @@ CONFIGS = os.path.join(os.path.dirname(HERE), "launch", "configs")
                                                             ("qwen1.5_moe_a2.7b", 14.3, 60, 4)])
 def test_shipped_configs_parse_at_their_published_sizes(name, params_b, experts, top_k):
     cfg = read_config(os.path.join(CONFIGS, name))
-    shapes = random_params(cfg, make=lambda shape, scale, mean: jax.ShapeDtypeStruct(shape, np.float32))
-    n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+    n = sum(jax.tree.leaves(sizes(cfg)))
     assert cfg.n_experts == experts and cfg.top_k == top_k
     assert abs(n / 1e9 - params_b) / params_b < 0.01
 
@@ -41,3 +40,20 @@ def test_dummy_weights_have_the_checkpoint_layout_and_serve(family):
     out = eng.generate([[5, 6, 7], [9, 10]], SamplingParams(max_new_tokens=4))
     assert [len(o) for o in out] == [4, 4]
     eng.close()
+
+
+def test_an_expert_worker_makes_only_its_rows_and_they_are_the_whole_models():
+    """DummyWeights: the rows of any experts equal the same rows of the whole model; the object a
+    worker process gets is the recipe (config and seed), not the tensors."""
+    import pickle
+    path = os.path.join(CONFIGS, "qwen3_30b_a3b")        # 30B at real shapes: never made whole here
+    w = DummyWeights(path, np.float32, seed=int(np.random.default_rng().integers(100)))
+    assert len(pickle.dumps(w)) < 1 << 20
+    small = os.path.join(HERE, "fixtures", "qwen3_moe")
+    ws = DummyWeights(small, np.float32, seed=3)
+    whole = ws.load()
+    ids = [int(j) for j in np.random.default_rng().choice(ws.config.n_experts, 3, replace=False)]
+    for k, a in ws.experts(1, ids).items():
+        np.testing.assert_array_equal(a, whole["experts"][1][k][ids])
+    big = w.experts(0, [5, 77])
+    assert big["w_gate"].shape == (2, w.config.d_model, w.config.d_expert) and np.isfinite(big["w_down"]).all()

@@ -182,3 +182,36 @@ def test_deepseek_without_shared_experts_loads_transformers_zero_size_tensors(tm
     _rewrite_tensors(d, empty_shared)
     cfg, params = load_checkpoint(str(d))
     assert cfg.d_shared == 0 and all("shared" not in lp for lp in params["attn"]["layers"])
+
+
+def _fuse_experts(t):
+    """Rewrite a per-expert checkpoint in the fused layout ([E, 2F, D] gate_up, [E, D, F] down)."""
+    for layer in sorted({k.split(".")[2] for k in t if ".experts." in k}):
+        pre = f"model.layers.{layer}.mlp.experts."
+        n = len({k for k in t if k.startswith(pre) and k.endswith("gate_proj.weight")})
+        pop = lambda j, name: t.pop(f"{pre}{j}.{name}.weight")
+        gate, up, down = ([pop(j, name) for j in range(n)] for name in ("gate_proj", "up_proj", "down_proj"))
+        t[pre + "gate_up_proj"] = np.concatenate([np.stack(gate), np.stack(up)], axis=1)
+        t[pre + "down_proj"] = np.stack(down)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_worker_reads_only_its_part_and_gets_what_a_whole_load_gives(tmp_path, fused):
+    """CheckpointWeights: the attention side and any experts of a layer, in any order, equal
+    the whole load's; what crosses to a worker process is the path, not tensors."""
+    import pickle
+    import jax
+    from tarragon_jax.model.hf_loader import CheckpointWeights
+    d = _copy(tmp_path, "qwen3_moe")
+    if fused:
+        _rewrite_tensors(d, _fuse_experts)
+    cfg, whole = load_checkpoint(str(d))
+    w = CheckpointWeights(str(d))
+    jax.tree.map(np.testing.assert_array_equal, w.attention(), whole["attn"])
+    rng = np.random.default_rng()
+    for layer in range(cfg.n_moe_layers):
+        ids = [int(j) for j in rng.choice(cfg.n_experts, 3, replace=False)]
+        got = w.experts(layer, ids)
+        for k, a in whole["experts"][layer].items():
+            np.testing.assert_array_equal(got[k], a[ids])
+    assert len(pickle.dumps(w)) < 4096

@@ -28,6 +28,7 @@ from tarragon_jax.control.health import HealthMonitor
 from tarragon_jax.control.placement import Placement, place
 from tarragon_jax.control.recovery import plan_aw_failure, plan_expert_routing
 from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.model.weights import Weights, as_weights
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
 from tarragon_jax.workers.attention_process import RemoteAttentionWorker
@@ -72,11 +73,11 @@ def _spin_s(cfg: EngineConfig) -> float:
 
 
 class Controller:
-    def __init__(self, model: ModelConfig, params: dict, engine: EngineConfig, cache: CacheConfig,
+    def __init__(self, model: ModelConfig, params: dict | Weights, engine: EngineConfig, cache: CacheConfig,
                  devices: list | None, clock: Callable[[], float] = time.perf_counter,
-                 load_params: Callable[[], dict] | None = None):
+                 load_params: Callable[[], dict | Weights] | None = None):
         self.model, self.config, self.cache, self.clock = model, engine, cache, clock
-        self.params, self.load_params, self.devices = params, load_params, devices
+        self.weights, self.load_params, self.devices = as_weights(params), load_params, devices
         if engine.restarts and load_params is None:
             raise ConfigError(f"recovery={engine.recovery} needs load_params: the checkpoint files to reload weights from")
         self.records: list[RecoveryRecord] = []
@@ -91,7 +92,7 @@ class Controller:
         self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
         self._jobs: list[tuple[concurrent.futures.Future, Callable, RecoveryRecord]] = []
         self._last_heartbeat = self.clock()
-        self.runtime = (RayRuntime(self.params, cfg.transfer_deadline_s, jax.config.jax_compilation_cache_dir,
+        self.runtime = (RayRuntime(self.weights, cfg.transfer_deadline_s, jax.config.jax_compilation_cache_dir,
                                    cfg.ray_address, cfg.num_attention_workers + cfg.num_expert_workers,
                                    _spin_s(cfg))
                         if cfg.runtime == "ray" else LocalRuntime(self.devices))
@@ -120,14 +121,14 @@ class Controller:
         if isinstance(handle, RemoteHandle):
             return RemoteExpertWorker(j, handle, primaries, shadows, self.runtime, self.config.expert_backend,
                                       self.dtype, self.model.top_k)
-        return ExpertWorker(j, handle, primaries, shadows, self.params["experts"], self.config.expert_backend,
+        return ExpertWorker(j, handle, primaries, shadows, self.weights, self.config.expert_backend,
                             self.dtype, self.model.top_k)
 
     def _new_aw(self, i: int, handle: WorkerHandle | RemoteHandle) -> AttentionWorker | RemoteAttentionWorker:
         if isinstance(handle, RemoteHandle):
             return RemoteAttentionWorker(i, handle, self.runtime, self.model, self.cache, self.config, self.ert,
                                          self.dtype, self.store, self.ew_addresses)
-        return AttentionWorker(i, handle, self.model, self.params["attn"], self.cache, self.config,
+        return AttentionWorker(i, handle, self.model, self.weights.attention(), self.cache, self.config,
                                self.ert, self.dtype, self.store, self.clock)
 
     def ew_addresses(self) -> dict[int, dict]:
@@ -156,7 +157,9 @@ class Controller:
 
     def processes(self) -> dict[str, dict]:
         """Every worker's pid, node, devices and resident memory, by name (/health shows them),
-        the checkpoint store's where it is a process of its own (--runtime ray), and the driver's."""
+        the checkpoint store's where it is a process of its own (--runtime ray), and the driver's.
+        A process on this host is read from /proc, never asked: a hung one must not hold up the
+        engine thread that answers /health."""
         from tarragon_jax.workers.remote_worker import resident_mb
         out = {}
         for w in self.aws + self.ews:
@@ -165,7 +168,7 @@ class Controller:
                 try:
                     out[w.handle.name]["rss_mb"] = round(w.memory_mb(), 1)
                 except (WorkerFailed, RemoteError):
-                    pass                                 # dead, not yet found: no figure
+                    pass                                 # dead or silent: no figure
         if hasattr(self.store, "identity"):
             out["store"] = self.store.identity()
         out["driver"] = {"pid": os.getpid(), "rss_mb": round(resident_mb(), 1)}
@@ -226,7 +229,7 @@ class Controller:
                                              {j: ew.slots for j, ew in live.items()}, self.ert.version + 1)
             try:
                 for j, layer, expert in loads:
-                    live[j].load_experts(layer, [expert], self.params["experts"][layer])
+                    live[j].load_experts(layer, [expert])
                     loaded += 1
                 return ert, loaded
             except WorkerFailed as f:
@@ -319,7 +322,7 @@ class Controller:
             if w.handle.alive:
                 w.kill()                         # tear down: every buffer of every worker goes
         jax.clear_caches()
-        self.params = self.load_params()
+        self.weights = as_weights(self.load_params())
         history = self.health.events
         self._build(precompile=False)    # the strongest restart: compile on first use, from the cache
         self.health.events[:0] = history        # the new cluster's record starts with what happened

@@ -143,49 +143,80 @@ def _shard_files(path: str) -> list[str]:
     return files
 
 
-def _read_tensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors as host numpy arrays (bf16 via ml_dtypes), never placed on an accelerator."""
-    out = {}
-    with jax.default_device(jax.devices("cpu")[0]):
+class _Files:
+    """Tensor name -> shard file, and reads of one tensor or of some rows of it: safetensors maps
+    each file, so only what is read is paged in. Host numpy arrays (bf16 via ml_dtypes), never
+    placed on an accelerator."""
+
+    def __init__(self, path: str):
+        self.where: dict[str, str] = {}
+        self._open: dict[str, object] = {}
         for fn in _shard_files(path):
-            with safe_open(fn, framework="flax") as f:
-                for k in f.keys():
-                    out[k] = np.asarray(f.get_tensor(k))
-    return out
+            for k in self._file(fn).keys():
+                self.where[k] = fn
+
+    def _file(self, fn: str):
+        if fn not in self._open:
+            self._open[fn] = safe_open(fn, framework="flax")
+        return self._open[fn]
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._file(self.where[key]).get_slice(key).get_shape())
+
+    def read(self, key: str, rows: list[int] | None = None) -> np.ndarray:
+        f = self._file(self.where[key])
+        with jax.default_device(jax.devices("cpu")[0]):
+            if rows is None:
+                return np.asarray(f.get_tensor(key))
+            part = f.get_slice(key)
+            return np.stack([np.asarray(part[r:r + 1])[0] for r in rows])
 
 
 class _Claimer:
-    """Pops tensors by name with a shape check, so leftovers can be reported at the end."""
+    """Reads tensors by name with a shape check, and keeps the names not claimed yet, so that a
+    whole-checkpoint load can report leftovers at the end."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], dtype):
-        self.t, self.dtype = dict(tensors), dtype
+    def __init__(self, files: _Files, dtype):
+        self.files, self.dtype, self.left = files, dtype, set(files.where)
 
     def has(self, key: str) -> bool:
-        return key in self.t
+        return key in self.files.where
 
-    def take(self, key: str, shape: tuple, transpose: bool = False) -> np.ndarray:
-        if key not in self.t:
+    def drop(self, key: str) -> None:
+        self.left.discard(key)
+
+    def take(self, key: str, shape: tuple, transpose: bool = False, rows: list[int] | None = None) -> np.ndarray:
+        if key not in self.files.where:
             raise CheckpointError(f"missing tensor {key!r} (expected shape {shape})")
-        a = self.t.pop(key)
-        if tuple(a.shape) != tuple(shape):
-            raise CheckpointError(f"tensor {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-        a = a.astype(self.dtype)
+        if self.files.shape(key) != tuple(shape):
+            raise CheckpointError(f"tensor {key!r} has shape {self.files.shape(key)}, expected {tuple(shape)}")
+        self.left.discard(key)
+        a = self.files.read(key, rows).astype(self.dtype)
         return np.ascontiguousarray(a.T if transpose else a)
 
 
-def _experts(c: _Claimer, cfg: ModelConfig, pre: str) -> dict:
+def _experts(c: _Claimer, cfg: ModelConfig, pre: str, ids: list[int]) -> dict:
+    """The stacks [len(ids), ...] of these routed experts of one layer."""
     E, D, F = cfg.n_experts, cfg.d_model, cfg.d_expert
     if c.has(pre + "experts.gate_up_proj"):            # fused layout [E, 2F, D] / [E, D, F]
-        gu = c.take(pre + "experts.gate_up_proj", (E, 2 * F, D))
-        down = c.take(pre + "experts.down_proj", (E, D, F))
+        gu = c.take(pre + "experts.gate_up_proj", (E, 2 * F, D), rows=ids)
+        down = c.take(pre + "experts.down_proj", (E, D, F), rows=ids)
         return {"w_gate": np.ascontiguousarray(gu[:, :F].transpose(0, 2, 1)),
                 "w_up": np.ascontiguousarray(gu[:, F:].transpose(0, 2, 1)),
                 "w_down": np.ascontiguousarray(down.transpose(0, 2, 1))}
     names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    g = [c.take(f"{pre}experts.{j}.{names[0]}.weight", (F, D), True) for j in range(E)]
-    u = [c.take(f"{pre}experts.{j}.{names[1]}.weight", (F, D), True) for j in range(E)]
-    dn = [c.take(f"{pre}experts.{j}.{names[2]}.weight", (D, F), True) for j in range(E)]
+    g = [c.take(f"{pre}experts.{j}.{names[0]}.weight", (F, D), True) for j in ids]
+    u = [c.take(f"{pre}experts.{j}.{names[1]}.weight", (F, D), True) for j in ids]
+    dn = [c.take(f"{pre}experts.{j}.{names[2]}.weight", (D, F), True) for j in ids]
     return {"w_gate": np.stack(g), "w_up": np.stack(u), "w_down": np.stack(dn)}
+
+
+def _moe_prefix(c: _Claimer, cfg: ModelConfig, i: int) -> str:
+    """Where layer i's router and experts sit (Mixtral's Hub layout names its MoE block apart)."""
+    p = f"model.layers.{i}."
+    if cfg.family == "mixtral" and c.has(p + "block_sparse_moe.gate.weight"):
+        return p + "block_sparse_moe."
+    return p + "mlp."
 
 
 def _mlp(c: _Claimer, prefix: str, D: int, F: int) -> dict:
@@ -207,12 +238,12 @@ def _mla(c: _Claimer, cfg: ModelConfig, a: str) -> dict:
     return lp
 
 
-def _deepseek_layer(c: _Claimer, cfg: ModelConfig, i: int, lp: dict) -> tuple[dict, dict | None]:
+def _deepseek_layer(c: _Claimer, cfg: ModelConfig, i: int, lp: dict) -> dict:
     D, m = cfg.d_model, f"model.layers.{i}.mlp."
     lp.update(_mla(c, cfg, f"model.layers.{i}.self_attn."))
     if cfg.moe_index(i) is None:
         lp["mlp"] = _mlp(c, m, D, cfg.d_dense)
-        return lp, None
+        return lp
     lp.update(router=c.take(m + "gate.weight", (cfg.n_experts, D), True),
               router_bias=c.take(m + "gate.e_score_correction_bias", (cfg.n_experts,)))
     if cfg.d_shared:
@@ -220,13 +251,13 @@ def _deepseek_layer(c: _Claimer, cfg: ModelConfig, i: int, lp: dict) -> tuple[di
     else:                  # transformers writes zero-size shared-expert tensors for n_shared_experts=0
         for name in ("gate_proj", "up_proj", "down_proj"):
             key = f"{m}shared_experts.{name}.weight"
-            if c.has(key) and c.t[key].size == 0:
-                c.t.pop(key)
-    return lp, _experts(c, cfg, m)
+            if c.has(key) and 0 in c.files.shape(key):
+                c.drop(key)
+    return lp
 
 
-def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> tuple[dict, dict | None]:
-    """(attention-side params, expert-side params or None for a dense layer) of layer i."""
+def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> dict:
+    """The attention-side params of layer i (norms, attention, router, shared or dense MLP)."""
     D, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     p = f"model.layers.{i}."
     a = f"{p}self_attn."
@@ -241,42 +272,85 @@ def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> tuple[dict, dict | None]:
                   bv=c.take(a + "v_proj.bias", (KV * hd,)))
     if cfg.qk_norm:
         lp.update(q_norm=c.take(a + "q_norm.weight", (hd,)), k_norm=c.take(a + "k_norm.weight", (hd,)))
-    moe = p + ("block_sparse_moe." if cfg.family == "mixtral" and c.has(p + "block_sparse_moe.gate.weight")
-               else "mlp.")
+    moe = _moe_prefix(c, cfg, i)
     lp["router"] = c.take(moe + "gate.weight", (cfg.n_experts, D), True)
     if cfg.d_shared:
         lp["shared"] = dict(_mlp(c, moe + "shared_expert.", D, cfg.d_shared),
                             gate=c.take(moe + "shared_expert_gate.weight", (1, D))[0])
-    return lp, _experts(c, cfg, moe)
+    return lp
 
 
-def load_checkpoint(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
-    """Returns (config, {"attn": ..., "experts": [...]}) with host numpy leaves of `dtype`."""
+def _attention(c: _Claimer, cfg: ModelConfig) -> dict:
+    """Everything an attention worker holds: embedding, every layer's attention side, head."""
+    V, D = cfg.vocab_size, cfg.d_model
+    embed = c.take("model.embed_tokens.weight", (V, D))
+    layers = [_layer(c, cfg, i) for i in range(cfg.n_layers)]
+    if cfg.tie_embeddings:
+        c.drop("lm_head.weight")
+        head = np.ascontiguousarray(embed.T)
+    else:
+        head = c.take("lm_head.weight", (V, D), True)
+    return {"embed": embed, "final_norm": c.take("model.norm.weight", (D,)), "lm_head": head, "layers": layers}
+
+
+def read_config(path: str) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory (its config.json)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory does not exist: {path}")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"missing config.json in checkpoint directory {path}")
     with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f))
-    tensors = _read_tensors(path)
-    if cfg.family == "deepseek_v3":   # multi-token-prediction layers follow the decoder's; unused here
-        tensors = {k: v for k, v in tensors.items() if not _is_mtp(k, cfg.n_layers)}
-    c = _Claimer(tensors, dtype)
-    V, D = cfg.vocab_size, cfg.d_model
-    embed = c.take("model.embed_tokens.weight", (V, D))
-    layers, experts = zip(*(_layer(c, cfg, i) for i in range(cfg.n_layers)))
-    experts = [e for e in experts if e is not None]
-    if cfg.tie_embeddings:
-        c.t.pop("lm_head.weight", None)
-        head = np.ascontiguousarray(embed.T)
-    else:
-        head = c.take("lm_head.weight", (V, D), True)
-    attn = {"embed": embed, "final_norm": c.take("model.norm.weight", (D,)), "lm_head": head,
-            "layers": list(layers)}
-    if c.t:
-        raise CheckpointError(f"unexpected tensors in checkpoint (unsupported layout?): {sorted(c.t)[:5]}")
-    return cfg, {"attn": attn, "experts": list(experts)}
+        return config_from_hf(json.load(f))
+
+
+class CheckpointWeights:
+    """A checkpoint directory's weights, read when a worker asks for its part: an attention worker
+    reads the attention side, an expert worker the experts it hosts (by tensor, or by rows of a
+    fused stack), each in its own process on its own node; no process ever holds them all, and
+    what crosses to a worker process is the path. Host leaves of `dtype`."""
+
+    nbytes = 0                             # host bytes held here: none until a part is read
+
+    def __init__(self, path: str, dtype=np.float32):
+        self.path, self.dtype, self.config = path, np.dtype(dtype), read_config(path)
+        self._files: _Files | None = None
+        _shard_files(path)                 # a missing shard is an error now, not in a worker
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": None}     # open files stay in their process
+
+    def _claimer(self) -> _Claimer:
+        if self._files is None:
+            self._files = _Files(self.path)
+        return _Claimer(self._files, self.dtype)
+
+    def attention(self) -> dict:
+        return _attention(self._claimer(), self.config)
+
+    def experts(self, layer: int, ids: list[int]) -> dict:
+        """The stacks [len(ids), ...] of these experts of MoE layer `layer`."""
+        c, cfg = self._claimer(), self.config
+        i = layer + cfg.first_k_dense
+        return _experts(c, cfg, _moe_prefix(c, cfg, i), list(ids))
+
+    def load(self) -> dict:
+        """The whole model, every tensor of the files claimed: a renamed or extra tensor is an
+        error (deepseek's multi-token-prediction layers follow the decoder's; unused here)."""
+        c, cfg = self._claimer(), self.config
+        attn = _attention(c, cfg)
+        experts = [_experts(c, cfg, _moe_prefix(c, cfg, i), list(range(cfg.n_experts)))
+                   for i in range(cfg.n_layers) if cfg.moe_index(i) is not None]
+        left = sorted(k for k in c.left if not (cfg.family == "deepseek_v3" and _is_mtp(k, cfg.n_layers)))
+        if left:
+            raise CheckpointError(f"unexpected tensors in checkpoint (unsupported layout?): {left[:5]}")
+        return {"attn": attn, "experts": experts}
+
+
+def load_checkpoint(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    """Returns (config, {"attn": ..., "experts": [...]}) with host numpy leaves of `dtype`."""
+    w = CheckpointWeights(path, dtype)
+    return w.config, w.load()
 
 
 def _is_mtp(key: str, n_layers: int) -> bool:

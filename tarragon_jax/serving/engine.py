@@ -27,6 +27,7 @@ from tarragon_jax.control.controller import Controller, RecoveryRecord
 from tarragon_jax.control.faults import FaultInjector
 from tarragon_jax.errors import RequestError, WorkerFailed
 from tarragon_jax.metrics import Metrics
+from tarragon_jax.model.weights import Weights
 from tarragon_jax.workers.rpc import RemoteError, gather
 from tarragon_jax.workers.sequence import Sequence, SeqState
 
@@ -49,11 +50,13 @@ class _Restart(Exception):
 
 
 class Engine:
-    def __init__(self, model: ModelConfig, params: dict, engine: EngineConfig = EngineConfig(),
+    def __init__(self, model: ModelConfig, params: dict | Weights, engine: EngineConfig = EngineConfig(),
                  cache: CacheConfig = CacheConfig(), devices: list | None = None,
                  metrics: Metrics | None = None, faults: FaultInjector | None = None,
-                 load_params: Callable[[], dict] | None = None):
-        """load_params: re-reads the weights from the checkpoint files (the restart baseline)."""
+                 load_params: Callable[[], dict | Weights] | None = None):
+        """params: a params pytree, or where each worker reads its own part (model/weights.py:
+        a checkpoint's files, a dummy model); load_params: re-reads the weights from the
+        checkpoint files (the restart baseline)."""
         self.model, self.config, self.cache = model, engine, cache
         self.metrics = metrics or Metrics()
         self.faults = faults or FaultInjector([])

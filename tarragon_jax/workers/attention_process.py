@@ -57,7 +57,7 @@ class AttentionActor(WorkerProcess):
     """Runs inside the AW's process: one AttentionWorker on the process's first device, served by
     the process's loop; it drives its own step's layer loop over its data channels to the EWs."""
 
-    def __init__(self, index: int, model: ModelConfig, attn_params: dict, cache: CacheConfig, engine: EngineConfig,
+    def __init__(self, index: int, model: ModelConfig, weights, cache: CacheConfig, engine: EngineConfig,
                  ert: RoutingTable, dtype: str, store, compile_cache_dir: str | None, spin_s: float):
         self._setup_jax()
         import jax
@@ -67,7 +67,7 @@ class AttentionActor(WorkerProcess):
                                         deadline_s=engine.transfer_deadline_s) if store is not None else None)
         self.compiles = CompileLog()
         with self.compiles.warming():
-            self.aw = AttentionWorker(index, WorkerHandle(f"aw{index}", (jax.devices()[0],)), model, attn_params,
+            self.aw = AttentionWorker(index, WorkerHandle(f"aw{index}", (jax.devices()[0],)), model, weights.attention(),
                                       cache, engine, ert, jax.numpy.dtype(dtype), client, time.perf_counter)
         self.index, self.n_layers, self.n_ews = index, model.n_layers, engine.num_expert_workers
         self.ew_wait_s = EW_WAIT_FRACTION * engine.transfer_deadline_s
@@ -226,7 +226,7 @@ class RemoteAttentionWorker(RemoteWorker):
     def __init__(self, index: int, handle, runtime, model: ModelConfig, cache: CacheConfig, engine: EngineConfig,
                  ert: RoutingTable, dtype, store: RemoteCheckpointStore | None, peers: Callable[[], dict]):
         self.index, self.model = index, model
-        info = self._spawn(handle, runtime, runtime.aw_class, index, model, runtime.attn_ref, cache, engine, ert,
+        info = self._spawn(handle, runtime, runtime.aw_class, index, model, runtime.weights_ref, cache, engine, ert,
                            str(np.dtype(dtype)), None if store is None else store.actor, runtime.compile_cache_dir,
                            runtime.spin_s)
         self.attention_backend, self.device = info["attention_backend"], info["device"]

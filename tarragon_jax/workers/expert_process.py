@@ -30,17 +30,17 @@ class ExpertActor(WorkerProcess):
     """Runs inside the EW's process: one ExpertWorker on the process's first device, served by
     the process's loop (workers/rpc.py Server)."""
 
-    def __init__(self, index: int, primaries, shadows, experts: list[dict], backend: str, dtype, top_k: int,
+    def __init__(self, index: int, primaries, shadows, weights, backend: str, dtype, top_k: int,
                  compile_cache_dir: str | None, deadline_s: float, spin_s: float):
         self._setup_jax()
         import jax
         if compile_cache_dir:
             use_compile_cache(compile_cache_dir)
         from tarragon_jax.workers.expert_worker import ExpertWorker
-        self.experts, self.compiles = experts, CompileLog()
+        self.compiles = CompileLog()
         with self.compiles.warming():
             self.ew = ExpertWorker(index, WorkerHandle(f"ew{index}", (jax.devices()[0],)), primaries, shadows,
-                                   experts, backend, dtype, top_k)
+                                   weights, backend, dtype, top_k)
         self.gather_s = GATHER_FRACTION * deadline_s
         self._groups: dict[tuple, dict] = {}     # (tag, layer) -> {aw: (channel, buffer)}
         self._opened: dict[tuple, float] = {}    # (tag, layer) -> when its first buffer came
@@ -61,7 +61,7 @@ class ExpertActor(WorkerProcess):
         return self.ew.rows_served()
 
     def load_experts(self, layer: int, ids: list[int]) -> None:
-        self.ew.load_experts(layer, ids, self.experts[layer])
+        self.ew.load_experts(layer, ids)
 
     def precompile(self, grid) -> None:
         with self.compiles.warming():
@@ -128,15 +128,14 @@ class RemoteExpertWorker(RemoteWorker):
         self.index = index
         self.slots = [list(p) + list(s) for p, s in zip(primaries, shadows)]
         self.n_primary = [len(p) for p in primaries]
-        info = self._spawn(handle, runtime, runtime.actor_class, index, primaries, shadows, runtime.experts_ref,
+        info = self._spawn(handle, runtime, runtime.actor_class, index, primaries, shadows, runtime.weights_ref,
                            backend, dtype, top_k, runtime.compile_cache_dir, runtime.deadline_s, runtime.spin_s)
         self.platform, self.backend = info["platform"], info["backend"]
 
     def rows_served(self) -> int:
         return self.rpc.call("rows_served")
 
-    def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> None:
-        """The process loads from its own view of the weights (layer_experts is the same)."""
-        del layer_experts
+    def load_experts(self, layer: int, ids: list[int]) -> None:
+        """The process reads them itself (from the checkpoint files on its node)."""
         self.rpc.call("load_experts", layer, list(ids))
         self.slots[layer] += list(ids)

@@ -18,6 +18,7 @@ import numpy as np
 
 from tarragon_jax.model import wire
 from tarragon_jax.model.expert_stage import expert_layer
+from tarragon_jax.model.weights import Weights
 from tarragon_jax.workers import backends
 from tarragon_jax.workers.program_log import ProgramLog
 from tarragon_jax.workers.runtime import WorkerHandle
@@ -28,21 +29,23 @@ _KEYS = ("w_gate", "w_up", "w_down")
 
 class ExpertWorker:
     def __init__(self, index: int, handle: WorkerHandle, primaries: list[list[int]],
-                 shadows: list[list[int]], experts: list[dict], backend: str, dtype, top_k: int):
-        """primaries/shadows[layer] = expert ids in slot order; experts = host weights of every expert."""
+                 shadows: list[list[int]], weights: Weights, backend: str, dtype, top_k: int):
+        """primaries/shadows[layer] = expert ids in slot order; weights: where the worker reads
+        the experts it hosts (model/weights.py), now and for a load after a failure."""
         self.index, self.handle, self.dtype, self.top_k = index, handle, dtype, top_k
         self.platform = handle.devices[0].platform
         self.backend = backends.expert_backend(backend, handle.devices[0])
         self.slots = [list(p) + list(s) for p, s in zip(primaries, shadows)]
-        self.weights = [self._stack(experts[l], ids) for l, ids in enumerate(self.slots)]
+        self.source = weights
+        self.weights = [self._stack(l, ids) for l, ids in enumerate(self.slots)]
         self._index = handle.put(np.int32(index))
         self._rows = handle.put(np.int32(0))         # (token, k) pairs served, on the device
         self.programs = ProgramLog()
 
-    def _stack(self, layer_experts: dict, ids: list[int]) -> dict:
+    def _stack(self, layer: int, ids: list[int]) -> dict:
         """The weights of these experts on this EW's mesh: one [n, ...] stack per matrix, or, for
         the "tiles" backend, a tuple of n arrays (its program reads each in place)."""
-        host = {k: np.asarray(layer_experts[k][ids]).astype(self.dtype) for k in _KEYS}
+        host = {k: a.astype(self.dtype) for k, a in self.source.experts(layer, ids).items()}
         if self.backend == "tiles":
             host = {k: tuple(a) for k, a in host.items()}
         return self.handle.put(host)
@@ -61,10 +64,11 @@ class ExpertWorker:
                     self.run_layer(layer, bufs)
         self._rows = self.handle.put(np.int32(0))    # warm-up rows are no load
 
-    def load_experts(self, layer: int, ids: list[int], layer_experts: dict) -> None:
-        """Load experts from host memory into new slots appended after the existing ones (no
-        replica left elsewhere). The stack grows once, so this layer's program recompiles once."""
-        new = self._stack(layer_experts, ids)
+    def load_experts(self, layer: int, ids: list[int]) -> None:
+        """Load experts (no replica left elsewhere) from the weights' source into new slots
+        appended after the existing ones. The stack grows once, so this layer's program
+        recompiles once."""
+        new = self._stack(layer, ids)
         join = (lambda a, b: a + b) if self.backend == "tiles" else (lambda a, b: jnp.concatenate([a, b]))
         self.weights[layer] = {k: join(self.weights[layer][k], new[k]) for k in _KEYS}
         self.slots[layer] += list(ids)

@@ -13,18 +13,20 @@ Ray does what it is good at: placing processes over nodes, starting and killing 
 on the data path: each AW process exchanges every layer with the EW processes over channels of
 its own (workers/channel.py), and the driver talks to each worker over a control channel; a Ray
 actor call costs ~1 ms here, a channel round trip ~50 us.
-The host weights go into Ray's object store once; each process maps them zero-copy and puts its
-part (an EW: its primaries and shadows, and any orphaned expert it is told to load) on its device.
+Each process reads its own part of the weights (model/weights.py) on the node it runs on: an AW
+the attention side, an EW its primaries and shadows, and any orphaned expert it is told to load,
+from the checkpoint's files; the driver holds none. Only weights built in memory (HostWeights)
+go through Ray's object store, once, each process mapping them zero-copy.
 """
 from __future__ import annotations
 
 import os
 import warnings
 
-import numpy as np
 
 from tarragon_jax.config import EngineConfig
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore
+from tarragon_jax.model.weights import Weights
 from tarragon_jax.workers.attention_process import AttentionActor
 from tarragon_jax.workers.expert_process import ExpertActor
 from tarragon_jax.workers.remote_worker import RemoteHandle
@@ -54,18 +56,16 @@ def connect(address: str | None = None, object_store_bytes: int = 0) -> None:
 
 class RayRuntime:
     """Every AW and EW, and the checkpoint store, as Ray actors spread over the nodes of the Ray
-    cluster (this machine's unless `address` names another). The weights go into Ray's object
-    store once; each process maps its part zero-copy."""
+    cluster (this machine's unless `address` names another). Each process reads its own part of
+    the weights."""
 
-    def __init__(self, params: dict, deadline_s: float, compile_cache_dir: str | None = None,
+    def __init__(self, weights: Weights, deadline_s: float, compile_cache_dir: str | None = None,
                  address: str | None = None, num_workers: int = 1, spin_s: float = 0.0):
-        import jax
         import ray
-        experts = params["experts"]
-        connect(address, sum(np.asarray(a).nbytes for a in jax.tree.leaves(params)))
+        connect(address, weights.nbytes)
         self.actor_class = ray.remote(num_cpus=0, max_restarts=0)(ExpertActor)
         self.aw_class = ray.remote(num_cpus=0, max_restarts=0)(AttentionActor)
-        self.experts_ref, self.attn_ref = ray.put(experts), ray.put(params["attn"])
+        self.weights_ref = ray.put(weights)     # a path or a recipe (or, HostWeights, the arrays)
         self.deadline_s, self.compile_cache_dir, self.num_workers = deadline_s, compile_cache_dir, num_workers
         self.spin_s = spin_s              # how long a worker's receive polls before it sleeps
         self._actors: list = []
@@ -115,4 +115,4 @@ class RayRuntime:
             if handle.actor is not None:
                 ray.kill(handle.actor)
         self._actors.clear()
-        self.experts_ref = self.attn_ref = None     # a restart puts the weights again: free this copy first
+        self.weights_ref = None     # a restart puts the weights again: free this copy first

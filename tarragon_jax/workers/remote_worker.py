@@ -21,6 +21,7 @@ from tarragon_jax.workers.rpc import RemoteError, RpcClient, Server
 
 STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
 PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) in one process
+MEMORY_QUERY_S = 0.2           # /health's question to a process on another host
 
 
 class RemoteHandle:
@@ -131,8 +132,10 @@ class RemoteWorker:
         return self.rpc.call("compile_times")
 
     def memory_mb(self) -> float:
-        """The process's resident memory."""
-        return self.rpc.call("memory_mb")
+        """The process's resident memory: from /proc on this host, else asked (briefly)."""
+        if self.handle.where.get("host") == host_id():
+            return resident_mb(self.pid)
+        return self.rpc.call("memory_mb", timeout=MEMORY_QUERY_S)
 
     def kill(self) -> None:
         """Fail-stop: the process is killed (fault injection, and the controller's fence)."""
