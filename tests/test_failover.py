@@ -245,18 +245,25 @@ def test_second_ew_dies_while_orphans_are_loaded(model):
     assert sum(r.orphans_loaded for r in eng.controller.records) > 0
 
 
-def test_replacement_that_fails_to_build_leaves_the_service_running(model, monkeypatch):
-    """The background replacement raises (no device, out of memory): serving goes on on the
-    survivors with identical tokens, the error is on the record, and the EW stays down."""
-    from tarragon_jax.control.controller import Controller
+def test_replacement_that_fails_to_build_is_retried_until_it_joins(model, monkeypatch):
+    """The background replacement raises twice (no device, out of memory): serving goes on on the
+    survivors with identical tokens, the build is retried with backoff, the record counts the
+    attempts and keeps the last error, and the third build joins."""
+    from tarragon_jax.control import controller
+    real, calls = controller.Controller._replacement, []
 
-    def broken(self, make, failed, rec):
-        raise RuntimeError("no device for the replacement (injected)")
-    monkeypatch.setattr(Controller, "_replacement", broken)
+    def flaky(self, make, failed, rec):
+        calls.append(time.perf_counter())
+        if len(calls) < 3:
+            raise RuntimeError(f"no device for the replacement (injected, {len(calls)})")
+        return real(self, make, failed, rec)
+    monkeypatch.setattr(controller.Controller, "_replacement", flaky)
+    monkeypatch.setattr(controller, "RETRY_S", (0.2, 1.0))
     eng = _check(model, ["ew:1@step=5"])
     rec = eng.controller.records[0]
-    assert "no device for the replacement" in rec.replacement_error and rec.replacement_ready_s is None
-    assert eng.controller.health.is_failed("ew1")
+    assert rec.replacement_attempts == 3 and "(injected, 2)" in rec.replacement_error
+    assert rec.replacement_ready_s is not None and not eng.controller.health.is_failed("ew1")
+    assert calls[2] - calls[1] >= 0.4 - 0.05           # the backoff doubled
 
 
 def test_deepseek_v3_failures_keep_the_tokens():

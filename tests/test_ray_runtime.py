@@ -248,3 +248,43 @@ def test_dense_first_layer_over_the_process_data_plane():
     assert cfg.first_k_dense > 0 and eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=6)) == want
     assert not eng.controller.records
     eng.close()
+
+
+def test_a_killed_store_process_is_replaced_and_refilled_by_the_aws(model):
+    """SIGKILL the checkpoint store's process while requests run: the heartbeat finds it, a new
+    store process starts in the background, every AW re-sends the committed blocks of its
+    requests to it; an AW killed afterwards has its requests restored from the new store, and
+    every token is the dense reference's."""
+    import signal
+
+    import numpy as np
+    cfg, params, _ = model
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, cfg.vocab_size, int(n)).tolist() for n in rng.integers(9, 15, 4)]
+    want = [reference.greedy_generate(cfg, params, p, 24) for p in prompts]
+    eng = _engine(cfg, params, [], snapshot_interval_s=0.0)
+    assert eng.generate(prompts[:1], SamplingParams(max_new_tokens=2)) == [want[0][:2]]   # compiles
+    ids = [eng.submit(p, SamplingParams(max_new_tokens=24)) for p in prompts]
+    for _ in range(4):
+        eng.step()
+    old = eng.controller.store
+    os.kill(old.where["pid"], signal.SIGKILL)
+    deadline = time.time() + 60
+    while not any(r.kind == "store" for r in eng.controller.records):
+        eng.idle()                                    # heartbeats, no steps: the requests wait
+        assert time.time() < deadline
+        time.sleep(0.05)
+    eng.controller.wait_recoveries()
+    rec = next(r for r in eng.controller.records if r.kind == "store")
+    assert rec.replacement_ready_s is not None and eng.controller.store is not old
+    assert eng.controller.store.where["pid"] != old.where["pid"]
+    eng.step()                                        # the AWs' snapshots refill the new store
+    while {i for i in ids if eng.controller.store.committed_blocks(i) > 0} != set(ids):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    eng.controller.kill("aw0")
+    while eng.has_work:
+        eng.step()
+    assert [eng.requests[i].output for i in ids] == want
+    assert eng.aws[1].restored.blocks > 0 and eng.aws[1].restored.fallbacks == 0
+    eng.close()

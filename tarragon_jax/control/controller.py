@@ -43,10 +43,20 @@ from tarragon_jax.workers.shape_grid import recovery_grid, shape_grid
 
 
 @dataclasses.dataclass
+class _Job:
+    """A replacement being built in the background (future), or waiting to be retried."""
+    build: Callable[[], object]
+    join: Callable[[object], None]
+    rec: "RecoveryRecord"
+    future: concurrent.futures.Future | None = None
+    retry_at: float = 0.0
+
+
+@dataclasses.dataclass
 class RecoveryRecord:
     """One failure, as the benchmark's breakdown reports it (seconds; None = not applicable)."""
     worker: str
-    kind: str                            # "ew" | "aw"
+    kind: str                            # "ew" | "aw" | "store"
     detected_by: str
     detect_s: float | None               # injection -> detection
     reroute_s: float = 0.0               # new ERT published (incl. host loads of orphaned experts)
@@ -56,10 +66,14 @@ class RecoveryRecord:
     recompile_s: float | None = None     # of which: compiling the failed worker's programs for the new mesh
     restart_s: float | None = None       # restart baseline: teardown + weight reload + rebuild
     tokens_recomputed: int = 0           # restart baseline: every cached position of every request
-    replacement_error: str | None = None # building the replacement failed: the worker stays down
+    replacement_attempts: int = 0        # builds of a replacement started (a failed one is retried with backoff)
+    replacement_error: str | None = None # the last failed build's error (the worker is down until one joins)
     process: dict | None = None          # the failed worker's pid, node and devices (WorkerHandle.identity)
 
 
+RETRY_S = (1.0, 30.0)   # a failed replacement build is retried after 1 s, 2 s, 4 s ... at most 30 s
+STORE_PING_S = 5.0      # the checkpoint store's process is fenced and replaced when a ping waits this long
+                        # (a hung store costs no step: restores fall back to recompute meanwhile)
 REMOTE_PROBE_S = 0.5    # a silent worker process is pinged at most this often: its death closes its
                         # channel (seen at every heartbeat tick, for free), so a ping only finds a
                         # hang, and pings every 50 ms cost an idle server ~2% of a core per process
@@ -89,8 +103,9 @@ class Controller:
         cfg, dtype = self.config, jax.numpy.dtype(self.config.dtype)
         self.dtype = dtype
         self.health = HealthMonitor(self.clock)
-        self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
-        self._jobs: list[tuple[concurrent.futures.Future, Callable, RecoveryRecord]] = []
+        workers = cfg.num_attention_workers + cfg.num_expert_workers
+        self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="controller")
+        self._jobs: list[_Job] = []
         self._last_heartbeat = self.clock()
         self.runtime = (RayRuntime(self.weights, cfg.transfer_deadline_s, jax.config.jax_compilation_cache_dir,
                                    cfg.ray_address, cfg.num_attention_workers + cfg.num_expert_workers,
@@ -102,6 +117,7 @@ class Controller:
         self.ert: RoutingTable = self.placement.ert
         self.transport = self.runtime.transport(cfg.transfer_deadline_s)
         self.store = self.runtime.checkpoint_store(cfg) if cfg.resilience else None
+        self._store_generation = 0
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
         self.precompile_s = None if cfg.precompile == "none" or not precompile else self._precompile()
@@ -246,7 +262,34 @@ class Controller:
 
     # ---- background replacements --------------------------------------------------------------
     def _start(self, rec: RecoveryRecord, build: Callable, join: Callable) -> None:
-        self._jobs.append((self._bg.submit(build), join, rec))
+        job = _Job(build, join, rec)
+        self._jobs.append(job)
+        self._submit(job)
+
+    def _submit(self, job: "_Job") -> None:
+        job.rec.replacement_attempts += 1
+        job.future = self._bg.submit(job.build)
+
+    def _settle_jobs(self) -> None:
+        """Join the replacements that are built; retry a failed build after a backoff (1 s,
+        doubling, at most 30 s), for as long as it takes: the service runs on the survivors
+        meanwhile, and the record shows the attempts and the last error."""
+        for job in list(self._jobs):
+            if job.future is None:
+                if self.clock() >= job.retry_at:
+                    self._submit(job)
+                continue
+            if not job.future.done():
+                continue
+            try:
+                worker = job.future.result()
+            except Exception as e:  # noqa: BLE001 -- serving goes on without the replacement
+                n = job.rec.replacement_attempts
+                job.rec.replacement_error = f"attempt {n}: {type(e).__name__}: {e}"
+                job.future, job.retry_at = None, self.clock() + min(RETRY_S[1], RETRY_S[0] * 2 ** (n - 1))
+                continue
+            self._jobs.remove(job)
+            job.join(worker)
 
     def _replacement(self, make: Callable[[WorkerHandle], object], failed, rec: RecoveryRecord) -> object:
         """A new worker on a spare device (weights from host memory) that compiles every program
@@ -267,8 +310,40 @@ class Controller:
 
     def _join_aw(self, aw: AttentionWorker, rec: RecoveryRecord, t0: float) -> None:
         aw.refe.publish(self.ert)
+        if isinstance(aw, RemoteAttentionWorker) and self.store is not None and aw.store_actor is not self.store.actor:
+            aw.attach_store(self.store)      # built while the store was being replaced
         self.aws[aw.index] = aw
         self.health.revive(aw.handle.name)
+        rec.replacement_ready_s = self.clock() - t0
+
+    def _check_store(self) -> None:
+        """The checkpoint store's process (--runtime ray), looked at every heartbeat without
+        waiting: found dead, or silent for STORE_PING_S, it is fenced and a new one is started in
+        the background. Meanwhile snapshots go nowhere and restores recompute; once it joins,
+        every AW refills it with the committed blocks of its requests."""
+        if not hasattr(self.store, "check") or any(j.rec.kind == "store" for j in self._jobs):
+            return
+        why = self.store.check(STORE_PING_S)
+        if why is None:
+            return
+        t0, self._store_generation = self.clock(), self._store_generation + 1
+        rec = RecoveryRecord("store", "store", "heartbeat", None, process=self.store.identity())
+        self.health.report_failure("store", why, "heartbeat")
+        self.records.append(rec)
+        self.store.fence()
+        generation = self._store_generation
+        self._start(rec, lambda: self.runtime.checkpoint_store(self.config, generation),
+                    lambda store: self._join_store(store, rec, t0))
+
+    def _join_store(self, store, rec: RecoveryRecord, t0: float) -> None:
+        self.store = store
+        for aw in self.aws:
+            if aw.handle.alive and isinstance(aw, RemoteAttentionWorker):
+                try:
+                    aw.attach_store(store)
+                except (WorkerFailed, RemoteError):
+                    pass                 # its process is gone: its next step call finds it
+        self.health.revive("store")
         rec.replacement_ready_s = self.clock() - t0
 
     @property
@@ -278,15 +353,7 @@ class Controller:
     def tick(self) -> list[RecoveryRecord]:
         """At a step boundary: join finished replacements, and (at most every interval) probe the
         workers no data-path call has heard from within the interval. Returns new failures."""
-        for job in [j for j in self._jobs if j[0].done()]:
-            self._jobs.remove(job)
-            fut, join, rec = job
-            try:
-                worker = fut.result()
-            except Exception as e:  # noqa: BLE001 -- serving goes on without the replacement
-                rec.replacement_error = f"{type(e).__name__}: {e}"
-                continue
-            join(worker)
+        self._settle_jobs()
         if not self.config.resilience or self.clock() - self._last_heartbeat < self.config.heartbeat_interval_s:
             return []
         self._last_heartbeat = self.clock()
@@ -301,12 +368,18 @@ class Controller:
             elif self.health.silent_for(name) >= (max(self.config.heartbeat_interval_s, REMOTE_PROBE_S) if remote
                                                   else self.config.heartbeat_interval_s):
                 probes[name] = functools.partial(w.handle.probe, bound)
-        return [self._act(name, "heartbeat") for name in self.health.heartbeat(probes)]
+        found = [self._act(name, "heartbeat") for name in self.health.heartbeat(probes)]
+        self._check_store()
+        return found
 
     def wait_recoveries(self) -> None:
         """Block until every background replacement joined (tests, shutdown)."""
         while self._jobs:
-            concurrent.futures.wait([f for f, _, _ in self._jobs])
+            running = [j.future for j in self._jobs if j.future is not None]
+            if running:
+                concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            else:
+                time.sleep(max(0.0, min(j.retry_at for j in self._jobs) - self.clock()))
             self.tick()
 
     # ---- restart baseline ----------------------------------------------------------------------

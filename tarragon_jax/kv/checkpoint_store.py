@@ -45,6 +45,10 @@ class SnapshotMissing(LookupError):
     """Nothing committed for a request/block, or its checkpoint files are gone."""
 
 
+class StoreUnavailable(SnapshotMissing):
+    """The store's process is dead or silent: nothing it held can be restored."""
+
+
 class SnapshotCorrupt(ValueError):
     """A block's checksum does not match, or its checkpoint cannot be read."""
 

@@ -15,20 +15,18 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import signal
 import threading
+import time
 
 import numpy as np
 
-from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, SnapshotMissing, check_snapshot,
+from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, StoreUnavailable, check_snapshot,
                                               start_host_copy)
 
 log = logging.getLogger(__name__)
 STARTUP_DEADLINE_S = 120.0       # the actor process imports orbax (and jax)
 SETTLE_EVERY = 64                # snapshot calls in flight before the sender collects the answered ones
-
-
-class StoreUnavailable(SnapshotMissing):
-    """The store's process is dead or silent: nothing it held can be restored."""
 
 
 def where() -> dict:
@@ -47,6 +45,9 @@ class StoreActor:
     def info(self) -> dict:
         return {**where(), "devices": ["host memory + Orbax files (ray actor)"], "directory": str(self.store.directory)}
 
+    def ping(self) -> bool:
+        return True
+
     def call(self, name: str, *args):
         """A CheckpointStore method or property, by name."""
         got = getattr(self.store, name)
@@ -60,8 +61,15 @@ class RemoteCheckpointStore:
         """A client of the store process `actor` (a StoreActor handle: the driver starts one,
         every AW process attaches to it); only the owner stops it on close()."""
         self.actor, self.memory_tier, self.deadline_s, self.owner = actor, memory_tier, deadline_s, owner
-        self.where = self._get(self.actor.info.remote(), STARTUP_DEADLINE_S)
+        try:
+            self.where = self._get(self.actor.info.remote(), STARTUP_DEADLINE_S if owner else deadline_s)
+        except StoreUnavailable:
+            if owner:
+                raise
+            self.where = {"directory": None}  # attaching to a store that died: a lost tier until the
+                                              # controller attaches a new one (attach_store)
         self.directory = self.where["directory"]
+        self._ping: tuple | None = None       # (ref, sent at) of the heartbeat's ping in flight
         self._queue: collections.deque = collections.deque()     # ("snap", aw, refs, blocks) | ("drop", rid)
         self._cv = threading.Condition()
         self._busy = 0                    # items taken by the sender, not yet handed to the actor
@@ -83,6 +91,50 @@ class RemoteCheckpointStore:
 
     def identity(self) -> dict:
         return {k: v for k, v in self.where.items() if k != "directory"}
+
+    def check(self, bound_s: float) -> str | None:
+        """The heartbeat's look at the store's process, never waiting: a reason once it is found
+        dead or has left a ping unanswered for `bound_s`, else None (a ping goes out, or the
+        one in flight is looked at)."""
+        import ray
+        if self._ping is None:
+            self._ping = (self.actor.ping.remote(), time.monotonic())
+            return None
+        ref, sent = self._ping
+        if ray.wait([ref], timeout=0)[0]:
+            self._ping = None
+            try:
+                ray.get(ref, timeout=0)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+                return f"process gone ({type(e).__name__})"
+            return None
+        return f"no answer to a ping within {bound_s:g} s" if time.monotonic() - sent > bound_s else None
+
+    def detach(self) -> None:
+        """This client is done with a store that died: what is queued for it is dropped."""
+        with self._cv:
+            self._closed = True
+            self._queue.clear()
+            self._cv.notify_all()
+
+    def fence(self) -> None:
+        """The store's process is dead or hung: stop it (Ray kills it wherever it runs), drop what
+        is queued for it, never wait."""
+        import ray
+        self.detach()
+        pid = self.where.get("pid") if self.where.get("node") == ray.util.get_node_ip_address() else None
+
+        def kill():
+            if pid:                      # this host's: a SIGKILL lands at once, SIGSTOPped or not
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                ray.kill(self.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 -- already gone
+                pass
+        threading.Thread(target=kill, name="fence-store", daemon=True).start()
 
     # ---- the engine's side ---------------------------------------------------------------------
     def snapshot(self, aw: int, refs: list[BlockRef], blocks, sums=None) -> None:

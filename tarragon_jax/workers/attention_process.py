@@ -63,8 +63,8 @@ class AttentionActor(WorkerProcess):
         import jax
         if compile_cache_dir:
             use_compile_cache(compile_cache_dir)
-        client = (RemoteCheckpointStore(store, memory_tier=engine.snapshot_memory_tier,
-                                        deadline_s=engine.transfer_deadline_s) if store is not None else None)
+        self.engine = engine
+        client = self._store_client(store) if store is not None else None
         self.compiles = CompileLog()
         with self.compiles.warming():
             self.aw = AttentionWorker(index, WorkerHandle(f"aw{index}", (jax.devices()[0],)), model, weights.attention(),
@@ -92,6 +92,18 @@ class AttentionActor(WorkerProcess):
     def release(self, request_id: int) -> bool:
         seq = next((s for s in self.aw.live_requests() if s.request_id == request_id), None)
         return seq is not None and self.aw.release(seq)
+
+    def _store_client(self, actor) -> RemoteCheckpointStore:
+        return RemoteCheckpointStore(actor, memory_tier=self.engine.snapshot_memory_tier,
+                                     deadline_s=self.engine.transfer_deadline_s)
+
+    def attach_store(self, actor) -> None:
+        """The controller replaced a dead checkpoint store: snapshot to the new one from now on,
+        every committed block of the requests here included (AttentionWorker.refill)."""
+        old = self.aw.store
+        self.aw.refill(self._store_client(actor))
+        if old is not None:
+            old.detach()             # what was queued for the dead one is dropped
 
     def publish(self, ert: RoutingTable, peers: dict[int, dict]) -> None:
         """A routing table version and the live EWs' addresses (a replacement's is new)."""
@@ -133,12 +145,12 @@ class AttentionActor(WorkerProcess):
         """One MoE layer's buffer (moe: its index among the MoE layers, as the EWs count them) to
         every live EW, their answers into the AW; (EW, why) on a failure."""
         live = sorted(self.peers)
-        for j in live:
+        for j in live:        # bounded like the answers: a hung EW must not hold this AW longer
             try:
                 if j not in self.channels:
                     self.channels[j] = chan.connect(self.peers[j], {"name": f"aw{self.index}", "aw": self.index,
-                                                                    "role": "data"})
-                self.channels[j].send(("buf", tag, moe, senders), buf)
+                                                                    "role": "data"}, self.ew_wait_s)
+                self.channels[j].send(("buf", tag, moe, senders), buf, timeout=self.ew_wait_s)
             except (chan.ChannelClosed, chan.ChannelTimeout) as e:
                 self.channels.pop(j, None)
                 return f"ew{j}", f"send failed ({e})"
@@ -226,6 +238,7 @@ class RemoteAttentionWorker(RemoteWorker):
     def __init__(self, index: int, handle, runtime, model: ModelConfig, cache: CacheConfig, engine: EngineConfig,
                  ert: RoutingTable, dtype, store: RemoteCheckpointStore | None, peers: Callable[[], dict]):
         self.index, self.model = index, model
+        self.store_actor = None if store is None else store.actor     # the store it snapshots to
         info = self._spawn(handle, runtime, runtime.aw_class, index, model, runtime.weights_ref, cache, engine, ert,
                            str(np.dtype(dtype)), None if store is None else store.actor, runtime.compile_cache_dir,
                            runtime.spin_s)
@@ -284,3 +297,8 @@ class RemoteAttentionWorker(RemoteWorker):
 
     def live_requests(self) -> list[Sequence]:
         return self.scheduler.running
+
+    def attach_store(self, store: RemoteCheckpointStore) -> None:
+        """A new checkpoint store replaced a dead one: the process snapshots to it, refilling it."""
+        self.rpc.call("attach_store", store.actor)
+        self.store_actor = store.actor

@@ -17,7 +17,8 @@ import numpy as np
 
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
 from tarragon_jax.kv.block_manager import BlockManager
-from tarragon_jax.kv.checkpoint_store import BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing
+from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing,
+                                              StoreUnavailable)
 from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.model import attention_stage as stage
 from tarragon_jax.workers import backends
@@ -154,19 +155,22 @@ class AttentionWorker:
         """Restore the committed blocks of requests moved here, all in one padded page write
         (one compiled variant per bucket), and mark the rest of each for recompute."""
         t0, ps = self.clock(), self.blocks.page_size
-        pages, data = [], []
+        pages, data, lost = [], [], False
         for seq in seqs:
             seq.restore_pending = False
             usable = (seq.num_tokens - 1) // ps           # the last token must stay pending
             n = 0
             if self.store is not None and usable:
                 try:
+                    if lost:              # one deadline for the batch, not one per request
+                        raise StoreUnavailable("the store did not answer for this batch's first request")
                     blocks = self.store.restore(seq.request_id)[:usable]
                     n = len(blocks)
                     data.append(blocks)
                     pages += self.blocks.block_table(seq.request_id)[:n]
-                except (SnapshotMissing, SnapshotCorrupt):
+                except (SnapshotMissing, SnapshotCorrupt) as e:
                     self.restored.fallbacks += 1
+                    lost = lost or isinstance(e, StoreUnavailable)
             seq.num_cached = n * ps
             seq.recompute_until = seq.num_tokens - 1
             self.restored.blocks += n
@@ -242,6 +246,15 @@ class AttentionWorker:
         for N in grid.blocks:
             blocks, _ = call(read_blocks, self.pages, np.zeros(N, np.int32))     # host ids, as _snapshot passes
             self.pages = call(write_blocks, self.pages, zeros(N), blocks)
+
+    def refill(self, store: CheckpointStore) -> None:
+        """A new store replaced a dead one (its memory tier is empty): snapshot to it every full
+        block of the requests here, with the next snapshot; until then a request moved off a
+        failing AW recomputes what the new store lacks."""
+        self.store = store
+        ps = self.blocks.page_size
+        self._filled += [BlockRef(s.request_id, b) for s in self.scheduler.running
+                         for b in range(s.num_cached // ps) if s.state is not SeqState.FINISHED]
 
     def release(self, seq: Sequence) -> bool:
         """A request leaves (finished or cancelled), running or queued: its pages return to the

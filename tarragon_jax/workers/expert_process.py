@@ -114,9 +114,9 @@ class ExpertActor(WorkerProcess):
         ys = self.ew.run_layer(key[1], self.ew.handle.put(tuple(group[a][1] for a in aws)))
         for a, y in zip(aws, ys):
             try:
-                group[a][0].send(("ans",) + key, np.asarray(y))
+                group[a][0].send(("ans",) + key, np.asarray(y), timeout=self.gather_s)
             except (chan.ChannelClosed, chan.ChannelTimeout):
-                pass                      # that AW died: nobody waits for its answer
+                pass                      # that AW died or hangs: nobody waits for its answer
 
 
 class RemoteExpertWorker(RemoteWorker):

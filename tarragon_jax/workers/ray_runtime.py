@@ -95,9 +95,13 @@ class RayRuntime:
         """None: the worker processes exchange layers themselves (attention_process.py)."""
         del deadline_s
 
-    def checkpoint_store(self, cfg: EngineConfig) -> RemoteCheckpointStore:
-        """The KV snapshot store in its own process: committed blocks outlive any AW."""
-        return RemoteCheckpointStore.start(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,
+    def checkpoint_store(self, cfg: EngineConfig, generation: int = 0) -> RemoteCheckpointStore:
+        """The KV snapshot store in its own process: committed blocks outlive any AW. A
+        replacement (generation > 0) writes to a directory of its own under checkpoint_dir."""
+        directory = cfg.checkpoint_dir
+        if directory is not None and generation:
+            directory = os.path.join(directory, f"store{generation}")
+        return RemoteCheckpointStore.start(directory, memory_tier=cfg.snapshot_memory_tier,
                                            flush_interval_s=cfg.snapshot_flush_s, deadline_s=self.deadline_s,
                                            options=self.actor_options(accelerator=False))
 
