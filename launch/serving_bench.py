@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from absl import app, flags
@@ -121,7 +122,9 @@ def start_server() -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         print(line, end="", file=sys.stderr)
-        if line.startswith("serving "):
+        if line.startswith("serving "):       # from now on its log goes on to ours, never filling the pipe
+            threading.Thread(target=lambda: [print(x, end="", file=sys.stderr) for x in proc.stderr],
+                             daemon=True).start()
             return proc, re.search(r"http://\S+", line).group(0)
     raise SystemExit(f"error: launch/serve.py exited ({proc.wait()}) before listening")
 

@@ -4,9 +4,11 @@ The public API, for use inside a JAX program (everything else is internal and ma
 
   load_checkpoint(dir) -> (ModelConfig, params)   a Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE,
                                                   Qwen3-MoE, DeepSeek-V3); params are plain pytrees
+  CheckpointWeights(dir)                          the same checkpoint unread: each worker reads its own
+                                                  part (.config is its ModelConfig); pass it as params
   save_checkpoint(cfg, params, dir)               ... and back (config.json + model.safetensors)
   tiny_model(family, seed) -> (cfg, params)       a small random model of a family, for tests
-  Engine(cfg, params, EngineConfig, CacheConfig, faults=FaultInjector)
+  Engine(cfg, params or weights, EngineConfig, CacheConfig, faults=FaultInjector)
       .generate(prompts, SamplingParams) -> token ids     one continuous batch, in prompt order
       .submit / .step / .stream / .cancel                 the request lifecycle, step by step
   EngineConfig, CacheConfig, SamplingParams, ModelConfig  frozen dataclasses (ConfigError names a bad field)
@@ -33,7 +35,7 @@ _EXPORTS = {
     "SamplingParams": "tarragon_jax.config", "ModelConfig": "tarragon_jax.config",
     "ConfigError": "tarragon_jax.config",
     "load_checkpoint": "tarragon_jax.model.hf_loader", "save_checkpoint": "tarragon_jax.model.hf_loader",
-    "CheckpointError": "tarragon_jax.model.hf_loader",
+    "CheckpointError": "tarragon_jax.model.hf_loader", "CheckpointWeights": "tarragon_jax.model.hf_loader",
     "tiny_model": "tarragon_jax.model.tiny",
     "FaultInjector": "tarragon_jax.control.faults",
     "WorkerFailed": "tarragon_jax.errors", "RequestError": "tarragon_jax.errors",

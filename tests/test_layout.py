@@ -44,3 +44,21 @@ def test_build_names_every_source_file():
     files = [p for d in ("tarragon_jax", "pallas_kernels", "launch", "tests") for p in (repo / d).rglob("*.py")
              if "fixtures" not in p.parts]
     assert [str(p.relative_to(repo)) for p in files if f'"{p.relative_to(repo)}"' not in build] == []
+
+
+def test_no_import_circles():
+    """No module reaches itself through its imports, top-level or inside a function: within a
+    folder the order above says nothing, and a circle there is two modules that are really one."""
+    modules = {".".join(("tarragon_jax",) + p.relative_to(ROOT).with_suffix("").parts): p for p in ROOT.rglob("*.py")}
+    modules = {m.removesuffix(".__init__"): p for m, p in modules.items()}
+    graph = {m: {n for n in _imports(p) if n in modules and n != m} for m, p in modules.items()}
+
+    def reach(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo += graph[n]
+        return seen
+    assert sorted(m for m in graph if m in reach(m)) == []

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from tarragon_jax.workers.program_log import CompileLog, ProgramLog
-from tarragon_jax.workers.runtime import LocalRuntime
+from tarragon_jax.workers.local_runtime import LocalRuntime
 
 
 def test_logs_compiled_shapes_and_replays_them_on_another_worker():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.workers.runtime import LocalRuntime
+from tarragon_jax.workers.local_runtime import LocalRuntime
 from tarragon_jax.workers.transport import Transport
 
 

@@ -37,7 +37,8 @@ from tarragon_jax.workers.ray_runtime import RayRuntime
 from tarragon_jax.workers.remote_worker import RemoteHandle
 from tarragon_jax.workers.rpc import RemoteError
 from tarragon_jax.workers.routing_table import RoutingTable
-from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, LocalRuntime, WorkerHandle
+from tarragon_jax.workers.local_runtime import LocalRuntime
+from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, WorkerHandle
 from tarragon_jax.workers.sequence import Sequence
 from tarragon_jax.workers.shape_grid import recovery_grid, shape_grid
 

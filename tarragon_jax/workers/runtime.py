@@ -1,9 +1,7 @@
-"""How a worker exists. `local`: a subset of this process's devices with its own Mesh.
-
-With enough devices (8 simulated CPU devices by default, or real GPUs) every worker gets its own
-device and the rest are spares for replacement workers; with fewer (one GPU), workers share
-devices round-robin but keep separate meshes, stage programs and buffers, so the datapath is
-the same. A killed worker's handle refuses every call (WorkerFailed), like a dead process.
+"""How a worker exists in this process: a subset of its devices with its own Mesh (WorkerHandle:
+put, probe, and a kill after which every call raises WorkerFailed, like a dead process), the
+batched copy between such meshes, and the persistent compile cache. The local runtime that
+hands out the handles: workers/local_runtime.py.
 """
 from __future__ import annotations
 
@@ -17,9 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tarragon_jax.config import EngineConfig
 from tarragon_jax.errors import WorkerFailed
-from tarragon_jax.kv.checkpoint_store import CheckpointStore
 
 try:    # the call jax.device_put makes for same-layout copies, without ~50 us of Python per array
     from jax._src.lib import xla_client as _xc
@@ -92,40 +88,3 @@ def use_compile_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-class LocalRuntime:
-    def __init__(self, devices: list | None = None):
-        self.devices = list(devices) if devices is not None else jax.devices()
-        self._used: list = []
-
-    def _pick(self, fallback=None) -> tuple:
-        """A device no worker has used yet, else `fallback` (default: round-robin sharing)."""
-        free = [d for d in self.devices if d not in self._used]
-        dev = free[0] if free else (fallback or self.devices[len(self._used) % len(self.devices)])
-        self._used.append(dev)
-        return (dev,)
-
-    def workers(self, num_aws: int, num_ews: int) -> tuple[list[WorkerHandle], list[WorkerHandle]]:
-        """AWs take the first devices, EWs the next ones; wrap around only when devices run out."""
-        aws = [WorkerHandle(f"aw{i}", self._pick()) for i in range(num_aws)]
-        ews = [WorkerHandle(f"ew{j}", self._pick()) for j in range(num_ews)]
-        return aws, ews
-
-    def transport(self, deadline_s: float):
-        """Copies between this process's meshes, and the step's bounded wait."""
-        from tarragon_jax.workers.transport import Transport
-        return Transport(deadline_s)
-
-    def checkpoint_store(self, cfg: EngineConfig) -> CheckpointStore:
-        """The KV snapshot store, in this process (memory tier and Orbax writer thread)."""
-        return CheckpointStore(cfg.checkpoint_dir, memory_tier=cfg.snapshot_memory_tier,
-                               flush_interval_s=cfg.snapshot_flush_s)
-
-    def close(self) -> None:
-        """Nothing to stop: local workers are buffers of this process (see RayRuntime)."""
-
-    def replacement(self, failed: WorkerHandle) -> WorkerHandle:
-        """A handle with the failed worker's name on a spare device, or, with no spare left, on the
-        failed worker's own device once it is back (a new mesh either way, so programs recompile)."""
-        return WorkerHandle(failed.name, self._pick(fallback=failed.devices[0]))
