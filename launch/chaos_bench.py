@@ -94,13 +94,13 @@ def _cont(pid: int) -> None:
 
 
 async def watch_health(url: str, t_end: float, bad: list) -> None:
-    """/health once a second; every answer other than 200 is kept (time, status)."""
+    """/health once a second; every answer other than 200 is kept (time, status, what it said)."""
     import httpx
     async with httpx.AsyncClient() as http:
         while time.perf_counter() < t_end:
-            status, _ = await health(http, url)
+            status, state = await health(http, url)
             if status != 200:
-                bad.append({"t": time.perf_counter(), "status": status})
+                bad.append({"t": time.perf_counter(), "status": status, "error": state.get("error")})
             await asyncio.sleep(1.0)
 
 
@@ -111,6 +111,8 @@ async def client_loop(client, model: str, jobs: list[dict], start: int, t_end: f
         r = await serving_bench.one(client, model, job, time.perf_counter())
         out.append(dict(r, job=i % len(jobs)))
         i += 1
+        if "error" in r:
+            await asyncio.sleep(0.5)      # a refused request is counted, not retried in a tight loop
 
 
 async def load_phase(url: str, model: str, jobs: list[dict], seconds: float, with_faults: bool) -> dict:
@@ -138,6 +140,12 @@ async def all_back(url: str, since: float) -> float | None:
                 return time.perf_counter() - since
             await asyncio.sleep(0.5)
     return None
+
+
+async def last_health(url: str) -> dict:
+    import httpx
+    async with httpx.AsyncClient() as http:
+        return (await health(http, url))[1]
 
 
 def summary(name: str, phase: dict, reference: list) -> dict:
@@ -183,6 +191,7 @@ def main(argv):
         chaos = asyncio.run(load_phase(url, model, jobs, FLAGS.duration_s, with_faults=True))
         last = max((f["t"] for f in chaos["faults"]), default=chaos["t0"])
         back_s = asyncio.run(all_back(url, last))
+        final = asyncio.run(last_health(url))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
@@ -203,7 +212,7 @@ def main(argv):
         faults = [dict(f, t=round(f["t"] - chaos["t0"], 3)) for f in chaos["faults"]]
         with open(FLAGS.json_out, "w") as f:
             json.dump({"config": config, "model": model, "phases": rows, "back_after_last_fault_s": back_s,
-                       "p99_ratio": ratio, "faults": faults,
+                       "p99_ratio": ratio, "faults": faults, "final_health": final,
                        "health_not_200": [dict(b, t=round(b["t"] - chaos["t0"], 3)) for b in chaos["health_not_200"]]},
                       f, indent=1)
     if rows[1]["wrong"] or rows[1]["failed"] or back_s is None:

@@ -26,7 +26,7 @@ import jax
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
 from tarragon_jax.control.health import HealthMonitor
 from tarragon_jax.control.placement import Placement, place
-from tarragon_jax.control.recovery import plan_aw_failure, plan_expert_routing
+from tarragon_jax.control.recovery import RecoveryError, plan_aw_failure, plan_expert_routing
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.model.weights import Weights, as_weights
 from tarragon_jax.workers.attention_worker import AttentionWorker
@@ -34,7 +34,7 @@ from tarragon_jax.workers.expert_worker import ExpertWorker
 from tarragon_jax.workers.attention_process import RemoteAttentionWorker
 from tarragon_jax.workers.expert_process import RemoteExpertWorker
 from tarragon_jax.workers.ray_runtime import RayRuntime
-from tarragon_jax.workers.remote_worker import RemoteHandle
+from tarragon_jax.workers.remote_worker import RemoteHandle, RemoteWorker
 from tarragon_jax.workers.rpc import RemoteError
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.local_runtime import LocalRuntime
@@ -75,6 +75,7 @@ class RecoveryRecord:
 RETRY_S = (1.0, 30.0)   # a failed replacement build is retried after 1 s, 2 s, 4 s ... at most 30 s
 STORE_PING_S = 5.0      # the checkpoint store's process is fenced and replaced when a ping waits this long
                         # (a hung store costs no step: restores fall back to recompute meanwhile)
+REPLACEMENT_WAIT_S = 180.0   # with every AW (or EW) down, how long the engine waits for one to join
 REMOTE_PROBE_S = 0.5    # a silent worker process is pinged at most this often: its death closes its
                         # channel (seen at every heartbeat tick, for free), so a ping only finds a
                         # hang, and pings every 50 ms cost an idle server ~2% of a core per process
@@ -122,6 +123,7 @@ class Controller:
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
         self.precompile_s = None if cfg.precompile == "none" or not precompile else self._precompile()
+        self._foreground()
 
     def _precompile(self) -> float:
         """Every stage program at every shape of the grid (the recovery subset, or all), on every
@@ -132,6 +134,12 @@ class Controller:
             w.precompile(grid)
             w.handle.probe()                  # the heartbeat's tiny program, on this worker's device
         return self.clock() - t0
+
+    def _foreground(self) -> None:
+        """The worker processes are warm: they serve at normal CPU priority from now on."""
+        for w in self.aws + self.ews:
+            if isinstance(w, RemoteWorker):
+                w.foreground()
 
     def _new_ew(self, j: int, handle: WorkerHandle | RemoteHandle) -> ExpertWorker | RemoteExpertWorker:
         primaries, shadows = self.placement.primaries[j], self.placement.shadows[j]
@@ -209,29 +217,50 @@ class Controller:
         return rec
 
     def _ew_failed(self, rec: RecoveryRecord) -> None:
-        t0 = self.clock()
+        t0, j = self.clock(), int(rec.worker[2:])
+        self._start(rec, lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j], rec),
+                    lambda ew: self._join_ew(ew, rec, t0))
         ert, rec.orphans_loaded = self._derive_ert()
         self._publish(ert)
         rec.reroute_s = self.clock() - t0
-        j = int(rec.worker[2:])
-        self._start(rec, lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j], rec),
-                    lambda ew: self._join_ew(ew, rec, t0))
 
     def _aw_failed(self, rec: RecoveryRecord) -> None:
-        t0 = self.clock()
-        i = int(rec.worker[2:])
-        dead, healthy = self.aws[i], [a.index for a in self.live_aws()]
+        t0, i = self.clock(), int(rec.worker[2:])
+        dead = self.aws[i]
         moving = {s.request_id: s for s in dead.live_requests()}
+        self._start(rec, lambda: self._replacement(lambda h: self._new_aw(i, h), dead, rec),
+                    lambda aw: self._join_aw(aw, rec, t0))
+        if moving and not self.live_aws():
+            self._await_replacement("aw")            # the last AW: its requests wait for one
+        healthy = [a.index for a in self.live_aws()]
         by_aw = {a.index: [s.request_id for s in a.live_requests()] for a in self.live_aws()}
         by_aw[i] = list(moving)
-        for rid, target in plan_aw_failure(by_aw, i, healthy).items():
+        plan = ({rid: i for rid in moving} if healthy == [i]       # only its own replacement is up
+                else plan_aw_failure(by_aw, i, healthy))
+        for rid, target in plan.items():
             seq = moving[rid]
             seq.move()
             self.aws[target].scheduler.add(seq)
         rec.requests_moved = len(moving)
         rec.reroute_s = self.clock() - t0
-        self._start(rec, lambda: self._replacement(lambda h: self._new_aw(i, h), dead, rec),
-                    lambda aw: self._join_aw(aw, rec, t0))
+
+    def _await_replacement(self, kind: str) -> bool:
+        """No live worker of `kind` ("aw" or "ew") is left: wait for a replacement of that kind
+        to join (the engine stalls, no request fails), at most REPLACEMENT_WAIT_S. False if none
+        is being built, or none joined in time."""
+        end = self.clock() + REPLACEMENT_WAIT_S
+        workers = self.aws if kind == "aw" else self.ews
+        while all(self.health.is_failed(w.handle.name) for w in workers):
+            pending = [j for j in self._jobs if j.rec.kind == kind]
+            if not pending or self.clock() >= end:
+                return False
+            running = [j.future for j in pending if j.future is not None]
+            if running:
+                concurrent.futures.wait(running, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
+            else:
+                time.sleep(0.05)                         # a retry's backoff
+            self._settle_jobs()
+        return True
 
     def _derive_ert(self) -> tuple[RoutingTable, int]:
         """Plan the table for the live EWs (recovery.plan_expert_routing) and carry out the host
@@ -242,8 +271,13 @@ class Controller:
         loaded = 0
         while True:
             live = {ew.index: ew for ew in self.ews if not self.health.is_failed(ew.handle.name)}
-            ert, loads = plan_expert_routing(self.placement, {ew.index for ew in self.ews} - set(live),
-                                             {j: ew.slots for j, ew in live.items()}, self.ert.version + 1)
+            try:
+                ert, loads = plan_expert_routing(self.placement, {ew.index for ew in self.ews} - set(live),
+                                                 {j: ew.slots for j, ew in live.items()}, self.ert.version + 1)
+            except RecoveryError:
+                if self._await_replacement("ew"):        # every EW down: wait for one to join
+                    continue
+                raise
             try:
                 for j, layer, expert in loads:
                     live[j].load_experts(layer, [expert])
@@ -301,6 +335,8 @@ class Controller:
         worker.programs.replay(worker.handle)
         worker.handle.probe()                 # the heartbeat's program, compiled before it joins
         rec.recompile_s = self.clock() - t0
+        if isinstance(worker, RemoteWorker):
+            worker.foreground()
         return worker
 
     def _join_ew(self, ew: ExpertWorker, rec: RecoveryRecord, t0: float) -> None:

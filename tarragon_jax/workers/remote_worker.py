@@ -21,6 +21,7 @@ from tarragon_jax.workers.rpc import RemoteError, RpcClient, Server
 
 STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
 PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) in one process
+WARMUP_NICE = 15               # a worker process's CPU priority until it joins (0: normal)
 MEMORY_QUERY_S = 0.2           # /health's question to a process on another host
 
 
@@ -131,6 +132,10 @@ class RemoteWorker:
         """Wall-clock times of the compiles the process ran while serving (CompileLog)."""
         return self.rpc.call("compile_times")
 
+    def foreground(self) -> None:
+        """The process joins the service: from now on it runs at normal priority."""
+        self.rpc.call("foreground")
+
     def memory_mb(self) -> float:
         """The process's resident memory: from /proc on this host, else asked (briefly)."""
         if self.handle.where.get("host") == host_id():
@@ -151,9 +156,17 @@ class WorkerProcess:
         """Before the process's first JAX call. A worker process waits for every layer's result
         (it sends it on), so on a CPU it runs each program on the calling thread: asynchronous
         dispatch would hand it to a pool thread and wake this one again, ~30 us each way on a
-        VM's cores (a tiny model's EW layer went from ~0.7 to ~0.3 ms)."""
+        VM's cores (a tiny model's EW layer went from ~0.7 to ~0.3 ms).
+
+        Until it joins (foreground), the process runs at low CPU priority: a replacement that
+        imports jax and compiles its programs must not take the cores of the workers serving
+        meanwhile (on a small host it did, and they missed their deadlines)."""
         import jax
         jax.config.update("jax_cpu_enable_async_dispatch", False)
+        _set_priority(WARMUP_NICE)
+
+    def foreground(self) -> None:
+        _set_priority(0)
 
     def _start_server(self, name: str, spin_s: float, **hooks) -> None:
         from tarragon_jax.kv.remote_store import where
@@ -174,6 +187,19 @@ class WorkerProcess:
 
     def memory_mb(self) -> float:
         return resident_mb()
+
+
+def _set_priority(nice: int) -> None:
+    """Every thread of this process at `nice` (Linux keeps a priority per thread, and a new
+    thread takes its creator's). Only where it can be undone: raising a priority back needs
+    root (CAP_SYS_NICE), so elsewhere nothing changes."""
+    if os.geteuid() != 0:
+        return
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except OSError:
+            pass                          # the thread ended meanwhile
 
 
 def resident_mb(pid: str = "self") -> float:
