@@ -193,8 +193,7 @@ def main(argv):
         back_s = asyncio.run(all_back(url, last))
         final = asyncio.run(last_health(url))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        serving_bench.stop_server(proc)
     rows = [summary("calm", calm, reference), summary("chaos", chaos, reference)]
     ratio = rows[1]["e2e_s"]["p99"] / rows[0]["e2e_s"]["p99"]
     print(table(rows))

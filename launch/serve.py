@@ -14,6 +14,7 @@ the embedded model speaks through a byte-level tokenizer with a ChatML template.
 """
 from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
+import faulthandler
 import os
 import signal
 import sys
@@ -41,6 +42,7 @@ flags.DEFINE_string("served_model_name", None, "The model name of the OpenAI API
 
 
 def main(argv):
+    faulthandler.register(signal.SIGUSR1)      # `kill -USR1 PID`: every thread's stack on stderr
     del argv
     cfg, params, ckpt, reload, engine_cfg = serving_flags.start()
     from tarragon_jax.config import ConfigError

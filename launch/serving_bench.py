@@ -129,6 +129,17 @@ def start_server() -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"error: launch/serve.py exited ({proc.wait()}) before listening")
 
 
+def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """Ctrl-C, as a user stops it; killed if it has not exited within grace_s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        print(f"launch/serve.py did not exit within {grace_s:.0f} s of SIGINT: killed", file=sys.stderr)
+        proc.kill()
+        proc.wait()
+
+
 def table(passes: list[dict]) -> str:
     head = f"{'pass':<11}{'ok':>6}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}{'E2E p50':>9}{'texts':>11}"
     rows = [head]
@@ -160,8 +171,7 @@ def main(argv):
                   for name, k in [("warmup", []), ("no_failure", [])] + ([("failures", kills)] if kills else [])]
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
+            stop_server(proc)
     reference = passes[0]["texts"]
     for p in passes[1:]:
         p["texts_identical"] = not p["errors"] and p["texts"] == reference

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import logging
 import os
 import time
 from typing import Callable
@@ -41,6 +42,8 @@ from tarragon_jax.workers.local_runtime import LocalRuntime
 from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, WorkerHandle
 from tarragon_jax.workers.sequence import Sequence
 from tarragon_jax.workers.shape_grid import recovery_grid, shape_grid
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -321,6 +324,7 @@ class Controller:
             except Exception as e:  # noqa: BLE001 -- serving goes on without the replacement
                 n = job.rec.replacement_attempts
                 job.rec.replacement_error = f"attempt {n}: {type(e).__name__}: {e}"
+                log.warning("replacement of %s failed (%s); retrying", job.rec.worker, job.rec.replacement_error)
                 job.future, job.retry_at = None, self.clock() + min(RETRY_S[1], RETRY_S[0] * 2 ** (n - 1))
                 continue
             self._jobs.remove(job)
@@ -340,12 +344,14 @@ class Controller:
         return worker
 
     def _join_ew(self, ew: ExpertWorker, rec: RecoveryRecord, t0: float) -> None:
+        ew.joined_at = self.clock()
         self.ews[ew.index] = ew
         self.health.revive(ew.handle.name)
         self._publish(self._derive_ert()[0])
         rec.replacement_ready_s = self.clock() - t0
 
     def _join_aw(self, aw: AttentionWorker, rec: RecoveryRecord, t0: float) -> None:
+        aw.joined_at = self.clock()
         aw.refe.publish(self.ert)
         if isinstance(aw, RemoteAttentionWorker) and self.store is not None and aw.store_actor is not self.store.actor:
             aw.attach_store(self.store)      # built while the store was being replaced
@@ -444,7 +450,7 @@ class Controller:
         rec.restart_s = self.clock() - t0
 
     def shutdown(self) -> None:
-        self._bg.shutdown(wait=True, cancel_futures=True)
+        self._bg.shutdown(wait=False, cancel_futures=True)    # a build under way is abandoned
         self._jobs.clear()
         if self.transport is not None:
             self.transport.close()

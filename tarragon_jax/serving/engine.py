@@ -261,7 +261,7 @@ class Engine:
         active = {i: (aw, b.padded_to(T)) for i, (aw, b) in batches.items()}
         todo, host, tag = {i: 0 for i in active}, {}, self.step_index * 1000
         while todo:
-            senders = tuple(sorted(todo))
+            senders, launched = tuple(sorted(todo)), self.metrics.clock()
             for i in list(todo):
                 if self._guard(active[i][0].launch, T, tag, todo[i], senders) is _FAILED:
                     del todo[i], active[i]
@@ -272,11 +272,13 @@ class Engine:
                 if isinstance(got, RemoteError):
                     raise got
                 if isinstance(got, WorkerFailed):                    # the AW itself
-                    self._failure(got.worker, got.reason, "deadline" if "deadline" in got.reason else "call")
+                    if self.controller.worker(got.worker) is active[i][0]:   # not since replaced
+                        self._failure(got.worker, got.reason, "deadline" if "deadline" in got.reason else "call")
                     active.pop(i, None)
                 elif got[0] == "failed":                             # an EW, at a layer
                     _, worker, layer, why = got
-                    self._failure(worker, why, "call")
+                    if self.controller.worker(worker).joined_at <= launched:   # else a replacement
+                        self._failure(worker, why, "call")   # joined since: the dead one was blamed
                     todo[i] = layer
                     self.replayed_rows += active[i][1].n_tokens * self.model.top_k * self._moe_layers_from(layer)
                 else:

@@ -102,6 +102,8 @@ class RemotePrograms:
 class RemoteWorker:
     """What every driver-side proxy of a worker process does the same way."""
 
+    joined_at = 0.0          # when it joined the service as a replacement (controller clock)
+
     def _spawn(self, handle: RemoteHandle, runtime, actor_class, *args) -> dict:
         """Start the worker's process where the runtime places it, wait for it to answer and
         open its control channel; returns what it reports of itself."""
