@@ -27,10 +27,11 @@ _BLOCK = 1 << 20
 
 def read_config(path: str) -> ModelConfig:
     """The ModelConfig of a config.json, or of a directory holding one."""
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
+    if os.path.isdir(path):
+        return hf_loader.read_config(path)
+    if not os.path.exists(path):
         raise hf_loader.CheckpointError(f"no config.json at {path}")
-    with open(file) as f:
+    with open(path) as f:
         return hf_loader.config_from_hf(json.load(f))
 
 

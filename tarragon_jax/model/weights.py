@@ -35,7 +35,11 @@ class HostWeights:
 
     def __init__(self, params: dict):
         self.params = params
-        self.nbytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params))
+
+    @property
+    def nbytes(self) -> int:
+        """Asked only by the process runtime; read off the arrays (device ones are not copied)."""
+        return sum(a.nbytes for a in jax.tree.leaves(self.params))
 
     def attention(self) -> dict:
         return self.params["attn"]
