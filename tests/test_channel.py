@@ -125,3 +125,41 @@ def test_calls_over_a_control_channel():
         assert got == {"a": 0.05, "b": 3}
     finally:
         fast.close(), slow.close()
+
+
+class _Compiler:
+    """A worker that meets a new shape: its call compiles for much longer than the deadline."""
+
+    def compile(self, n: int) -> float:
+        import jax
+        import jax.numpy as jnp
+
+        def many(x):
+            for k in range(n):
+                x = jnp.tanh(x * (k + 1.5)) + jnp.cumsum(x) * 0.5
+            return x.sum()
+        size = int(np.random.default_rng().integers(1000, 100000))    # a shape no compile cache holds
+        return float(jnp.tanh(jax.jit(many)(jnp.arange(size, dtype=jnp.float32))))
+
+    def sleep(self, s):
+        time.sleep(s)
+
+
+def test_a_compiling_worker_is_waited_for_and_a_silent_one_is_not():
+    """keepalive.py: while the serving thread compiles, its waiter hears that it is alive every
+    eighth of the deadline and waits on; a call that merely takes long fails at the deadline."""
+    from tarragon_jax.workers.keepalive import Keepalive
+    server = Server(_Compiler(), "ew7")
+    keepalive = Keepalive(server.waiting, 0.025, 0.2, serving=server.thread)
+    server.start()
+    client = RpcClient("ew7", server.address, deadline_s=0.2)
+    try:
+        t0 = time.monotonic()
+        assert np.isfinite(client.call("compile", 40))
+        assert time.monotonic() - t0 > 0.3 and keepalive.sent >= 3     # past the deadline, vouched for
+        got = gather({"c": (client, client.submit("compile", 40))}, 0.2)
+        assert np.isfinite(got["c"])
+        with pytest.raises(WorkerFailed, match="deadline"):
+            client.call("sleep", 1.0)
+    finally:
+        keepalive.close(), client.close(), server.stop()

@@ -62,3 +62,24 @@ def test_no_import_circles():
                 todo += graph[n]
         return seen
     assert sorted(m for m in graph if m in reach(m)) == []
+
+
+def test_both_kinds_of_worker_offer_the_same_calls():
+    """workers/interfaces.py: the in-process workers and the proxies of worker processes offer
+    every call the engine and controller make, with the same parameters."""
+    import inspect
+    from tarragon_jax.workers import interfaces
+    from tarragon_jax.workers.attention_process import RemoteAttentionWorker
+    from tarragon_jax.workers.attention_worker import AttentionWorker
+    from tarragon_jax.workers.expert_process import RemoteExpertWorker
+    from tarragon_jax.workers.expert_worker import ExpertWorker
+    for protocol, impls in [(interfaces.AttentionWorkerAPI, [AttentionWorker, RemoteAttentionWorker]),
+                            (interfaces.ExpertWorkerAPI, [ExpertWorker, RemoteExpertWorker])]:
+        calls = [n for n in dir(protocol) if not n.startswith("_") and callable(getattr(protocol, n))]
+        assert calls
+        for impl in impls:
+            assert hasattr(impl, "joined_at"), impl
+            for name in calls:
+                want = list(inspect.signature(getattr(protocol, name)).parameters)
+                got = list(inspect.signature(getattr(impl, name)).parameters)
+                assert got == want, f"{impl.__name__}.{name}{tuple(got)} differs from the protocol's {tuple(want)}"

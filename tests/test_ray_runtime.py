@@ -84,6 +84,19 @@ def test_hung_expert_process_is_fenced_and_tokens_stay(model):
     eng.close()
 
 
+def test_compiles_past_the_deadline_are_not_failures(model):
+    """Nothing precompiled, a 0.5 s step deadline: every first step of a shape compiles in the
+    AW and EW processes for longer than that, and they say so (keepalive.py). No worker is
+    declared failed, and the tokens are the reference's."""
+    cfg, params, want = model
+    eng = _engine(cfg, params, [], transfer_deadline_s=0.5)
+    t = time.time()
+    assert eng.generate(PROMPTS, SamplingParams(max_new_tokens=10)) == want
+    assert eng.controller.records == []
+    assert any(w.compile_times() and min(w.compile_times()) > t for w in eng.aws + eng.ews)   # they did compile
+    eng.close()
+
+
 def test_fail_endpoint_kills_an_ew_process_and_guards_the_last_aw(model):
     """POST /fail under ray: the check and the kill are one step on the engine thread; the EW's
     process dies while requests stream, their tokens stay; of two concurrent AW kills one is refused."""

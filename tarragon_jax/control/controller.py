@@ -28,12 +28,13 @@ from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelCon
 from tarragon_jax.control.health import HealthMonitor
 from tarragon_jax.control.placement import Placement, place
 from tarragon_jax.control.recovery import RecoveryError, plan_aw_failure, plan_expert_routing
-from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.errors import WorkerFailed, worker_kind
 from tarragon_jax.model.weights import Weights, as_weights
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
 from tarragon_jax.workers.attention_process import RemoteAttentionWorker
 from tarragon_jax.workers.expert_process import RemoteExpertWorker
+from tarragon_jax.workers.interfaces import AttentionWorkerAPI, ExpertWorkerAPI
 from tarragon_jax.workers.ray_runtime import RayRuntime
 from tarragon_jax.workers.remote_worker import RemoteHandle, RemoteWorker
 from tarragon_jax.workers.rpc import RemoteError
@@ -144,7 +145,7 @@ class Controller:
             if isinstance(w, RemoteWorker):
                 w.foreground()
 
-    def _new_ew(self, j: int, handle: WorkerHandle | RemoteHandle) -> ExpertWorker | RemoteExpertWorker:
+    def _new_ew(self, j: int, handle: WorkerHandle | RemoteHandle) -> ExpertWorkerAPI:
         primaries, shadows = self.placement.primaries[j], self.placement.shadows[j]
         if isinstance(handle, RemoteHandle):
             return RemoteExpertWorker(j, handle, primaries, shadows, self.runtime, self.config.expert_backend,
@@ -152,7 +153,7 @@ class Controller:
         return ExpertWorker(j, handle, primaries, shadows, self.weights, self.config.expert_backend,
                             self.dtype, self.model.top_k)
 
-    def _new_aw(self, i: int, handle: WorkerHandle | RemoteHandle) -> AttentionWorker | RemoteAttentionWorker:
+    def _new_aw(self, i: int, handle: WorkerHandle | RemoteHandle) -> AttentionWorkerAPI:
         if isinstance(handle, RemoteHandle):
             return RemoteAttentionWorker(i, handle, self.runtime, self.model, self.cache, self.config, self.ert,
                                          self.dtype, self.store, self.ew_addresses)
@@ -164,7 +165,7 @@ class Controller:
         return {ew.index: ew.address for ew in self.ews
                 if not self.health.is_failed(ew.handle.name) and isinstance(ew, RemoteExpertWorker)}
 
-    def live_aws(self) -> list[AttentionWorker]:
+    def live_aws(self) -> list[AttentionWorkerAPI]:
         """AWs not known to have failed (a dead but undetected AW fails its next call)."""
         return [a for a in self.aws if not self.health.is_failed(a.handle.name)]
 
@@ -210,7 +211,7 @@ class Controller:
 
     def _act(self, name: str, source: str) -> RecoveryRecord:
         worker = self.worker(name)
-        rec = RecoveryRecord(name, name[:2], source, self.health.detection_latency_s(name),
+        rec = RecoveryRecord(name, worker_kind(name)[0], source, self.health.detection_latency_s(name),
                              process=worker.handle.identity())
         if worker.handle.alive:
             worker.kill()            # fence: a hung or slow worker must not answer (or hold memory) later
@@ -220,7 +221,7 @@ class Controller:
         return rec
 
     def _ew_failed(self, rec: RecoveryRecord) -> None:
-        t0, j = self.clock(), int(rec.worker[2:])
+        t0, j = self.clock(), worker_kind(rec.worker)[1]
         self._start(rec, lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j], rec),
                     lambda ew: self._join_ew(ew, rec, t0))
         ert, rec.orphans_loaded = self._derive_ert()
@@ -228,7 +229,7 @@ class Controller:
         rec.reroute_s = self.clock() - t0
 
     def _aw_failed(self, rec: RecoveryRecord) -> None:
-        t0, i = self.clock(), int(rec.worker[2:])
+        t0, i = self.clock(), worker_kind(rec.worker)[1]
         dead = self.aws[i]
         moving = {s.request_id: s for s in dead.live_requests()}
         self._start(rec, lambda: self._replacement(lambda h: self._new_aw(i, h), dead, rec),
@@ -343,14 +344,14 @@ class Controller:
             worker.foreground()
         return worker
 
-    def _join_ew(self, ew: ExpertWorker, rec: RecoveryRecord, t0: float) -> None:
+    def _join_ew(self, ew: ExpertWorkerAPI, rec: RecoveryRecord, t0: float) -> None:
         ew.joined_at = self.clock()
         self.ews[ew.index] = ew
         self.health.revive(ew.handle.name)
         self._publish(self._derive_ert()[0])
         rec.replacement_ready_s = self.clock() - t0
 
-    def _join_aw(self, aw: AttentionWorker, rec: RecoveryRecord, t0: float) -> None:
+    def _join_aw(self, aw: AttentionWorkerAPI, rec: RecoveryRecord, t0: float) -> None:
         aw.joined_at = self.clock()
         aw.refe.publish(self.ert)
         if isinstance(aw, RemoteAttentionWorker) and self.store is not None and aw.store_actor is not self.store.actor:

@@ -145,8 +145,17 @@ class Engine:
         return len(self._unfinished)
 
     # ---- failures ---------------------------------------------------------------------------
-    def _failure(self, name: str, reason: str, source: str) -> None:
-        rec = self.controller.failed(name, reason, source)
+    def _blame(self, f: WorkerFailed, active: dict | None = None, since: float | None = None,
+               source: str = "call") -> None:
+        """The one place a step's failure is handled, whichever transport found it: the named
+        worker is reported to the controller (unless it was replaced after `since`, when the
+        attempt that found it was launched: the failure was its predecessor's, already handled),
+        and a failed AW leaves the step's `active` AWs (its requests were moved)."""
+        if f.kind == "aw" and active is not None:
+            active.pop(f.index, None)
+        if since is not None and self.controller.worker(f.worker).joined_at > since:
+            return
+        rec = self.controller.failed(f.worker, f.reason, source)
         if rec is not None and self.config.restarts:
             raise _Restart(rec)
 
@@ -165,7 +174,7 @@ class Engine:
         try:
             return fn(*args)
         except WorkerFailed as f:
-            self._failure(f.worker, f.reason, "call")
+            self._blame(f)
             return _FAILED
 
     # ---- the data path --------------------------------------------------------------------
@@ -272,13 +281,10 @@ class Engine:
                 if isinstance(got, RemoteError):
                     raise got
                 if isinstance(got, WorkerFailed):                    # the AW itself
-                    if self.controller.worker(got.worker) is active[i][0]:   # not since replaced
-                        self._failure(got.worker, got.reason, "deadline" if "deadline" in got.reason else "call")
-                    active.pop(i, None)
+                    self._blame(got, active, launched, "deadline" if "deadline" in got.reason else "call")
                 elif got[0] == "failed":                             # an EW, at a layer
                     _, worker, layer, why = got
-                    if self.controller.worker(worker).joined_at <= launched:   # else a replacement
-                        self._failure(worker, why, "call")   # joined since: the dead one was blamed
+                    self._blame(WorkerFailed(worker, why, layer), active, launched)
                     todo[i] = layer
                     self.replayed_rows += active[i][1].n_tokens * self.model.top_k * self._moe_layers_from(layer)
                 else:
@@ -310,10 +316,8 @@ class Engine:
         let the aborted dispatch drain, and rewind the surviving AWs to the first layer the late
         worker took part in: none of its answers of this step is used, even those that came in.
         Returns that layer, where the replay starts."""
-        self._failure(f.worker, f.reason, "call")
+        self._blame(f, active)
         self.controller.transport.drain(trail)
-        if f.worker.startswith("aw"):
-            active.pop(int(f.worker[2:]), None)
         first = min([layer for h, layer, _ in trail if h.name == f.worker] + [self.model.n_layers - 1])
         self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k * self._moe_layers_from(first)
         for aw, _ in active.values():
@@ -372,10 +376,8 @@ class Engine:
             for (i, j, _), y in zip(back, send_all([t for _, _, t in back])):
                 answers[i][j] = y
         except WorkerFailed as f:
-            self._failure(f.worker, f.reason, "call")
-            if f.worker.startswith("aw"):
-                active.pop(int(f.worker[2:]), None)
-            else:
+            self._blame(f, active)
+            if f.kind == "ew":
                 self.replayed_rows += sum(b.n_tokens for _, b in active.values()) * self.model.top_k
             return False
         for i, (aw, _) in active.items():

@@ -27,6 +27,7 @@ from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore
 from tarragon_jax.workers import channel as chan
 from tarragon_jax.workers.attention_worker import AttentionWorker, RestoreStats
+from tarragon_jax.workers.keepalive import is_busy
 from tarragon_jax.workers.program_log import CompileLog
 from tarragon_jax.workers.remote_worker import RemoteWorker, WorkerProcess
 from tarragon_jax.workers.routing_table import RoutingTable
@@ -72,9 +73,10 @@ class AttentionActor(WorkerProcess):
         self.index, self.n_layers, self.n_ews = index, model.n_layers, engine.num_expert_workers
         self.ew_wait_s = EW_WAIT_FRACTION * engine.transfer_deadline_s
         self.batch = None
+        self._in_step = False
         self.peers: dict[int, dict] = {}                 # live EW -> its address
         self.channels: dict[int, chan.Channel] = {}     # live EW -> data channel (opened on first use)
-        self._start_server(f"aw{index}", spin_s)
+        self._start_server(f"aw{index}", spin_s, engine.transfer_deadline_s)
         self.spin_s = spin_s
 
     def info(self) -> dict:
@@ -132,14 +134,22 @@ class AttentionActor(WorkerProcess):
             self.aw.begin(self.batch)
         else:
             self.aw.rewind(first)
-        for layer in range(first, self.n_layers):
-            send = self.aw.attend(layer)
-            if send is None:
-                continue
-            failed = self._exchange(np.asarray(send), tag, self.aw.model.moe_index(layer), senders)
-            if failed is not None:
-                return ("failed", failed[0], layer, failed[1])
-        return ("ok", np.asarray(self.aw.head()))
+        self._in_step = True
+        try:
+            for layer in range(first, self.n_layers):
+                send = self.aw.attend(layer)
+                if send is None:
+                    continue
+                failed = self._exchange(np.asarray(send), tag, self.aw.model.moe_index(layer), senders)
+                if failed is not None:
+                    return ("failed", failed[0], layer, failed[1])
+            return ("ok", np.asarray(self.aw.head()))
+        finally:
+            self._in_step = False
+
+    def outstanding(self) -> bool:
+        """Inside a step: asleep on its channels, it waits on EWs (bounded by its own wait)."""
+        return self._in_step
 
     def _exchange(self, buf: np.ndarray, tag: int, moe: int, senders: tuple) -> tuple[str, str] | None:
         """One MoE layer's buffer (moe: its index among the MoE layers, as the EWs count them) to
@@ -155,22 +165,26 @@ class AttentionActor(WorkerProcess):
                 self.channels.pop(j, None)
                 return f"ew{j}", f"send failed ({e})"
         ys: list = [None] * self.n_ews
-        waiting, end = {self.channels[j]: j for j in live}, time.monotonic() + self.ew_wait_s
+        waiting = {self.channels[j]: j for j in live}
+        end = dict.fromkeys(waiting, time.monotonic() + self.ew_wait_s)   # an EW that compiles gets longer
         while waiting:
-            ready = chan.wait_readable(list(waiting), max(0.0, end - time.monotonic()), self.spin_s)
-            if not ready:
-                j = min(waiting.values())
-                return f"ew{j}", f"no answer within {self.ew_wait_s:.3f} s"
+            ready = chan.wait_readable(list(waiting), max(0.0, max(end.values()) - time.monotonic()), self.spin_s)
+            late = [j for ch, j in waiting.items() if ch not in ready and end[ch] <= time.monotonic()]
+            if late:
+                return f"ew{min(late)}", f"no answer within {self.ew_wait_s:.3f} s"
             for ch in ready:
                 j = waiting[ch]
                 try:
-                    meta, y = ch.recv(max(0.0, end - time.monotonic()))
+                    meta, y = ch.recv(self.ew_wait_s)    # it is readable: the message is there or coming
                 except (chan.ChannelClosed, chan.ChannelTimeout) as e:
                     self.channels.pop(j, None)
                     return f"ew{j}", f"process gone ({e})"
-                if meta == ("ans", tag, moe):          # else a stale answer of an aborted attempt
+                if (grace := is_busy(meta)) is not None:   # the EW is compiling: wait on, and say so
+                    end[ch] = max(end[ch], time.monotonic() + grace)
+                    self.keepalive.relay()
+                elif meta == ("ans", tag, moe):          # else a stale answer of an aborted attempt
                     ys[j] = y
-                    del waiting[ch]
+                    del waiting[ch], end[ch]
         self.aw.receive(list(self.aw.handle.put(tuple(ys))))
         return None
 
@@ -270,13 +284,13 @@ class RemoteAttentionWorker(RemoteWorker):
         self.handle.check()
         self.running = self.rpc.submit("run_step", T, tag, first, senders)
 
-    def commit(self, info: StepInfo, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
+    def commit(self, batch: StepInfo, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
         """The same commit on both sides: the AW's process advances its cache and snapshots, the
         driver appends the emitted tokens to its records (the same stop rules decide the end)."""
         self.handle.check()
         self.rpc.cast("commit", toks_R)
         emitted = []
-        for row, (rid, n, emits) in enumerate(zip(info.rids, info.chunks, info.emits)):
+        for row, (rid, n, emits) in enumerate(zip(batch.rids, batch.chunks, batch.emits)):
             seq = self.scheduler.seqs.get(rid)
             if seq is None:
                 continue

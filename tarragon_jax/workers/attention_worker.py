@@ -62,6 +62,8 @@ class RestoreStats:
 
 
 class AttentionWorker:
+    joined_at = 0.0          # when it joined the service as a replacement (controller clock)
+
     def __init__(self, index: int, handle: WorkerHandle, model: ModelConfig, attn_params: dict,
                  cache: CacheConfig, engine: EngineConfig, ert: RoutingTable, dtype,
                  store: CheckpointStore | None, clock):

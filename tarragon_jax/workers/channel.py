@@ -27,6 +27,7 @@ import select
 import socket
 import struct
 import tempfile
+import threading
 import time
 import uuid
 
@@ -62,15 +63,26 @@ class Channel:
         if sock.family != socket.AF_UNIX:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._head = bytearray(_HEAD.size)
+        self._send_lock = threading.Lock()   # a process's keepalive thread sends on its channels too
         self.closed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, meta, array: np.ndarray | None = None, *, shm: bool = True, timeout: float | None = 30.0) -> None:
+    def send(self, meta, array: np.ndarray | None = None, *, shm: bool = True, timeout: float | None = 30.0,
+             lock_s: float | None = None) -> None:
         """Send `meta` (anything picklable, small) and an optional array. ChannelClosed if the
         peer is gone; ChannelTimeout if the socket would not take the message within `timeout`
-        (a hung peer that stopped reading; only an array sent inline can fill the socket)."""
+        (a hung peer that stopped reading; only an array sent inline can fill the socket), or
+        another thread's send held the channel for `lock_s` (None: wait for it)."""
+        if not self._send_lock.acquire(timeout=-1 if lock_s is None else lock_s):
+            raise ChannelTimeout(f"{self.peer.get('name', 'peer')}: channel busy for {lock_s} s")
+        try:
+            self._send(meta, array, shm, timeout)
+        finally:
+            self._send_lock.release()
+
+    def _send(self, meta, array: np.ndarray | None, shm: bool, timeout: float | None) -> None:
         if self.closed:
             raise ChannelClosed(f"{self.peer.get('name', 'peer')}: closed")
         where, nbytes, tail = _NONE, 0, []
@@ -131,13 +143,11 @@ class Channel:
     def _read_into(self, buf, end: float | None) -> None:
         view, got = memoryview(buf).cast("B"), 0
         while got < len(view):
-            left = None if end is None else end - time.monotonic()
-            if left is not None and left <= 0:
-                raise ChannelTimeout(f"{self.peer.get('name', 'peer')}: nothing within the deadline")
-            self.sock.settimeout(left)
-            try:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            self.sock.settimeout(left)     # 0 (past the deadline): take what is there, never wait
+            try:                           # (a reader that was descheduled past it must not miss an answer)
                 n = self.sock.recv_into(view[got:])
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):
                 raise ChannelTimeout(f"{self.peer.get('name', 'peer')}: nothing within the deadline") from None
             except (ConnectionResetError, OSError) as e:
                 self.closed = True

@@ -47,7 +47,7 @@ class ExpertActor(WorkerProcess):
         self._expect: dict[tuple, set] = {}      # (tag, layer) -> senders still awaited
         self._late: dict[object, set] = {}       # tag -> senders left out for the rest of that attempt
         self._gone: set[int] = set()             # AWs whose channel closed (until they send again)
-        self._start_server(f"ew{index}", spin_s, on_data=self._buffer, on_tick=self._tick,
+        self._start_server(f"ew{index}", spin_s, deadline_s, on_data=self._buffer, on_tick=self._tick,
                            on_closed=self._closed, next_timeout=self._next_timeout)
 
     def info(self) -> dict:
@@ -100,6 +100,9 @@ class ExpertActor(WorkerProcess):
             while len(self._late) > KEEP_TAGS:
                 self._late.pop(next(iter(self._late)))
             self._run(key)
+
+    def outstanding(self) -> bool:
+        return bool(self._groups)
 
     def _next_timeout(self) -> float | None:
         if not self._opened:

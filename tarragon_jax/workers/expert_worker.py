@@ -28,6 +28,8 @@ _KEYS = ("w_gate", "w_up", "w_down")
 
 
 class ExpertWorker:
+    joined_at = 0.0          # when it joined the service as a replacement (controller clock)
+
     def __init__(self, index: int, handle: WorkerHandle, primaries: list[list[int]],
                  shadows: list[list[int]], weights: Weights, backend: str, dtype, top_k: int):
         """primaries/shadows[layer] = expert ids in slot order; weights: where the worker reads

@@ -17,12 +17,14 @@ import time
 
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.workers.channel import host_id, wait_readable
+from tarragon_jax.workers.keepalive import Keepalive
 from tarragon_jax.workers.rpc import RemoteError, RpcClient, Server
 
 STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
 PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) in one process
 WARMUP_NICE = 15               # a worker process's CPU priority until it joins (0: normal)
 MEMORY_QUERY_S = 0.2           # /health's question to a process on another host
+KEEPALIVE_FRACTION = 0.125     # of the step deadline: how often a compiling process says it is alive
 
 
 class RemoteHandle:
@@ -170,16 +172,24 @@ class WorkerProcess:
     def foreground(self) -> None:
         _set_priority(0)
 
-    def _start_server(self, name: str, spin_s: float, **hooks) -> None:
+    def _start_server(self, name: str, spin_s: float, deadline_s: float, **hooks) -> None:
+        """The process's serving loop, and its keepalive: while the loop compiles, whoever waits
+        on it hears every KEEPALIVE_FRACTION of the deadline that it is alive (keepalive.py)."""
         from tarragon_jax.kv.remote_store import where
         self.server = Server(self, name, host=where()["node"], **hooks)
         self.server.spin_s = spin_s
+        self.keepalive = Keepalive(self.server.waiting, KEEPALIVE_FRACTION * deadline_s, deadline_s,
+                                   serving=self.server.thread, outstanding=self.outstanding)
         self.server.start()
 
     def _where(self) -> dict:
         """pid, Ray node, this host, and the address of the process's channels."""
         from tarragon_jax.kv.remote_store import where
         return {**where(), "host": host_id(), "address": self.server.address}
+
+    def outstanding(self) -> bool:
+        """Work in hand that waits on peers (keepalive: asleep on its channels, it is not stuck)."""
+        return False
 
     def hang(self, seconds: float) -> None:
         time.sleep(seconds)             # the loop sleeps: nothing it serves answers meanwhile

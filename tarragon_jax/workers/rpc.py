@@ -23,6 +23,7 @@ from typing import Callable
 
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.workers import channel as chan
+from tarragon_jax.workers.keepalive import BUSY_ID
 
 
 class RemoteError(RuntimeError):
@@ -39,6 +40,7 @@ class RpcClient:
         self.ch.peer.setdefault("name", name)
         self._ids = itertools.count()
         self._answers: dict[int, tuple] = {}
+        self.busy_until = 0.0                  # the process vouched it is compiling until then (keepalive.py)
         self._lock = threading.Lock()          # one reader at a time (answers are kept by id)
         self._send_lock = threading.Lock()     # one message at a time on the socket
 
@@ -60,7 +62,7 @@ class RpcClient:
         """The answer of submitted call i within `timeout` (default: the deadline)."""
         end = time.monotonic() + (self.deadline_s if timeout is None else timeout)
         while i not in self._answers:
-            self.pump(end - time.monotonic())
+            self.pump(max(end, self.busy_until) - time.monotonic())
         ok, value = self._answers.pop(i)
         if not ok:
             raise RemoteError(f"{self.name}: {value}")
@@ -75,7 +77,10 @@ class RpcClient:
                 raise WorkerFailed(self.name, f"no answer within the {self.deadline_s:.3f} s deadline") from None
             except chan.ChannelClosed as e:
                 raise WorkerFailed(self.name, f"process gone ({e})") from None
-            self._answers[i] = (ok, value)
+            if i == BUSY_ID:                  # compiling: alive, give it `value` seconds more
+                self.busy_until = max(self.busy_until, time.monotonic() + value)
+            else:
+                self._answers[i] = (ok, value)
 
     def _send(self, msg: tuple) -> None:
         try:
@@ -90,30 +95,31 @@ class RpcClient:
 
 def gather(pending: dict, timeout: float) -> dict:
     """{key: (client, call id)} -> {key: answer or the WorkerFailed/RemoteError it raised}, waiting
-    once for all of them: at most `timeout` overall. A dead process's entry fails at once; one
-    that has not answered by the bound fails with WorkerFailed (late)."""
+    once for all of them: at most `timeout` overall, or longer for a process that vouches it is
+    compiling (keepalive.py). A dead process's entry fails at once; one that has not answered by
+    its bound fails with WorkerFailed (late)."""
     end, out = time.monotonic() + timeout, {}
     left = dict(pending)
     while left:
-        for key, (client, i) in list(left.items()):
+        for key, (client, i) in list(left.items()):     # every answer already here, read without waiting
+            try:
+                while not client.ready(i) and chan.wait_readable([client.ch], 0):
+                    client.pump(0.5)
+            except WorkerFailed as e:
+                out[key] = e
+                del left[key]
+                continue
             if client.ready(i):
                 out[key] = _settle(client, i)
                 del left[key]
-        if not left:
-            break
-        remaining = end - time.monotonic()
-        ready = chan.wait_readable([c.ch for c, _ in left.values()], max(remaining, 0.0))
-        if not ready and remaining <= 0:
-            for key, (client, _) in left.items():
+        now = time.monotonic()
+        for key, (client, _) in list(left.items()):     # (only then: a caller descheduled past the
+            if max(end, client.busy_until) <= now:       # bound must not miss what came in time)
                 out[key] = WorkerFailed(client.name, f"no answer within the {client.deadline_s:.3f} s deadline")
-            break
-        for key, (client, i) in list(left.items()):
-            if client.ch in ready:
-                try:
-                    client.pump(0.5)
-                except WorkerFailed as e:
-                    out[key] = e
-                    del left[key]
+                del left[key]
+        if left:
+            wake = min(max(end, c.busy_until) for c, _ in left.values())
+            chan.wait_readable([c.ch for c, _ in left.values()], max(wake - now, 0.0))
     return out
 
 
@@ -144,6 +150,12 @@ class Server:
     @property
     def address(self) -> dict:
         return self.listener.address
+
+    def waiting(self) -> list[chan.Channel]:
+        """The channels that may be waiting on this process now: all of them (a call, or an AW's
+        layer buffer, may sit unread behind the message under way; a busy frame nobody awaited
+        only lengthens its peer's next wait once)."""
+        return list(self.channels)
 
     def start(self) -> "Server":
         self.thread.start()
