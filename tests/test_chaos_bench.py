@@ -33,3 +33,19 @@ def test_summary_counts_wrong_and_failed_requests():
     assert (s["finished"], s["wrong"], s["failed"], s["faults"], s["sigstop"], s["store_faults"]) == (3, 1, 1, 2, 1, 1)
     assert s["errors"] == ["APIError: boom"] and s["itl_max_s"] == 0.2
     assert "chaos" in chaos_bench.table([s])
+
+
+def test_idle_bench_reads_cpu_time_from_proc():
+    """launch/idle_bench.py's meter: a process's CPU seconds grow by what it spins, not by what it sleeps."""
+    import os
+    import time
+
+    from launch import idle_bench
+    t0 = idle_bench.cpu_seconds(os.getpid())
+    time.sleep(0.2)
+    slept = idle_bench.cpu_seconds(os.getpid()) - t0
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    spun = idle_bench.cpu_seconds(os.getpid()) - t0 - slept
+    assert slept < 0.1 and 0.2 < spun < 1.0
