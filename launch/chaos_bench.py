@@ -148,11 +148,18 @@ async def last_health(url: str) -> dict:
         return (await health(http, url))[1]
 
 
+def _error(r: dict, phase: dict) -> str:
+    """A failed request: what the client saw, when in the phase, after how many text chunks."""
+    if "t" not in r:
+        return r["error"]
+    return f"{r['error']} at {r['t'] - phase.get('t0', 0.0):.1f} s after {r['tokens_before']} chunks"
+
+
 def summary(name: str, phase: dict, reference: list) -> dict:
     ok = [r for r in phase["results"] if "error" not in r]
     wrong = [r["job"] for r in ok if r["text"] != reference[r["job"]]]
     return {"phase": name, "requests": len(phase["results"]), "finished": len(ok), "wrong": len(wrong),
-            "failed": len(phase["results"]) - len(ok), "errors": [r["error"] for r in phase["results"] if "error" in r][:5],
+            "failed": len(phase["results"]) - len(ok), "errors": [_error(r, phase) for r in phase["results"] if "error" in r][:20],
             "faults": len(phase["faults"]), "sigstop": sum(f["signal"] == "SIGSTOP" for f in phase["faults"]),
             "store_faults": sum(f["target"] == "store" for f in phase["faults"]),
             "health_not_200": len(phase["health_not_200"]),

@@ -82,7 +82,9 @@ async def one(client, model: str, job: dict, t0: float) -> dict:
                 chunks.append(time.perf_counter())
                 text += delta
     except Exception as e:  # noqa: BLE001 -- counted and shown, the pass goes on
-        return {"error": f"{type(e).__name__}: {e}"}
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+        return {"error": f"{type(e).__name__}: {e}{cause}", "t": time.perf_counter(), "after_s": time.perf_counter() - start,
+                "tokens_before": len(chunks)}
     end = time.perf_counter()
     return {"text": text, "tokens": tokens, "ttft_s": chunks[0] - start if chunks else end - start,
             "gaps_s": [b - a for a, b in zip(chunks, chunks[1:])], "e2e_s": end - start, "end": end}

@@ -61,7 +61,9 @@ class HttpLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
     health_timeout_s: float = 5.0     # /health's probe through the engine thread
-    keep_alive_s: int = 5
+    keep_alive_s: int = 75            # an idle keep-alive connection's life (nginx's default): longer than
+                                      # clients keep theirs (httpx 5 s), so a client never reuses one the
+                                      # server is closing that instant (equal timeouts race: "Connection error")
 
 
 class _EngineDied(RuntimeError):
@@ -169,11 +171,8 @@ class _Protocol(H11Protocol):
         self.loop.call_later(self.header_timeout_s, self._header_deadline)
 
     def _header_deadline(self) -> None:
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-            return                                    # closed, or its headers arrived in time
-        if not self._got_bytes:                       # an idle keep-alive connection: just close it
-            self.transport.close()
-            return
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE or not self._got_bytes:
+            return      # closed, its headers arrived in time, or idle (uvicorn closes it after keep_alive_s)
         self._send_error(408, f"request headers not complete within {self.header_timeout_s} s")
 
     def send_400_response(self, msg: str) -> None:
