@@ -28,6 +28,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 flags.DEFINE_bool("allow_fault_injection", False, "Enable POST /fail (kill a worker on demand; for demos).")
+flags.DEFINE_string("api_key", None, "Every endpoint but /health and /metrics needs 'Authorization: Bearer KEY' "
+                    "(default: the TARRAGON_API_KEY environment variable; unset: no key).")
 flags.DEFINE_integer("max_unfinished_requests", -1, "Requests in flight past which new ones get 429 (-1: one "
                      "per KV page of the AWs; 0: no limit).")
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "Request bodies over this get 413.")
@@ -61,7 +63,7 @@ def main(argv):
     server = Server(loop, FLAGS.host, FLAGS.port, tokenizer, FLAGS.allow_fault_injection, name,
                     serving_flags.eos_ids(ckpt, tokenizer),
                     {-1: AUTO, 0: None}.get(FLAGS.max_unfinished_requests, FLAGS.max_unfinished_requests),
-                    template, limits)
+                    template, limits, FLAGS.api_key or os.environ.get("TARRAGON_API_KEY"))
     stopped = threading.Event()
 
     def drain_then_stop() -> None:

@@ -229,3 +229,27 @@ def test_health_is_503_while_the_engine_loop_is_stuck():
         t.join()
         assert got["r"].usage.completion_tokens == 3                   # the stuck step came back
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_api_key_is_required_where_set():
+    """--api_key as vLLM's --api-key: the official client with the key gets its completion; without
+    it, or with a wrong one, 401 and an OpenAI error object (openai.AuthenticationError); /health
+    and /metrics stay open to probes; /fail needs the key too. A server without a key is open."""
+    key = "sk-" + os.urandom(8).hex()
+    with serving("qwen3_moe", 5, keyed=dict(api_key=key, allow_faults=True), open=dict()) as (_, _, _, servers):
+        keyed, open_ = servers["keyed"][1], servers["open"][1]
+        prompt = dict(model="tarragon", prompt=[3, 4, 5], max_tokens=3, temperature=0.0)
+        good = openai.OpenAI(base_url=keyed + "/v1", api_key=key, max_retries=0, timeout=120)
+        answer = good.completions.create(**prompt)
+        assert answer.usage.completion_tokens == 3 and answer.choices[0].finish_reason == "length"
+        assert good.models.list().data[0].id == "tarragon"
+        for wrong in ("unused", key + "x", key[:-1]):
+            with pytest.raises(openai.AuthenticationError) as e:
+                openai.OpenAI(base_url=keyed + "/v1", api_key=wrong, max_retries=0).completions.create(**prompt)
+            assert e.value.status_code == 401 and e.value.body["type"] == "authentication_error"
+        assert httpx.get(keyed + "/health", timeout=60).status_code == 200
+        assert httpx.get(keyed + "/metrics", timeout=60).status_code == 200
+        assert httpx.post(keyed + "/fail", json={"worker": "ew0"}, timeout=60).status_code == 401
+        assert httpx.post(keyed + "/generate", json={"prompt_ids": [3, 4]}, timeout=60,
+                          headers={"Authorization": "Basic " + key}).status_code == 401
+        assert _client(open_).completions.create(**prompt).choices[0].finish_reason in ("length", "stop")

@@ -97,6 +97,33 @@ def test_compiles_past_the_deadline_are_not_failures(model):
     eng.close()
 
 
+def test_a_sigstopped_process_costs_a_deadline_not_a_wait(model):
+    """A real hang: SIGSTOP from outside, first an EW's process, then an AW's, mid-decode. The
+    stopped process sends nothing (no keepalive either), so it is found by its deadline, fenced
+    (a SIGKILL ends a stopped process too), and the step goes on without it: no step waits much
+    past the deadline (before, every SIGSTOP stalled the requests 31-34 s), tokens identical."""
+    import signal
+    cfg, params, _ = model
+    want = [reference.greedy_generate(cfg, params, p, 24) for p in PROMPTS]
+    eng = _engine(cfg, params, [], transfer_deadline_s=1.0, precompile="all")
+    ids = [eng.submit(p, SamplingParams(max_new_tokens=24)) for p in PROMPTS]
+    steps, stopped = [], []
+    while eng.has_work:
+        if eng.step_index in (4, 12):
+            victim = eng.controller.worker("ew1" if eng.step_index == 4 else "aw0")
+            os.kill(victim.pid, signal.SIGSTOP)
+            stopped.append(victim.pid)
+        t0 = time.monotonic()
+        eng.step()
+        steps.append(time.monotonic() - t0)
+    assert [eng.requests[i].output for i in ids] == want
+    assert [r.worker for r in eng.controller.records] == ["ew1", "aw0"]
+    assert max(steps) < 1.0 + 2.0                      # the deadline, and slack for two shared cores
+    eng.controller.wait_recoveries()
+    assert all(dead(pid) for pid in stopped)
+    eng.close()
+
+
 def test_fail_endpoint_kills_an_ew_process_and_guards_the_last_aw(model):
     """POST /fail under ray: the check and the kill are one step on the engine thread; the EW's
     process dies while requests stream, their tokens stay; of two concurrent AW kills one is refused."""

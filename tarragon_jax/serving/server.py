@@ -16,6 +16,9 @@ Endpoints (JSON in, JSON out; every error is OpenAI's {"error": {"message", "typ
   POST /fail                 {"worker": "ew1"}: fail-stop a worker now (allow_faults only; for demos):
                               checked and killed in one closure on the engine thread
 
+With an API key (`api_key`; launch/serve.py's --api_key or TARRAGON_API_KEY), every endpoint but
+/health and /metrics needs `Authorization: Bearer <key>` (401 otherwise), as vLLM's --api-key.
+
 Robust by default: a body over max_body_bytes gets 413; headers not complete within
 header_timeout_s, or a body not complete within body_timeout_s (e.g. a Content-Length longer than
 what is sent), get 408 and the connection is closed; a malformed request line or header (e.g. a
@@ -30,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
 import socket
 import threading
@@ -197,12 +202,15 @@ class Server:
 
     def __init__(self, loop: EngineLoop, host: str = "127.0.0.1", port: int = 8000, tokenizer=None,
                  allow_faults: bool = False, model_name: str = "tarragon", eos_ids: tuple = (),
-                 max_unfinished: int | None = AUTO, chat_template=None, limits: HttpLimits = HttpLimits()):
+                 max_unfinished: int | None = AUTO, chat_template=None, limits: HttpLimits = HttpLimits(),
+                 api_key: str | None = None):
         """model_name: what /v1/models reports and the OpenAI API accepts; eos_ids: token ids that
         end an OpenAI completion (generation_config.json's eos_token_id); max_unfinished: requests
         in flight past which new ones get 429 (AUTO: kv_admission_limit; None: no limit);
-        chat_template: a ChatTemplate (None: chat requests get 400). /metrics shows the loop's."""
+        chat_template: a ChatTemplate (None: chat requests get 400); api_key: required of every
+        request but /health and /metrics (None or "": open). /metrics shows the loop's."""
         self.loop, self.tokenizer, self.allow_faults, self.limits = loop, tokenizer, allow_faults, limits
+        self.api_key = api_key or None
         self.model_name, self.eos_ids, self.chat_template = model_name, tuple(eos_ids), chat_template
         self.max_unfinished = loop.call(kv_admission_limit) if max_unfinished == AUTO else max_unfinished
         self._draining = threading.Event()
@@ -325,6 +333,30 @@ class Server:
         return await self.loop.call_async(finish)
 
 
+class _RequireKey:
+    """ASGI middleware: with an API key set, every endpoint but /health and /metrics (what probes
+    and scrapers read) needs `Authorization: Bearer <key>`; anything else gets 401 and an OpenAI
+    error object. The keys are compared as SHA-256 digests with hmac.compare_digest: the time
+    taken says nothing about the key, not even its length."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app, key: str):
+        self.app, self.digest = app, hashlib.sha256(key.encode()).digest()
+
+    def allowed(self, headers: list) -> bool:
+        given = next((v for k, v in headers if k == b"authorization"), b"")
+        scheme, _, token = given.partition(b" ")
+        return hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self.digest) and scheme.lower() == b"bearer"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.OPEN or self.allowed(scope["headers"]):
+            return await self.app(scope, receive, send)
+        response = JSONResponse(openai_api.error("missing or wrong API key: send 'Authorization: Bearer <key>'", 401),
+                                status_code=401, headers={"www-authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
 class _CountHandlers:
     """ASGI middleware: requests being handled, their streamed answers included (drain waits)."""
 
@@ -375,6 +407,8 @@ def _app(s: Server) -> fastapi.FastAPI:
         return Response(status_code=499)
 
     app.add_middleware(_CountHandlers, server=s)
+    if s.api_key:
+        app.add_middleware(_RequireKey, key=s.api_key)
 
     @app.get("/health")
     async def _health():
