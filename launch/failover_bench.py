@@ -416,7 +416,7 @@ def main(argv):
                       f, indent=1)
     if FLAGS.plot_out:
         plot(rows, FLAGS.plot_out)
-    tokenizer = serving_flags.tokenizer_and_template(ckpt, cfg)[0]
+    tokenizer = serving_flags.tokenizer(ckpt, cfg)
     if tokenizer is not None and clean:
         text = tokenizer.decode(clean[0]).replace("\n", " ")
         print(f"request 0's text, the same in every checked row: {text[:300]!r}")

@@ -68,7 +68,7 @@ def main(argv):
         faults = [FaultInjector.from_strings(FLAGS.fail or []) for _ in range(2)]
     except ValueError as e:
         sys.exit(f"error: {e}")
-    tokenizer = serving_flags.tokenizer_and_template(ckpt, cfg)[0]
+    tokenizer = serving_flags.tokenizer(ckpt, cfg)
     prompts = collect_prompts(ckpt, tokenizer, cfg.vocab_size)
     sp = SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
                         seed=FLAGS.seed, stop_token_ids=serving_flags.eos_ids(ckpt) if FLAGS.stop_at_eos else ())

@@ -107,25 +107,33 @@ def load_model() -> tuple:
     return weights.config, weights, ((FLAGS.checkpoint or FLAGS.model == "demo") and path), reload
 
 
-def tokenizer_and_template(ckpt: str | None, cfg):
-    """(tokenizer or None, ChatTemplate or None) of the checkpoint. The embedded model (no
-    checkpoint) gets the byte tokenizer with ChatML, so it can be served as text and chat;
-    dummy weights get none (token ids only)."""
-    from tarragon_jax.serving.chat_template import ChatTemplate, NoChatTemplate
+def tokenizer(ckpt: str | None, cfg):
+    """The checkpoint's tokenizer (tokenizer.json), or None. The embedded model (no checkpoint)
+    gets the byte tokenizer; dummy weights get none (token ids only). Needs only the base install
+    (generate, the benchmarks); the chat template (the serve extra's jinja2) is a server's."""
     if not ckpt:
         if FLAGS.load_format == "dummy":
-            return None, None
+            return None
         from tarragon_jax.model import byte_tokenizer
-        return byte_tokenizer.byte_tokenizer(cfg.vocab_size), ChatTemplate(byte_tokenizer.CHATML,
-                                                                          {"eos_token": byte_tokenizer.EOS})
-    tokenizer = None
+        return byte_tokenizer.byte_tokenizer(cfg.vocab_size)
     if os.path.exists(os.path.join(ckpt, "tokenizer.json")):
         from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
+        return Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
+    return None
+
+
+def tokenizer_and_template(ckpt: str | None, cfg):
+    """(tokenizer or None, ChatTemplate or None) of the checkpoint. The embedded model (no
+    checkpoint) gets the byte tokenizer with ChatML, so it can be served as text and chat."""
+    from tarragon_jax.serving.chat_template import ChatTemplate, NoChatTemplate
+    tok = tokenizer(ckpt, cfg)
+    if not ckpt:
+        from tarragon_jax.model import byte_tokenizer
+        return tok, tok and ChatTemplate(byte_tokenizer.CHATML, {"eos_token": byte_tokenizer.EOS})
     try:
-        return tokenizer, ChatTemplate.from_checkpoint(ckpt)
+        return tok, ChatTemplate.from_checkpoint(ckpt)
     except NoChatTemplate:
-        return tokenizer, None
+        return tok, None
 
 
 def eos_ids(ckpt: str | None, tokenizer=None) -> tuple:

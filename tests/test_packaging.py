@@ -20,7 +20,20 @@ def _run(cmd, cwd, **kw):
     return r.stdout
 
 
+NO_EXTRAS = """import importlib.abc, sys
+EXTRAS = {"jinja2", "fastapi", "uvicorn", "prometheus_client", "openai", "ray", "tqdm", "optax"}
+class _NoExtras(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in EXTRAS:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _NoExtras())
+"""
+
+
 def test_wheel_installs_and_generates_outside_the_repo(tmp_path):
+    """The extras' packages are hidden in that venv, as after `pip install tarragon_jax` alone:
+    generate needs none of them (the chat template's jinja2 is the server's), and serve's --help
+    reads none."""
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
          cwd=tmp_path)
     wheel, = tmp_path.glob("tarragon_jax-*.whl")
@@ -34,6 +47,10 @@ def test_wheel_installs_and_generates_outside_the_repo(tmp_path):
     site = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip()
     with open(os.path.join(site, "deps_of_the_test_env.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
+    with open(os.path.join(site, "_no_extras.py"), "w") as f:      # a base install: what an extra brings is absent
+        f.write(NO_EXTRAS)
+    with open(os.path.join(site, "_no_extras.pth"), "w") as f:
+        f.write("import _no_extras\n")
     _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -46,3 +63,7 @@ def test_wheel_installs_and_generates_outside_the_repo(tmp_path):
                 "--max_new_tokens", "4", "--json", "--precompile", "none", "--compile_cache_dir", cache], cwd=outside)
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert lines[0]["prompt_ids"] == [1, 2, 3] and len(lines[0]["output_ids"]) == 4
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    helped = subprocess.run([str(venv / "bin" / "tarragon-serve"), "--help"], cwd=outside, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert "--api_key" in helped.stdout + helped.stderr and "Error" not in helped.stderr, helped.stderr[-3000:]

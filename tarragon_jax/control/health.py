@@ -1,6 +1,6 @@
 """Failure detector: who is dead, since when, and how it was noticed. No recovery policy here.
 
-Detection has two sources, as in the paper (notes/PAPER.md 2.2): a failed or timed-out call on
+Detection has two sources, as in the paper (the paper, arXiv 2601.01310, section 2.2): a failed or timed-out call on
 the data path ("call", "deadline"), and an explicit probe ("heartbeat") of workers the data path
 has not heard from recently (successful calls are implicit heartbeats).
 Fault injection reports the ground-truth kill time too, so the benchmark can measure detection

@@ -5,7 +5,7 @@ which balances load when routing is uniform. Each EW then spends part of its mem
 inactive copies of other EWs' primaries that an AW replays to when the primary's EW dies. An EW's
 slots in a layer are its primaries (0..P-1), then its shadows (P..P+S-1).
 
-The paper gives no shadow policy (notes/PAPER.md 2.5); ours is a ring. Only experts whose primary
+The paper gives no shadow policy (the paper, arXiv 2601.01310, section 2.5); ours is a ring. Only experts whose primary
 sat on the dead EW can be lost, so coverage after one failure depends only on which experts have
 at least one shadow: EW w first shadows the primaries of EW (w-1) mod M, then, with memory left,
 those of (w-2) mod M, and so on. With the budget below one full set, every EW shadows the same

@@ -1,7 +1,7 @@
 """Recovery plans: what should change after a failure, as pure data. The controller carries them
 out (loads weights, publishes ERT versions, moves requests); nothing here touches a device.
 
-EW failure (notes/PAPER.md 2.5): drop the dead EWs from the ERT so every AW replays to the next
+EW failure (the paper, arXiv 2601.01310, section 2.5): drop the dead EWs from the ERT so every AW replays to the next
 replica; experts left with no replica are loaded from host memory onto the live EW with the
 fewest slots in that layer. AW failure (2.6): the dead AW's requests go round-robin to the
 healthy AWs, least loaded first; each restores its committed KV and continues.
