@@ -64,6 +64,6 @@ def test_wheel_installs_and_generates_outside_the_repo(tmp_path):
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert lines[0]["prompt_ids"] == [1, 2, 3] and len(lines[0]["output_ids"]) == 4
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-    helped = subprocess.run([str(venv / "bin" / "tarragon-serve"), "--help"], cwd=outside, env=env,
+    helped = subprocess.run([str(venv / "bin" / "tarragon-serve"), "--helpfull"], cwd=outside, env=env,
                             capture_output=True, text=True, timeout=600)
     assert "--api_key" in helped.stdout + helped.stderr and "Error" not in helped.stderr, helped.stderr[-3000:]

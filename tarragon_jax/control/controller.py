@@ -80,7 +80,7 @@ RETRY_S = (1.0, 30.0)   # a failed replacement build is retried after 1 s, 2 s, 
 STORE_PING_S = 5.0      # the checkpoint store's process is fenced and replaced when a ping waits this long
                         # (a hung store costs no step: restores fall back to recompute meanwhile)
 REPLACEMENT_WAIT_S = 180.0   # with every AW (or EW) down, how long the engine waits for one to join
-REMOTE_PROBE_S = 0.5    # a silent worker process is pinged at most this often: its death closes its
+REMOTE_PROBE_S = 1.0    # a silent worker process is pinged at most this often: its death closes its
                         # channel (seen at every heartbeat tick, for free), so a ping only finds a
                         # hang, and pings every 50 ms cost an idle server ~2% of a core per process
 
@@ -200,6 +200,8 @@ class Controller:
                     pass                                 # dead or silent: no figure
         if hasattr(self.store, "identity"):
             out["store"] = self.store.identity()
+            if self.store.local():
+                out["store"]["rss_mb"] = round(resident_mb(out["store"]["pid"]), 1)
         out["driver"] = {"pid": os.getpid(), "rss_mb": round(resident_mb(), 1)}
         return out
 

@@ -42,7 +42,9 @@ class EngineLoop(threading.Thread):
     replacement joins); runs submitted closures between steps, and updates the serving metrics
     after every step (the HTTP front ends on this loop share them)."""
 
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.01, metrics: ServingMetrics | None = None):
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05, metrics: ServingMetrics | None = None):
+        """idle_wait_s: between ticks while idle (a request wakes the loop at once; a tick does the
+        heartbeats, which run at most every heartbeat_interval_s, 50 ms by default, anyway)."""
         super().__init__(name="engine-loop", daemon=True)
         self.engine, self.idle_wait_s = engine, idle_wait_s
         self.metrics = metrics or ServingMetrics()

@@ -17,7 +17,9 @@ kernel that never ends) never vouches and is found at the deadline, as before. W
 are bounded by the peers' own deadlines; a compile longer than LIMIT_S stops being vouched for.
 
 An AW that receives `busy` from an EW `relay`s it to the driver, which waits on the AW. Looking
-costs a wake-up and one stack walk per interval: nothing measurable on an idle server.
+costs a wake-up and one stack walk per interval while the process serves; after DORMANT_AFTER
+quiet looks the thread sleeps until the serving loop's next wake-up (`woke`): an idle server's
+keepalives do not run at all.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from typing import Callable
 BUSY = "busy"          # the meta of a busy frame on a data channel; on a control channel the call id
 BUSY_ID = -1           # ... is BUSY_ID: (BUSY_ID, True, grace_s)
 LIMIT_S = 300.0        # a compile (or a relayed wait) longer than this stops being vouched for
+DORMANT_AFTER = 16     # idle looks in a row (asleep in its loop, nothing in hand) after which the
+                       # keepalive sleeps until the loop wakes for a message
 COMPILE_FRAMES = frozenset({    # jax/_src functions that run only while a program is traced, lowered or compiled
     "trace_to_jaxpr", "_trace_for_jit", "lower_sharding_computation", "_cached_lowering_to_hlo",
     "compile_or_get_cached", "backend_compile_and_load", "backend_compile", "_cached_compilation"})
@@ -71,8 +75,19 @@ class Keepalive:
         self._relay_until = 0.0
         self._since: float | None = None             # vouching since (monotonic)
         self._closed = threading.Event()
+        self._wake = threading.Event()
+        self.dormant = False                         # asleep until the serving loop's next wake-up
+        self.wakeups = 0                             # the serving loop's wake-ups (see `woke`)
         self.sent = 0                                # frames sent (tests, diagnostics)
         threading.Thread(target=self._loop, name="keepalive", daemon=True).start()
+
+    def woke(self) -> None:
+        """The serving loop woke for a message (called by it each time: an increment and a test).
+        An idle process's keepalive sleeps (no wake-ups at all) until this."""
+        self.wakeups += 1
+        if self.dormant:
+            self.dormant = False
+            self._wake.set()
 
     def relay(self) -> None:
         """Something this process waits on is compiling (an EW said so): vouch for this one too."""
@@ -80,18 +95,32 @@ class Keepalive:
 
     def close(self) -> None:
         self._closed.set()
+        self._wake.set()
 
-    def _busy(self) -> bool:
+    def _look(self) -> str:
+        """"busy" (vouch for the process), "idle" (asleep on its channels, nothing in hand) or
+        "working" (running something that is not a compile: no vouching)."""
         if time.monotonic() < self._relay_until:
-            return True
+            return "busy"
         state = doing(self.serving) if self.serving.ident is not None else "other"
-        return state == "compiling" or (state == "polling" and self.outstanding())
+        if state == "compiling":
+            return "busy"
+        if state == "polling":
+            return "busy" if self.outstanding() else "idle"
+        return "working"
 
     def _loop(self) -> None:
+        quiet, seen = 0, self.wakeups
         while not self._closed.wait(self.interval_s):
-            if not self._busy():
-                self._since = None
+            look = self._look()
+            if look != "busy":
+                self._since, quiet = None, (quiet + 1 if look == "idle" else 0)
+                if quiet >= DORMANT_AFTER:
+                    self._doze(seen)
+                    quiet = 0
+                seen = self.wakeups
                 continue
+            quiet = 0
             self._since = self._since or time.monotonic()
             if time.monotonic() - self._since >= LIMIT_S:
                 continue
@@ -101,3 +130,14 @@ class Keepalive:
                     self.sent += 1
                 except (ConnectionError, TimeoutError):
                     pass                          # that waiter is gone or stuck: its problem
+
+    def _doze(self, seen: int) -> None:
+        """Sleep until the serving loop wakes up, unless it already did since `seen` (the flag is
+        set before the count is read, and the loop counts before it reads the flag: no wake-up
+        is missed)."""
+        self.dormant = True
+        if self.wakeups != seen:
+            self.dormant = False
+            return
+        self._wake.wait()
+        self._wake.clear()

@@ -180,6 +180,7 @@ class WorkerProcess:
         self.server.spin_s = spin_s
         self.keepalive = Keepalive(self.server.waiting, KEEPALIVE_FRACTION * deadline_s, deadline_s,
                                    serving=self.server.thread, outstanding=self.outstanding)
+        self.server.on_wake = self.keepalive.woke
         self.server.start()
 
     def _where(self) -> dict:
