@@ -45,7 +45,7 @@ def test_workers_spread_over_nodes_and_a_lost_node_changes_no_token(cluster):
     def on(node):
         return {w for w in workers if procs[w]["node_id"] == node.node_id}
     # a worker node whose loss leaves an AW and an EW alive, with as many workers on it as can be
-    victim = max((n for n in nodes if {"aw0", "aw1"} - on(n) and {"ew0", "ew1", "ew2"} - on(n)),
+    victim = max((n for n in nodes if on(n) and {"aw0", "aw1"} - on(n) and {"ew0", "ew1", "ew2"} - on(n)),
                  key=lambda n: (len(on(n)), procs["store"]["node_id"] != n.node_id))
     lost = on(victim)
     assert lost
