@@ -6,8 +6,9 @@ deadline that cannot tell "compiling" from "hung" declared healthy workers dead,
 replacements too (each meets the same new shapes), in a loop. So the rule is: silence, not
 slowness, is a failure, and a compile is the one kind of slowness a worker vouches for.
 
-A thread of the process looks at the serving thread's stack every `interval_s`. While it is
-inside JAX's tracing, lowering or compiling (COMPILE_FRAMES), or asleep on its channels with work
+A thread of the process looks at the serving thread's stack every `interval_s`. While it is, at
+two looks in a row within the same message (a normal step never spans two), inside JAX's
+tracing, lowering or compiling (COMPILE_FRAMES), or asleep on its channels with work
 outstanding (`outstanding`: an AW inside its step, waiting on EWs; an EW holding an AW's layer
 buffer while it gathers the other senders'), the thread sends a `busy` frame to each channel
 that may wait on the process (every channel its loop serves: the driver's, and on an EW every
@@ -110,17 +111,20 @@ class Keepalive:
         return "working"
 
     def _loop(self) -> None:
-        quiet, seen = 0, self.wakeups
+        quiet, seen, armed = 0, self.wakeups, None
         while not self._closed.wait(self.interval_s):
             look = self._look()
             if look != "busy":
-                self._since, quiet = None, (quiet + 1 if look == "idle" else 0)
+                self._since, armed, quiet = None, None, (quiet + 1 if look == "idle" else 0)
                 if quiet >= DORMANT_AFTER:
                     self._doze(seen)
                     quiet = 0
                 seen = self.wakeups
                 continue
             quiet = 0
+            if armed != self.wakeups and time.monotonic() >= self._relay_until:
+                armed = self.wakeups           # busy since this look only: a normal step or layer ends
+                continue                       # well within an interval, and sends nothing
             self._since = self._since or time.monotonic()
             if time.monotonic() - self._since >= LIMIT_S:
                 continue

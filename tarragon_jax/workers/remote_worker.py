@@ -24,7 +24,8 @@ STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its wei
 PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) in one process
 WARMUP_NICE = 15               # a worker process's CPU priority until it joins (0: normal)
 MEMORY_QUERY_S = 0.2           # /health's question to a process on another host
-KEEPALIVE_FRACTION = 0.125     # of the step deadline: how often a compiling process says it is alive
+KEEPALIVE_FRACTION = 1 / 16    # of the step deadline: how often a worker process looks at itself (it
+                               # says it is alive from its second look into one long compile or wait)
 
 
 class RemoteHandle:
@@ -173,8 +174,9 @@ class WorkerProcess:
         _set_priority(0)
 
     def _start_server(self, name: str, spin_s: float, deadline_s: float, **hooks) -> None:
-        """The process's serving loop, and its keepalive: while the loop compiles, whoever waits
-        on it hears every KEEPALIVE_FRACTION of the deadline that it is alive (keepalive.py)."""
+        """The process's serving loop, and its keepalive: while the loop compiles (or waits on its
+        peers with work in hand) for long, whoever waits on it hears that it is alive every
+        KEEPALIVE_FRACTION of the deadline (keepalive.py)."""
         from tarragon_jax.kv.remote_store import where
         self.server = Server(self, name, host=where()["node"], **hooks)
         self.server.spin_s = spin_s
