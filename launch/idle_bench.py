@@ -5,7 +5,7 @@ Starts launch/serve.py with this run's serving flags, waits --settle_s after it 
 reads each process's CPU time (/proc/PID/stat) over --window_s with no request in flight: the
 driver, every AW and EW process and the checkpoint store's (pids from GET /health). Nothing
 should poll: a serving loop sleeps in poll(2), heartbeats probe a silent process at most every
-1 s, an idle worker's keepalive thread sleeps until its loop gets a message. Prints a table, writes
+1 s, a worker's keepalive thread runs only while it compiles. Prints a table, writes
 --json_out.
 """
 from __future__ import annotations

@@ -147,7 +147,7 @@ class _Compiler:
 
 def test_a_compiling_worker_is_waited_for_and_a_silent_one_is_not():
     """keepalive.py: while the serving thread compiles, its waiter hears that it is alive every
-    look (an eighth of its deadline here) and waits on; a call that merely takes long fails at the deadline."""
+    eighth of its deadline and waits on; a call that merely takes long fails at the deadline."""
     from tarragon_jax.workers.keepalive import Keepalive
     server = Server(_Compiler(), "ew7")
     keepalive = Keepalive(server.waiting, 0.025, 0.2, serving=server.thread)

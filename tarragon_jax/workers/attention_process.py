@@ -27,7 +27,7 @@ from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore
 from tarragon_jax.workers import channel as chan
 from tarragon_jax.workers.attention_worker import AttentionWorker, RestoreStats
-from tarragon_jax.workers.keepalive import is_busy
+from tarragon_jax.workers.keepalive import is_busy, vouch
 from tarragon_jax.workers.program_log import CompileLog
 from tarragon_jax.workers.remote_worker import RemoteWorker, WorkerProcess
 from tarragon_jax.workers.routing_table import RoutingTable
@@ -73,7 +73,6 @@ class AttentionActor(WorkerProcess):
         self.index, self.n_layers, self.n_ews = index, model.n_layers, engine.num_expert_workers
         self.ew_wait_s = EW_WAIT_FRACTION * engine.transfer_deadline_s
         self.batch = None
-        self._in_step = False
         self.peers: dict[int, dict] = {}                 # live EW -> its address
         self.channels: dict[int, chan.Channel] = {}     # live EW -> data channel (opened on first use)
         self._start_server(f"aw{index}", spin_s, engine.transfer_deadline_s)
@@ -134,22 +133,14 @@ class AttentionActor(WorkerProcess):
             self.aw.begin(self.batch)
         else:
             self.aw.rewind(first)
-        self._in_step = True
-        try:
-            for layer in range(first, self.n_layers):
-                send = self.aw.attend(layer)
-                if send is None:
-                    continue
-                failed = self._exchange(np.asarray(send), tag, self.aw.model.moe_index(layer), senders)
-                if failed is not None:
-                    return ("failed", failed[0], layer, failed[1])
-            return ("ok", np.asarray(self.aw.head()))
-        finally:
-            self._in_step = False
-
-    def outstanding(self) -> bool:
-        """Inside a step: asleep on its channels, it waits on EWs (bounded by its own wait)."""
-        return self._in_step
+        for layer in range(first, self.n_layers):
+            send = self.aw.attend(layer)
+            if send is None:
+                continue
+            failed = self._exchange(np.asarray(send), tag, self.aw.model.moe_index(layer), senders)
+            if failed is not None:
+                return ("failed", failed[0], layer, failed[1])
+        return ("ok", np.asarray(self.aw.head()))
 
     def _exchange(self, buf: np.ndarray, tag: int, moe: int, senders: tuple) -> tuple[str, str] | None:
         """One MoE layer's buffer (moe: its index among the MoE layers, as the EWs count them) to
@@ -168,10 +159,14 @@ class AttentionActor(WorkerProcess):
         waiting = {self.channels[j]: j for j in live}
         end = dict.fromkeys(waiting, time.monotonic() + self.ew_wait_s)   # an EW that compiles gets longer
         while waiting:
-            ready = chan.wait_readable(list(waiting), max(0.0, max(end.values()) - time.monotonic()), self.spin_s)
+            left = max(0.0, max(end.values()) - time.monotonic())
+            ready = chan.wait_readable(list(waiting), min(left, self.keepalive.interval_s), self.spin_s)
             late = [j for ch, j in waiting.items() if ch not in ready and end[ch] <= time.monotonic()]
             if late:
                 return f"ew{min(late)}", f"no answer within {self.ew_wait_s:.3f} s"
+            if not ready:                 # a long wait on live EWs: the driver waits on this AW meanwhile
+                self._vouch()
+                continue
             for ch in ready:
                 j = waiting[ch]
                 try:
@@ -181,12 +176,17 @@ class AttentionActor(WorkerProcess):
                     return f"ew{j}", f"process gone ({e})"
                 if (grace := is_busy(meta)) is not None:   # the EW is compiling: wait on, and say so
                     end[ch] = max(end[ch], time.monotonic() + grace)
-                    self.keepalive.relay()
+                    self._vouch()
                 elif meta == ("ans", tag, moe):          # else a stale answer of an aborted attempt
                     ys[j] = y
                     del waiting[ch], end[ch]
         self.aw.receive(list(self.aw.handle.put(tuple(ys))))
         return None
+
+    def _vouch(self) -> None:
+        """Tell the driver this AW is alive: it waits on EWs (within its own bound on them)."""
+        control = [ch for ch in self.server.channels if ch.peer.get("role") == "control"]
+        self.keepalive.sent += vouch(control, self.engine.transfer_deadline_s, self.keepalive.interval_s)
 
     def commit(self, toks_R: np.ndarray) -> None:
         """The step's tokens (the driver has them: the step stands). Finished requests leave at

@@ -47,6 +47,7 @@ class ExpertActor(WorkerProcess):
         self._expect: dict[tuple, set] = {}      # (tag, layer) -> senders still awaited
         self._late: dict[object, set] = {}       # tag -> senders left out for the rest of that attempt
         self._gone: set[int] = set()             # AWs whose channel closed (until they send again)
+        self._shapes: set[tuple] = set()         # buffer shapes of the groups run so far (compiled)
         self._start_server(f"ew{index}", spin_s, deadline_s, on_data=self._buffer, on_tick=self._tick,
                            on_closed=self._closed, next_timeout=self._next_timeout)
 
@@ -101,9 +102,6 @@ class ExpertActor(WorkerProcess):
                 self._late.pop(next(iter(self._late)))
             self._run(key)
 
-    def outstanding(self) -> bool:
-        return bool(self._groups)
-
     def _next_timeout(self) -> float | None:
         if not self._opened:
             return None
@@ -114,6 +112,10 @@ class ExpertActor(WorkerProcess):
         group = self._groups.pop(key)
         del self._opened[key], self._expect[key]
         aws = sorted(group)
+        shapes = tuple(group[a][1].shape for a in aws)
+        if shapes not in self._shapes:         # a compile is coming: the waiting AWs hear of it at once
+            self._shapes.add(shapes)
+            self.keepalive.kick()
         ys = self.ew.run_layer(key[1], self.ew.handle.put(tuple(group[a][1] for a in aws)))
         for a, y in zip(aws, ys):
             try:

@@ -24,8 +24,8 @@ STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its wei
 PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) in one process
 WARMUP_NICE = 15               # a worker process's CPU priority until it joins (0: normal)
 MEMORY_QUERY_S = 0.2           # /health's question to a process on another host
-KEEPALIVE_FRACTION = 1 / 16    # of the step deadline: how often a worker process looks at itself (it
-                               # says it is alive from its second look into one long compile or wait)
+KEEPALIVE_FRACTION = 0.125     # of the step deadline: how often a compiling (or long-waiting) worker
+                               # process says it is alive
 
 
 class RemoteHandle:
@@ -174,25 +174,19 @@ class WorkerProcess:
         _set_priority(0)
 
     def _start_server(self, name: str, spin_s: float, deadline_s: float, **hooks) -> None:
-        """The process's serving loop, and its keepalive: while the loop compiles (or waits on its
-        peers with work in hand) for long, whoever waits on it hears that it is alive every
-        KEEPALIVE_FRACTION of the deadline (keepalive.py)."""
+        """The process's serving loop, and its keepalive: while the loop compiles, whoever waits
+        on it hears that it is alive every KEEPALIVE_FRACTION of the deadline (keepalive.py)."""
         from tarragon_jax.kv.remote_store import where
         self.server = Server(self, name, host=where()["node"], **hooks)
         self.server.spin_s = spin_s
         self.keepalive = Keepalive(self.server.waiting, KEEPALIVE_FRACTION * deadline_s, deadline_s,
-                                   serving=self.server.thread, outstanding=self.outstanding)
-        self.server.on_wake = self.keepalive.woke
+                                   serving=self.server.thread)
         self.server.start()
 
     def _where(self) -> dict:
         """pid, Ray node, this host, and the address of the process's channels."""
         from tarragon_jax.kv.remote_store import where
         return {**where(), "host": host_id(), "address": self.server.address}
-
-    def outstanding(self) -> bool:
-        """Work in hand that waits on peers (keepalive: asleep on its channels, it is not stuck)."""
-        return False
 
     def hang(self, seconds: float) -> None:
         time.sleep(seconds)             # the loop sleeps: nothing it serves answers meanwhile

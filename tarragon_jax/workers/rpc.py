@@ -144,7 +144,6 @@ class Server:
         self.listener = chan.Listener(host, name)
         self.channels: list[chan.Channel] = []
         self.spin_s = 0.0
-        self.on_wake: Callable[[], None] | None = None    # told at every wake-up of the loop (keepalive)
         self._stop = False
         self.thread = threading.Thread(target=self.serve, name=f"{name}-serve", daemon=True)
 
@@ -176,8 +175,6 @@ class Server:
         socks = {s.fileno(): s for s in self.listener.sockets()}
         while not self._stop:
             ready = chan.wait_readable(list(socks.values()) + self.channels, self.next_timeout(), self.spin_s)
-            if self.on_wake is not None:
-                self.on_wake()
             for r in ready:
                 if isinstance(r, chan.Channel):
                     self._read(r)
