@@ -328,3 +328,17 @@ def test_a_killed_store_process_is_replaced_and_refilled_by_the_aws(model):
     assert [eng.requests[i].output for i in ids] == want
     assert eng.aws[1].restored.blocks > 0 and eng.aws[1].restored.fallbacks == 0
     eng.close()
+
+
+def test_health_shows_no_memory_figure_for_a_process_just_gone():
+    """/health's JSON never carries NaN: a process that died between the liveness check and the
+    /proc read (the store, in a soak) has no rss_mb, instead of a 400 from the JSON encoder."""
+    import json
+
+    from tarragon_jax.control.controller import _rss
+    from tarragon_jax.workers.remote_worker import resident_mb
+    gone, here = {"pid": 2 ** 22 + 7}, {"pid": os.getpid()}
+    _rss(gone, resident_mb(gone["pid"]))
+    _rss(here, resident_mb(here["pid"]))
+    assert "rss_mb" not in gone and here["rss_mb"] > 0
+    json.dumps({"store": gone, "driver": here}, allow_nan=False)

@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from typing import Callable
@@ -90,6 +91,13 @@ def _spin_s(cfg: EngineConfig) -> float:
     if cfg.channel_spin_s is not None:
         return cfg.channel_spin_s
     return 1e-4 if (os.cpu_count() or 1) > cfg.num_attention_workers + cfg.num_expert_workers else 0.0
+
+
+def _rss(entry: dict, mb: float) -> None:
+    """A process's resident memory into its /health entry, if it could be read (a process that
+    just died has none: NaN is no JSON)."""
+    if math.isfinite(mb):
+        entry["rss_mb"] = round(mb, 1)
 
 
 class Controller:
@@ -195,13 +203,13 @@ class Controller:
             out[w.handle.name] = w.handle.identity()
             if isinstance(w.handle, RemoteHandle) and w.handle.alive:
                 try:
-                    out[w.handle.name]["rss_mb"] = round(w.memory_mb(), 1)
+                    _rss(out[w.handle.name], w.memory_mb())
                 except (WorkerFailed, RemoteError):
                     pass                                 # dead or silent: no figure
         if hasattr(self.store, "identity"):
             out["store"] = self.store.identity()
             if self.store.local():
-                out["store"]["rss_mb"] = round(resident_mb(out["store"]["pid"]), 1)
+                _rss(out["store"], resident_mb(out["store"]["pid"]))
         out["driver"] = {"pid": os.getpid(), "rss_mb": round(resident_mb(), 1)}
         return out
 
