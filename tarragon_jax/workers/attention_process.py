@@ -185,8 +185,7 @@ class AttentionActor(WorkerProcess):
 
     def _vouch(self) -> None:
         """Tell the driver this AW is alive: it waits on EWs (within its own bound on them)."""
-        control = [ch for ch in self.server.channels if ch.peer.get("role") == "control"]
-        self.keepalive.sent += vouch(control, self.engine.transfer_deadline_s, self.keepalive.interval_s)
+        self.keepalive.sent += vouch(self.server.waiting(), self.keepalive.grace_s, self.keepalive.interval_s)
 
     def commit(self, toks_R: np.ndarray) -> None:
         """The step's tokens (the driver has them: the step stands). Finished requests leave at
