@@ -10,12 +10,12 @@ from jax._src import dispatch, monitoring
 
 from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
 from tarragon_jax.kv import kv_cache
-from tarragon_jax.model import attention_stage, expert_stage, reference
+from tarragon_jax.model import attention_stage, expert_stage, reference, sampling
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.workers.shape_grid import buckets, shape_grid
 
-PROGRAMS = (attention_stage.embed, attention_stage.attention_layer, attention_stage.head,
+PROGRAMS = (attention_stage.embed, attention_stage.attention_layer, attention_stage.head, sampling.sample,
             kv_cache.read_blocks, kv_cache.write_blocks, expert_stage.expert_layer)
 
 

@@ -21,6 +21,7 @@ from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, Snapsho
                                               StoreUnavailable)
 from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.model import attention_stage as stage
+from tarragon_jax.model.sampling import sample
 from tarragon_jax.workers import backends
 from tarragon_jax.workers.forwarding_engine import ForwardingEngine
 from tarragon_jax.workers.program_log import ProgramLog
@@ -150,8 +151,8 @@ class AttentionWorker:
         """Dispatch the last combine, LM head and sampling: int32 [R] tokens on the device."""
         self.handle.check()
         d = self._dev
-        return self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, d["last"],
-                                  d["temperature"], d["top_p"], d["seed"], d["index"])
+        logits_RxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, d["last"])
+        return self.programs.call(sample, logits_RxV, d["temperature"], d["top_p"], d["seed"], d["index"])
 
     def _restore(self, seqs: list[Sequence]) -> None:
         """Restore the committed blocks of requests moved here, all in one padded page write
@@ -243,8 +244,10 @@ class AttentionWorker:
                                         zeros((B, P)), self.refe.route(0), impl=self.attention_backend)
                     _keep_pages(kv, k, v)
             for R in (r for r in grid.rows if r <= max(T, 4)):
-                call(stage.head, m, self.params, out, ys, zeros(R), zeros(R, np.float32), zeros(R, np.float32),
-                     zeros(R, np.uint32), zeros(R))
+                call(stage.head, m, self.params, out, ys, zeros(R))
+        for R in grid.rows:
+            call(sample, zeros((R, m.vocab_size), np.float32), zeros(R, np.float32), zeros(R, np.float32),
+                 zeros(R, np.uint32), zeros(R))
         for N in grid.blocks:
             blocks, _ = call(read_blocks, self.pages, np.zeros(N, np.int32))     # host ids, as _snapshot passes
             self.pages = call(write_blocks, self.pages, zeros(N), blocks)

@@ -84,7 +84,32 @@ def copy_arrays(arrays: list, dsts: list) -> list:
 
 def use_compile_cache(directory: str) -> None:
     """Persistent XLA compilation cache for every program, small ones too, so recompiles after a
-    restart, on a replacement worker's new mesh or in a fresh worker process hit the cache."""
+    restart, on a replacement worker's new mesh or in a fresh worker process hit the cache; and
+    one cache entry per program whichever device it runs on (`_device_agnostic_cpu_keys`)."""
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _device_agnostic_cpu_keys()
+
+
+def _device_agnostic_cpu_keys() -> None:
+    """Key CPU programs in the persistent cache without their device assignment, as JAX already
+    does for GPU programs. Why: the local runtime runs the same program on every worker's device
+    (2 AWs x 4 EWs: each AW program 2 times, each EW program 4 times), and on CPU the device id
+    is part of the key, so each device compiled its own copy: 4x the startup compile of the
+    demo's EW programs. A single-device executable is loaded onto the device the call names
+    (the compile options passed at load carry it); tests/test_compile_cache.py checks that one
+    entry serves every device with identical results. Another jax without this private hook:
+    left as it is (one compile per device, slower, still correct)."""
+    try:
+        from jax._src import cache_key
+        hash_options = cache_key._hash_serialized_compile_options
+    except (ImportError, AttributeError):
+        return
+    if getattr(hash_options, "device_agnostic", False):
+        return
+
+    def device_agnostic(hash_obj, compile_options, strip_device_assignment=False):
+        return hash_options(hash_obj, compile_options, strip_device_assignment=True)
+    device_agnostic.device_agnostic = True
+    cache_key._hash_serialized_compile_options = device_agnostic
