@@ -86,3 +86,47 @@ def throughput_timeline(requests: list[RequestTimes], t0: float, bucket_s: float
     for t in times:
         counts[int(t / bucket_s)] += 1
     return [c / bucket_s for c in counts]
+
+
+# ---- whole-run figures: what a request saw over the run, not only across the failure instant --------
+def worst_gap_after(requests: list[RequestTimes], t: float) -> float:
+    """The longest wait for a next token that ended after t: a first token counts from the
+    request's submission (a request queued behind a stall waits too). Over the whole run with t
+    its start."""
+    gaps = [b - a for r in requests for a, b in zip([r.submit_s] + r.token_s, r.token_s) if b > t]
+    return max(gaps, default=0.0)
+
+
+def longest_dip(timeline: list[float], bucket_s: float, fraction: float = 0.1) -> tuple[float, float]:
+    """(longest stretch, total time) below `fraction` of the median throughput, between the first
+    and the last token (timeline: tokens/s per bucket from the run's start; buckets before the
+    first token are not counted). A compile on the serving thread shows here as a stretch near
+    zero however few requests span it, which the stall around the failure instant may not."""
+    first = next((i for i, v in enumerate(timeline) if v > 0), len(timeline))
+    span = timeline[first:]
+    if not span:
+        return 0.0, 0.0
+    floor = fraction * sorted(span)[len(span) // 2]
+    longest = run = below = 0
+    for v in span:
+        run = run + 1 if v < floor else 0
+        below += v < floor
+        longest = max(longest, run)
+    return longest * bucket_s, below * bucket_s
+
+
+def back_to(timeline: list[float], reference: list[float], t_fail: float, bucket_s: float,
+            fraction: float = 0.9, window_s: float = 0.5) -> float:
+    """Seconds from the failure until throughput is back to `fraction` of the failure-free run's
+    (same workload, timelines from the same first arrival): the start of the first `window_s` of
+    buckets after the failure with at least that fraction of the reference's tokens. 0 if it
+    never fell below; inf if it never came back."""
+    w, start = max(1, round(window_s / bucket_s)), int(t_fail / bucket_s + 1e-9)
+    ends = max(len(timeline), len(reference))
+    pad = lambda xs: xs + [0.0] * (ends - len(xs))
+    run, ref = pad(list(timeline)), pad(list(reference))
+    for b in range(start, ends):
+        want = sum(ref[b:b + w])
+        if want == 0 or sum(run[b:b + w]) >= fraction * want:
+            return max(0.0, (b - start) * bucket_s)
+    return float("inf")

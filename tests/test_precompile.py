@@ -1,6 +1,7 @@
 """--precompile: the shape grid covers every shape serving meets (no stage program compiles
 after startup, with requests of mixed lengths arriving mid-run), and precompiling, which runs
 every program on zeros through the sink page, leaves the tokens exactly the reference's."""
+import dataclasses
 import threading
 
 import jax
@@ -54,37 +55,48 @@ def test_nothing_compiles_after_precompile_and_tokens_match_reference(family):
     eng.close()
 
 
-def test_recovery_precompile_leaves_nothing_to_compile_in_a_recovery():
-    """--precompile recovery: the steps that recompute moved requests (an AW failure) run only
-    programs compiled at startup: two token buckets at every table width and row count, and the
-    restore writes at every block count."""
+def test_recovery_precompile_pads_every_step_to_a_compiled_bucket():
+    """--precompile recovery compiles two token buckets (at every table width and row count) and
+    the restore writes at every block count. Every step pads up to a compiled bucket, so nothing
+    compiles on the serving thread after startup: not the normal steps, whose exact bucket was
+    never compiled, nor those of the AW failure's recovery. Tokens stay the reference's."""
     rng = np.random.default_rng()
     cfg, params = tiny_model("qwen2_moe", seed=int(rng.integers(1 << 30)), max_position=64)
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=2, max_step_tokens=32,
                                            prefill_chunk=8, max_running=4, precompile="recovery"),
                  CacheConfig(page_size=4, num_pages=40))
-    ids = [eng.submit(rng.integers(3, cfg.vocab_size, n).tolist(), SamplingParams(max_new_tokens=16))
-           for n in (3, 17, 9, 5)]
-    for _ in range(8):
-        eng.step()
-    eng.controller.store.wait()
+    assert eng.controller.grid.tokens == (8, 32)              # 16 is never compiled: those steps pad to 32
     compiles = []           # on the serving thread (the replacement AW compiles in the background)
     listener = lambda event, secs, **kw: (event == dispatch.BACKEND_COMPILE_EVENT and threading.current_thread()
                                           is threading.main_thread() and compiles.append(kw.get("fun_name")))
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
+        ids = [eng.submit(rng.integers(3, cfg.vocab_size, n).tolist(), SamplingParams(max_new_tokens=16))
+               for n in (3, 17, 9, 5)]
+        for _ in range(8):
+            eng.step()
+        eng.controller.store.wait()
         eng.controller.kill("aw0")
         recomputing = 0
         while eng.has_work:
-            before, n = sum(a.restored.recompute_steps for a in eng.aws), len(compiles)
+            before = sum(a.restored.recompute_steps for a in eng.aws)
             eng.step()
-            if sum(a.restored.recompute_steps for a in eng.aws) > before:
-                recomputing += 1
-                assert compiles[n:] == []
+            recomputing += sum(a.restored.recompute_steps for a in eng.aws) > before
     finally:
         monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
     assert recomputing >= 1 and eng.aws[1].restored.requests > 0
     for rid in ids:
         prompt = eng.requests[rid].prompt
         assert eng.requests[rid].output == reference.greedy_generate(cfg, params, prompt, 16)
     eng.close()
+
+
+def test_fit_tokens_pads_up_to_the_smallest_compiled_bucket():
+    cfg, _ = tiny_model("mixtral", max_position=64)
+    grid = shape_grid(cfg, CacheConfig(page_size=4, num_pages=40),
+                      EngineConfig(max_step_tokens=64, prefill_chunk=8, max_running=4))
+    sparse = dataclasses.replace(grid, tokens=(8, 64))
+    assert [sparse.fit_tokens(t) for t in (8, 16, 32, 64)] == [8, 64, 64, 64]
+    assert [grid.fit_tokens(t) for t in (8, 16, 32)] == [8, 16, 32]
+    assert sparse.fit_tokens(128) == 128                     # beyond the grid: its own bucket

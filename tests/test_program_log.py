@@ -26,16 +26,23 @@ def test_logs_compiled_shapes_and_replays_them_on_another_worker():
 
 
 def test_compile_log_counts_serving_compiles_only():
-    """A worker process's CompileLog: a compile while serving is logged with its wall time; one
-    inside warming() (startup, precompile, a replacement's replay) is not; a cached call is none."""
+    """A worker process's CompileLog: a compile while serving is logged with its wall time, the
+    program and the shapes it ran at (through a ProgramLog); one inside warming() (startup,
+    precompile, a replacement's replay) is not; a cached call is none."""
     log = CompileLog()
     scale = float(np.random.default_rng().uniform(2, 3))
     warm = jax.jit(lambda x: x * scale)
     with log.warming():
         warm(np.ones(3, np.float32))
-    assert log.times == []
+    assert log.events == []
     t0 = time.time()
-    jax.jit(lambda x: x + scale)(np.ones(4, np.float32))
-    assert len(log.times) == 1 and t0 <= log.times[0] <= time.time()
+
+    @jax.jit
+    def shift(x_N, y_MxN):
+        return x_N + y_MxN * scale
+    ProgramLog().call(shift, np.ones(4, np.float32), np.ones((2, 4), np.int32))
+    (event,) = log.events
+    assert t0 <= event.t <= time.time() and event.seconds > 0 and event.program == "shift"
+    assert event.shapes == "float32[4] int32[2, 4]" and event.serving and event.thread == "MainThread"
     warm(np.ones(3, np.float32))                              # compiled already
-    assert len(log.times) == 1
+    assert len(log.events) == 1

@@ -48,7 +48,7 @@ def test_sigkilled_ew_process_is_masked_and_replaced(model):
     assert eng.ews[1].programs.grid is not None          # the new process compiled the grid too
     assert aw_rec.worker == "aw0" and aw_rec.requests_moved > 0
     # precompile="all": no process compiled while serving (a replacement's replay is warm-up)
-    assert all(w.compile_times() == [] for w in eng.aws + eng.ews if w.handle.alive)
+    assert all(w.compiles() == [] for w in eng.aws + eng.ews if w.handle.alive)
     eng.close()
 
 
@@ -60,7 +60,7 @@ def test_restart_baseline_rebuilds_the_processes(model):
     assert eng.controller.records[0].restart_s > 0
     assert not set(pids) & {ew.pid for ew in eng.ews}
     t = time.time()        # the rebuilt processes compile on first use, while serving: counted
-    assert all(0 < len(ts) and max(ts) < t for ts in (w.compile_times() for w in eng.aws + eng.ews))
+    assert all(0 < len(es) and max(e.t for e in es) < t for es in (w.compiles() for w in eng.aws + eng.ews))
     eng.close()
 
 
@@ -93,7 +93,9 @@ def test_compiles_past_the_deadline_are_not_failures(model):
     t = time.time()
     assert eng.generate(PROMPTS, SamplingParams(max_new_tokens=10)) == want
     assert eng.controller.records == []
-    assert any(w.compile_times() and min(w.compile_times()) > t for w in eng.aws + eng.ews)   # they did compile
+    events = [e for w in eng.aws + eng.ews for e in w.compiles()]
+    assert events and min(e.t for e in events) > t and all(e.serving for e in events)     # they did compile
+    assert any(e.program == "attention_layer" and e.shapes for e in events)   # at the shapes they met
     eng.close()
 
 

@@ -43,7 +43,9 @@ from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.local_runtime import LocalRuntime
 from tarragon_jax.workers.runtime import PROBE_TIMEOUT_S, WorkerHandle
 from tarragon_jax.workers.sequence import Sequence
-from tarragon_jax.workers.shape_grid import recovery_grid, shape_grid
+from tarragon_jax.workers.shape_grid import ShapeGrid, recovery_grid, shape_grid
+
+GRIDS = {"recovery": recovery_grid, "all": shape_grid}     # --precompile: what startup compiles
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +136,24 @@ class Controller:
         self._store_generation = 0
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
-        self.precompile_s = None if cfg.precompile == "none" or not precompile else self._precompile()
+        if precompile:
+            self.grid = None if cfg.precompile == "none" else GRIDS[cfg.precompile](self.model, self.cache, cfg)
+            self.precompile_s = None if self.grid is None else self._precompile(self.grid)
         self._foreground()
 
-    def _precompile(self) -> float:
+    def _precompile(self, grid: ShapeGrid) -> float:
         """Every stage program at every shape of the grid (the recovery subset, or all), on every
         worker (seconds taken)."""
-        grids = {"recovery": recovery_grid, "all": shape_grid}
-        t0, grid = self.clock(), grids[self.config.precompile](self.model, self.cache, self.config)
+        t0 = self.clock()
         for w in self.aws + self.ews:
             w.precompile(grid)
             w.handle.probe()                  # the heartbeat's tiny program, on this worker's device
         return self.clock() - t0
+
+    def step_tokens(self, T: int) -> int:
+        """The token bucket a step whose AWs need T rows runs at: the smallest compiled one
+        (startup's grid) that holds T, so that no step compiles; T itself if nothing was."""
+        return T if self.grid is None else self.grid.fit_tokens(T)
 
     def _foreground(self) -> None:
         """The worker processes are warm: they serve at normal CPU priority from now on."""

@@ -220,7 +220,7 @@ class Engine:
             return []
         if self.controller.transport is None:          # worker processes: each AW drives its layers
             return self._process_step(batches)
-        T = max(b.T for _, b in batches.values())     # one token bucket: one EW program shape
+        T = self.controller.step_tokens(max(b.T for _, b in batches.values()))   # one compiled bucket for all
         active = {}
         for i, (aw, batch) in batches.items():
             batch = batch.padded_to(T)
@@ -266,7 +266,7 @@ class Engine:
         with the EW processes itself), then the driver waits once for all of them. An AW that
         names a failed EW is re-launched from that layer once the controller re-planned (new
         routing table); an AW that died or missed the deadline drops out (its requests moved)."""
-        T = max(b.T for _, b in batches.values())     # one token bucket: one EW program shape
+        T = self.controller.step_tokens(max(b.T for _, b in batches.values()))   # one compiled bucket for all
         active = {i: (aw, b.padded_to(T)) for i, (aw, b) in batches.items()}
         todo, host, tag = {i: 0 for i in active}, {}, self.step_index * 1000
         while todo:

@@ -9,6 +9,8 @@ cache this is mostly a cache read).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 import threading
 import time
 from typing import Callable, Iterator
@@ -52,25 +54,44 @@ class ProgramLog:
         self._seen.update(other._seen)
 
 
+@dataclasses.dataclass(frozen=True)
+class CompileEvent:
+    """One XLA compile (or persistent-cache load) outside warm-up: for the failover bench's list of
+    every compile during a run, and for finding which shapes serving met first mid-run."""
+    t: float             # wall clock when it ended
+    program: str         # e.g. "attention_layer"
+    seconds: float       # the backend compile (or cache load) itself
+    thread: str          # the thread that waited for it
+    serving: bool        # that thread serves steps (a request waited on this compile)
+    shapes: str = ""     # the program's array arguments, when it ran through a ProgramLog
+
+    def __str__(self) -> str:
+        return f"{self.program}({self.shapes}) {self.seconds * 1e3:.0f} ms on {self.thread}"
+
+
 class CompileLog:
     """The XLA compiles (or persistent-cache loads) this process ran outside `warming()` (startup,
-    precompile, a replacement's replay): (wall-clock end time, on the main thread?) each. A worker
-    process keeps one, so the failover bench counts the compiles inside a recovery in every
-    process; the bench's own process keeps one too, where the main thread is the serving loop.
-    One per process: jax.monitoring listeners are process-wide."""
+    precompile, a replacement's replay), as CompileEvents. A worker process keeps one, so the
+    failover bench lists the compiles of a run in every process; the bench's own process keeps
+    one too, where `serving_thread` (the main one by default) runs the engine. One per process:
+    jax.monitoring listeners are process-wide and cannot be removed."""
 
-    def __init__(self):
+    def __init__(self, serving_thread: threading.Thread | None = None):
         from jax._src import dispatch
-        self.events: list[tuple[float, bool]] = []
+        self.events: list[CompileEvent] = []
         self._warming = 0
-        main = threading.main_thread()
-        jax.monitoring.register_event_duration_secs_listener(
-            lambda event, duration, **kw: event == dispatch.BACKEND_COMPILE_EVENT and not self._warming
-            and self.events.append((time.time(), threading.current_thread() is main)))
+        self.serving_thread = serving_thread or threading.main_thread()
+
+        def heard(event: str, duration: float, fun_name: str = "", **_) -> None:
+            if event == dispatch.BACKEND_COMPILE_EVENT and not self._warming:
+                now = threading.current_thread()
+                self.events.append(CompileEvent(time.time(), fun_name.removeprefix("jit(").rstrip(")"), duration,
+                                                now.name, now is self.serving_thread, _calling_shapes()))
+        jax.monitoring.register_event_duration_secs_listener(heard)
 
     @property
     def times(self) -> list[float]:
-        return [t for t, _ in self.events]
+        return [e.t for e in self.events]
 
     @contextlib.contextmanager
     def warming(self) -> Iterator[None]:
@@ -79,3 +100,16 @@ class CompileLog:
             yield
         finally:
             self._warming -= 1
+
+
+def _calling_shapes() -> str:
+    """The array shapes of the ProgramLog.call this compile happens under, if any: found by walking
+    up the stack, which costs ~10 us against a compile's 10-500 ms (it runs only on a compile)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not ProgramLog.call.__code__:
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    leaves = jax.tree.leaves(frame.f_locals.get("args", ()))
+    return " ".join(f"{np.dtype(a.dtype).name}{list(a.shape)}" for a in leaves
+                    if isinstance(a, (jax.Array, np.ndarray)))

@@ -133,9 +133,10 @@ class RemoteWorker:
         """Fault injection: the process stops answering for `seconds` without dying."""
         self.rpc.cast("hang", seconds)
 
-    def compile_times(self) -> list[float]:
-        """Wall-clock times of the compiles the process ran while serving (CompileLog)."""
-        return self.rpc.call("compile_times")
+    def compiles(self) -> list:
+        """The compiles the process ran after it started serving (CompileEvents: when, which
+        program at which shapes, how long, on which thread)."""
+        return self.rpc.call("compile_events")
 
     def foreground(self) -> None:
         """The process joins the service: from now on it runs at normal priority."""
@@ -181,6 +182,7 @@ class WorkerProcess:
         self.server.spin_s = spin_s
         self.keepalive = Keepalive(self.server.waiting, KEEPALIVE_FRACTION * deadline_s, deadline_s,
                                    serving=self.server.thread)
+        self.compiles.serving_thread = self.server.thread
         self.server.start()
 
     def _where(self) -> dict:
@@ -191,8 +193,8 @@ class WorkerProcess:
     def hang(self, seconds: float) -> None:
         time.sleep(seconds)             # the loop sleeps: nothing it serves answers meanwhile
 
-    def compile_times(self) -> list[float]:
-        return self.compiles.times
+    def compile_events(self) -> list:
+        return list(self.compiles.events)
 
     def memory_mb(self) -> float:
         return resident_mb()

@@ -38,6 +38,11 @@ class ShapeGrid:
     senders: tuple[int, ...]      # AWs whose buffers one EW layer call takes (all AWs of a step pad to one T)
     blocks: tuple[int, ...]       # KV blocks in one snapshot read / restore write
 
+    def fit_tokens(self, T: int) -> int:
+        """The smallest compiled token bucket that holds a step of T token rows (T itself if none
+        does): a step pads up to it rather than compile on the engine thread while requests wait."""
+        return next((t for t in self.tokens if t >= T), T)
+
 
 def shape_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> ShapeGrid:
     max_tokens = engine.max_step_tokens
