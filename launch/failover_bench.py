@@ -95,17 +95,21 @@ def _inject(eng, scenario: str) -> None:
                                      step=eng.step_index, layer=layer))
 
 
-def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, watch,
+def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, watch, reference=None,
                  **overrides) -> dict:
-    """Serve the workload in real time, inject the scenario's failure, and measure."""
+    """Serve the workload in real time, inject the scenario's failure, and measure. reference:
+    the failure-free run's timeline, for the time until throughput is back."""
     from tarragon_jax.config import SamplingParams
-    from tarragon_jax.metrics import recovered_at, stall_around, throughput_timeline, zero_throughput_window
+    from tarragon_jax.metrics import (back_to, longest_dip, recovered_at, stall_around, throughput_timeline,
+                                      worst_gap_after, zero_throughput_window)
     arrivals, prompts = workload
     eng = _engine(cfg, params, reload, recovery=recovery, **{**_OVERRIDES.get(scenario, dict)(), **overrides})
     startup_s = eng.controller.precompile_s
     sp = SamplingParams(max_new_tokens=FLAGS.output_len)
     clock, ids, injected = eng.metrics.clock, [], False
     t0 = clock()
+    offset = time.time() - t0                      # wall clock -> the engine's clock (one host)
+    seen = len(watch.events)
     while len(ids) < len(prompts) or eng.has_work:
         now = clock() - t0
         while len(ids) < len(prompts) and arrivals[len(ids)] <= now:
@@ -126,26 +130,30 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
     # no_failure: the same measures at the same instant, a failure-free run's jitter (the resolution)
     t_fail = min(kills) if kills else t0 + FLAGS.fail_at_s
     t_back = recovered_at(times, t_fail)
-    offset = time.time() - clock()                  # wall clock -> the engine's clock (one host)
-
-    def in_window(wall_times) -> int:
-        return sum(t_fail <= t - offset <= t_back for t in wall_times)
-    in_workers = in_window(worker_compiles(eng))
+    compiles = sorted(watch.events[seen:] + worker_compiles(eng), key=lambda e: e.t)
+    compiles = [{"t_s": e.t - offset - t0, "program": e.program, "shapes": e.shapes, "seconds": e.seconds,
+                 "thread": e.thread, "serving": e.serving} for e in compiles if e.t - offset >= t0]
     step_s = statistics.median(g for r in times for g in r.gaps_s) if any(r.gaps_s for r in times) else None
+    timeline = throughput_timeline(times, t0, FLAGS.bucket_s)
+    dip_s, below_s = longest_dip(timeline, FLAGS.bucket_s)
     res = {"name": scenario, "recovery": recovery, "outputs": outputs,
            "stall_s": stall_around(times, t_fail),
            "jitter_s": None if kills else jitter(times, t0, FLAGS.duration_s),
            "zero_throughput_s": zero_throughput_window(times, t_fail),
-           "compiles_in_recovery": in_window(t for t, main in watch.events if main) + in_workers,
-           "worker_process_compiles": in_workers,
-           "background_compiles": in_window(t for t, main in watch.events if not main),
+           # over the whole run (after the failure; from the start without one)
+           "worst_gap_s": worst_gap_after(times, t_fail if kills else t0),
+           "dip_s": dip_s, "below_s": below_s,
+           "back_s": back_to(timeline, reference, t_fail - t0, FLAGS.bucket_s) if kills and reference else None,
+           "serving_compiles": sum(c["serving"] for c in compiles),
+           "compiles": compiles,
+           "compiles_in_recovery": sum(c["serving"] and t_fail <= c["t_s"] + t0 <= t_back for c in compiles),
            "tokens_recomputed": sum(a.restored.tokens_recomputed for a in eng.aws) + sum(r.tokens_recomputed for r in recs),
            "rows_replayed": eng.replayed_rows,
            "blocks_restored": sum(a.restored.blocks for a in eng.aws),
            "restore_fallbacks": sum(a.restored.fallbacks for a in eng.aws),
            "throughput_tok_s": sum(len(o) for o in outputs) / span,
            "lost_requests": sum(len(o) != FLAGS.output_len for o in outputs),
-           "timeline": throughput_timeline(times, t0, FLAGS.bucket_s),
+           "timeline": timeline,
            "fail_at_s": (t_fail - t0) if kills else None,
            "startup_s": startup_s,
            "step_s": step_s,
@@ -162,13 +170,12 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
     return res
 
 
-def worker_compiles(eng) -> list[float]:
-    """Under --runtime ray: when (wall clock) each live worker process compiled while serving
-    (CompileLog); a dead process's are gone with it, a replacement's replay before it joined is
-    not serving. Empty for the local runtime (this process's own log sees all)."""
+def worker_compiles(eng) -> list:
+    """Under --runtime ray: the compiles each live worker process ran while serving (CompileLog
+    events); a dead process's are gone with it, a replacement's replay before it joined is
+    warm-up. Empty for the local runtime (this process's own log sees all)."""
     from tarragon_jax.workers.remote_worker import RemoteWorker
-    return [t for w in eng.aws + eng.ews if isinstance(w, RemoteWorker) and w.handle.alive
-            for t in w.compile_times()]
+    return [e for w in eng.aws + eng.ews if isinstance(w, RemoteWorker) and w.handle.alive for e in w.compiles()]
 
 
 def jitter(times, t0: float, span_s: float) -> dict:
@@ -181,8 +188,8 @@ def jitter(times, t0: float, span_s: float) -> dict:
     return {"p90_s": float(np.percentile(stalls, 90)), "max_s": max(stalls)}
 
 
-PER_RUN = ("stall_s", "zero_throughput_s", "compiles_in_recovery", "tokens_recomputed", "blocks_restored",
-           "throughput_tok_s")
+PER_RUN = ("stall_s", "worst_gap_s", "dip_s", "below_s", "back_s", "serving_compiles", "zero_throughput_s",
+           "compiles_in_recovery", "tokens_recomputed", "blocks_restored", "throughput_tok_s")
 
 
 def median_run(same: list[dict], clean: list[list[int]] | None) -> dict:
@@ -190,9 +197,13 @@ def median_run(same: list[dict], clean: list[list[int]] | None) -> dict:
     range, the worst of the invariants; tokens checked against the failure-free run `clean`."""
     row = {k: v for k, v in same[0].items() if k != "outputs"}
     for key in PER_RUN + ("rows_replayed", "restore_fallbacks"):
-        row[key] = statistics.median(r[key] for r in same)
-    row["range"] = {k: [min(r[k] for r in same), max(r[k] for r in same)] for k in PER_RUN}
-    row["runs"] = [{k: r[k] for k in PER_RUN + ("failures", "jitter_s")} for r in same]
+        vals = [r[key] for r in same if r[key] is not None]         # back_s: none without a failure
+        row[key] = statistics.median(vals) if vals else None
+    row["range"] = {k: [min(vs), max(vs)] if (vs := [r[k] for r in same if r[k] is not None]) else None
+                    for k in PER_RUN}
+    row["runs"] = [{k: r[k] for k in PER_RUN + ("failures", "jitter_s", "compiles", "timeline", "fail_at_s")}
+                   for r in same]
+    row["worst"] = {k: max(r[k] for r in same) for k in ("worst_gap_s", "dip_s", "below_s", "serving_compiles")}
     row["lost_requests"] = max(r["lost_requests"] for r in same)
     row["tokens_checked"] = clean is not None
     row["tokens_identical"] = all(r["outputs"] == clean for r in same) if clean is not None else None
@@ -314,18 +325,26 @@ def restore_vs_reprefill(cfg, params, reload) -> list[dict]:
 
 
 def plot(results: list[dict], path: str) -> None:
+    """One panel per scenario, every recovery overlaid on one axis (its first run): tokens/s over
+    time, the failure (dashed) and every compile a request waited on (a dot on the curve)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(results), 1, figsize=(8, 1.6 * len(results)), sharex=True, squeeze=False)
-    for ax, r in zip(axes[:, 0], results):
-        xs = [FLAGS.bucket_s * i for i in range(len(r["timeline"]))]
-        ax.plot(xs, r["timeline"], lw=1)
-        if r["fail_at_s"] is not None:
-            ax.axvline(r["fail_at_s"], color="red", ls="--", lw=1)
+    names = list(dict.fromkeys(r["name"] for r in results))
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.8 * len(names)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        for r, color in zip((r for r in results if r["name"] == name), ("tab:blue", "tab:orange", "tab:green")):
+            run = r["runs"][0]
+            xs = [FLAGS.bucket_s * i for i in range(len(run["timeline"]))]
+            ax.plot(xs, run["timeline"], lw=1, color=color, label=r["recovery"])
+            if run["fail_at_s"] is not None:
+                ax.axvline(run["fail_at_s"], color=color, ls="--", lw=1)
+            at = [c["t_s"] for c in run["compiles"] if c["serving"]]
+            ax.plot(at, [0] * len(at), "o", ms=4, color=color, label=f"{r['recovery']}: compile" if at else None)
         ax.set_ylabel("tok/s")
-        ax.set_title(f"{r['name']} / {r['recovery']}", fontsize=9)
-    axes[-1, 0].set_xlabel("seconds since first arrival")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("seconds since first arrival (dashed: the failure; dots: compiles a request waited on)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -339,8 +358,9 @@ def _fmt(v) -> str:
 
 
 def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
-    cols = ["stall_s", "zero_throughput_s", "compiles_in_recovery", "tokens_recomputed", "rows_replayed",
-            "blocks_restored", "restore_fallbacks", "throughput_tok_s", "lost_requests", "tokens_checked", "tokens_identical"]
+    cols = ["stall_s", "worst_gap_s", "dip_s", "back_s", "serving_compiles", "zero_throughput_s", "tokens_recomputed",
+            "rows_replayed", "blocks_restored", "restore_fallbacks", "throughput_tok_s", "lost_requests",
+            "tokens_checked", "tokens_identical"]
     bcols = ["detect_s", "reroute_s", "restore_s", "recompute_steps_s", "replacement_ready_s", "restart_s"]
     print(f"{n_requests} requests, Poisson {FLAGS.rate}/s over {FLAGS.duration_s}s, prompt {FLAGS.prompt_len}, "
           f"output {FLAGS.output_len}; {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs; "
@@ -348,9 +368,18 @@ def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
           f"precompile ({FLAGS.precompile}) {_fmt(startup_s)} s")
     print(" | ".join(["scenario", "recovery"] + cols + bcols))
     for r in rows:
-        cells = [f"{_fmt(r[c])} [{_fmt(r['range'][c][0])}-{_fmt(r['range'][c][1])}]" if c in ("stall_s", "zero_throughput_s")
-                 else _fmt(r[c]) for c in cols]
+        cells = [f"{_fmt(r[c])} [{_fmt(r['range'][c][0])}-{_fmt(r['range'][c][1])}]"
+                 if c in ("stall_s", "worst_gap_s", "dip_s") and r["range"][c] else _fmt(r[c]) for c in cols]
         print(" | ".join([r["name"], r["recovery"]] + cells + [_fmt(r["breakdown"][c]) for c in bcols]))
+    print("worst_gap_s: the longest wait for a next token after the failure (whole run without one); dip_s: the "
+          f"longest stretch below a tenth of the median throughput ({FLAGS.bucket_s * 1e3:.0f} ms buckets, first to "
+          "last token); back_s: until throughput is back to 90% of the failure-free run's; serving_compiles: "
+          "compiles a request waited on, whole run")
+    for r in rows:
+        for i, run in enumerate(r["runs"]):
+            for c in (c for c in run["compiles"] if c["serving"]):
+                print(f"  compile in {r['name']}/{r['recovery']} run {i} at {c['t_s']:.2f} s: {c['program']}"
+                      f"({c['shapes']}) {c['seconds'] * 1e3:.0f} ms on {c['thread']}")
     worst = max(x["jitter_s"]["max_s"] for r in rows if r["name"] == "no_failure" for x in r["runs"])
     print(f"resolution (median over failure-free runs of their p90 'stall' over instants): {res * 1e3:.2f} ms; "
           f"the largest at any instant: {worst * 1e3:.2f} ms")
@@ -398,7 +427,8 @@ def main(argv):
     over = overhead(cfg, params, reload)
     rvr = restore_vs_reprefill(cfg, params, reload)
     # Every repeat of one recovery before the next, tarragon first, for the same reason.
-    rows = [median_run([run_scenario(cfg, params, reload, s, rec, workload, watch) for _ in range(FLAGS.repeats)], clean)
+    rows = [median_run([run_scenario(cfg, params, reload, s, rec, workload, watch, ref["timeline"])
+                        for _ in range(FLAGS.repeats)], clean)
             for rec in FLAGS.recoveries for s in FLAGS.scenarios]
     res = resolution(rows)
     ratios = {f"{name}_{key}": ratio(rows, key, name, res) for name in FLAGS.scenarios if name != "no_failure"

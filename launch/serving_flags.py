@@ -50,10 +50,11 @@ flags.DEFINE_float("snapshot_interval_s", 0.05, "An AW hands newly filled KV blo
 flags.DEFINE_float("snapshot_flush_s", 10.0, "KV snapshots within this window share one Orbax write (commit is at once, in the store memory; the files are a second tier).")
 flags.DEFINE_float("transfer_deadline_s", 30.0, "Bounded wait on every cross-worker transfer.")
 flags.DEFINE_float("heartbeat_interval_s", 0.05, "Controller liveness probes.")
-flags.DEFINE_enum("precompile", "recovery", ["none", "recovery", "all"],
-                  "At startup compile what a recovery runs (restore writes, the recompute step's shapes: no "
-                  "compile inside a recovery), every stage program at every batch shape (all: no serving step "
-                  "compiles), or nothing.")
+flags.DEFINE_enum("precompile", "all", ["none", "recovery", "all"],
+                  "What startup compiles: every stage program at every batch shape the configuration can reach "
+                  "(all), or only what a recovery runs (recovery: two token buckets at every table width, the "
+                  "restore writes; faster to start, and every step pads up to one of the two buckets), or nothing "
+                  "(each new shape then compiles inside the step that meets it, with its requests waiting).")
 flags.DEFINE_bool("snapshot_memory_tier", True, "KV blocks commit in the checkpoint store's host memory at once; "
                   "off: only once written to the Orbax files, and restores read them.")
 flags.DEFINE_bool("pingpong", False, "One EW call per AW per layer instead of one over all AWs, so one AW's "
