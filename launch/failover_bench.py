@@ -41,20 +41,25 @@ flags.DEFINE_integer("output_len", 48, "New tokens per request.")
 flags.DEFINE_float("fail_at_s", 1.5, "When the failure is injected, seconds after the first arrival.")
 flags.DEFINE_integer("fail_ew", 1, "Expert worker that fails.")
 flags.DEFINE_integer("fail_aw", 0, "Attention worker that fails.")
-flags.DEFINE_list("scenarios", list(SCENARIOS), "Scenarios to run.")
+flags.DEFINE_list("scenarios", ["no_failure", "ew_failure", "aw_failure"],
+                  f"Scenarios to run, or 'all' ({', '.join(SCENARIOS)}).")
 flags.DEFINE_list("recoveries", ["tarragon", "restart"], "Recoveries to compare (restart_regenerate too on request).")
 flags.DEFINE_float("hang_s", 0.5, "ew_hang: how long the EW stops answering.")
 flags.DEFINE_float("hang_deadline_s", 0.1, "ew_hang: the step deadline that finds it.")
 flags.DEFINE_float("disk_flush_s", 0.1, "aw_failure_disk: the Orbax write window (blocks commit once written).")
-flags.DEFINE_list("restore_lengths", ["64", "128", "256", "512"], "Decoded lengths for restore vs re-prefill.")
+flags.DEFINE_list("restore_lengths", ["128"], "Decoded lengths for restore vs re-prefill (the full table: "
+                  "64,128,256,512).")
 flags.DEFINE_integer("overhead_requests", 96, "Requests of the saturated no-failure overhead runs.")
-flags.DEFINE_integer("overhead_repeats", 16, "Off/on pairs, in ABBA order, for the overhead ratio.")
+flags.DEFINE_integer("overhead_repeats", 0, "Off/on pairs, in ABBA order, for the no-failure overhead of "
+                     "resilience (0: not measured; the full table: 16).")
 flags.DEFINE_float("overhead_sample_s", 6.0, "Each engine of a pair serves passes over the requests for at least "
                    "this long, then waits for its snapshot writes (it pays for them): this machine's noise falls "
                    "only as the square root of the time measured.")
 flags.DEFINE_float("bucket_s", 0.1, "Timeline bucket for the plot.")
-flags.DEFINE_integer("warmup_rounds", 1, "Untimed rounds of every scenario (other seeds) before measuring.")
-flags.DEFINE_integer("repeats", 3, "Run every scenario this many times; the table shows medians and ranges.")
+flags.DEFINE_integer("warmup_rounds", 0, "Untimed rounds of every scenario (other seeds) before measuring "
+                     "(startup compiles every shape already; the full table: 1).")
+flags.DEFINE_integer("repeats", 1, "Run every scenario this many times; the table shows medians and ranges "
+                     "(the full table: 3).")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
 flags.DEFINE_string("plot_out", None, "Draw tokens/s over time per scenario (PNG) here.")
@@ -115,7 +120,8 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
         while len(ids) < len(prompts) and arrivals[len(ids)] <= now:
             ids.append(eng.submit(prompts[len(ids)], sp))
         if scenario != "no_failure" and not injected and now >= FLAGS.fail_at_s:
-            _inject(eng, scenario)
+            with watch.warming():           # a hang's busy program compiles here: fault injection, not serving
+                _inject(eng, scenario)
             injected = True
         if eng.has_work:
             eng.step()
@@ -132,7 +138,7 @@ def run_scenario(cfg, params, reload, scenario: str, recovery: str, workload, wa
     t_back = recovered_at(times, t_fail)
     compiles = sorted(watch.events[seen:] + worker_compiles(eng), key=lambda e: e.t)
     compiles = [{"t_s": e.t - offset - t0, "program": e.program, "shapes": e.shapes, "seconds": e.seconds,
-                 "thread": e.thread, "serving": e.serving} for e in compiles if e.t - offset >= t0]
+                 "worker": e.worker, "thread": e.thread, "serving": e.serving} for e in compiles if e.t - offset >= t0]
     step_s = statistics.median(g for r in times for g in r.gaps_s) if any(r.gaps_s for r in times) else None
     timeline = throughput_timeline(times, t0, FLAGS.bucket_s)
     dip_s, below_s = longest_dip(timeline, FLAGS.bucket_s)
@@ -357,6 +363,21 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def headline(rows: list[dict]) -> str:
+    """One line: per failure, the longest wait for a next token under each recovery, and whether
+    every token matched the failure-free run."""
+    by = {(r["name"], r["recovery"]): r for r in rows}
+    parts = []
+    for name in dict.fromkeys(r["name"] for r in rows if r["name"] != "no_failure"):
+        t, rs = by.get((name, "tarragon")), by.get((name, "restart"))
+        text = f"{name}: a request waited at most {t['worst_gap_s'] * 1e3:.0f} ms" if t else name
+        if t and rs:
+            text += f" (restart: {rs['worst_gap_s'] * 1e3:.0f} ms, x{rs['worst_gap_s'] / t['worst_gap_s']:.0f})"
+        parts.append(text)
+    same = all(r["tokens_checked"] and r["tokens_identical"] and not r["lost_requests"] for r in rows)
+    return "; ".join(parts) + f"; every token identical to a failure-free run: {'yes' if same else 'NO'}"
+
+
 def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
     cols = ["stall_s", "worst_gap_s", "dip_s", "back_s", "serving_compiles", "zero_throughput_s", "tokens_recomputed",
             "rows_replayed", "blocks_restored", "restore_fallbacks", "throughput_tok_s", "lost_requests",
@@ -375,12 +396,12 @@ def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
           f"longest stretch below a tenth of the median throughput ({FLAGS.bucket_s * 1e3:.0f} ms buckets, first to "
           "last token); back_s: until throughput is back to 90% of the failure-free run's; serving_compiles: "
           "compiles a request waited on, whole run")
-    for r in rows:
-        for i, run in enumerate(r["runs"]):
+    for r in rows:               # a restart recompiles by design (new workers): counted, not listed
+        for i, run in enumerate(r["runs"] if r["recovery"] == "tarragon" else []):
             for c in (c for c in run["compiles"] if c["serving"]):
-                print(f"  compile in {r['name']}/{r['recovery']} run {i} at {c['t_s']:.2f} s: {c['program']}"
+                print(f"  compile in {r['name']} run {i} at {c['t_s']:.2f} s: {c['worker']} {c['program']}"
                       f"({c['shapes']}) {c['seconds'] * 1e3:.0f} ms on {c['thread']}")
-    worst = max(x["jitter_s"]["max_s"] for r in rows if r["name"] == "no_failure" for x in r["runs"])
+    worst = max((x["jitter_s"]["max_s"] for r in rows if r["name"] == "no_failure" for x in r["runs"]), default=0.0)
     print(f"resolution (median over failure-free runs of their p90 'stall' over instants): {res * 1e3:.2f} ms; "
           f"the largest at any instant: {worst * 1e3:.2f} ms")
     for name, v in ratios.items():
@@ -394,10 +415,13 @@ def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
         detect = [f["detect_s"] for run in r["runs"] for f in run["failures"]]
         print(f"ew_hang: detected after {', '.join(f'{d * 1e3:.0f}' for d in detect if d is not None)} ms; deadline "
               f"{r['deadline_s'] * 1e3:.0f} ms + one step {r['step_s'] * 1e3:.1f} ms")
-    print(f"no-failure overhead (throughput resilience off/on, median of {FLAGS.overhead_repeats} ABBA pairs): "
-          f"{over['ratio']:.4f}, 95% interval {over['ratio_ci95'][0]:.3f}-{over['ratio_ci95'][1]:.3f} "
-          f"(per pair {', '.join(f'{x:.3f}' for x in over['ratios'])}); in tokens per CPU "
-          f"second of this process: {over['cpu_ratio']:.4f} (per pair {', '.join(f'{x:.3f}' for x in over['cpu_ratios'])})")
+    if over is None:
+        print("no-failure overhead: not measured (--overhead_repeats 16 measures it)")
+    else:
+        print(f"no-failure overhead (throughput resilience off/on, median of {FLAGS.overhead_repeats} ABBA pairs): "
+              f"{over['ratio']:.4f}, 95% interval {over['ratio_ci95'][0]:.3f}-{over['ratio_ci95'][1]:.3f} "
+              f"(per pair {', '.join(f'{x:.3f}' for x in over['ratios'])}); in tokens per CPU second of this "
+              f"process: {over['cpu_ratio']:.4f} (per pair {', '.join(f'{x:.3f}' for x in over['cpu_ratios'])})")
     print("restore (the next token after the AW died; in brackets reading the snapshots into pages) vs "
           "re-prefill: " + "; ".join(
               f"L={x['decoded']}: from the store's memory {x['memory']['restore_s'] * 1e3:.1f} ms "
@@ -408,8 +432,12 @@ def report(rows, ratios, res, over, rvr, n_requests, startup_s) -> None:
 
 def main(argv):
     del argv
+    if FLAGS.scenarios == ["all"]:
+        FLAGS.scenarios = list(SCENARIOS)
     if unknown := set(FLAGS.scenarios) - set(SCENARIOS):
-        sys.exit(f"error: unknown scenario(s) {sorted(unknown)}; choose from {SCENARIOS}")
+        sys.exit(f"error: unknown scenario(s) {sorted(unknown)}; choose from {SCENARIOS} or 'all'")
+    if FLAGS.max_model_len is None:        # precompile only what the run needs: its requests' KV table widths
+        FLAGS.max_model_len = FLAGS.prompt_len + max([FLAGS.output_len] + [int(L) + 2 for L in FLAGS.restore_lengths])
     cfg, params, ckpt, reload, _ = serving_flags.start()
     from tarragon_jax.workers.program_log import CompileLog
     watch = CompileLog()                                # this process's compiles; main thread: serving
@@ -424,7 +452,7 @@ def main(argv):
             run_scenario(cfg, params, reload, scenario, "tarragon", _workload(cfg.vocab_size, seed=FLAGS.seed + 100 + r),
                          watch)
     # Steady-state measures first: a restart clears the in-memory compiled programs.
-    over = overhead(cfg, params, reload)
+    over = overhead(cfg, params, reload) if FLAGS.overhead_repeats > 0 else None
     rvr = restore_vs_reprefill(cfg, params, reload)
     # Every repeat of one recovery before the next, tarragon first, for the same reason.
     rows = [median_run([run_scenario(cfg, params, reload, s, rec, workload, watch, ref["timeline"])
@@ -436,7 +464,8 @@ def main(argv):
     report(rows, ratios, res, over, rvr, len(workload[1]), ref["startup_s"])
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
-            json.dump({"scenarios": rows, "ratios": ratios, "resolution_s": res, "startup_s": ref["startup_s"], "no_failure_overhead": over["ratio"],
+            json.dump({"scenarios": rows, "ratios": ratios, "resolution_s": res, "startup_s": ref["startup_s"],
+                       "no_failure_overhead": over and over["ratio"], "headline": headline(rows),
                        "overhead_runs": over, "restore_vs_reprefill": rvr,
                        "config": {k: FLAGS[k].value for k in ("rate", "duration_s", "prompt_len", "output_len",
                                                              "fail_at_s", "num_attention_workers", "repeats",
@@ -450,6 +479,7 @@ def main(argv):
     if tokenizer is not None and clean:
         text = tokenizer.decode(clean[0]).replace("\n", " ")
         print(f"request 0's text, the same in every checked row: {text[:300]!r}")
+    print(f"headline: {headline(rows)}")
     if any(not r["tokens_checked"] or not r["tokens_identical"] or r["lost_requests"] for r in rows):
         sys.exit("invariant violated: a row unchecked, a request lost or changed tokens")
 

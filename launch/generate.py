@@ -100,7 +100,7 @@ def main(argv):
           f"attention {FLAGS.attention_backend}, "
           f"{engine.ews[0].platform}, runtime {FLAGS.runtime})", file=sys.stderr)
     if engine.controller.precompile_s is not None:
-        print(f"precompiled ({FLAGS.precompile}) in {engine.controller.precompile_s:.1f} s", file=sys.stderr)
+        print(serving_flags.startup_line(engine), file=sys.stderr)
     for rec in engine.controller.records:     # with --json a JSON line each (the failed worker's pid and node)
         print(json.dumps({"recovery": dataclasses.asdict(rec)}) if FLAGS.json else f"failure {rec}", file=sys.stderr)
     engine.close()

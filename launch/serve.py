@@ -74,6 +74,8 @@ def main(argv):
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain_then_stop, daemon=True).start())
     server.start()
     print(f"backends: {engine.backends()}", file=sys.stderr, flush=True)
+    if engine.controller.precompile_s is not None:
+        print(serving_flags.startup_line(engine), file=sys.stderr, flush=True)
     print(f"serving {cfg.family} ({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, "
           f"runtime {FLAGS.runtime}, chat {'on' if template else 'off'}, admission limit "
           f"{server.max_unfinished}) on {server.url}", file=sys.stderr, flush=True)

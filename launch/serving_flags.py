@@ -1,6 +1,7 @@
 """Flags every serving launcher shares (model, layout, cache, resilience), and what they build."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -26,6 +27,9 @@ flags.DEFINE_enum("expert_backend", "auto", ["auto", "tiles", "dense", "ragged_d
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "pallas", "jnp"],
                   "Paged attention; auto = Pallas (Triton) kernel on GPU, jnp on CPU/TPU.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Device dtype.")
+flags.DEFINE_integer("max_model_len", None, "Longest request served, prompt and new tokens (default: the model's "
+                     "context). A request longer than this gets a clear error; startup compiles only the KV table "
+                     "widths this length can reach.")
 flags.DEFINE_integer("page_size", 16, "KV page size (tokens).")
 flags.DEFINE_integer("num_pages", 256, "KV pages per attention worker.")
 flags.DEFINE_integer("prefill_chunk", 32, "Max prompt tokens of a request per step.")
@@ -102,10 +106,22 @@ def load_model() -> tuple:
         import jax.numpy as jnp
         dtype = jnp.dtype(FLAGS.dtype)
         weights = DummyWeights(path, dtype)
-        return weights.config, weights, None, lambda: DummyWeights(path, dtype)
+        return _capped(weights.config), weights, None, lambda: DummyWeights(path, dtype)
     weights = CheckpointWeights(path)
     reload: Callable[[], CheckpointWeights] = lambda: CheckpointWeights(path)
-    return weights.config, weights, ((FLAGS.checkpoint or FLAGS.model == "demo") and path), reload
+    return _capped(weights.config), weights, ((FLAGS.checkpoint or FLAGS.model == "demo") and path), reload
+
+
+def _capped(cfg):
+    """The model's config with its context capped at --max_model_len (only validation and the
+    shape grid read it: positions are computed per token)."""
+    from tarragon_jax.config import ConfigError
+    if FLAGS.max_model_len is None:
+        return cfg
+    if not 1 < FLAGS.max_model_len <= cfg.max_position:
+        raise ConfigError(f"max_model_len must be in [2, {cfg.max_position}] (the model's context), "
+                          f"got {FLAGS.max_model_len}")
+    return dataclasses.replace(cfg, max_position=FLAGS.max_model_len)
 
 
 def tokenizer(ckpt: str | None, cfg):
@@ -172,3 +188,10 @@ def engine_config(**overrides):
 def cache_config():
     from tarragon_jax.config import CacheConfig
     return CacheConfig(FLAGS.page_size, FLAGS.num_pages)
+
+
+def startup_line(engine) -> str:
+    """What startup compiled and how long it took (the launchers print it): after it no step
+    compiles; every step pads up to a compiled token bucket."""
+    c = engine.controller
+    return f"precompiled ({engine.config.precompile}) in {c.precompile_s:.1f} s: {c.grid.describe()}"

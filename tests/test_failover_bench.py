@@ -24,8 +24,12 @@ def test_failover_bench_smoke(tmp_path):
     names = {(s["name"], s["recovery"]) for s in d["scenarios"]}
     assert names == {(n, rec) for n in SCENARIOS for rec in ("tarragon", "restart")}
     for s in d["scenarios"]:
-        assert {"stall_s", "zero_throughput_s", "tokens_recomputed", "throughput_tok_s", "lost_requests",
-                "tokens_checked", "tokens_identical", "compiles_in_recovery", "runs", "range"} <= set(s)
+        assert {"stall_s", "worst_gap_s", "dip_s", "back_s", "serving_compiles", "zero_throughput_s",
+                "tokens_recomputed", "throughput_tok_s", "lost_requests", "tokens_checked", "tokens_identical",
+                "compiles_in_recovery", "runs", "range"} <= set(s)
+        assert s["worst_gap_s"] > 0 and (s["back_s"] is None) == (s["name"] == "no_failure")
+        for c in s["runs"][0]["compiles"]:
+            assert {"t_s", "program", "shapes", "seconds", "thread", "serving"} <= set(c)
         assert s["tokens_checked"] and s["tokens_identical"] is True and s["lost_requests"] == 0
         assert (s["fail_at_s"] is None) == (s["name"] == "no_failure")
     by = {(s["name"], s["recovery"]): s for s in d["scenarios"]}

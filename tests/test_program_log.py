@@ -25,6 +25,24 @@ def test_logs_compiled_shapes_and_replays_them_on_another_worker():
     assert other.replay(b) == 1 and f._cache_size() == before + 1   # compiled for b's device
 
 
+def test_precompile_is_logged_even_where_the_device_compiled_it_before():
+    """An earlier worker on the same device (an earlier engine in this process) compiled the
+    program already: the new worker's precompile compiles nothing, and it must be logged all the
+    same, or a replacement of that worker would replay nothing and compile while serving."""
+    @jax.jit
+    def g(x):
+        return x * 2.0 + 1.0
+
+    (a,), _ = LocalRuntime().workers(1, 1)
+    x = a.put(np.random.default_rng().standard_normal(7, dtype=np.float32))
+    ProgramLog("aw0").call(g, x)                              # the earlier worker: compiles
+    quiet, logged = ProgramLog("aw0"), ProgramLog("aw0")
+    quiet.call(g, x)
+    with logged.recording():
+        logged.call(g, x)
+    assert quiet.replay(a) == 0 and logged.replay(a) == 1
+
+
 def test_compile_log_counts_serving_compiles_only():
     """A worker process's CompileLog: a compile while serving is logged with its wall time, the
     program and the shapes it ran at (through a ProgramLog); one inside warming() (startup,
@@ -38,11 +56,12 @@ def test_compile_log_counts_serving_compiles_only():
     t0 = time.time()
 
     @jax.jit
-    def shift(x_N, y_MxN):
-        return x_N + y_MxN * scale
-    ProgramLog().call(shift, np.ones(4, np.float32), np.ones((2, 4), np.int32))
+    def shift(x_N, ys_MxN):
+        return x_N + sum(ys_MxN) * scale
+    ProgramLog("ew3").call(shift, np.ones(4, np.float32), (np.ones((2, 4), np.int32),) * 3)
     (event,) = log.events
     assert t0 <= event.t <= time.time() and event.seconds > 0 and event.program == "shift"
-    assert event.shapes == "float32[4] int32[2, 4]" and event.serving and event.thread == "MainThread"
+    assert event.shapes == "float32[4] int32[2, 4]x3" and event.worker == "ew3"
+    assert event.serving and event.thread == "MainThread"
     warm(np.ones(3, np.float32))                              # compiled already
     assert len(log.events) == 1

@@ -77,7 +77,7 @@ class AttentionWorker:
         self.blocks = BlockManager(cache.num_pages, cache.page_size)
         self.scheduler = Scheduler(self.blocks, engine.max_running, engine.max_step_tokens,
                                    engine.prefill_chunk)
-        self.programs = ProgramLog()
+        self.programs = ProgramLog(handle.name)
         self.refe = ForwardingEngine(handle, ert)
         self.snapshot_interval_s = engine.snapshot_interval_s
         self._filled: list[BlockRef] = []        # filled since the last snapshot call
@@ -227,6 +227,10 @@ class AttentionWorker:
         (the padding path of a real step), so no serving step compiles, and the heartbeat's probe
         program. Programs are logged, so a replacement of this AW compiles the same set before it
         joins."""
+        with self.programs.recording():
+            self._precompile(grid)
+
+    def _precompile(self, grid: ShapeGrid) -> None:
         self.handle.probe()
         def zeros(shape, dtype=np.int32):
             return self.handle.put(np.zeros(shape, dtype))

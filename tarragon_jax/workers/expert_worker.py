@@ -42,7 +42,7 @@ class ExpertWorker:
         self.weights = [self._stack(l, ids) for l, ids in enumerate(self.slots)]
         self._index = handle.put(np.int32(index))
         self._rows = handle.put(np.int32(0))         # (token, k) pairs served, on the device
-        self.programs = ProgramLog()
+        self.programs = ProgramLog(handle.name)
 
     def _stack(self, layer: int, ids: list[int]) -> dict:
         """The weights of these experts on this EW's mesh: one [n, ...] stack per matrix, or, for
@@ -58,12 +58,13 @@ class ExpertWorker:
         heartbeat's probe program."""
         self.handle.probe()
         d = self.weights[0]["w_down"][0].shape[-1]
-        for T in grid.tokens:
-            buf = np.zeros((T, wire.width(d, 2 * self.top_k, self.dtype)), self.dtype)
-            for n in grid.senders:
-                bufs = self.handle.put(tuple(buf for _ in range(n)))
-                for layer in range(len(self.weights)):
-                    self.run_layer(layer, bufs)
+        with self.programs.recording():
+            for T in grid.tokens:
+                buf = np.zeros((T, wire.width(d, 2 * self.top_k, self.dtype)), self.dtype)
+                for n in grid.senders:
+                    bufs = self.handle.put(tuple(buf for _ in range(n)))
+                    for layer in range(len(self.weights)):
+                        self.run_layer(layer, bufs)
         self._rows = self.handle.put(np.int32(0))    # warm-up rows are no load
 
     def load_experts(self, layer: int, ids: list[int]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import sys
 import threading
 import time
@@ -24,17 +25,30 @@ def _spec(leaf):
 
 
 class ProgramLog:
-    def __init__(self):
+    def __init__(self, owner: str = ""):
+        self.owner = owner                  # the worker whose programs these are (for CompileEvents)
         self._seen: dict[tuple, tuple] = {}
+        self._recording = 0
 
     def call(self, fn: Callable, *args, **static):
-        """fn(*args, **static), remembering fn and the shapes of its array arguments whenever
-        the call compiled something (the jit cache grew), so the hot path costs two C++ calls."""
+        """fn(*args, **static), remembering fn and the shapes of its array arguments inside
+        `recording()` (precompile), and whenever the call compiled something (the jit cache grew),
+        so the hot path costs two C++ calls. Why both: a worker whose device ran the same programs
+        before (an earlier engine in this process) compiles nothing, and its log would stay empty."""
         before = fn._cache_size()
         out = fn(*args, **static)
-        if fn._cache_size() != before:
+        if self._recording or fn._cache_size() != before:
             self._record(fn, args, static)
         return out
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Log every call made meanwhile, compiled now or not (a worker's precompile)."""
+        self._recording += 1
+        try:
+            yield
+        finally:
+            self._recording -= 1
 
     def _record(self, fn: Callable, args: tuple, static: dict) -> None:
         leaves, tree = jax.tree.flatten(args)
@@ -64,9 +78,10 @@ class CompileEvent:
     thread: str          # the thread that waited for it
     serving: bool        # that thread serves steps (a request waited on this compile)
     shapes: str = ""     # the program's array arguments, when it ran through a ProgramLog
+    worker: str = ""     # whose program (its ProgramLog's owner)
 
     def __str__(self) -> str:
-        return f"{self.program}({self.shapes}) {self.seconds * 1e3:.0f} ms on {self.thread}"
+        return f"{self.worker} {self.program}({self.shapes}) {self.seconds * 1e3:.0f} ms on {self.thread}"
 
 
 class CompileLog:
@@ -86,7 +101,7 @@ class CompileLog:
             if event == dispatch.BACKEND_COMPILE_EVENT and not self._warming:
                 now = threading.current_thread()
                 self.events.append(CompileEvent(time.time(), fun_name.removeprefix("jit(").rstrip(")"), duration,
-                                                now.name, now is self.serving_thread, _calling_shapes()))
+                                                now.name, now is self.serving_thread, *_calling_site()))
         jax.monitoring.register_event_duration_secs_listener(heard)
 
     @property
@@ -102,14 +117,16 @@ class CompileLog:
             self._warming -= 1
 
 
-def _calling_shapes() -> str:
-    """The array shapes of the ProgramLog.call this compile happens under, if any: found by walking
-    up the stack, which costs ~10 us against a compile's 10-500 ms (it runs only on a compile)."""
+def _calling_site() -> tuple[str, str]:
+    """(array shapes, worker) of the ProgramLog.call this compile happens under, if any: found by
+    walking up the stack, which costs ~10 us against a compile's 10-500 ms (it runs only on a
+    compile). Runs of one shape are written once with a count: "float32[128, 128]x12"."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_code is not ProgramLog.call.__code__:
         frame = frame.f_back
     if frame is None:
-        return ""
-    leaves = jax.tree.leaves(frame.f_locals.get("args", ()))
-    return " ".join(f"{np.dtype(a.dtype).name}{list(a.shape)}" for a in leaves
-                    if isinstance(a, (jax.Array, np.ndarray)))
+        return "", ""
+    shapes = [f"{np.dtype(a.dtype).name}{list(a.shape)}" for a in jax.tree.leaves(frame.f_locals.get("args", ()))
+              if isinstance(a, (jax.Array, np.ndarray))]
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(shapes)]
+    return " ".join(k if n == 1 else f"{k}x{n}" for k, n in runs), frame.f_locals["self"].owner

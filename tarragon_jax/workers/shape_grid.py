@@ -38,6 +38,13 @@ class ShapeGrid:
     senders: tuple[int, ...]      # AWs whose buffers one EW layer call takes (all AWs of a step pad to one T)
     blocks: tuple[int, ...]       # KV blocks in one snapshot read / restore write
 
+    def describe(self) -> str:
+        """What precompiling this grid compiles, for the launchers' startup line."""
+        span = lambda xs: f"{xs[0]}" if len(xs) == 1 else f"{xs[0]}..{xs[-1]} ({len(xs)})"
+        return (f"token buckets {span(self.tokens)} x table widths {span(self.pages)} (attention), x row counts "
+                f"{span(self.rows)} (LM head; sampling per row count), x sending AWs {span(self.senders)} (experts); "
+                f"KV block counts {span(self.blocks)} (snapshot reads, restore writes)")
+
     def fit_tokens(self, T: int) -> int:
         """The smallest compiled token bucket that holds a step of T token rows (T itself if none
         does): a step pads up to it rather than compile on the engine thread while requests wait."""
