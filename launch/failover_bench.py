@@ -460,7 +460,7 @@ def main(argv):
             for rec in FLAGS.recoveries for s in FLAGS.scenarios]
     res = resolution(rows)
     ratios = {f"{name}_{key}": ratio(rows, key, name, res) for name in FLAGS.scenarios if name != "no_failure"
-              for key in ("stall_s", "zero_throughput_s")}
+              for key in ("worst_gap_s", "stall_s")}
     report(rows, ratios, res, over, rvr, len(workload[1]), ref["startup_s"])
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:

@@ -25,6 +25,26 @@ def test_logs_compiled_shapes_and_replays_them_on_another_worker():
     assert other.replay(b) == 1 and f._cache_size() == before + 1   # compiled for b's device
 
 
+def test_host_arguments_replay_as_host_arrays():
+    """ids passed from the host (numpy) are replayed as numpy: a device array is another jit
+    signature, and the replacement would compile again at its first real call."""
+    @jax.jit
+    def take(x_N, ids_M):
+        return x_N[ids_M] * 3.0
+
+    (a, b), _ = LocalRuntime().workers(2, 1)
+    rng = np.random.default_rng()
+    log = ProgramLog()
+    log.call(take, a.put(rng.standard_normal(9, dtype=np.float32)), rng.integers(0, 9, 4).astype(np.int32))
+    other = ProgramLog()
+    other.extend(log)
+    assert other.replay(b) == 1
+    before = take._cache_size()
+    x, ids = b.put(rng.standard_normal(9, dtype=np.float32)), rng.integers(0, 9, 4).astype(np.int32)
+    np.testing.assert_allclose(take(x, ids), np.asarray(x)[ids] * 3.0, rtol=1e-6)
+    assert take._cache_size() == before
+
+
 def test_precompile_is_logged_even_where_the_device_compiled_it_before():
     """An earlier worker on the same device (an earlier engine in this process) compiled the
     program already: the new worker's precompile compiles nothing, and it must be logged all the

@@ -20,8 +20,24 @@ import jax
 import numpy as np
 
 
+@dataclasses.dataclass(frozen=True)
+class _HostArray:
+    """A numpy argument (ids passed from the host): replayed as numpy, since a device array of
+    the same shape is another signature to jit (it would compile again while serving)."""
+    shape: tuple
+    dtype: np.dtype
+
+
 def _spec(leaf):
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if isinstance(leaf, (jax.Array, np.ndarray)) else leaf
+    if isinstance(leaf, np.ndarray):
+        return _HostArray(leaf.shape, leaf.dtype)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if isinstance(leaf, jax.Array) else leaf
+
+
+def _zeros(spec, handle):
+    if isinstance(spec, _HostArray):
+        return np.zeros(spec.shape, spec.dtype)
+    return handle.put(np.zeros(spec.shape, spec.dtype)) if isinstance(spec, jax.ShapeDtypeStruct) else spec
 
 
 class ProgramLog:
@@ -53,14 +69,14 @@ class ProgramLog:
     def _record(self, fn: Callable, args: tuple, static: dict) -> None:
         leaves, tree = jax.tree.flatten(args)
         specs = tuple(_spec(l) for l in leaves)
-        key = (fn, tree, tuple((s.shape, str(s.dtype)) if isinstance(s, jax.ShapeDtypeStruct) else s for s in specs),
-               tuple(sorted(static.items())))
+        key = (fn, tree, tuple((type(s).__name__, s.shape, str(s.dtype)) if isinstance(s, (jax.ShapeDtypeStruct, _HostArray))
+                               else s for s in specs), tuple(sorted(static.items())))
         self._seen.setdefault(key, (fn, tree, specs, static))
 
     def replay(self, handle) -> int:
         """Run every logged program on zeros placed on `handle`'s mesh; returns how many."""
         for fn, tree, specs, static in list(self._seen.values()):
-            leaves = [handle.put(np.zeros(s.shape, s.dtype)) if isinstance(s, jax.ShapeDtypeStruct) else s for s in specs]
+            leaves = [_zeros(s, handle) for s in specs]
             jax.block_until_ready(fn(*jax.tree.unflatten(tree, leaves), **static))
         return len(self._seen)
 
