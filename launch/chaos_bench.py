@@ -29,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from launch import serving_bench, serving_flags
+from . import serving_bench, serving_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("clients", 8, "Concurrent streaming clients (each sends its next request when one ends).")

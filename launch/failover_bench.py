@@ -20,7 +20,7 @@ values are reported as they are and the ratio as a lower bound. Also: the no-fai
 resilience (ABBA repeats) and, for one request of several decoded lengths, restoring it on
 another AW vs re-prefilling it (what a restart does per request).
 """
-from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import json
 import statistics
@@ -29,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from launch import serving_flags
+from . import serving_flags
 
 FLAGS = flags.FLAGS
 SCENARIOS = ("no_failure", "ew_failure", "aw_failure", "ew_midstep", "aw_midstep", "ew_hang", "aw_failure_disk",

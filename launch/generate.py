@@ -4,7 +4,7 @@ All prompts are served together as one continuous batch. Prints each prompt's ou
 JSON line per prompt with --json, in the order given) and the throughput on stderr. `--fail`
 injects worker failures (e.g. `--fail ew:2@step=10 --fail aw:0@step=20`); outputs stay the same.
 """
-from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import dataclasses
 import json
@@ -14,7 +14,7 @@ import time
 
 from absl import app, flags
 
-from launch import serving_flags
+from . import serving_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("prompt_ids", None, "Comma-separated token ids; repeat for more prompts.")

@@ -17,7 +17,7 @@ import time
 import httpx
 from absl import app, flags
 
-from launch import serving_bench, serving_flags
+from . import serving_bench, serving_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("settle_s", 10.0, "Seconds between the server's first answer and the measurement.")

@@ -6,7 +6,7 @@ number of layers is the host cost of one layer (one AW program, the batched tran
 the EWs, one program per EW). Measured for resilience on and off, same run; prints a table and
 writes JSON. The target (issue 9) is at most 0.5 ms a layer on a 2-core CPU.
 """
-from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import json
 import statistics
@@ -14,7 +14,7 @@ import time
 
 from absl import app, flags
 
-from launch import serving_flags     # layout, backends, dtype, compile cache (--model/--checkpoint unused)
+from . import serving_flags     # layout, backends, dtype, compile cache (--model/--checkpoint unused)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("layers", ["2", "8", "16"], "Layer counts to measure.")

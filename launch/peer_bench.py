@@ -12,7 +12,7 @@ are compared too (f32; they may part where two logits are within rounding of eac
 torch and transformers are optional (requirements-dev.txt); neither the main job nor the tests
 need them.
 """
-from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import functools
 import json
@@ -23,8 +23,8 @@ import time
 
 from absl import app, flags
 
-from launch import serving_flags
-from launch.throughput_bench import measure    # and its flags: --batch_sizes, --prompt_len, --output_len,
+from . import serving_flags
+from .throughput_bench import measure    # and its flags: --batch_sizes, --prompt_len, --output_len,
                                                # --repeats, --seed, --json_out
 
 FLAGS = flags.FLAGS

@@ -12,7 +12,7 @@ Endpoints, limits and errors: tarragon_jax/serving/server.py. Without a checkpoi
 the embedded model speaks through a byte-level tokenizer with a ChatML template. All serving flags (layout, runtime, recovery,
 --precompile, ...) are the shared ones of launch/serving_flags.py.
 """
-from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import faulthandler
 import os
@@ -22,7 +22,7 @@ import threading
 
 from absl import app, flags
 
-from launch import serving_flags
+from . import serving_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")

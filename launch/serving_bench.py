@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from launch import serving_flags
+from . import serving_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("url", None, "Drive this running server (its /fail needs --allow_fault_injection) instead of "
@@ -118,8 +118,9 @@ async def run_pass(url: str, model: str, jobs: list[dict], name: str, kills: lis
 def start_server() -> tuple[subprocess.Popen, str]:
     """launch/serve.py with this run's serving flags on a free port: (process, url) once it listens."""
     argv = [FLAGS[f.name].serialize() for f in FLAGS.get_flags_for_module(serving_flags)]
-    cmd = [sys.executable, "-m", "launch.serve", "--port=0", "--allow_fault_injection", *[a for a in argv if a]]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", f"{__package__}.serve", "--port=0", "--allow_fault_injection", *[a for a in argv if a]]
+    # launch.serve in the repository, tarragon_jax.launch.serve installed: run from the folder above the package
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * len(__package__.split("."))))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}     # the launcher sets it itself
     proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:

@@ -13,7 +13,7 @@ one after another, so the sum is the device's busy time; transfers are not in it
 fraction of --hbm_tb_s the step reaches on the weights a token touches (attention, LM head and
 its top-k experts per layer): the batch-1 memory roofline. Prints a table and writes JSON.
 """
-from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import collections
 import json
@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from launch import serving_flags
+from . import serving_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "16", "64"], "Concurrent requests per measurement.")

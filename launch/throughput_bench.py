@@ -9,7 +9,7 @@ measures several runtimes in one run, their passes alternated, and prints each o
 as a ratio of the first's; under ray it also times an idle actor's round trip (the floor of one
 cross-process hop on this machine).
 """
-from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import json
 import statistics
@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags
 
-from launch import serving_flags
+from . import serving_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "4", "16", "64"], "Concurrent requests per measurement.")

@@ -12,7 +12,7 @@ The loss is the dense reference forward's (model/reference.py: every expert on e
 router's top-k weights as gates), so gradients reach the router through the gate weights, as in
 the Hugging Face models; there is no auxiliary balancing loss.
 """
-from launch import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import json
 import os

@@ -90,7 +90,7 @@ def _puller():
 
 def _run(check: str) -> dict:
     """Start a server and a puller for `check`; their last JSON lines, exit codes and stderr tails."""
-    base = [sys.executable, "-m", "launch.transfer_trial", f"--check={check}", f"--rows={FLAGS.rows}",
+    base = [sys.executable, "-m", f"{__package__}.transfer_trial", f"--check={check}", f"--rows={FLAGS.rows}",
             f"--cols={FLAGS.cols}", f"--pulls={FLAGS.pulls}", f"--pull_deadline_s={FLAGS.pull_deadline_s}"]
     flag_file = os.path.join(tempfile.mkdtemp(), "go")
     server = subprocess.Popen(base + ["--role=server", f"--flag_file={flag_file}"], stdout=subprocess.PIPE,

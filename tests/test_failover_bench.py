@@ -14,7 +14,7 @@ SCENARIOS = {"no_failure", "ew_failure", "aw_failure", "ew_midstep", "aw_midstep
 def test_failover_bench_smoke(tmp_path):
     out, png = tmp_path / "f.json", tmp_path / "f.png"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    r = subprocess.run([sys.executable, "-m", "launch.failover_bench", "--model", "tiny", "--rate", "10",
+    r = subprocess.run([sys.executable, "-m", "launch.failover_bench", "--model", "tiny", "--scenarios", "all", "--rate", "10",
                         "--duration_s", "0.6", "--output_len", "10", "--fail_at_s", "0.4", "--restore_lengths", "20",
                         "--overhead_repeats", "1", "--overhead_requests", "4", "--overhead_sample_s", "0.2", "--warmup_rounds", "0", "--repeats", "1",
                         "--hang_deadline_s", "0.5", "--hang_s", "1.5", "--json_out", str(out), "--plot_out", str(png)],

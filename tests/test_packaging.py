@@ -1,9 +1,12 @@
 """The project installs like a library: a wheel built from the tree, installed into a fresh venv
 (its dependencies seen through a .pth to this interpreter's site-packages, so nothing is
 downloaded), runs `tarragon-generate` from outside the repository, and the public API imports
-from the installed copy."""
+from the installed copy. The repository's launch/ installs as `tarragon_jax.launch`: the wheel
+puts no generic top-level `launch` package into site-packages."""
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,6 +14,7 @@ import tempfile
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = {"tarragon_jax": "tarragon_jax", "pallas_kernels": "pallas_kernels", "launch": "tarragon_jax/launch"}
 
 
 def _run(cmd, cwd, **kw):
@@ -34,13 +38,26 @@ def test_wheel_installs_and_generates_outside_the_repo(tmp_path):
     """The extras' packages are hidden in that venv, as after `pip install tarragon_jax` alone:
     generate needs none of them (the chat template's jinja2 is the server's), and serve's --help
     reads none."""
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+    src = tmp_path / "src"         # built from a copy: a stale build/ in the repository never leaks into the wheel
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for folder in PACKAGES:
+        shutil.copytree(os.path.join(ROOT, folder), src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
          cwd=tmp_path)
     wheel, = tmp_path.glob("tarragon_jax-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"tarragon_jax/model/demo/model.safetensors", "tarragon_jax/model/demo/tokenizer_config.json",
-            "launch/configs/qwen3_30b_a3b/config.json", "pallas_kernels/swiglu_ffn.py"} <= names
-    assert not any(n.startswith("tests/") for n in names)
+            "tarragon_jax/launch/configs/qwen3_30b_a3b/config.json", "tarragon_jax/launch/gpu_check.sh",
+            "tarragon_jax/launch/generate.py", "pallas_kernels/swiglu_ffn.py"} <= names
+    assert not [n for n in names if n.startswith(("launch/", "tests/"))]
+    top_level, = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["pallas_kernels", "tarragon_jax"]
+    tree = {f"{PACKAGES[folder]}/{p.relative_to(src / folder)}" for folder in PACKAGES for p in (src / folder).rglob("*")
+            if p.is_file() and (p.suffix == ".py" or p.match("demo/*") or p.match("configs/*/*.json")
+                                or p.name == "gpu_check.sh")}
+    assert sorted(tree - names) == []          # every module and data file of the tree ships (packages is a list)
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
     py = venv / "bin" / "python"
@@ -54,15 +71,21 @@ def test_wheel_installs_and_generates_outside_the_repo(tmp_path):
     _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    where = _run([str(py), "-c", "import tarragon_jax, launch; from tarragon_jax import Engine, EngineConfig, "
-                  "SamplingParams, load_checkpoint, FaultInjector; print(tarragon_jax.__file__, launch.__file__)"],
-                 cwd=outside)
+    where = _run([str(py), "-c", "import tarragon_jax, tarragon_jax.launch; from tarragon_jax import Engine, EngineConfig, "
+                  "SamplingParams, load_checkpoint, FaultInjector; from tarragon_jax.launch import serving_flags; "
+                  "print(tarragon_jax.__file__, tarragon_jax.launch.__file__, serving_flags.__file__)"], cwd=outside)
     assert all(p.startswith(site) for p in where.split())
+    assert not (pathlib.Path(site) / "launch").exists()
     cache = os.path.join(tempfile.gettempdir(), "tarragon_jax_test_cache")
-    out = _run([str(venv / "bin" / "tarragon-generate"), "--model", "tiny", "--prompt_ids", "1,2,3",
-                "--max_new_tokens", "4", "--json", "--precompile", "none", "--compile_cache_dir", cache], cwd=outside)
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert lines[0]["prompt_ids"] == [1, 2, 3] and len(lines[0]["output_ids"]) == 4
+    for model, prompt in (("tiny", ["--prompt_ids", "1,2,3"]), ("demo", ["--prompt", "The cat"])):
+        out = _run([str(venv / "bin" / "tarragon-generate"), "--model", model, *prompt, "--max_new_tokens", "4",
+                    "--nostop_at_eos", "--json", "--precompile", "none", "--compile_cache_dir", cache], cwd=outside)
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert len(lines) == 1 and len(lines[0]["output_ids"]) == 4, out
+        if model == "tiny":
+            assert lines[0]["prompt_ids"] == [1, 2, 3]
+        else:                                   # the demo checkpoint and its tokenizer, from the installed package
+            assert lines[0]["prompt"] == "The cat" and isinstance(lines[0]["text"], str)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     helped = subprocess.run([str(venv / "bin" / "tarragon-serve"), "--helpfull"], cwd=outside, env=env,
                             capture_output=True, text=True, timeout=600)
