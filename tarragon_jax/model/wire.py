@@ -1,6 +1,6 @@
 """The one array an attention worker sends the expert workers per MoE layer.
 
-A transfer between meshes costs about as much per array as a small program call (docs/design.md), so
+A transfer between meshes costs about as much per array as a small program call (docs/results.md, host cost of a layer), so
 the expert inputs and their routing travel together: [T, D + n] in the activation dtype, the
 post-norm hidden states followed by T x I int32 routing columns (per top-k choice: the EW that
 serves it, then the slot there; EW -1 for padding tokens) bit-cast into the activation dtype. A
