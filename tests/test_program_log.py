@@ -72,16 +72,16 @@ def test_compile_log_counts_serving_compiles_only():
     warm = jax.jit(lambda x: x * scale)
     with log.warming():
         warm(np.ones(3, np.float32))
-    assert log.events == []
+    assert [e for e in log.events if e.program == "<lambda>"] == []
     t0 = time.time()
 
     @jax.jit
     def shift(x_N, ys_MxN):
         return x_N + sum(ys_MxN) * scale
     ProgramLog("ew3").call(shift, np.ones(4, np.float32), (np.ones((2, 4), np.int32),) * 3)
-    (event,) = log.events
+    (event,) = [e for e in log.events if e.program == "shift"]    # (other tests' threads may compile too)
     assert t0 <= event.t <= time.time() and event.seconds > 0 and event.program == "shift"
     assert event.shapes == "float32[4] int32[2, 4]x3" and event.worker == "ew3"
     assert event.serving and event.thread == "MainThread"
     warm(np.ones(3, np.float32))                              # compiled already
-    assert len(log.events) == 1
+    assert [e for e in log.events if e.program == "<lambda>"] == []

@@ -8,7 +8,7 @@ import pytest
 
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.workers.local_runtime import LocalRuntime
-from tarragon_jax.workers.transport import Transport
+from tarragon_jax.workers.transport import Dispatch, Transport
 
 
 def test_deadline_and_dead_worker():
@@ -21,10 +21,10 @@ def test_deadline_and_dead_worker():
     y_ew = slow(x)
     y_aw, = t.send_all([(y_ew, aw, ew)])                  # no wait: the copy follows its producer
     with pytest.raises(WorkerFailed, match=r"ew0 failed: no result within the 0.000 s deadline") as e:
-        t.wait({0: y_aw}, [(aw, 0, ready), (ew, 3, y_ew), (aw, 4, y_aw)])
+        t.wait({0: y_aw}, [Dispatch(aw.id, 0, ready), Dispatch(ew.id, 3, y_ew), Dispatch(aw.id, 4, y_aw)])
     assert e.value.layer == 3 and t.waits == 1 and t.pulls == 0
     ok = Transport(deadline_s=30.0)
-    host = ok.wait({0: y_aw}, [(ew, 3, y_ew)])
+    host = ok.wait({0: y_aw}, [Dispatch(ew.id, 3, y_ew)])
     assert isinstance(host[0], np.ndarray) and ok.pulls == 1
     assert y_aw.devices() == set(aw.devices)
     ew.alive = False

@@ -29,7 +29,7 @@ from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelCon
 from tarragon_jax.control.health import HealthMonitor
 from tarragon_jax.control.placement import Placement, place
 from tarragon_jax.control.recovery import RecoveryError, plan_aw_failure, plan_expert_routing
-from tarragon_jax.errors import WorkerFailed, worker_kind
+from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.model.weights import Weights, as_weights
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
@@ -229,25 +229,25 @@ class Controller:
 
     def _act(self, name: str, source: str) -> RecoveryRecord:
         worker = self.worker(name)
-        rec = RecoveryRecord(name, worker_kind(name)[0], source, self.health.detection_latency_s(name),
+        rec = RecoveryRecord(name, worker.handle.id.kind, source, self.health.detection_latency_s(name),
                              process=worker.handle.identity())
         if worker.handle.alive:
             worker.kill()            # fence: a hung or slow worker must not answer (or hold memory) later
         self.records.append(rec)
         if not self.config.restarts:
-            (self._ew_failed if rec.kind == "ew" else self._aw_failed)(rec)
+            (self._ew_failed if rec.kind == "ew" else self._aw_failed)(rec, worker.handle.id.index)
         return rec
 
-    def _ew_failed(self, rec: RecoveryRecord) -> None:
-        t0, j = self.clock(), worker_kind(rec.worker)[1]
+    def _ew_failed(self, rec: RecoveryRecord, j: int) -> None:
+        t0 = self.clock()
         self._start(rec, lambda: self._replacement(lambda h: self._new_ew(j, h), self.ews[j], rec),
                     lambda ew: self._join_ew(ew, rec, t0))
         ert, rec.orphans_loaded = self._derive_ert()
         self._publish(ert)
         rec.reroute_s = self.clock() - t0
 
-    def _aw_failed(self, rec: RecoveryRecord) -> None:
-        t0, i = self.clock(), worker_kind(rec.worker)[1]
+    def _aw_failed(self, rec: RecoveryRecord, i: int) -> None:
+        t0 = self.clock()
         dead = self.aws[i]
         moving = {s.request_id: s for s in dead.live_requests()}
         self._start(rec, lambda: self._replacement(lambda h: self._new_aw(i, h), dead, rec),

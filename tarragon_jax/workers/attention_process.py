@@ -23,7 +23,7 @@ import numpy as np
 
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
 from tarragon_jax.kv.block_manager import BlockManager
-from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.errors import WorkerFailed, WorkerId
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore
 from tarragon_jax.workers import channel as chan
 from tarragon_jax.workers.attention_worker import AttentionWorker, RestoreStats
@@ -68,14 +68,15 @@ class AttentionActor(WorkerProcess):
         client = self._store_client(store) if store is not None else None
         self.compiles = CompileLog()
         with self.compiles.warming():
-            self.aw = AttentionWorker(index, WorkerHandle(f"aw{index}", (jax.devices()[0],)), model, weights.attention(),
-                                      cache, engine, ert, jax.numpy.dtype(dtype), client, time.perf_counter)
+            self.aw = AttentionWorker(index, WorkerHandle(WorkerId("aw", index), (jax.devices()[0],)), model,
+                                      weights.attention(), cache, engine, ert, jax.numpy.dtype(dtype), client,
+                                      time.perf_counter)
         self.index, self.n_layers, self.n_ews = index, model.n_layers, engine.num_expert_workers
         self.ew_wait_s = EW_WAIT_FRACTION * engine.transfer_deadline_s
         self.batch = None
         self.peers: dict[int, dict] = {}                 # live EW -> its address
         self.channels: dict[int, chan.Channel] = {}     # live EW -> data channel (opened on first use)
-        self._start_server(f"aw{index}", spin_s, engine.transfer_deadline_s)
+        self._start_server(self.aw.handle.name, spin_s, engine.transfer_deadline_s)
         self.spin_s = spin_s
 
     def info(self) -> dict:
@@ -142,19 +143,19 @@ class AttentionActor(WorkerProcess):
                 return ("failed", failed[0], layer, failed[1])
         return ("ok", np.asarray(self.aw.head()))
 
-    def _exchange(self, buf: np.ndarray, tag: int, moe: int, senders: tuple) -> tuple[str, str] | None:
+    def _exchange(self, buf: np.ndarray, tag: int, moe: int, senders: tuple) -> tuple[WorkerId, str] | None:
         """One MoE layer's buffer (moe: its index among the MoE layers, as the EWs count them) to
         every live EW, their answers into the AW; (EW, why) on a failure."""
         live = sorted(self.peers)
         for j in live:        # bounded like the answers: a hung EW must not hold this AW longer
             try:
                 if j not in self.channels:
-                    self.channels[j] = chan.connect(self.peers[j], {"name": f"aw{self.index}", "aw": self.index,
+                    self.channels[j] = chan.connect(self.peers[j], {"name": self.aw.handle.name, "aw": self.index,
                                                                     "role": "data"}, self.ew_wait_s)
                 self.channels[j].send(("buf", tag, moe, senders), buf, timeout=self.ew_wait_s)
             except (chan.ChannelClosed, chan.ChannelTimeout) as e:
                 self.channels.pop(j, None)
-                return f"ew{j}", f"send failed ({e})"
+                return WorkerId("ew", j), f"send failed ({e})"
         ys: list = [None] * self.n_ews
         waiting = {self.channels[j]: j for j in live}
         end = dict.fromkeys(waiting, time.monotonic() + self.ew_wait_s)   # an EW that compiles gets longer
@@ -163,7 +164,7 @@ class AttentionActor(WorkerProcess):
             ready = chan.wait_readable(list(waiting), min(left, self.keepalive.interval_s), self.spin_s)
             late = [j for ch, j in waiting.items() if ch not in ready and end[ch] <= time.monotonic()]
             if late:
-                return f"ew{min(late)}", f"no answer within {self.ew_wait_s:.3f} s"
+                return WorkerId("ew", min(late)), f"no answer within {self.ew_wait_s:.3f} s"
             if not ready:                 # a long wait on live EWs: the driver waits on this AW meanwhile
                 self._vouch()
                 continue
@@ -173,7 +174,7 @@ class AttentionActor(WorkerProcess):
                     meta, y = ch.recv(self.ew_wait_s)    # it is readable: the message is there or coming
                 except (chan.ChannelClosed, chan.ChannelTimeout) as e:
                     self.channels.pop(j, None)
-                    return f"ew{j}", f"process gone ({e})"
+                    return WorkerId("ew", j), f"process gone ({e})"
                 if (grace := is_busy(meta)) is not None:   # the EW is compiling: wait on, and say so
                     end[ch] = max(end[ch], time.monotonic() + grace)
                     self._vouch()

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from tarragon_jax.errors import WorkerId
 from tarragon_jax.workers import channel as chan
 from tarragon_jax.workers.program_log import CompileLog
 from tarragon_jax.workers.remote_worker import RemoteHandle, RemoteWorker, WorkerProcess
@@ -39,7 +40,7 @@ class ExpertActor(WorkerProcess):
         from tarragon_jax.workers.expert_worker import ExpertWorker
         self.compiles = CompileLog()
         with self.compiles.warming():
-            self.ew = ExpertWorker(index, WorkerHandle(f"ew{index}", (jax.devices()[0],)), primaries, shadows,
+            self.ew = ExpertWorker(index, WorkerHandle(WorkerId("ew", index), (jax.devices()[0],)), primaries, shadows,
                                    weights, backend, dtype, top_k)
         self.gather_s = GATHER_FRACTION * deadline_s
         self._groups: dict[tuple, dict] = {}     # (tag, layer) -> {aw: (channel, buffer)}
@@ -48,7 +49,7 @@ class ExpertActor(WorkerProcess):
         self._late: dict[object, set] = {}       # tag -> senders left out for the rest of that attempt
         self._gone: set[int] = set()             # AWs whose channel closed (until they send again)
         self._shapes: set[tuple] = set()         # buffer shapes of the groups run so far (compiled)
-        self._start_server(f"ew{index}", spin_s, deadline_s, on_data=self._buffer, on_tick=self._tick,
+        self._start_server(self.ew.handle.name, spin_s, deadline_s, on_data=self._buffer, on_tick=self._tick,
                            on_closed=self._closed, next_timeout=self._next_timeout)
 
     def info(self) -> dict:

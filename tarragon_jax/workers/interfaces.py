@@ -20,7 +20,7 @@ from tarragon_jax.workers.sequence import Sequence
 
 @runtime_checkable
 class Worker(Protocol):
-    """What every worker offers the controller: identity and liveness (`handle`: name, alive,
+    """What every worker offers the controller: identity and liveness (`handle`: id and name, alive,
     check, probe, identity), the programs its replacement must compile, and a fail-stop kill."""
     index: int
     joined_at: float             # when it joined as a replacement (0: built at startup)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 
 from tarragon_jax.config import EngineConfig
+from tarragon_jax.errors import WorkerId
 from tarragon_jax.kv.checkpoint_store import CheckpointStore
 from tarragon_jax.workers.runtime import WorkerHandle
 from tarragon_jax.workers.transport import Transport
@@ -31,8 +32,8 @@ class LocalRuntime:
 
     def workers(self, num_aws: int, num_ews: int) -> tuple[list[WorkerHandle], list[WorkerHandle]]:
         """AWs take the first devices, EWs the next ones; wrap around only when devices run out."""
-        aws = [WorkerHandle(f"aw{i}", self._pick()) for i in range(num_aws)]
-        ews = [WorkerHandle(f"ew{j}", self._pick()) for j in range(num_ews)]
+        aws = [WorkerHandle(WorkerId("aw", i), self._pick()) for i in range(num_aws)]
+        ews = [WorkerHandle(WorkerId("ew", j), self._pick()) for j in range(num_ews)]
         return aws, ews
 
     def transport(self, deadline_s: float) -> Transport:
@@ -50,6 +51,6 @@ class LocalRuntime:
         """Nothing to stop: local workers are buffers of this process (see RayRuntime)."""
 
     def replacement(self, failed: WorkerHandle) -> WorkerHandle:
-        """A handle with the failed worker's name on a spare device, or, with no spare left, on the
+        """A handle with the failed worker's id on a spare device, or, with no spare left, on the
         failed worker's own device once it is back (a new mesh either way, so programs recompile)."""
-        return WorkerHandle(failed.name, self._pick(fallback=failed.devices[0]))
+        return WorkerHandle(failed.id, self._pick(fallback=failed.devices[0]))

@@ -25,6 +25,7 @@ import warnings
 
 
 from tarragon_jax.config import EngineConfig
+from tarragon_jax.errors import WorkerId
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore
 from tarragon_jax.model.weights import Weights
 from tarragon_jax.workers.attention_process import AttentionActor
@@ -86,10 +87,11 @@ class RayRuntime:
                 "num_gpus": min(1.0, gpus / self.num_workers) if gpus else 0}
 
     def workers(self, num_aws: int, num_ews: int) -> tuple[list[RemoteHandle], list[RemoteHandle]]:
-        return [self._remote(f"aw{i}") for i in range(num_aws)], [self._remote(f"ew{j}") for j in range(num_ews)]
+        return ([self._remote(WorkerId("aw", i)) for i in range(num_aws)],
+                [self._remote(WorkerId("ew", j)) for j in range(num_ews)])
 
     def replacement(self, failed: RemoteHandle) -> RemoteHandle:
-        return self._remote(failed.name)               # a new process
+        return self._remote(failed.id)               # a new process
 
     def transport(self, deadline_s: float) -> None:
         """None: the worker processes exchange layers themselves (attention_process.py)."""
@@ -105,8 +107,8 @@ class RayRuntime:
                                            flush_interval_s=cfg.snapshot_flush_s, deadline_s=self.deadline_s,
                                            options=self.actor_options(accelerator=False))
 
-    def _remote(self, name: str) -> RemoteHandle:
-        handle = RemoteHandle(name, self.deadline_s)
+    def _remote(self, worker: WorkerId) -> RemoteHandle:
+        handle = RemoteHandle(worker, self.deadline_s)
         self._actors.append(handle)
         return handle
 

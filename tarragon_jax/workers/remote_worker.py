@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 
-from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.errors import WorkerFailed, WorkerId
 from tarragon_jax.workers.channel import host_id, wait_readable
 from tarragon_jax.workers.keepalive import Keepalive
 from tarragon_jax.workers.rpc import RemoteError, RpcClient, Server
@@ -31,18 +31,22 @@ KEEPALIVE_FRACTION = 0.125     # of the step deadline: how often a compiling (or
 class RemoteHandle:
     """A worker process's identity and liveness from the driver's side."""
 
-    def __init__(self, name: str, deadline_s: float):
-        self.name, self.deadline_s, self.alive = name, deadline_s, True
+    def __init__(self, worker: WorkerId, deadline_s: float):
+        self.id, self.deadline_s, self.alive = worker, deadline_s, True
         self.actor = None
         self.rpc: RpcClient | None = None
         self.where: dict = {}             # pid, node (IP), node_id, host, devices: set once the process answered
+
+    @property
+    def name(self) -> str:
+        return self.id.name
 
     def identity(self) -> dict:
         return dict(self.where)
 
     def check(self) -> None:
         if not self.alive:
-            raise WorkerFailed(self.name, "worker is dead")
+            raise WorkerFailed(self.id, "worker is dead")
 
     def probe(self, timeout_s: float | None = None) -> bool:
         try:
@@ -116,10 +120,10 @@ class RemoteWorker:
         try:
             info = ray.get(self.actor.info.remote(), timeout=STARTUP_DEADLINE_S)
         except ray.exceptions.GetTimeoutError:
-            raise WorkerFailed(handle.name, f"process did not start within {STARTUP_DEADLINE_S:.0f} s") from None
+            raise WorkerFailed(handle.id, f"process did not start within {STARTUP_DEADLINE_S:.0f} s") from None
         except ray.exceptions.RayError as e:
             detail = " ".join(str(e).split())[:300]
-            raise WorkerFailed(handle.name, f"process failed to start ({type(e).__name__}: {detail})") from None
+            raise WorkerFailed(handle.id, f"process failed to start ({type(e).__name__}: {detail})") from None
         self.pid, self.address = info["pid"], info["address"]
         handle.where = {k: v for k, v in info.items() if k in ("pid", "node", "node_id", "host", "devices")}
         self.rpc = handle.rpc = RpcClient(handle.name, info["address"], handle.deadline_s)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.errors import WorkerFailed, WorkerId
 
 try:    # the call jax.device_put makes for same-layout copies, without ~50 us of Python per array
     from jax._src.lib import xla_client as _xc
@@ -32,9 +32,13 @@ PROBE_POLL_S = 1e-4
 @dataclasses.dataclass
 class WorkerHandle:
     """A worker's identity, devices and liveness; transfers to it go through `sharding`."""
-    name: str                       # "aw0", "ew3"
+    id: WorkerId
     devices: tuple
     alive: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.id.name
 
     def __post_init__(self) -> None:
         self.mesh = Mesh(np.array(self.devices), ("d",))
@@ -42,7 +46,7 @@ class WorkerHandle:
 
     def check(self) -> None:
         if not self.alive:
-            raise WorkerFailed(self.name, "worker is dead")
+            raise WorkerFailed(self.id, "worker is dead")
 
     def identity(self) -> dict:
         """Where the worker runs (an operator, or an outside test, can find and kill it there):

@@ -11,23 +11,34 @@ blocking waits and device-to-host pulls let a test pin the shape of the datapath
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
 
-from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.errors import WorkerFailed, WorkerId
 from tarragon_jax.workers.runtime import WorkerHandle, copy_arrays
 
 DRAIN_S = 60.0     # how long a replay waits for a late worker's dispatched work to finish
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """One output a step dispatched, recorded in dispatch order (the step's trail): when the
+    deadline passes, the first one not ready names the late worker and the layer it was at."""
+    worker: WorkerId
+    layer: int                # n_layers: the LM head and sampling
+    output: Any               # device arrays (a pytree), not waited on
 
 
 def check_live(items: list[tuple]) -> None:
     """WorkerFailed for the first dead source or destination of (value, destination, source)."""
     for _, dst, src in items:
         if not src.alive:
-            raise WorkerFailed(src.name, "worker is dead")
+            raise WorkerFailed(src.id, "worker is dead")
         if not dst.alive:
-            raise WorkerFailed(dst.name, "send to a dead worker")
+            raise WorkerFailed(dst.id, "send to a dead worker")
 
 
 class Transport:
@@ -52,30 +63,30 @@ class Transport:
                 out[i] = dst.put(a)
         return out
 
-    def wait(self, results: dict, trail: list[tuple[object, int, object]]) -> dict:
-        """{key: device array} -> {key: numpy array}, within the deadline. trail: (worker handle,
-        layer, output) in dispatch order, to find who is late, and where, when the deadline passes."""
+    def wait(self, results: dict, trail: list[Dispatch]) -> dict:
+        """{key: device array} -> {key: numpy array}, within the deadline. trail: the step's
+        dispatches in order, to find who is late, and where, when the deadline passes."""
         self.waits += 1
         try:
             self._pool.submit(jax.block_until_ready, results).result(timeout=self.deadline_s)
         except concurrent.futures.TimeoutError:
-            late = next(((w.name, layer) for w, layer, out in trail
-                         if not all(a.is_ready() for a in jax.tree.leaves(out) if isinstance(a, jax.Array))),
+            late = next((d for d in trail
+                         if not all(a.is_ready() for a in jax.tree.leaves(d.output) if isinstance(a, jax.Array))),
                         None)
             if late is not None:      # else everything arrived just after the deadline: take it
-                raise WorkerFailed(late[0], f"no result within the {self.deadline_s:.3f} s deadline",
-                                   layer=late[1]) from None
+                raise WorkerFailed(late.worker, f"no result within the {self.deadline_s:.3f} s deadline",
+                                   layer=late.layer) from None
         self.pulls += len(results)
         with jax.transfer_guard_device_to_host("allow"):     # the step's one sanctioned pull
             return {k: np.asarray(v) for k, v in results.items()}
 
-    def drain(self, trail: list[tuple[object, int, object]], bound_s: float = DRAIN_S) -> bool:
+    def drain(self, trail: list[Dispatch], bound_s: float = DRAIN_S) -> bool:
         """After a deadline miss: let the aborted dispatch finish (bounded) before its replay.
         A device runs its programs in order, so a survivor's queue may hold work that consumes
         the late worker's output; the replay could not start before it anyway, and waiting here
         keeps that wait from being blamed on the survivor. False: not drained within bound_s."""
         self.waits += 1
-        outs = [out for _, _, out in trail]
+        outs = [d.output for d in trail]
         try:
             self._pool.submit(jax.block_until_ready, outs).result(timeout=bound_s)
             return True
