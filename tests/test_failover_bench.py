@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = {"no_failure", "ew_failure", "aw_failure", "ew_midstep", "aw_midstep", "ew_hang", "aw_failure_disk",
              "double"}

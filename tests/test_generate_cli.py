@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
 
@@ -78,6 +82,7 @@ def test_generation_stops_at_the_checkpoints_eos(tmp_path):
     assert out == tp["greedy_new_tokens"]
 
 
+@pytest.mark.ray
 def test_json_stdout_holds_only_results_when_a_ray_ew_process_is_killed():
     """Ray prints a dead worker's error on stdout; with --json the launcher keeps it on stderr."""
     args = ("--model", "tiny", "--runtime", "ray", "--prompt_ids", "1,2,3", "--max_new_tokens", "8",

@@ -13,6 +13,10 @@ import sysconfig
 import tempfile
 import zipfile
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = {"tarragon_jax": "tarragon_jax", "pallas_kernels": "pallas_kernels", "launch": "tarragon_jax/launch"}
 

@@ -16,6 +16,8 @@ from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.workers.ray_runtime import connect
 
+pytestmark = pytest.mark.ray
+
 PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32]]
 
 
