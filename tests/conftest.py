@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from seeding import begin_test  # noqa: E402
 from tarragon_jax.workers.runtime import use_compile_cache  # noqa: E402  (after XLA_FLAGS)
 
 use_compile_cache(os.path.join(tempfile.gettempdir(), "tarragon_jax_test_cache"))
@@ -22,3 +23,18 @@ def ieee_f32_dots():
     products; a no-op on CPU. The Pallas kernels ask for IEEE f32 themselves."""
     with jax.default_matmul_precision("highest"):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _test_seed(request):
+    """Every test's random inputs derive from one seed, named in its failure report."""
+    request.node.user_properties.append(("seed", begin_test()))
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seed = dict(item.user_properties).get("seed")
+    if report.failed and seed is not None:
+        report.sections.append(("random inputs", f"seed {seed}: rerun with TEST_SEED={seed}"))

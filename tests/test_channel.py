@@ -14,6 +14,7 @@ import pytest
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.workers import channel as chan
 from tarragon_jax.workers.rpc import RpcClient, Server, gather
+from seeding import fresh_rng
 
 
 def _accept_one(lis: chan.Listener, tcp: bool, out: list) -> None:
@@ -138,7 +139,7 @@ class _Compiler:
             for k in range(n):
                 x = jnp.tanh(x * (k + 1.5)) + jnp.cumsum(x) * 0.5
             return x.sum()
-        size = int(np.random.default_rng().integers(1000, 100000))    # a shape no compile cache holds
+        size = int(fresh_rng().integers(1000, 100000))    # a shape no compile cache holds
         return float(jnp.tanh(jax.jit(many)(jnp.arange(size, dtype=jnp.float32))))
 
     def sleep(self, s):

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from seeding import fresh_rng
 
 
 def _entries(directory: str, name: str) -> set[str]:
@@ -13,7 +14,7 @@ def _entries(directory: str, name: str) -> set[str]:
 
 
 def test_one_cache_entry_serves_every_device():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     salt = float(rng.uniform(1, 2))             # a program no earlier run has cached
 
     def cache_probe(x_NxD, w_DxD):

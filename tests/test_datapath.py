@@ -19,6 +19,7 @@ from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.transport import Transport
+from seeding import fresh_rng
 
 
 @jax.jit
@@ -58,7 +59,7 @@ def _per_step(n_layers: int, resilience: bool, slow_step) -> list[tuple[int, int
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=4, resilience=resilience,
                                            heartbeat_interval_s=1e3),
                  CacheConfig(page_size=4, num_pages=64))
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     prompts = [rng.integers(3, cfg.vocab_size, 5).tolist() for _ in range(4)]
     ids = [eng.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts]
     eng.step()                                       # prefill (and compiles)

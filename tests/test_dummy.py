@@ -11,6 +11,7 @@ from tarragon_jax.model.dummy import DummyWeights, dummy_checkpoint, read_config
 from tarragon_jax.model.hf_loader import load_checkpoint
 from tarragon_jax.model.weights import sizes
 from tarragon_jax.serving.engine import Engine
+from seeding import fresh_rng
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(os.path.dirname(HERE), "launch", "configs")
@@ -47,12 +48,12 @@ def test_an_expert_worker_makes_only_its_rows_and_they_are_the_whole_models():
     worker process gets is the recipe (config and seed), not the tensors."""
     import pickle
     path = os.path.join(CONFIGS, "qwen3_30b_a3b")        # 30B at real shapes: never made whole here
-    w = DummyWeights(path, np.float32, seed=int(np.random.default_rng().integers(100)))
+    w = DummyWeights(path, np.float32, seed=int(fresh_rng().integers(100)))
     assert len(pickle.dumps(w)) < 1 << 20
     small = os.path.join(HERE, "fixtures", "qwen3_moe")
     ws = DummyWeights(small, np.float32, seed=3)
     whole = ws.load()
-    ids = [int(j) for j in np.random.default_rng().choice(ws.config.n_experts, 3, replace=False)]
+    ids = [int(j) for j in fresh_rng().choice(ws.config.n_experts, 3, replace=False)]
     for k, a in ws.experts(1, ids).items():
         np.testing.assert_array_equal(a, whole["experts"][1][k][ids])
     big = w.experts(0, [5, 77])

@@ -8,6 +8,7 @@ from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
 from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
+from seeding import fresh_rng
 
 
 def _prompts(rng, vocab, lengths):
@@ -19,7 +20,7 @@ def _prompts(rng, vocab, lengths):
                                                                   ("qwen3_moe", "pallas", "pallas", False),
                                                                   ("deepseek_v3", "tiles", "auto", True)])
 def test_engine_token_identical_to_reference_with_midrun_arrivals(family, backend, attention, pingpong):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     cfg, params = tiny_model(family, seed=int(rng.integers(1 << 30)))
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=4,
                                            expert_backend=backend, attention_backend=attention,
@@ -47,7 +48,7 @@ def test_requests_queue_when_pages_run_out():
     # one AW with room for a single request at a time: the others wait, none is corrupted
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=1, num_expert_workers=2, prefill_chunk=16),
                  CacheConfig(page_size=4, num_pages=5))
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     prompts = _prompts(rng, cfg.vocab_size, [9, 5, 7])
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=6))
     for p, o in zip(prompts, outs):
@@ -80,7 +81,7 @@ def test_metrics_record_ttft_and_every_gap():
 
 def test_cancel_running_and_queued_requests():
     """Cancelled requests free their pages at once and emit nothing more; the others are untouched."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     cfg, params = tiny_model("mixtral", seed=int(rng.integers(1 << 30)))
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=2, max_running=1,
                                            prefill_chunk=8, max_step_tokens=16),
@@ -107,8 +108,8 @@ def test_mla_latent_cache_decodes_like_the_per_head_cache():
     """DeepSeek MLA: caching one latent row per token (queries absorb the up-projections) gives
     the tokens of caching K/V per head, in pages 2 x heads x head_dim / (kv_lora + rope) smaller."""
     import dataclasses
-    cfg, params = tiny_model("deepseek_v3", seed=int(np.random.default_rng().integers(1 << 20)))
-    rng = np.random.default_rng()
+    cfg, params = tiny_model("deepseek_v3", seed=int(fresh_rng().integers(1 << 20)))
+    rng = fresh_rng()
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (6, 11, 3)]
     outs, pages = {}, {}
     for latent in (True, False):

@@ -10,6 +10,7 @@ from tarragon_jax.config import ConfigError, EngineConfig, SamplingParams
 from tarragon_jax.model import reference
 from tarragon_jax.model.hf_loader import CheckpointError, load_checkpoint
 from tarragon_jax.serving.engine import Engine
+from seeding import fresh_rng
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v3", "deepseek_v3_yarn"]
@@ -136,7 +137,7 @@ def test_save_checkpoint_round_trips(tmp_path, family):
     from tarragon_jax.model.hf_loader import save_checkpoint
     from tarragon_jax.model.tiny import tiny_model
     import jax
-    cfg, params = tiny_model(family, seed=int(np.random.default_rng().integers(1000)))
+    cfg, params = tiny_model(family, seed=int(fresh_rng().integers(1000)))
     save_checkpoint(cfg, params, str(tmp_path))
     cfg2, params2 = load_checkpoint(str(tmp_path))
     assert cfg2 == cfg
@@ -208,7 +209,7 @@ def test_a_worker_reads_only_its_part_and_gets_what_a_whole_load_gives(tmp_path,
     cfg, whole = load_checkpoint(str(d))
     w = CheckpointWeights(str(d))
     jax.tree.map(np.testing.assert_array_equal, w.attention(), whole["attn"])
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     for layer in range(cfg.n_moe_layers):
         ids = [int(j) for j in rng.choice(cfg.n_experts, 3, replace=False)]
         got = w.experts(layer, ids)

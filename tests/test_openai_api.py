@@ -10,6 +10,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from serving import request, serving
 from tarragon_jax.model import reference
 from tarragon_jax.serving.openai_api import TextStream
+from seeding import fresh_rng
 
 
 def char_tokenizer(vocab_size):
@@ -30,7 +31,7 @@ def api():
 
 
 def _prompt_and_reference(cfg, params, tok, n_new):
-    ids = np.random.default_rng().integers(3, cfg.vocab_size, 7).tolist()
+    ids = fresh_rng().integers(3, cfg.vocab_size, 7).tolist()
     want = reference.greedy_generate(cfg, params, ids, n_new)
     return tok.decode(ids), want
 

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from serving import serving
 from tarragon_jax.model import reference
 from tarragon_jax.serving.chat_template import ChatTemplate
+from seeding import fresh_rng
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "chat_tiny")
 WORDS = ["alpha", "beta", "gamma", "delta", "kiwi", "mango", "pear", "plum", "über", "naïve", "東京"]
@@ -55,7 +56,7 @@ def _expected(cfg, params, tok, template, eos, messages, n) -> tuple[str, str]:
 def test_chat_completion_is_the_reference_text(chat):
     cfg, params, tok, template, eos, _, servers = chat
     client = _client(servers["main"][1])
-    messages = _messages(np.random.default_rng())
+    messages = _messages(fresh_rng())
     want, reason = _expected(cfg, params, tok, template, eos, messages, 12)
     out = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, temperature=0)
     assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
@@ -103,7 +104,7 @@ def test_64_streaming_chat_clients_through_an_ew_and_an_aw_failure(chat):
     on the same server (greedy for half of them, seeded sampling for the rest)."""
     cfg, params, tok, template, eos, loop, servers = chat
     url = servers["main"][1]
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     jobs = [(_messages(rng), 0.0 if i % 2 else 0.8, int(rng.integers(1 << 30))) for i in range(64)]
     streamed = [0]
 

@@ -15,6 +15,7 @@ from tarragon_jax.model import attention_stage, expert_stage, reference, samplin
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.workers.shape_grid import buckets, shape_grid
+from seeding import fresh_rng
 
 PROGRAMS = (attention_stage.embed, attention_stage.attention_layer, attention_stage.head, sampling.sample,
             kv_cache.read_blocks, kv_cache.write_blocks, expert_stage.expert_layer)
@@ -35,7 +36,7 @@ def test_grid_matches_the_configs():
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])   # deepseek: dense and MoE layers
 def test_nothing_compiles_after_precompile_and_tokens_match_reference(family):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     cfg, params = tiny_model(family, seed=int(rng.integers(1 << 30)), max_position=64)
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=2, max_step_tokens=16,
                                            prefill_chunk=8, max_running=4, precompile="all"),
@@ -60,7 +61,7 @@ def test_recovery_precompile_pads_every_step_to_a_compiled_bucket():
     the restore writes at every block count. Every step pads up to a compiled bucket, so nothing
     compiles on the serving thread after startup: not the normal steps, whose exact bucket was
     never compiled, nor those of the AW failure's recovery. Tokens stay the reference's."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     cfg, params = tiny_model("qwen2_moe", seed=int(rng.integers(1 << 30)), max_position=64)
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=2, max_step_tokens=32,
                                            prefill_chunk=8, max_running=4, precompile="recovery"),

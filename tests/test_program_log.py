@@ -5,6 +5,7 @@ import numpy as np
 
 from tarragon_jax.workers.program_log import CompileLog, ProgramLog
 from tarragon_jax.workers.local_runtime import LocalRuntime
+from seeding import fresh_rng
 
 
 def test_logs_compiled_shapes_and_replays_them_on_another_worker():
@@ -14,7 +15,7 @@ def test_logs_compiled_shapes_and_replays_them_on_another_worker():
 
     (a,), (b,) = LocalRuntime().workers(1, 1)
     log = ProgramLog()
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     x, y = a.put(rng.standard_normal((5, 3), dtype=np.float32)), a.put(rng.standard_normal((3, 2), dtype=np.float32))
     np.testing.assert_allclose(log.call(f, x, y), np.asarray(x) @ np.asarray(y) + 1.0, rtol=1e-6)
     log.call(f, x, y)                                         # cached: nothing new to log
@@ -33,7 +34,7 @@ def test_host_arguments_replay_as_host_arrays():
         return x_N[ids_M] * 3.0
 
     (a, b), _ = LocalRuntime().workers(2, 1)
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     log = ProgramLog()
     log.call(take, a.put(rng.standard_normal(9, dtype=np.float32)), rng.integers(0, 9, 4).astype(np.int32))
     other = ProgramLog()
@@ -54,7 +55,7 @@ def test_precompile_is_logged_even_where_the_device_compiled_it_before():
         return x * 2.0 + 1.0
 
     (a,), _ = LocalRuntime().workers(1, 1)
-    x = a.put(np.random.default_rng().standard_normal(7, dtype=np.float32))
+    x = a.put(fresh_rng().standard_normal(7, dtype=np.float32))
     ProgramLog("aw0").call(g, x)                              # the earlier worker: compiles
     quiet, logged = ProgramLog("aw0"), ProgramLog("aw0")
     quiet.call(g, x)
@@ -68,7 +69,7 @@ def test_compile_log_counts_serving_compiles_only():
     program and the shapes it ran at (through a ProgramLog); one inside warming() (startup,
     precompile, a replacement's replay) is not; a cached call is none."""
     log = CompileLog()
-    scale = float(np.random.default_rng().uniform(2, 3))
+    scale = float(fresh_rng().uniform(2, 3))
     warm = jax.jit(lambda x: x * scale)
     with log.warming():
         warm(np.ones(3, np.float32))

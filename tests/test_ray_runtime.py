@@ -15,6 +15,7 @@ from tarragon_jax.model import reference
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.workers.ray_runtime import connect
+from seeding import fresh_rng
 
 pytestmark = pytest.mark.ray
 
@@ -303,7 +304,7 @@ def test_a_killed_store_process_is_replaced_and_refilled_by_the_aws(model):
 
     import numpy as np
     cfg, params, _ = model
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     prompts = [rng.integers(3, cfg.vocab_size, int(n)).tolist() for n in rng.integers(9, 15, 4)]
     want = [reference.greedy_generate(cfg, params, p, 24) for p in prompts]
     eng = _engine(cfg, params, [], snapshot_interval_s=0.0)

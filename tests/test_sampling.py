@@ -4,10 +4,11 @@ from tarragon_jax.config import EngineConfig, SamplingParams
 from tarragon_jax.model.sampling import sample
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
+from seeding import fresh_rng
 
 
 def test_sample_greedy_topp_and_seeded():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits = rng.standard_normal((6, 50)).astype(np.float32) * 3
     B = logits.shape[0]
     greedy = np.asarray(sample(logits, np.zeros(B, np.float32), np.ones(B, np.float32),

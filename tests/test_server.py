@@ -16,6 +16,7 @@ import pytest
 
 from serving import launch_server, request, serving
 from tarragon_jax.model import reference
+from seeding import fresh_rng
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def served():
 
 def test_concurrent_requests_and_a_kill_mid_run(served):
     cfg, params, url, _ = served
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 12, 3, 9)]
     results = {}
 

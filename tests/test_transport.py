@@ -9,13 +9,14 @@ import pytest
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.workers.local_runtime import LocalRuntime
 from tarragon_jax.workers.transport import Dispatch, Transport
+from seeding import fresh_rng
 
 
 def test_deadline_and_dead_worker():
     (aw,), (ew,) = LocalRuntime().workers(1, 1)
     assert aw.devices != ew.devices
     slow = jax.jit(lambda x: jax.lax.fori_loop(0, 400, lambda i, a: jnp.tanh(a @ a), x))
-    x = ew.put(np.random.default_rng().standard_normal((384, 384), dtype=np.float32))
+    x = ew.put(fresh_rng().standard_normal((384, 384), dtype=np.float32))
     t = Transport(deadline_s=1e-4)
     ready = aw.put(np.float32(1))
     y_ew = slow(x)
