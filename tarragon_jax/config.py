@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 ROUTER_SCORING = ("softmax", "sigmoid")
 EXPERT_BACKENDS = ("auto", "tiles", "dense", "ragged_dot", "pallas")
 ATTENTION_BACKENDS = ("auto", "pallas", "jnp")
@@ -65,6 +65,8 @@ class ModelConfig:
                                        # V), queries absorb the up-projections; False: K/V per head
     router_scoring: str = "softmax"    # sigmoid: + a per-expert selection bias, group-limited top-k
     n_group: int = 1                   # expert groups; top-k only within the topk_group best groups
+                                       # (ranked by their best expert under softmax, DeepSeek-V2; by
+                                       # their two best biased scores under sigmoid, DeepSeek-V3)
     topk_group: int = 1
     routed_scaling: float = 1.0        # gate weights are multiplied by this
     first_k_dense: int = 0             # leading layers with a dense FFN (d_dense) and no experts

@@ -13,7 +13,7 @@ from tarragon_jax.serving.engine import Engine
 from seeding import fresh_rng
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v3", "deepseek_v3_yarn"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v2", "deepseek_v3", "deepseek_v3_yarn"]
 
 
 def _expected(name):
@@ -33,7 +33,7 @@ def test_reference_matches_transformers_logits_and_greedy(name):
         assert reference.greedy_generate(cfg, params, prompt, len(want_tokens)) == want_tokens
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v3_yarn"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "deepseek_v3_yarn"])
 def test_engine_matches_transformers_greedy(name):
     cfg, params = load_checkpoint(os.path.join(FIX, name))
     exp = _expected(name)
@@ -156,6 +156,49 @@ def test_unsupported_deepseek_fields(tmp_path, change, field):
     _edit_config(d, **change)
     with pytest.raises(ConfigError, match=field):
         load_checkpoint(str(d))
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(topk_method="noaux_tc"), "topk_method='noaux_tc' for deepseek_v2"),
+    (dict(scoring_func="sigmoid"), "scoring_func='sigmoid' for deepseek_v2"),
+    (dict(moe_layer_freq=2), "moe_layer_freq"),
+])
+def test_unsupported_deepseek_v2_fields(tmp_path, change, field):
+    d = _copy(tmp_path, "deepseek_v2")
+    _edit_config(d, **change)
+    with pytest.raises(ConfigError, match=field):
+        load_checkpoint(str(d))
+
+
+def test_deepseek_v2_routing_is_softmax_limited_to_the_best_group():
+    """The fixture is DeepSeek-V2-Lite's shape: no q LoRA, two shared experts, softmax routing
+    limited to the group whose best expert scores highest, scaled, not renormalised."""
+    cfg, params = load_checkpoint(os.path.join(FIX, "deepseek_v2"))
+    assert (cfg.family, cfg.router_scoring, cfg.n_group, cfg.topk_group) == ("deepseek_v2", "softmax", 2, 1)
+    assert (cfg.q_lora_rank, cfg.routed_scaling, cfg.norm_topk_prob, cfg.d_shared) == (0, 1.5, False, 64)
+    assert "wq" in params["attn"]["layers"][1] and "router_bias" not in params["attn"]["layers"][1]
+
+
+def test_deepseek_v2_greedy_routing_ignores_the_groups(tmp_path):
+    d = _copy(tmp_path, "deepseek_v2")
+    _edit_config(d, topk_method="greedy")
+    cfg, _ = load_checkpoint(str(d))
+    assert (cfg.n_group, cfg.topk_group) == (1, 1)
+
+
+def test_deepseek_v2_keeps_transformers_tokens_through_an_ew_and_an_aw_failure():
+    """Killed mid-run (an EW between two layers of a step, an AW later), with 2 AWs x 4 EWs: the
+    tokens are transformers' greedy ones."""
+    from tarragon_jax.control.faults import FaultInjector, parse_fault
+    cfg, params = load_checkpoint(os.path.join(FIX, "deepseek_v2"))
+    exp = _expected("deepseek_v2")
+    faults = FaultInjector([parse_fault("ew:1@step=3,layer=1"), parse_fault("aw:0@step=6")])
+    eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=4, prefill_chunk=16,
+                                           snapshot_interval_s=0), faults=faults)
+    outs = eng.generate(exp["prompts"], SamplingParams(max_new_tokens=len(exp["greedy_new_tokens"][0])))
+    assert outs == exp["greedy_new_tokens"]
+    assert sorted(r.worker for r in eng.controller.records) == ["aw0", "ew1"]
+    eng.close()
 
 
 def test_deepseek_multi_token_prediction_layer_is_ignored(tmp_path):

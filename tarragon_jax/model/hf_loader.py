@@ -24,7 +24,9 @@ class CheckpointError(ValueError):
 
 
 _ARCH_TO_FAMILY = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-                   "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3"}
+                   "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
+                   "DeepseekV3ForCausalLM": "deepseek_v3"}
+_DEEPSEEK = ("deepseek_v2", "deepseek_v3")     # MLA, shared experts, leading dense layers: one layout
 
 
 def _family(raw: dict) -> str:
@@ -60,7 +62,7 @@ def _rope(raw: dict, family: str) -> dict:
     out.update(rope_yarn_factor=float(factor), rope_yarn_original_max=int(original),
                rope_yarn_beta_fast=float(rp.get("beta_fast") or 32), rope_yarn_beta_slow=float(rp.get("beta_slow") or 1),
                rope_yarn_truncate=bool(rp.get("truncate", True)), rope_attention_factor=float(attention_factor))
-    if family == "deepseek_v3" and mscale_all:           # DeepSeek also scales the softmax by mscale^2
+    if family in _DEEPSEEK and mscale_all:           # DeepSeek also scales the softmax by mscale^2
         out["attn_scale"] = yarn_mscale(factor, mscale_all) ** 2
     return out
 
@@ -76,12 +78,12 @@ def config_from_hf(raw: dict) -> ModelConfig:
         if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
             raise ConfigError("unsupported config field: decoder_sparse_step/mlp_only_layers "
                               "(dense MLP layers are not supported)")
-    if fam in ("qwen3_moe", "deepseek_v3") and raw.get("attention_bias"):
+    if fam in ("qwen3_moe",) + _DEEPSEEK and raw.get("attention_bias"):
         raise ConfigError(f"unsupported config field: attention_bias=True for {fam}")
     d, h = raw["hidden_size"], raw["num_attention_heads"]
     try:
-        if fam == "deepseek_v3":
-            return _deepseek_config(raw)
+        if fam in _DEEPSEEK:
+            return _deepseek_config(raw, fam)
         return ModelConfig(
             family=fam, vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_hidden_layers"],
             n_heads=h, n_kv_heads=raw.get("num_key_value_heads", h),
@@ -100,30 +102,47 @@ def config_from_hf(raw: dict) -> ModelConfig:
         raise ConfigError(f"config.json lacks required field {e.args[0]!r} for family {fam}") from None
 
 
-# transformers' DeepseekV3Config defaults: a config.json that omits a field means these values
-DEEPSEEK_DEFAULTS = {"q_lora_rank": 1536, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
-                     "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
-                     "rope_interleave": True}
+# transformers' DeepseekV3Config / DeepseekV2Config defaults: a config.json that omits a field
+# means these values
+DEEPSEEK_DEFAULTS = {
+    "deepseek_v3": {"q_lora_rank": 1536, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
+                    "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                    "rope_interleave": True, "topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+    "deepseek_v2": {"q_lora_rank": 1536, "n_shared_experts": 2, "n_group": None, "topk_group": None,
+                    "first_k_dense_replace": 0, "routed_scaling_factor": 1.0, "norm_topk_prob": False,
+                    "rope_interleave": True, "topk_method": "greedy", "scoring_func": "softmax"},
+}
+# what each family's router computes (model/router.py); anything else is refused by name
+_DEEPSEEK_ROUTING = {"deepseek_v3": {"topk_method": ("noaux_tc",), "scoring_func": ("sigmoid",)},
+                     "deepseek_v2": {"topk_method": ("greedy", "group_limited_greedy"), "scoring_func": ("softmax",)}}
 
 
-def _deepseek_config(raw: dict) -> ModelConfig:
+def _deepseek_config(raw: dict, family: str) -> ModelConfig:
     """DeepSeek-V3 (and models of its architecture, e.g. Moonlight): MLA attention, sigmoid
-    group-limited routing with a selection bias, shared experts, leading dense layers."""
-    for field, want in (("moe_layer_freq", 1), ("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
-        if raw.get(field, want) != want:
-            raise ConfigError(f"unsupported config field: {field}={raw[field]!r} (only {want!r})")
-    raw = dict(DEEPSEEK_DEFAULTS, **raw)           # explicit nulls stay null: "none" (q LoRA, shared)
+    group-limited routing with a selection bias, shared experts, leading dense layers.
+    DeepSeek-V2 (and V2-Lite): the same, with softmax routing, greedy or limited to the groups whose
+    best expert scores highest, never renormalised (transformers' router ignores norm_topk_prob)."""
+    if raw.get("moe_layer_freq", 1) != 1:
+        raise ConfigError(f"unsupported config field: moe_layer_freq={raw['moe_layer_freq']!r} (only 1)")
+    raw = dict(DEEPSEEK_DEFAULTS[family], **raw)   # explicit nulls stay null: "none" (q LoRA, shared)
+    for field, allowed in _DEEPSEEK_ROUTING[family].items():
+        if raw[field] not in allowed:
+            raise ConfigError(f"unsupported config field: {field}={raw[field]!r} for {family} "
+                              f"(supported: {', '.join(allowed)})")
+    v3 = family == "deepseek_v3"
+    grouped = v3 or raw["topk_method"] == "group_limited_greedy"
     h, nope, r, F = raw["num_attention_heads"], raw["qk_nope_head_dim"], raw["qk_rope_head_dim"], raw["moe_intermediate_size"]
     return ModelConfig(
-        family="deepseek_v3", vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
+        family=family, vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
         n_heads=h, n_kv_heads=h, head_dim=nope + r, q_lora_rank=raw["q_lora_rank"] or 0,
         kv_lora_rank=raw["kv_lora_rank"], qk_rope_dim=r, v_head_dim=raw["v_head_dim"],
-        rope_interleave=bool(raw["rope_interleave"]), n_experts=raw["n_routed_experts"],
-        top_k=raw["num_experts_per_tok"], d_expert=F, norm_topk_prob=bool(raw["norm_topk_prob"]),
-        d_shared=(raw["n_shared_experts"] or 0) * F, router_scoring="sigmoid", n_group=raw["n_group"] or 1,
-        topk_group=raw["topk_group"] or 1, routed_scaling=float(raw["routed_scaling_factor"]),
+        rope_interleave=bool(raw["rope_interleave"]) if v3 else True, n_experts=raw["n_routed_experts"],
+        top_k=raw["num_experts_per_tok"], d_expert=F, norm_topk_prob=v3 and bool(raw["norm_topk_prob"]),
+        d_shared=(raw["n_shared_experts"] or 0) * F, router_scoring="sigmoid" if v3 else "softmax",
+        n_group=(raw["n_group"] or 1) if grouped else 1, topk_group=(raw["topk_group"] or 1) if grouped else 1,
+        routed_scaling=float(raw["routed_scaling_factor"]),
         first_k_dense=raw["first_k_dense_replace"] or 0, d_dense=raw["intermediate_size"],
-        **_rope(raw, "deepseek_v3"), rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
+        **_rope(raw, family), rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
 
 
@@ -244,8 +263,9 @@ def _deepseek_layer(c: _Claimer, cfg: ModelConfig, i: int, lp: dict) -> dict:
     if cfg.moe_index(i) is None:
         lp["mlp"] = _mlp(c, m, D, cfg.d_dense)
         return lp
-    lp.update(router=c.take(m + "gate.weight", (cfg.n_experts, D), True),
-              router_bias=c.take(m + "gate.e_score_correction_bias", (cfg.n_experts,)))
+    lp["router"] = c.take(m + "gate.weight", (cfg.n_experts, D), True)
+    if cfg.router_scoring == "sigmoid":          # V3's selection bias (V2 has none)
+        lp["router_bias"] = c.take(m + "gate.e_score_correction_bias", (cfg.n_experts,))
     if cfg.d_shared:
         lp["shared"] = _mlp(c, m + "shared_experts.", D, cfg.d_shared)
     else:                  # transformers writes zero-size shared-expert tensors for n_shared_experts=0
@@ -263,7 +283,7 @@ def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> dict:
     a = f"{p}self_attn."
     lp = {"input_norm": c.take(p + "input_layernorm.weight", (D,)),
           "post_norm": c.take(p + "post_attention_layernorm.weight", (D,))}
-    if cfg.family == "deepseek_v3":
+    if cfg.family in _DEEPSEEK:
         return _deepseek_layer(c, cfg, i, lp)
     lp.update(wq=c.take(a + "q_proj.weight", (H * hd, D), True), wk=c.take(a + "k_proj.weight", (KV * hd, D), True),
               wv=c.take(a + "v_proj.weight", (KV * hd, D), True), wo=c.take(a + "o_proj.weight", (D, H * hd), True))
@@ -341,7 +361,7 @@ class CheckpointWeights:
         attn = _attention(c, cfg)
         experts = [_experts(c, cfg, _moe_prefix(c, cfg, i), list(range(cfg.n_experts)))
                    for i in range(cfg.n_layers) if cfg.moe_index(i) is not None]
-        left = sorted(k for k in c.left if not (cfg.family == "deepseek_v3" and _is_mtp(k, cfg.n_layers)))
+        left = sorted(k for k in c.left if not (cfg.family in _DEEPSEEK and _is_mtp(k, cfg.n_layers)))
         if left:
             raise CheckpointError(f"unexpected tensors in checkpoint (unsupported layout?): {left[:5]}")
         return {"attn": attn, "experts": experts}
@@ -369,7 +389,7 @@ def _hf_config(cfg: ModelConfig) -> dict:
            "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
     if cfg.family == "mixtral":
         raw.update(num_local_experts=cfg.n_experts, intermediate_size=cfg.d_expert)
-    elif cfg.family == "deepseek_v3":
+    elif cfg.family in _DEEPSEEK:
         if cfg.d_shared % cfg.d_expert:
             raise ConfigError(f"d_shared={cfg.d_shared} is not a whole number of experts of {cfg.d_expert}")
         del raw["head_dim"]                            # transformers derives it (= qk_rope_head_dim)
@@ -380,6 +400,9 @@ def _hf_config(cfg: ModelConfig) -> dict:
                    v_head_dim=cfg.value_dim, rope_interleave=cfg.rope_interleave, n_group=cfg.n_group,
                    topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling,
                    first_k_dense_replace=cfg.first_k_dense, intermediate_size=cfg.d_dense, attention_bias=False)
+        if cfg.family == "deepseek_v2":
+            del raw["rope_interleave"]
+            raw.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy", scoring_func="softmax")
     else:
         raw.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
                    decoder_sparse_step=1, mlp_only_layers=[])
@@ -433,7 +456,7 @@ def save_checkpoint(cfg: ModelConfig, params: dict, path: str, dtype=np.float32)
         t[m + "gate.weight"] = lp["router"].T
         if "router_bias" in lp:
             t[m + "gate.e_score_correction_bias"] = lp["router_bias"]
-        if "shared" in lp and cfg.family == "deepseek_v3":
+        if "shared" in lp and cfg.family in _DEEPSEEK:
             t.update(_mlp_tensors(m + "shared_experts.", lp["shared"]))
         elif "shared" in lp:
             t.update(_mlp_tensors(m + "shared_expert.", lp["shared"]))
