@@ -179,6 +179,16 @@ def test_deepseek_v2_routing_is_softmax_limited_to_the_best_group():
     assert "wq" in params["attn"]["layers"][1] and "router_bias" not in params["attn"]["layers"][1]
 
 
+def test_deepseek_v2_round_trips_through_save_checkpoint(tmp_path):
+    import jax
+    from tarragon_jax.model.hf_loader import save_checkpoint
+    cfg, params = load_checkpoint(os.path.join(FIX, "deepseek_v2"))
+    save_checkpoint(cfg, params, str(tmp_path))
+    cfg2, params2 = load_checkpoint(str(tmp_path))
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
 def test_deepseek_v2_greedy_routing_ignores_the_groups(tmp_path):
     d = _copy(tmp_path, "deepseek_v2")
     _edit_config(d, topk_method="greedy")
