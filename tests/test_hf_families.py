@@ -189,6 +189,14 @@ def test_deepseek_v2_round_trips_through_save_checkpoint(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
+@pytest.mark.parametrize("method", ["fp8", "mxfp4"])
+def test_a_quantized_checkpoint_is_refused_by_name(tmp_path, method):
+    d = _copy(tmp_path, "qwen3_moe")
+    _edit_config(d, quantization_config={"quant_method": method, "weight_block_size": [128, 128]})
+    with pytest.raises(ConfigError, match=f"quantization_config \\(quant_method='{method}'\\)"):
+        load_checkpoint(str(d))
+
+
 def test_deepseek_v2_greedy_routing_ignores_the_groups(tmp_path):
     d = _copy(tmp_path, "deepseek_v2")
     _edit_config(d, topk_method="greedy")

@@ -70,6 +70,11 @@ def _rope(raw: dict, family: str) -> dict:
 def config_from_hf(raw: dict) -> ModelConfig:
     """Translate a transformers config.json dict; unsupported features raise, naming the field."""
     fam = _family(raw)
+    quant = raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise ConfigError(f"unsupported config field: quantization_config (quant_method={method!r}): quantized "
+                          "checkpoints (FP8, MXFP4, ...) do not load yet; use the bf16/f16/f32 weights")
     if raw.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"unsupported config field: hidden_act={raw['hidden_act']!r} (only silu)")
     if raw.get("use_sliding_window") or (fam == "mixtral" and raw.get("sliding_window")):
