@@ -3,7 +3,7 @@
 The public API, for use inside a JAX program (everything else is internal and may change):
 
   load_checkpoint(dir) -> (ModelConfig, params)   a Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE,
-                                                  Qwen3-MoE, DeepSeek-V3); params are plain pytrees
+                                                  Qwen3-MoE, DeepSeek-V2, DeepSeek-V3); params are plain pytrees
   CheckpointWeights(dir)                          the same checkpoint unread: each worker reads its own
                                                   part (.config is its ModelConfig); pass it as params
   save_checkpoint(cfg, params, dir)               ... and back (config.json + model.safetensors)
