@@ -40,11 +40,30 @@ def _zeros(spec, handle):
     return handle.put(np.zeros(spec.shape, spec.dtype)) if isinstance(spec, jax.ShapeDtypeStruct) else spec
 
 
+class _Nesting:
+    """True while any `with nesting():` is open (they may nest, and come from several callers)."""
+
+    def __init__(self):
+        self._depth = 0
+
+    def __bool__(self) -> bool:
+        return self._depth > 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+
 class ProgramLog:
     def __init__(self, owner: str = ""):
         self.owner = owner                  # the worker whose programs these are (for CompileEvents)
         self._seen: dict[tuple, tuple] = {}
-        self._recording = 0
+        self.recording = _Nesting()         # `with log.recording():` logs every call made meanwhile,
+                                            # compiled now or not (a worker's precompile)
 
     def call(self, fn: Callable, *args, **static):
         """fn(*args, **static), remembering fn and the shapes of its array arguments inside
@@ -53,18 +72,9 @@ class ProgramLog:
         before (an earlier engine in this process) compiles nothing, and its log would stay empty."""
         before = fn._cache_size()
         out = fn(*args, **static)
-        if self._recording or fn._cache_size() != before:
+        if self.recording or fn._cache_size() != before:
             self._record(fn, args, static)
         return out
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        """Log every call made meanwhile, compiled now or not (a worker's precompile)."""
-        self._recording += 1
-        try:
-            yield
-        finally:
-            self._recording -= 1
 
     def _record(self, fn: Callable, args: tuple, static: dict) -> None:
         leaves, tree = jax.tree.flatten(args)
@@ -107,30 +117,19 @@ class CompileLog:
     one too, where `serving_thread` (the main one by default) runs the engine. One per process:
     jax.monitoring listeners are process-wide and cannot be removed."""
 
-    def __init__(self, serving_thread: threading.Thread | None = None):
+    def __init__(self):
         from jax._src import dispatch
         self.events: list[CompileEvent] = []
-        self._warming = 0
-        self.serving_thread = serving_thread or threading.main_thread()
+        self.warming = _Nesting()           # `with log.warming():` startup, precompile, a replay: not logged
+        self.serving_thread = threading.main_thread()   # a worker process sets its serving loop's
 
         def heard(event: str, duration: float, fun_name: str = "", **_) -> None:
-            if event == dispatch.BACKEND_COMPILE_EVENT and not self._warming:
+            if event == dispatch.BACKEND_COMPILE_EVENT and not self.warming:
                 now = threading.current_thread()
                 self.events.append(CompileEvent(time.time(), fun_name.removeprefix("jit(").rstrip(")"), duration,
                                                 now.name, now is self.serving_thread, *_calling_site()))
         jax.monitoring.register_event_duration_secs_listener(heard)
 
-    @property
-    def times(self) -> list[float]:
-        return [e.t for e in self.events]
-
-    @contextlib.contextmanager
-    def warming(self) -> Iterator[None]:
-        self._warming += 1
-        try:
-            yield
-        finally:
-            self._warming -= 1
 
 
 def _calling_site() -> tuple[str, str]:
