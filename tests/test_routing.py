@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 
 from tarragon_jax.control.placement import place, shadow_slots_per_layer
-from tarragon_jax.workers.routing_table import NoLiveReplica, Replica, RoutingTable
+from tarragon_jax.workers.routing_table import CHOICES, NoLiveReplica, Replica, RoutingTable
 
 
 def coverage_after_loss(placement, ew: int) -> float:
@@ -20,8 +21,9 @@ def test_primary_placement_covers_every_expert_once():
         for e in range(8):
             r = ert.resolve(layer, e)
             assert hosted[r.ew][layer][r.slot] == e
-    ews, slots = ert.resolve_layer(1)
-    assert ews == [e % 3 for e in range(8)] and slots == [e // 3 for e in range(8)]
+    table = ert.arrays()[1]                                   # [E, CHOICES, 2]: no shadow, one replica each
+    assert table.shape == (8, CHOICES, 2)
+    assert (table[:, :, 0] == np.arange(8)[:, None] % 3).all() and (table[:, :, 1] == np.arange(8)[:, None] // 3).all()
 
 
 def test_routing_table_rejects_missing_replicas():
@@ -52,7 +54,32 @@ def test_without_ew_bumps_version_and_keeps_old_table():
     with pytest.raises(NoLiveReplica, match="expert 0 in layer 1"):
         new.resolve(1, 0)
     with pytest.raises(NoLiveReplica):
-        new.resolve_layer(1)
+        new.arrays()
+
+
+def test_shares_lay_out_the_device_table():
+    a, b, c = Replica(0, 0), Replica(1, 2), Replica(2, 1)
+    ert = RoutingTable.build(1, 1, {(0, 0): (a, b, c)}, shares={(0, 0): (3.0, 1.0, 0.0)})
+    entries = ert.choices(0, 0)
+    assert entries.count(a) == 24 and entries.count(b) == 8 and c not in entries
+    for i in range(CHOICES - 3):                       # interleaved: every run of 4 has 3 a's and one b
+        assert entries[i:i + 4].count(b) == 1
+    assert ert.resolve(0, 0) == a
+    assert [tuple(x) for x in ert.arrays()[0][0]] == [(r.ew, r.slot) for r in entries]
+    after = ert.without_ew(0)                          # b keeps its share; the shadow c stays idle
+    assert after.choices(0, 0) == [b] * CHOICES and after.shares(0, 0) == (1.0, 0.0)
+    shadow_only = after.without_ew(1)                  # only a share-0 replica left: it takes over
+    assert shadow_only.choices(0, 0) == [c] * CHOICES
+    with pytest.raises(ValueError, match="do not match"):
+        RoutingTable.build(1, 1, {(0, 0): (a, b)}, shares={(0, 0): (1.0,)})
+
+
+def test_replace_keeps_the_other_experts_shares():
+    a, b = Replica(0, 0), Replica(1, 0)
+    ert = RoutingTable.build(1, 2, {(0, 0): (a, b), (0, 1): (b, a)}, shares={(0, 0): (1.0, 1.0)}, version=2)
+    new = ert.replace({(0, 1): (a,)})
+    assert new.version == 3 and new.shares(0, 0) == (0.5, 0.5) and new.replicas(0, 1) == (a,)
+    assert ert.replicas(0, 1) == (b, a)
 
 
 # ---- shadow placement --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ healthy AWs, least loaded first; each restores its committed KV and continues.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Mapping
 
 from tarragon_jax.control.placement import Placement
@@ -47,9 +48,7 @@ def plan_expert_routing(placement: Placement, failed: Iterable[int], slots: Mapp
             current[(holder, layer)].append(expert)
             loads.append((holder, layer, expert))
         updates[(layer, expert)] = (Replica(holder, current[(holder, layer)].index(expert)),)
-    full = {(l, e): updates.get((l, e)) or ert.replicas(l, e)
-            for l in range(placement.n_layers) for e in range(placement.n_experts)}
-    return RoutingTable.build(placement.n_layers, placement.n_experts, full, version=version), loads
+    return dataclasses.replace(ert.replace(updates), version=version), loads     # the others keep their shares
 
 
 def plan_aw_failure(requests_by_aw: Mapping[int, list[int]], failed_aw: int,

@@ -1,7 +1,7 @@
 """Forwarding engine (REFE) of one attention worker: the routing table's device copy, and the
 transfers of a layer's exchange with the expert workers.
 
-Each ERT version becomes one small [E, 2] int32 array per MoE layer (expert -> (EW, slot)) on
+Each ERT version becomes one small [E, C, 2] int32 array per MoE layer (expert -> C (EW, slot) entries by share) on
 this AW's mesh, built once when the version is published; the AW's layer program reads it to
 resolve and pack every (token, k) pair, so a new version is a new array, never a recompile, and
 nothing about routing comes back to the host. `outbound` names the transfers of the packed buffer
@@ -30,7 +30,7 @@ class ForwardingEngine:
             self.ert, self._routes = ert, self.handle.put(list(ert.arrays()))
 
     def route(self, layer: int) -> jax.Array:
-        """[E, 2] int32 (EW, slot) per expert of an MoE layer, on this AW's mesh."""
+        """[E, C, 2] int32 (EW, slot) entries per expert of an MoE layer (by share), on this AW's mesh."""
         return self._routes[layer]
 
     def outbound(self, buf: jax.Array, ews: list) -> list[tuple]:
