@@ -167,6 +167,9 @@ class EngineConfig:
                                        # same, but regenerating the sent tokens one step at a time
     resilience: bool = True            # shadows + KV snapshots + heartbeats (off: the overhead baseline)
     shadow_budget: float = 1.0         # fraction of an EW's primary-expert memory spent on shadows
+    eplb: bool = False                 # every replica serves traffic, shares and placement rebalanced by
+                                       # measured load (control/rebalancer.py); off: shadows stay idle
+    eplb_window_s: float = 10.0        # eplb: load is read and the experts rebalanced once per window
     checkpoint_dir: str | None = None  # KV snapshots (any Orbax path); None: a fresh dir under the temp dir
     snapshot_flush_s: float = 10.0     # KV snapshots within this window share one Orbax write (durability lag)
     snapshot_interval_s: float = 0.05  # an AW hands its newly filled KV blocks to the store at most this
@@ -210,6 +213,7 @@ class EngineConfig:
         _require(self.precompile in PRECOMPILES,
                  f"unknown precompile {self.precompile!r}; choose from {PRECOMPILES}")
         _require(self.shadow_budget >= 0, f"shadow_budget must be >= 0, got {self.shadow_budget}")
+        _require(self.eplb_window_s > 0, f"eplb_window_s must be > 0, got {self.eplb_window_s}")
         _require(self.snapshot_flush_s >= 0, f"snapshot_flush_s must be >= 0, got {self.snapshot_flush_s}")
         _require(self.snapshot_interval_s >= 0, f"snapshot_interval_s must be >= 0, got {self.snapshot_interval_s}")
         _require(self.heartbeat_interval_s > 0,

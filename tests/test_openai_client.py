@@ -150,7 +150,7 @@ def test_metrics_parse_and_count_what_happened(chat):
     for name in ("tarragon_worker_up", "tarragon_recoveries", "tarragon_recovery_stall_seconds", "tarragon_ert_version",
                  "tarragon_requests_running", "tarragon_requests_waiting", "tarragon_time_to_first_token_seconds",
                  "tarragon_inter_token_latency_seconds", "tarragon_generation_tokens", "tarragon_kv_pages_used",
-                 "tarragon_expert_rows"):
+                 "tarragon_expert_rows", "tarragon_expert_layer_rows", "tarragon_expert_load"):
         assert name in families, name
     value = lambda fam, sample, **labels: next(s.value for s in families[fam].samples
                                                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
@@ -159,6 +159,13 @@ def test_metrics_parse_and_count_what_happened(chat):
     assert value("tarragon_requests_running", "tarragon_requests_running") == 0
     ews = [s for s in families["tarragon_expert_rows"].samples if s.name == "tarragon_expert_rows_total"]
     assert len(ews) == 3 and all(s.value > 0 for s in ews)                    # every EW served rows
+    for ew in ews:                                                              # its layers add up to it
+        assert ew.value == sum(s.value for s in families["tarragon_expert_layer_rows"].samples
+                               if s.name == "tarragon_expert_layer_rows_total" and s.labels["worker"] == ew.labels["worker"])
+    n_layers = loop.call(lambda e: e.controller.model.n_moe_layers)
+    for layer in map(str, range(n_layers)):                                     # each layer's expert shares sum to 1
+        shares = [s.value for s in families["tarragon_expert_load"].samples if s.labels["layer"] == layer]
+        assert len(shares) == loop.call(lambda e: e.controller.model.n_experts) and abs(sum(shares) - 1) < 1e-9
     ups = {s.labels["worker"]: s.value for s in families["tarragon_worker_up"].samples}
     failed = loop.call(lambda e: sorted(e.controller.health.failed))
     assert {w for w, up in ups.items() if up == 0} == set(failed)

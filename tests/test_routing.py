@@ -166,3 +166,28 @@ def test_place_validates():
         place(1, 8, 2, -0.5)
     with pytest.raises(ValueError, match="host nothing"):
         place(1, 4, 5, 1.0)
+
+
+# ---- the device's choice among replicas ---------------------------------------------------------
+def test_a_steps_pairs_split_over_replicas_by_share():
+    """An expert's pairs in one step walk consecutive table entries: with two equal replicas they
+    split exactly in half, whatever the positions; one token a step alternates over steps."""
+    import jax.numpy as jnp
+
+    from tarragon_jax.model.attention_stage import _choice
+    from tests.seeding import fresh_rng
+    rng = fresh_rng()
+    T, k, E = 64, 2, 4
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)          # [T, k], distinct per row
+    ert = RoutingTable.build(1, E, {(0, e): (Replica(e % 2, e), Replica(1 - e % 2, e)) for e in range(E)},
+                             shares={(0, e): (1.0, 1.0) for e in range(E)})
+    table = ert.arrays()[0]
+    pos = jnp.asarray(rng.integers(0, 500, T), jnp.int32)
+    v = np.asarray(_choice(jnp.asarray(ids), pos, jnp.ones(T, bool), CHOICES))
+    ew = table[ids, v, 0]
+    for e in range(E):
+        mine = ew[ids == e]
+        assert abs(int((mine == 0).sum()) - int((mine == 1).sum())) <= 1        # split within one step
+    one = [int(table[0, int(_choice(jnp.zeros((1, 1), jnp.int32), jnp.asarray([p], jnp.int32),
+                                       jnp.ones(1, bool), CHOICES)[0, 0]), 0]) for p in range(64)]
+    assert 24 <= one.count(0) <= 40                                              # one token a step: both serve

@@ -28,6 +28,7 @@ import jax
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
 from tarragon_jax.control.health import HealthMonitor
 from tarragon_jax.control.placement import Placement, place
+from tarragon_jax.control.rebalancer import Rebalancer
 from tarragon_jax.control.recovery import RecoveryError, plan_aw_failure, plan_expert_routing
 from tarragon_jax.errors import WorkerFailed
 from tarragon_jax.model.weights import Weights, as_weights
@@ -129,13 +130,15 @@ class Controller:
                         if cfg.runtime == "ray" else LocalRuntime(self.devices))
         aw_handles, ew_handles = self.runtime.workers(cfg.num_attention_workers, cfg.num_expert_workers)
         budget = cfg.shadow_budget if cfg.resilience else 0.0
-        self.placement: Placement = place(self.model.n_moe_layers, self.model.n_experts, cfg.num_expert_workers, budget)
+        self.placement: Placement = place(self.model.n_moe_layers, self.model.n_experts, cfg.num_expert_workers, budget,
+                                          serve_all=cfg.eplb)
         self.ert: RoutingTable = self.placement.ert
         self.transport = self.runtime.transport(cfg.transfer_deadline_s)
         self.store = self.runtime.checkpoint_store(cfg) if cfg.resilience else None
         self._store_generation = 0
         self.ews = [self._new_ew(j, h) for j, h in enumerate(ew_handles)]
         self.aws = [self._new_aw(i, h) for i, h in enumerate(aw_handles)]
+        self.rebalancer = Rebalancer(self, cfg.eplb_window_s, self.clock, self._bg) if cfg.eplb else None
         if precompile:
             self.grid = None if cfg.precompile == "none" else GRIDS[cfg.precompile](self.model, self.cache, cfg)
             self.precompile_s = None if self.grid is None else self._precompile(self.grid)
@@ -233,6 +236,8 @@ class Controller:
                              process=worker.handle.identity())
         if worker.handle.alive:
             worker.kill()            # fence: a hung or slow worker must not answer (or hold memory) later
+        if self.rebalancer is not None:
+            self.rebalancer.failed()     # a rebalance under way is dropped
         self.records.append(rec)
         if not self.config.restarts:
             (self._ew_failed if rec.kind == "ew" else self._aw_failed)(rec, worker.handle.id.index)
@@ -416,6 +421,8 @@ class Controller:
         """At a step boundary: join finished replacements, and (at most every interval) probe the
         workers no data-path call has heard from within the interval. Returns new failures."""
         self._settle_jobs()
+        if self.rebalancer is not None:
+            self.rebalancer.tick()
         if not self.config.resilience or self.clock() - self._last_heartbeat < self.config.heartbeat_interval_s:
             return []
         self._last_heartbeat = self.clock()
@@ -435,7 +442,8 @@ class Controller:
         return found
 
     def wait_recoveries(self) -> None:
-        """Block until every background replacement joined (tests, shutdown)."""
+        """Block until every background replacement joined, and a rebalance under way is done
+        (tests, shutdown)."""
         while self._jobs:
             running = [j.future for j in self._jobs if j.future is not None]
             if running:
@@ -443,6 +451,8 @@ class Controller:
             else:
                 time.sleep(max(0.0, min(j.retry_at for j in self._jobs) - self.clock()))
             self.tick()
+        if self.rebalancer is not None:
+            self.rebalancer.settle()
 
     # ---- restart baseline ----------------------------------------------------------------------
     def restart(self, requests: list[Sequence], rec: RecoveryRecord) -> None:

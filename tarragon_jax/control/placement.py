@@ -60,8 +60,10 @@ def shadow_slots_per_layer(n_layers: int, n_experts: int, n_ews: int, shadow_bud
     return [base + (l < extra) for l in range(n_layers)]
 
 
-def place(n_layers: int, n_experts: int, n_ews: int, shadow_budget: float) -> Placement:
+def place(n_layers: int, n_experts: int, n_ews: int, shadow_budget: float, serve_all: bool = False) -> Placement:
     """Primaries round-robin plus ring shadows within `shadow_budget` (see module docstring).
+    serve_all (`--eplb`): every replica takes an equal share of its expert's traffic until the
+    first rebalance measures load (control/rebalancer.py); else shadows stay idle (the paper).
 
     With shadow_budget >= 1.0 and M >= 2, losing any single EW leaves every expert a live replica.
     With M == 1 no shadow is possible (an EW cannot back itself up): the budget is ignored.
@@ -91,10 +93,10 @@ def place(n_layers: int, n_experts: int, n_ews: int, shadow_budget: float) -> Pl
                 for e in pick:
                     count[e] += 1
                 shadows[w][l] += pick
-    return Placement(n_layers, n_experts, primaries, shadows, _ert(n_layers, n_experts, primaries, shadows))
+    return Placement(n_layers, n_experts, primaries, shadows, _ert(n_layers, n_experts, primaries, shadows, serve_all))
 
 
-def _ert(n_layers: int, n_experts: int, primaries: dict, shadows: dict) -> RoutingTable:
+def _ert(n_layers: int, n_experts: int, primaries: dict, shadows: dict, serve_all: bool) -> RoutingTable:
     n_ews = len(primaries)
     reps: dict[tuple[int, int], list[tuple[int, Replica]]] = {}
     for w in primaries:
@@ -102,4 +104,6 @@ def _ert(n_layers: int, n_experts: int, primaries: dict, shadows: dict) -> Routi
             for slot, e in enumerate(primaries[w][l] + shadows[w][l]):
                 owner = e % n_ews
                 reps.setdefault((l, e), []).append(((w - owner) % n_ews, Replica(w, slot)))
-    return RoutingTable.build(n_layers, n_experts, {k: tuple(r for _, r in sorted(v)) for k, v in reps.items()})
+    replicas = {k: tuple(r for _, r in sorted(v)) for k, v in reps.items()}
+    shares = {k: (1.0,) * len(r) for k, r in replicas.items()} if serve_all else None
+    return RoutingTable.build(n_layers, n_experts, replicas, shares=shares)

@@ -6,7 +6,8 @@ by slot on the device (the grouped matmul wants contiguous groups; an idle slot 
 group, so an inactive shadow costs nothing), runs the FFN over the weights of every slot it holds
 (primaries then shadows, one stack: no copy when a shadow becomes active) and answers each AW with
 [T, k, D]: the output at every pair it served, zero elsewhere. It also adds the pairs it served
-to a running count on its device (the per-EW load /metrics reports, read only when scraped).
+to a running count per slot on its device (the load the rebalancer and /metrics read, once a
+window or a scrape).
 Nothing is read on the host.
 """
 from __future__ import annotations
@@ -21,13 +22,13 @@ from tarragon_jax.model import wire
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "backend"))
-def expert_layer(weights: dict, ew_index: jax.Array, rows: jax.Array, bufs: tuple, *, top_k: int,
+def expert_layer(weights: dict, ew_index: jax.Array, rows_S: jax.Array, bufs: tuple, *, top_k: int,
                  backend: str) -> tuple[tuple, jax.Array]:
     """weights: {"w_gate" [S, D, F], "w_up" [S, D, F], "w_down" [S, F, D]} for this EW's S slots
     (backend "tiles": tuples of S per-slot arrays instead, see grouped_swiglu_ffn_slots);
-    ew_index: int32 scalar, this EW; rows: int32 scalar, pairs served so far; bufs: one packed
-    [T_i, D + ...] buffer per AW. Returns (one [T_i, k, D] array per buffer, in the buffers' dtype;
-    rows plus the pairs served here)."""
+    ew_index: int32 scalar, this EW; rows_S: int32 [S], pairs each slot served so far; bufs: one
+    packed [T_i, D + ...] buffer per AW. Returns (one [T_i, k, D] array per buffer, in the
+    buffers' dtype; rows_S plus the pairs each slot served here)."""
     per_slot = isinstance(weights["w_gate"], (tuple, list))
     S = len(weights["w_gate"]) if per_slot else weights["w_gate"].shape[0]
     D = weights["w_down"][0].shape[-1] if per_slot else weights["w_down"].shape[-1]
@@ -50,4 +51,4 @@ def expert_layer(weights: dict, ew_index: jax.Array, rows: jax.Array, bufs: tupl
         T = buf.shape[0]
         out.append(y_P[off:off + T * top_k].reshape(T, top_k, D))
         off += T * top_k
-    return tuple(out), rows + jnp.sum(slot_P >= 0, dtype=rows.dtype)
+    return tuple(out), rows_S + sizes_S.astype(rows_S.dtype)

@@ -3,7 +3,8 @@
 Every metric lives in the server's own CollectorRegistry (two servers in one process never mix).
 Event-driven ones (tokens, TTFT, inter-token latency, recoveries and their stalls) are updated by
 `after_step` on the engine thread from the step's TokenEvents and the engine's own timestamps;
-the state gauges (worker up, ERT version, running / waiting, KV pages, per-EW rows) are read by
+the state gauges (worker up, ERT version, running / waiting, KV pages, per-EW and per-layer rows,
+each expert's share of its layer's load) are read by
 `refresh`, which the scrape runs on the engine thread, so a scrape sees one consistent moment and
 the datapath pays nothing between scrapes.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import prometheus_client as prom
 
 from tarragon_jax import metrics as engine_metrics
+from tarragon_jax.control import expert_load
 from tarragon_jax.serving.engine import Engine, TokenEvent
 from tarragon_jax.workers.sequence import SeqState
 
@@ -40,9 +42,15 @@ class ServingMetrics:
         self.kv_pages = prom.Gauge("tarragon_kv_pages_used", "KV pages in use", ["worker"], registry=r)
         self.expert_rows = prom.Counter("tarragon_expert_rows", "(token, expert) pairs an EW computed, replays "
                                         "included", ["worker"], registry=r)
+        self.layer_rows = prom.Counter("tarragon_expert_layer_rows", "(token, expert) pairs an EW computed in one "
+                                       "MoE layer (a step waits for each layer's busiest EW)", ["worker", "layer"],
+                                       registry=r)
+        self.expert_load = prom.Gauge("tarragon_expert_load", "Fraction of the layer's (token, expert) pairs the "
+                                      "expert got between the last two scrapes that saw any", ["layer", "expert"],
+                                      registry=r)
         self._records = 0
         self._stalls: list[tuple[float, list[int]]] = []     # (detected at, requests in flight then)
-        self._rows: dict[str, tuple[int, int]] = {}         # per EW name: (id of the worker, count) last scrape
+        self._rows = expert_load.SlotRowReader()            # per EW: its per-slot counts at the last scrape
 
     def after_step(self, engine: Engine, events: list[TokenEvent]) -> None:
         """On the engine thread, after every step: tokens, latencies, new recoveries, stalls."""
@@ -86,14 +94,23 @@ class ServingMetrics:
         self.waiting.set(sum(s.state is SeqState.WAITING for s in live))
         for aw in ctl.aws:
             self.kv_pages.labels(worker=aw.handle.name).set(aw.blocks.capacity - aw.blocks.num_free)
+        n_layers, n_experts = ctl.model.n_moe_layers, ctl.model.n_experts
+        experts = [[0] * n_experts for _ in range(n_layers)]
         for ew in ctl.ews:
             name = ew.handle.name
             if ctl.health.is_failed(name) or not ew.handle.alive:
-                continue                              # its count is lost with it; the counter stays
-            now = ew.rows_served()
-            seen, last = self._rows.get(name, (id(ew), 0))
-            self.expert_rows.labels(worker=name).inc(now - last if seen == id(ew) else now)  # a replacement: from 0
-            self._rows[name] = (id(ew), now)
+                continue                              # its count is lost with it; the counters stay
+            rows = self._rows.read(name, ew)          # a replacement counts from 0
+            self.expert_rows.labels(worker=name).inc(int(sum(r.sum() for r in rows)))
+            for layer, r in enumerate(rows):
+                self.layer_rows.labels(worker=name, layer=str(layer)).inc(int(r.sum()))
+            for layer, per in enumerate(expert_load.expert_rows(rows, ew.slots, n_experts)):
+                experts[layer] = [a + b for a, b in zip(experts[layer], per)]
+        for layer, per in enumerate(experts):
+            total = sum(per)
+            for e, n in enumerate(per):
+                if total:
+                    self.expert_load.labels(layer=str(layer), expert=str(e)).set(n / total)
 
     def exposition(self) -> bytes:
         return prom.generate_latest(self.registry)

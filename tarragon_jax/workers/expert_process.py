@@ -59,11 +59,14 @@ class ExpertActor(WorkerProcess):
     def ping(self) -> bool:
         return self.ew.handle.probe()
 
-    def rows_served(self) -> int:
-        return self.ew.rows_served()
+    def slot_rows(self) -> list[np.ndarray]:
+        return self.ew.slot_rows()
 
     def load_experts(self, layer: int, ids: list[int]) -> None:
         self.ew.load_experts(layer, ids)
+
+    def replace_slots(self, layer: int, experts: dict[int, int]) -> None:
+        self.ew.replace_slots(layer, experts)
 
     def precompile(self, grid) -> None:
         with self.compiles.warming():
@@ -138,10 +141,19 @@ class RemoteExpertWorker(RemoteWorker):
                            backend, dtype, top_k, runtime.compile_cache_dir, runtime.deadline_s, runtime.spin_s)
         self.platform, self.backend = info["platform"], info["backend"]
 
+    def slot_rows(self) -> list[np.ndarray]:
+        return self.rpc.call("slot_rows")
+
     def rows_served(self) -> int:
-        return self.rpc.call("rows_served")
+        return int(sum(r.sum() for r in self.slot_rows()))
 
     def load_experts(self, layer: int, ids: list[int]) -> None:
         """The process reads them itself (from the checkpoint files on its node)."""
         self.rpc.call("load_experts", layer, list(ids))
         self.slots[layer] += list(ids)
+
+    def replace_slots(self, layer: int, experts: dict[int, int]) -> None:
+        """A rebalance's move; the process reads the experts itself."""
+        self.rpc.call("replace_slots", layer, dict(experts))
+        for slot, e in experts.items():
+            self.slots[layer][slot] = e

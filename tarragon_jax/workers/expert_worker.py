@@ -5,7 +5,9 @@ same output on any replica of the expert.
 Slots of a layer are its primaries (0..P-1), then shadows and experts loaded after a failure
 (P..), all in one resident stack: routing to a shadow changes which group has rows, never the
 program or the weights (an idle slot is an empty group and costs no compute, which is why the
-paper keeps shadows inactive). A load after a failure grows the stack once.
+paper keeps shadows inactive). A load after a failure grows the stack once; a rebalance
+(`replace_slots`) overwrites slots in place, so it never recompiles. Rows served are counted per
+(layer, slot) on the device: the load the rebalancer reads once a window.
 """
 from __future__ import annotations
 
@@ -41,8 +43,12 @@ class ExpertWorker:
         self.source = weights
         self.weights = [self._stack(l, ids) for l, ids in enumerate(self.slots)]
         self._index = handle.put(np.int32(index))
-        self._rows = handle.put(np.int32(0))         # (token, k) pairs served, on the device
         self.programs = ProgramLog(handle.name)
+        self._zero_rows()
+
+    def _zero_rows(self) -> None:
+        """(token, k) pairs served per slot, on the device: int32 [S] per layer."""
+        self._rows = [self.handle.put(np.zeros(len(ids), np.int32)) for ids in self.slots]
 
     def _stack(self, layer: int, ids: list[int]) -> dict:
         """The weights of these experts on this EW's mesh: one [n, ...] stack per matrix, or, for
@@ -65,7 +71,11 @@ class ExpertWorker:
                     bufs = self.handle.put(tuple(buf for _ in range(n)))
                     for layer in range(len(self.weights)):
                         self.run_layer(layer, bufs)
-        self._rows = self.handle.put(np.int32(0))    # warm-up rows are no load
+            if self.backend != "tiles":      # a rebalance's in-place slot write (slot 0 onto itself)
+                slot0 = self.handle.put(np.int32(0))
+                for layer, w in enumerate(self.weights):
+                    self.weights[layer] = self.programs.call(_set_slot, w, slot0, {k: a[:1] for k, a in w.items()})
+        self._zero_rows()                             # warm-up rows are no load
 
     def load_experts(self, layer: int, ids: list[int]) -> None:
         """Load experts (no replica left elsewhere) from the weights' source into new slots
@@ -75,20 +85,40 @@ class ExpertWorker:
         join = (lambda a, b: a + b) if self.backend == "tiles" else (lambda a, b: jnp.concatenate([a, b]))
         self.weights[layer] = {k: join(self.weights[layer][k], new[k]) for k in _KEYS}
         self.slots[layer] += list(ids)
+        self._rows[layer] = jnp.concatenate([self._rows[layer], self.handle.put(np.zeros(len(ids), np.int32))])
+
+    def replace_slots(self, layer: int, experts: dict[int, int]) -> None:
+        """Overwrite slots with other experts ({slot: expert id}, read from the weights' source):
+        a rebalance's move. Same shapes, so no program recompiles. The routing table must send
+        nothing to these slots until the move is done (the controller publishes it after)."""
+        for slot, expert in sorted(experts.items()):
+            new = self._stack(layer, [expert])
+            if self.backend == "tiles":
+                self.weights[layer] = {k: a[:slot] + new[k] + a[slot + 1:] for k, a in self.weights[layer].items()}
+            else:
+                self.weights[layer] = self.programs.call(_set_slot, self.weights[layer],
+                                                         self.handle.put(np.int32(slot)), new)
+            self.slots[layer][slot] = expert
 
     def run_layer(self, layer: int, bufs: tuple) -> tuple:
         """Dispatch this layer over every AW's packed buffer (already on this EW's mesh); returns
         one [T, k, D] answer per buffer without waiting for it."""
         self.handle.check()
-        out, self._rows = self.programs.call(expert_layer, self.weights[layer], self._index, self._rows,
-                                             tuple(bufs), top_k=self.top_k, backend=self.backend)
+        out, self._rows[layer] = self.programs.call(expert_layer, self.weights[layer], self._index,
+                                                    self._rows[layer], tuple(bufs), top_k=self.top_k,
+                                                    backend=self.backend)
         return out
 
-    def rows_served(self) -> int:
-        """(token, k) pairs this worker has computed since it joined, replays included (waits
-        for the layers dispatched so far: call it outside steps, e.g. on a /metrics scrape)."""
+    def slot_rows(self) -> list[np.ndarray]:
+        """Per layer, int64 [S]: (token, k) pairs each slot computed since this worker joined,
+        replays included (waits for the layers dispatched so far: call it outside steps, e.g. on
+        a /metrics scrape or once a rebalance window)."""
         self.handle.check()
-        return int(self._rows)
+        return [np.asarray(r, np.int64) for r in jax.device_get(self._rows)]
+
+    def rows_served(self) -> int:
+        """(token, k) pairs this worker has computed since it joined, over every layer."""
+        return int(sum(r.sum() for r in self.slot_rows()))
 
     def results(self, pending: tuple) -> tuple:
         """The answers of run_layer (local: the device arrays themselves, nothing waits)."""
@@ -105,6 +135,12 @@ class ExpertWorker:
         self.handle.alive = False
         for a in jax.tree.leaves((self.weights, self._index, self._rows)):
             a.delete()
+
+
+@jax.jit
+def _set_slot(stacks: dict, slot: jax.Array, new: dict) -> dict:
+    """The stacks [S, ...] with slot `slot` (int32 scalar) replaced by `new` [1, ...] (a move)."""
+    return {k: jax.lax.dynamic_update_slice_in_dim(a, new[k].astype(a.dtype), slot, axis=0) for k, a in stacks.items()}
 
 
 @jax.jit
