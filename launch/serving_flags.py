@@ -48,6 +48,10 @@ flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart", "restart_regen
                   "the sent tokens one step at a time (a weaker baseline).")
 flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
 flags.DEFINE_float("shadow_budget", 1.0, "Fraction of an EW's primary-expert memory spent on shadow experts.")
+flags.DEFINE_bool("eplb", False, "Every replica (shadows included) serves traffic; each window the measured load "
+                  "sets how an expert's traffic splits over its replicas and, where that is not enough, moves "
+                  "replicas between EWs in the background (--noeplb: shadows stay idle until a failure).")
+flags.DEFINE_float("eplb_window_s", 10.0, "With --eplb: the expert load is read and rebalanced once per window.")
 flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax path); default: a temp dir.")
 flags.DEFINE_float("snapshot_interval_s", 0.05, "An AW hands newly filled KV blocks to the checkpoint store at "
                    "most this often (a block commits up to this much later; 0: every step).")
@@ -176,7 +180,8 @@ def engine_config(**overrides):
               expert_backend=FLAGS.expert_backend, attention_backend=FLAGS.attention_backend,
               prefill_chunk=FLAGS.prefill_chunk, max_running=FLAGS.max_running,
               max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, ray_address=FLAGS.ray_address, recovery=FLAGS.recovery,
-              resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, checkpoint_dir=FLAGS.checkpoint_dir,
+              resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, eplb=FLAGS.eplb,
+              eplb_window_s=FLAGS.eplb_window_s, checkpoint_dir=FLAGS.checkpoint_dir,
               snapshot_flush_s=FLAGS.snapshot_flush_s, snapshot_interval_s=FLAGS.snapshot_interval_s,
               snapshot_memory_tier=FLAGS.snapshot_memory_tier,
               transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s, precompile=FLAGS.precompile,

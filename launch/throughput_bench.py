@@ -3,7 +3,8 @@
 For each batch size B, B random prompts are submitted at once and decoded to --output_len
 tokens on one engine (built once; every batch size gets an untimed pass first, so compiles are
 not timed). Reports output tokens/s (median and range over --repeats), time to first token and
-inter-token latency percentiles, and writes JSON. All serving flags apply (--runtime,
+inter-token latency percentiles, the EW load max/mean (rows per EW over the pass: over all
+layers, and in the worst layer), and writes JSON. All serving flags apply (--runtime,
 --expert_backend, --attention_backend, --precompile, --checkpoint, ...). `--runtimes local,ray`
 measures several runtimes in one run, their passes alternated, and prints each one's throughput
 as a ratio of the first's; under ray it also times an idle actor's round trip (the floor of one
@@ -36,8 +37,18 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
 
 
+def ew_rows(engine, reader) -> dict:
+    """Rows per (layer, slot) each live EW served since the reader's last read (waits for them)."""
+    ctl = engine.controller
+    return {ew.handle.name: reader.read(ew.handle.name, ew) for ew in ctl.ews if not ctl.health.is_failed(ew.handle.name)}
+
+
 def measure(engine, prompts, sampling) -> dict:
-    """One pass: every prompt submitted at t=0; throughput, TTFT and inter-token gaps."""
+    """One pass: every prompt submitted at t=0; throughput, TTFT and inter-token gaps, and the EW
+    load max/mean over the pass (its rows per EW, read before and after the timed part)."""
+    from tarragon_jax.control import expert_load
+    reader = expert_load.SlotRowReader()
+    ew_rows(engine, reader)
     t0 = time.perf_counter()
     ids = [engine.submit(p, sampling) for p in prompts]
     for _ in engine.stream():
@@ -45,9 +56,11 @@ def measure(engine, prompts, sampling) -> dict:
     secs = time.perf_counter() - t0
     times = [engine.metrics.requests[i] for i in ids]
     gaps = [g for t in times for g in t.gaps_s]
+    load = expert_load.summary(ew_rows(engine, reader))
     return {"tok_s": sum(len(engine.requests[i].output) for i in ids) / secs,
             "ttft_p50_s": percentile([t.ttft_s for t in times], 50),
-            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99)}
+            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
+            "ew_load": load["ew_load"], "ew_load_worst_layer": load["ew_load_worst_layer"]}
 
 
 def ray_round_trip_s(n: int = 30) -> float:
@@ -100,7 +113,8 @@ def main(argv):
                 rows[rt].append({"batch": batch, "tok_s": statistics.median(tok_s), "tok_s_min": min(tok_s),
                                  "tok_s_max": max(tok_s),
                                  **{k: statistics.median(r[k] for r in runs[rt])
-                                    for k in ("ttft_p50_s", "itl_p50_s", "itl_p99_s")},
+                                    for k in ("ttft_p50_s", "itl_p50_s", "itl_p99_s", "ew_load",
+                                              "ew_load_worst_layer")},
                                  "runs": runs[rt]})
     except RequestError as e:
         sys.exit(f"error: {e}")
@@ -111,10 +125,12 @@ def main(argv):
         print(f"{cfg.family}, {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, runtime "
               f"{rt}, experts {FLAGS.expert_backend}, attention {FLAGS.attention_backend}, prompt "
               f"{FLAGS.prompt_len}, output {FLAGS.output_len}, median of {FLAGS.repeats}")
-        print(f"{'batch':>5} {'tok/s':>8} {'(min-max)':>15} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'ITL p99 ms':>11}")
+        print(f"{'batch':>5} {'tok/s':>8} {'(min-max)':>15} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'ITL p99 ms':>11} "
+              f"{'EW load max/mean':>17} {'worst layer':>11}")
         for r in rows[rt]:
             print(f"{r['batch']:5d} {r['tok_s']:8.1f} {r['tok_s_min']:7.1f}-{r['tok_s_max']:<7.1f} "
-                  f"{1e3 * r['ttft_p50_s']:12.1f} {1e3 * r['itl_p50_s']:11.1f} {1e3 * r['itl_p99_s']:11.1f}")
+                  f"{1e3 * r['ttft_p50_s']:12.1f} {1e3 * r['itl_p50_s']:11.1f} {1e3 * r['itl_p99_s']:11.1f} "
+                  f"{r['ew_load']:17.2f} {r['ew_load_worst_layer']:11.2f}")
     for rt in runtimes[1:]:
         print(f"{rt} / {runtimes[0]} throughput: " + ", ".join(
             f"B={a['batch']} {b['tok_s'] / a['tok_s']:.3f}" for a, b in zip(rows[runtimes[0]], rows[rt])))
@@ -126,7 +142,7 @@ def main(argv):
         with open(FLAGS.json_out, "w") as fh:
             json.dump({"config": {k: FLAGS[k].value for k in ("runtime", "runtimes", "expert_backend",
                                                                "attention_backend", "prompt_len", "output_len",
-                                                               "repeats")},
+                                                               "repeats", "eplb")},
                        "rows": rows[runtimes[0]], "by_runtime": rows, "ray_round_trip_s": hop,
                        "resident_mb": memory}, fh, indent=1)
 

@@ -35,8 +35,8 @@ def slow_step(monkeypatch):
     state = {"armed": False, "slow": [], "running_at_wait": []}
     begin, wait = AttentionWorker.begin, Transport.wait
 
-    def slow_begin(self, batch):
-        begin(self, batch)
+    def slow_begin(self, batch, step):
+        begin(self, batch, step)
         if state["armed"]:
             x = _slow_identity(self._carry[0])
             self._carry = (x,) + tuple(self._carry[1:])

@@ -171,7 +171,8 @@ def test_place_validates():
 # ---- the device's choice among replicas ---------------------------------------------------------
 def test_a_steps_pairs_split_over_replicas_by_share():
     """An expert's pairs in one step walk consecutive table entries: with two equal replicas they
-    split exactly in half, whatever the positions; one token a step alternates over steps."""
+    split exactly in half; one token a step alternates over steps; every AW starts an expert's
+    pairs of a step at the same entry (the salt is the step number, not the AW's tokens)."""
     import jax.numpy as jnp
 
     from tarragon_jax.model.attention_stage import _choice
@@ -182,12 +183,16 @@ def test_a_steps_pairs_split_over_replicas_by_share():
     ert = RoutingTable.build(1, E, {(0, e): (Replica(e % 2, e), Replica(1 - e % 2, e)) for e in range(E)},
                              shares={(0, e): (1.0, 1.0) for e in range(E)})
     table = ert.arrays()[0]
-    pos = jnp.asarray(rng.integers(0, 500, T), jnp.int32)
-    v = np.asarray(_choice(jnp.asarray(ids), pos, jnp.ones(T, bool), CHOICES))
+    step = jnp.uint32(rng.integers(0, 2**31))
+    v = np.asarray(_choice(jnp.asarray(ids), step, CHOICES))
     ew = table[ids, v, 0]
     for e in range(E):
         mine = ew[ids == e]
         assert abs(int((mine == 0).sum()) - int((mine == 1).sum())) <= 1        # split within one step
-    one = [int(table[0, int(_choice(jnp.zeros((1, 1), jnp.int32), jnp.asarray([p], jnp.int32),
-                                       jnp.ones(1, bool), CHOICES)[0, 0]), 0]) for p in range(64)]
+    one = [int(table[0, int(_choice(jnp.zeros((1, 1), jnp.int32), jnp.uint32(p), CHOICES)[0, 0]), 0])
+           for p in range(64)]
     assert 24 <= one.count(0) <= 40                                              # one token a step: both serve
+    other = rng.permutation(ids)                                                 # another AW's pairs, same step
+    w = np.asarray(_choice(jnp.asarray(other), step, CHOICES))
+    for e in range(E):                      # each AW's first pair of an expert takes the same entry
+        assert v[ids == e][0] == w[other == e][0]

@@ -21,4 +21,5 @@ def test_small_run_writes_a_row_per_batch_size(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [x["batch"] for x in rows] == [1, 3] and all(len(x["runs"]) == 2 for x in rows)
     assert all(x["tok_s_min"] <= x["tok_s"] <= x["tok_s_max"] and x["ttft_p50_s"] > 0 for x in rows)
-    assert "tok/s" in r.stdout
+    assert all(1 <= x["ew_load"] <= x["ew_load_worst_layer"] for x in rows)      # rows were read per EW
+    assert "tok/s" in r.stdout and "EW load max/mean" in r.stdout

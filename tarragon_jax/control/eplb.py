@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy.optimize import linprog
 
+from tarragon_jax.control.expert_load import imbalance
 from tarragon_jax.workers.routing_table import CHOICES
 
 Shares = list[dict[int, float]]          # per expert: {ew: fraction of its (token, k) pairs}
@@ -34,13 +35,6 @@ class LayerPlan:
     shares: Shares
     imbalance: float                               # max/mean of the EW loads the plan expects
     moves: list[tuple[int, int, int]]              # (ew, slot, expert) slots to (re)load
-
-
-def imbalance(per_ew: Mapping[int, float]) -> float:
-    """max / mean over EWs (1.0 when nothing ran)."""
-    values = list(per_ew.values())
-    mean = sum(values) / len(values) if values else 0.0
-    return max(values) / mean if mean > 0 else 1.0
 
 
 def ew_loads(loads: Sequence[float], shares: Shares, ews: Sequence[int]) -> dict[int, float]:

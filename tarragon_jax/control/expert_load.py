@@ -8,7 +8,7 @@ list that grew (orphans loaded after a failure) counts its new slots from zero.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -47,3 +47,19 @@ def expert_rows(rows: Sequence[np.ndarray], slots: Sequence[Sequence[int]], n_ex
                 per[e] += int(r[slot])
         out.append(per)
     return out
+
+
+def imbalance(per_ew: Mapping[object, float]) -> float:
+    """max / mean over EWs (1.0 when nothing ran)."""
+    values = list(per_ew.values())
+    mean = sum(values) / len(values) if values else 0.0
+    return max(values) / mean if mean > 0 else 1.0
+
+
+def summary(rows: Mapping[object, Sequence[np.ndarray]]) -> dict:
+    """EW load max/mean of per-EW rows ({ew: per layer [S]}): over all layers (rows summed) and in
+    each layer (a step waits for each layer's busiest EW), and the worst layer's."""
+    per_layer = [imbalance({j: int(r[l].sum()) for j, r in rows.items()}) for l in range(len(next(iter(rows.values()))))] \
+        if rows else []
+    return {"ew_load": imbalance({j: int(sum(x.sum() for x in r)) for j, r in rows.items()}),
+            "ew_load_worst_layer": max(per_layer, default=1.0), "ew_load_per_layer": per_layer}

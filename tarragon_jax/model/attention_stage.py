@@ -42,7 +42,7 @@ def embed(cfg: ModelConfig, attn: dict, ids_T: jax.Array) -> tuple:
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("impl",), donate_argnums=(2, 3))
 def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax.Array | None,
                     carry: tuple, ys: tuple, pos_T: jax.Array, slot_T: jax.Array, tables_BxP: jax.Array,
-                    route_ExCx2: jax.Array, *, impl: str = "auto"):
+                    route_ExCx2: jax.Array, step: jax.Array, *, impl: str = "auto"):
     """One layer's AW program: combine the previous layer's expert outputs into the residual,
     attend over the paged cache, route, and pack the EWs' input. Nothing leaves the device.
 
@@ -53,7 +53,7 @@ def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax
     impl: the paged-attention backend (pallas_kernels.paged_attention: Triton on GPU, jnp on CPU).
     route_ExCx2: the routing table of this layer: per expert, C entries (EW, slot) laid out by the
     replicas' shares (routing_table.RoutingTable.choices); a (token, k) pair takes entry
-    `_choice` of its expert.
+    `_choice` of its expert. step: uint32 scalar, the step number (the same on every AW).
     Padding tokens point at the last, all-zero block-table row; they are routed to no EW.
 
     Returns (carry for the next layer, send [T, D + wire ints] (wire.pack) or None for a dense
@@ -82,25 +82,27 @@ def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax
     ids, w = route(hn, lp, cfg)
     shared = layers.shared_expert(lp["shared"], hn) if "shared" in lp else jnp.zeros_like(hn)
     real_T = slot_T != tables_BxP.shape[0] - 1
-    rep_Txkx2 = route_ExCx2[ids, _choice(ids, pos_T, real_T, route_ExCx2.shape[1])]
+    rep_Txkx2 = route_ExCx2[ids, _choice(ids, step, route_ExCx2.shape[1])]
     ew_Txk = jnp.where(real_T[:, None], rep_Txkx2[..., 0], -1)
     send = wire.pack(hn, jnp.concatenate([ew_Txk, rep_Txkx2[..., 1]], axis=1))
     return (h, shared, w), send, k_pages, v_pages
 
 
-def _choice(ids_Txk: jax.Array, pos_T: jax.Array, real_T: jax.Array, C: int) -> jax.Array:
+def _choice(ids_Txk: jax.Array, step: jax.Array, C: int) -> jax.Array:
     """[T, k] entry of each pair's expert row in the routing table: the pair's rank among this
-    step's pairs of the same expert, plus a salt hashed from the step's positions, mod C. Within a
+    step's pairs of the same expert, plus a salt hashed from the step number, mod C. Within a
     step an expert's pairs walk consecutive entries, so they split over its replicas like the
-    shares (exactly, at C pairs); the salt moves the start every step, so one token a step
-    still alternates. Which replica serves never changes a bit of the output (expert rows are
-    computed alike on every EW), so this only spreads load."""
+    shares (exactly, at C pairs) and a few pairs stay together (one group on one EW, not a
+    part-filled tile on each); the salt moves the start every step, so over steps even one pair
+    a step splits like the shares. Every AW salts alike, so an expert's pairs of one step from
+    all AWs start at the same replica. Which replica serves never changes a bit of the output
+    (expert rows are computed alike on every EW), so this only spreads load."""
     T, k = ids_Txk.shape
     flat = ids_Txk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     first = jnp.searchsorted(flat[order], flat[order], side="left")   # start of each expert's run
     rank = jnp.zeros_like(flat).at[order].set(jnp.arange(T * k, dtype=flat.dtype) - first.astype(flat.dtype))
-    seed = jnp.sum(jnp.where(real_T, pos_T + 1, 0)).astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+    seed = step.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
     salt = (seed >> 16).astype(flat.dtype)
     return ((rank + salt) % C).reshape(T, k)
 

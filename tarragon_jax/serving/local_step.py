@@ -30,7 +30,7 @@ class LocalStep:
         """{AW index: sampled tokens [R]} of the AWs still active, or Restart. A worker that fails
         while the step is dispatched, or is late at the wait, costs a replay from the affected
         layer under what the controller decided (new routing table; a failed AW drops out)."""
-        begun = self.active.each(lambda aw, batch: aw.begin(batch))
+        begun = self.active.each(lambda aw, batch: aw.begin(batch, self.step))
         if isinstance(begun, Restart):
             return begun
         first = 0

@@ -23,7 +23,7 @@ class ProcessStep:
     def __init__(self, controller: Controller, model: ModelConfig, config: EngineConfig, active: ActiveAWs,
                  T: int, step: int):
         self.controller, self.model, self.config, self.active = controller, model, config, active
-        self.T, self.tag = T, step * TAGS_PER_STEP
+        self.T, self.step, self.tag = T, step, step * TAGS_PER_STEP
         self.replayed_rows = 0
 
     def run(self) -> dict[int, np.ndarray] | Restart:
@@ -31,7 +31,7 @@ class ProcessStep:
         todo, host_R = {i: 0 for i in self.active.indices()}, {}     # AW index -> layer to (re)start from
         while todo:
             senders, launched = tuple(sorted(todo)), self.controller.clock()
-            started = self.active.each(lambda aw, _: aw.launch(self.T, self.tag, todo[aw.index], senders), among=todo)
+            started = self.active.each(lambda aw, _: aw.launch(self.T, self.step, self.tag, todo[aw.index], senders), among=todo)
             if isinstance(started, Restart):
                 return started
             answers = gather({i: (self.active.aw(i).rpc, self.active.aw(i).running) for i in started},

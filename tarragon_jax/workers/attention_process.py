@@ -123,7 +123,7 @@ class AttentionActor(WorkerProcess):
         return StepInfo(len(b.ids_T), b.n_tokens, tuple(s.request_id for s in b.seqs), tuple(b.chunks),
                         tuple(b.emits), self.aw.blocks.num_free, self.aw.restored)
 
-    def run_step(self, T: int, tag: int, first: int, senders: tuple[int, ...]):
+    def run_step(self, T: int, step: int, tag: int, first: int, senders: tuple[int, ...]):
         """The step's layers from `first` (0: embed the batch padded to T; else replay from the
         kept inputs of `first`), each MoE layer's buffer sent to every live EW and their answers
         received here, then the head. Returns ("ok", tokens [R]) or ("failed", worker, layer,
@@ -131,7 +131,7 @@ class AttentionActor(WorkerProcess):
         its wait; the driver re-plans and calls again from that layer."""
         if first == 0:
             self.batch = self.batch.padded_to(T)
-            self.aw.begin(self.batch)
+            self.aw.begin(self.batch, step)
         else:
             self.aw.rewind(first)
         for layer in range(first, self.n_layers):
@@ -279,10 +279,10 @@ class RemoteAttentionWorker(RemoteWorker):
                     self.scheduler.seqs[rid].state = SeqState.RUNNING
         return info
 
-    def launch(self, T: int, tag: int, first: int, senders: tuple[int, ...]) -> None:
+    def launch(self, T: int, step: int, tag: int, first: int, senders: tuple[int, ...]) -> None:
         """Start the step's layers from `first` in the AW's process (rpc.gather waits for them)."""
         self.handle.check()
-        self.running = self.rpc.submit("run_step", T, tag, first, senders)
+        self.running = self.rpc.submit("run_step", T, step, tag, first, senders)
 
     def commit(self, batch: StepInfo, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
         """The same commit on both sides: the AW's process advances its cache and snapshots, the

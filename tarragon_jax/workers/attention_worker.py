@@ -102,18 +102,21 @@ class AttentionWorker:
             self.restored.recompute_steps += 1
         return batch
 
-    def begin(self, batch: StepBatch) -> None:
+    def begin(self, batch: StepBatch, step: int) -> None:
         """Put the step's inputs on the mesh in one transfer and embed (the carry into layer 0).
-        Every AW of a step pads to the same token bucket, so an EW's program sees one shape."""
+        Every AW of a step pads to the same token bucket, so an EW's program sees one shape, and
+        gets the same step number, which salts the choice among an expert's replicas alike on
+        every AW (an expert's pairs of one step go to the same replicas from every AW)."""
         self.handle.check()
         R = len(batch.last_B)
         sp = [s.sampling for s in batch.seqs] + [batch.seqs[0].sampling] * (R - len(batch.seqs))
-        names = ("ids", "pos", "slot", "tables", "last", "temperature", "top_p", "seed", "index")
+        names = ("ids", "pos", "slot", "tables", "last", "temperature", "top_p", "seed", "index", "step")
         self._dev = dict(zip(names, self.handle.put((
             batch.ids_T, batch.pos_T, batch.slot_T, batch.tables_BxP, batch.last_B,
             np.array([p.temperature for p in sp], np.float32), np.array([p.top_p for p in sp], np.float32),
             np.array([p.seed for p in sp], np.uint32),
-            np.array([len(s.output) for s in batch.seqs] + [0] * (R - len(batch.seqs)), np.int32)))))
+            np.array([len(s.output) for s in batch.seqs] + [0] * (R - len(batch.seqs)), np.int32),
+            np.uint32(step % 2**32)))))
         self._carry = self.programs.call(stage.embed, self.model, self.params, self._dev["ids"])
         self._ys, self._inputs = self._no_answers(len(batch.ids_T)), {}
 
@@ -131,7 +134,7 @@ class AttentionWorker:
         self._inputs[layer] = (self._carry, self._ys)
         self._carry, send, k, v = self.programs.call(
             stage.attention_layer, self.model, self.params["layers"][layer], kv["k"], kv.get("v"), self._carry,
-            self._ys, d["pos"], d["slot"], d["tables"], self.refe.route(moe or 0),   # a dense layer routes nothing
+            self._ys, d["pos"], d["slot"], d["tables"], self.refe.route(moe or 0), d["step"],  # dense: routes nothing
             impl=self.attention_backend)
         _keep_pages(kv, k, v)
         if send is None:
@@ -245,7 +248,8 @@ class AttentionWorker:
             for P in grid.pages:
                 for lp in kinds:
                     out, _, k, v = call(stage.attention_layer, m, lp, kv["k"], kv.get("v"), carry, ys, pos, slot,
-                                        zeros((B, P)), self.refe.route(0), impl=self.attention_backend)
+                                        zeros((B, P)), self.refe.route(0), zeros((), np.uint32),
+                                        impl=self.attention_backend)
                     _keep_pages(kv, k, v)
             for R in (r for r in grid.rows if r <= max(T, 4)):
                 call(stage.head, m, self.params, out, ys, zeros(R))
