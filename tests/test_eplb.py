@@ -48,10 +48,21 @@ def test_shares_reach_the_max_flow_bound(seed):
     E, M = int(rng.integers(4, 10)), int(rng.integers(2, 5))
     loads = list(rng.pareto(1.5, E) + 0.01)
     hosts = [sorted(rng.choice(M, size=int(rng.integers(1, M + 1)), replace=False).tolist()) for _ in range(E)]
-    shares = eplb.balance_shares(loads, hosts)
-    for s, h in zip(shares, hosts):
-        assert set(s) <= set(h) and sum(s.values()) == pytest.approx(1.0) and min(s.values()) >= -1e-9
-    assert _makespan(loads, shares, range(M)) == pytest.approx(_lower_bound(loads, hosts, range(M)), rel=1e-6)
+    bound = _lower_bound(loads, hosts, range(M))
+    for slack in (0.0, 0.01):
+        shares = eplb.balance_shares(loads, hosts, slack=slack)
+        for s, h in zip(shares, hosts):
+            assert set(s) <= set(h) and sum(s.values()) == pytest.approx(1.0) and min(s.values()) >= -1e-9
+        assert bound * (1 - 1e-6) <= _makespan(loads, shares, range(M)) <= bound * (1 + slack) * (1 + 1e-6)
+
+
+def test_within_the_slack_the_split_is_as_even_as_it_can_be():
+    """Two EWs both hosting every expert: any split is optimal, so each expert splits in half
+    (the optimum alone is a vertex that puts experts wholly on one side)."""
+    rng = np.random.default_rng(11)
+    loads = list(rng.pareto(1.5, 6) + 0.1)
+    for s in eplb.balance_shares(loads, [[0, 1]] * 6):
+        assert s[0] == pytest.approx(0.5, abs=1e-6) and s[1] == pytest.approx(0.5, abs=1e-6)
 
 
 def test_rounding_costs_at_most_one_step_per_expert_and_polish_never_hurts():

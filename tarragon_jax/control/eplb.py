@@ -46,8 +46,11 @@ def ew_loads(loads: Sequence[float], shares: Shares, ews: Sequence[int]) -> dict
     return out
 
 
-def balance_shares(loads: Sequence[float], hosts: Sequence[Sequence[int]]) -> Shares:
-    """The exact min-makespan split of each expert's load over its hosts (linear program, HiGHS).
+def balance_shares(loads: Sequence[float], hosts: Sequence[Sequence[int]], slack: float = 0.01) -> Shares:
+    """The min-makespan split of each expert's load over its hosts (linear program, HiGHS), then,
+    among the splits within `slack` of that makespan, the one closest to even (a second linear
+    program): the optimum alone is a vertex that puts most experts wholly on one replica, which
+    the next window's slightly different load unbalances again; near-even splits absorb it.
     Experts with no load split equally."""
     if any(not h for h in hosts):
         raise ValueError(f"experts {[e for e, h in enumerate(hosts) if not h]} have no host")
@@ -69,16 +72,34 @@ def balance_shares(loads: Sequence[float], hosts: Sequence[Sequence[int]]) -> Sh
     a_ub[:, n] = -1.0
     cost = np.zeros(n + 1)
     cost[n] = 1.0
-    res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(len(ews)), A_eq=a_eq,
-                  b_eq=np.asarray([loads[e] / total for e in busy]), bounds=(0, None), method="highs")
+    b_eq = np.asarray([loads[e] / total for e in busy])
+    res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(len(ews)), A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs")
     if res.status != 0:
         raise RuntimeError(f"share balancing failed: {res.message}")
-    x = np.maximum(res.x[:n], 0.0)
+    x = np.maximum(_even_within(res.x[n] * (1 + slack), pairs, a_eq[:, :n], b_eq, a_ub[:, :n], loads, hosts, total,
+                                res.x[:n]), 0.0)
     for e in busy:
         shares[e] = {}
     for p, (e, j) in enumerate(pairs):
         shares[e][j] = float(x[p]) * total / loads[e]
     return shares
+
+
+def _even_within(makespan: float, pairs: list[tuple[int, int]], a_eq: np.ndarray, b_eq: np.ndarray,
+                 a_load: np.ndarray, loads: Sequence[float], hosts: Sequence[Sequence[int]], total: float,
+                 fallback: np.ndarray) -> np.ndarray:
+    """The split x (per (expert, EW) pair, as fractions of the total load) with every EW at most
+    `makespan` that minimises the L1 distance from each expert's even split; `fallback` (the
+    min-makespan split) if HiGHS fails."""
+    n = len(pairs)
+    even = np.asarray([loads[e] / total / len(hosts[e]) for e, _ in pairs])
+    eye = np.eye(n)
+    a_ub = np.block([[a_load, np.zeros((a_load.shape[0], n))], [eye, -eye], [-eye, -eye]])
+    b_ub = np.concatenate([np.full(a_load.shape[0], makespan), even, -even])
+    cost = np.concatenate([np.zeros(n), np.ones(n)])
+    res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=np.hstack([a_eq, np.zeros((a_eq.shape[0], n))]), b_eq=b_eq,
+                  bounds=(0, None), method="highs")
+    return res.x[:n] if res.status == 0 else fallback
 
 
 def quantize(fractions: Mapping[int, float], units: int = CHOICES) -> dict[int, int]:

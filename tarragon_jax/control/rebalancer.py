@@ -2,7 +2,9 @@
 
 Every window (`--eplb_window_s`) at a step boundary it reads the rows each live EW served per
 (layer, slot) since the last window (device counters, one read per EW per window, never per
-step), turns them into per-expert load, and plans each layer in the background:
+step), turns them into per-expert load, adds it to the decayed load of the earlier windows (one
+window's mix of requests is a noisy sample of the next one's), and plans each layer in the
+background:
 
 - a plan that only changes shares is a new routing table, published at the next step boundary;
 - a plan that moves experts first publishes a table without the slots being overwritten, then
@@ -25,6 +27,7 @@ from tarragon_jax.control.placement import Placement
 from tarragon_jax.workers.routing_table import Replica, RoutingTable
 
 MOVING = -1      # a slot's expert id while it is being overwritten
+DECAY = 0.5      # the load planned for: this window's rows plus DECAY x the previous estimate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Rebalancer:
         self.c, self.window_s, self.clock, self.pool = controller, window_s, clock, pool
         self._last_at = clock()
         self._reader = expert_load.SlotRowReader()
+        self._load: list[list[float]] | None = None     # [layer][expert], decayed over windows
         self._job: concurrent.futures.Future | None = None
         self._generation = 0                  # failures seen; a job started under another is dropped
         self.windows: list[Window] = []
@@ -94,9 +98,11 @@ class Rebalancer:
         window = self._measure()
         if window is None:
             return None
+        self._load = [[DECAY * a + b for a, b in zip(old, new)]
+                      for old, new in zip(self._load or window.expert_rows, window.expert_rows)]
         current = {j: [list(s) for s in ew.slots] for j, ew in self._live().items()}
         plans = [eplb.plan_layer(rows, {j: slots[l] for j, slots in current.items()})
-                 for l, rows in enumerate(window.expert_rows)]
+                 for l, rows in enumerate(self._load)]
         return lambda: self._carry_out(plans)
 
     def _measure(self) -> Window | None:

@@ -75,21 +75,17 @@ class RoutingTable:
         return self._replicas[(layer, expert)][s.index(max(s))]
 
     def choices(self, layer: int, expert: int) -> list[Replica]:
-        """CHOICES entries, each replica as often as its share (largest remainder), interleaved
-        (smooth weighted round robin) so that any run of consecutive entries splits like the
-        shares: the AW picks entry (rank of the pair among the expert's pairs + a per-step salt)."""
+        """CHOICES entries, each replica as often as its share (largest remainder), in one block
+        per replica: the AW picks entry (rank of the pair among the step's pairs of the expert +
+        a per-step salt) mod CHOICES, so a step's few pairs of an expert mostly stay on one
+        replica (one group, one part-filled tile, not one on each), a run of CHOICES pairs splits
+        exactly like the shares, and over steps the salt spreads even one pair a step like them."""
         reps, s = self._replicas[(layer, expert)], self.shares(layer, expert)
         exact = [x * CHOICES for x in s]
         units = [int(x) for x in exact]
         for i in sorted(range(len(s)), key=lambda i: (units[i] - exact[i], i))[:CHOICES - sum(units)]:
             units[i] += 1
-        credit, out = [0] * len(reps), []
-        for _ in range(CHOICES):
-            credit = [c + u for c, u in zip(credit, units)]
-            i = credit.index(max(credit))
-            credit[i] -= CHOICES
-            out.append(reps[i])
-        return out
+        return [r for r, u in zip(reps, units) for _ in range(u)]
 
     def arrays(self) -> list[np.ndarray]:
         """Per layer, int32 [n_experts, CHOICES, 2]: (ew, slot) of each entry of `choices`. What
