@@ -10,22 +10,28 @@ from tarragon_jax.workers.expert_worker import _set_slot
 from tests.fault_workload import RUNTIME, model, serve as _serve  # noqa: F401 -- the shared workload fixture
 
 
-def _eplb(model, faults=(), before_step=None, **kw):
+def _eplb(model, faults=(), before_step=None, check=None, **kw):
+    """The workload with --eplb: tokens as with --noeplb; check(engine) runs before it closes."""
     cfg, params, early, late, clean = model
     kw = {"eplb": True, "eplb_window_s": 1e-3, **kw}
     outs, eng = _serve(cfg, params, early, late, faults, before_step=before_step, **kw)
-    assert outs == clean
-    assert all(len(o) == 12 for o in outs)
-    eng.close()
+    try:
+        assert outs == clean
+        assert all(len(o) == 12 for o in outs)
+        if check is not None:
+            check(eng)
+    finally:
+        eng.close()
     return eng
 
 
 def test_every_replica_serves_and_tokens_match_noeplb(model):
-    eng = _eplb(model)
+    def every_ew_served(eng):
+        rows = {ew.index: ew.rows_served() for ew in eng.controller.ews}
+        assert all(r > 0 for r in rows.values()), (rows, eng.controller.records, eng.controller.placement.ert)
+    eng = _eplb(model, check=every_ew_served)
     reb = eng.controller.rebalancer
     assert reb.rebalances >= 1 and reb.windows                     # load was read and shares published
-    rows = {ew.index: ew.rows_served() for ew in eng.controller.ews}
-    assert all(r > 0 for r in rows.values())
     w = reb.windows[-1]
     assert sum(map(sum, w.expert_rows)) == sum(map(sum, w.ew_rows.values()))   # every row attributed
 
@@ -91,3 +97,21 @@ def test_a_failure_during_a_move_drops_the_rebalance(model):
     c = eng.controller
     assert len(c.records) == 1 and c.rebalancer.moves >= 1
     _table_matches_slots(c)
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(RUNTIME != "local", reason="the whole module already runs on worker processes")
+def test_moves_and_a_kill_on_worker_processes(model):
+    """The process runtime: slot counters and in-place moves are calls to the EW processes, and
+    an EW process is SIGKILLed while every replica serves; tokens as with --noeplb."""
+    def before_step(eng):
+        if eng.step_index == 3:
+            eng.controller.rebalancer._carry_out(_skew_plans(eng))
+
+    def moved_and_counted(eng):
+        c = eng.controller
+        assert c.rebalancer.moves >= 1 and len(c.records) == 1
+        _table_matches_slots(c)
+        assert sum(ew.rows_served() for ew in c.ews if not c.health.is_failed(ew.handle.name)) > 0
+    _eplb(model, ["ew:2@step=6"], before_step=before_step, check=moved_and_counted, runtime="ray",
+          eplb_window_s=1e9)
