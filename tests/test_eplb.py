@@ -161,3 +161,25 @@ def test_plans_are_deterministic_and_fast_at_deepseek_scale():
     _check_plan(plan, loads, current)
     assert plan.moves and plan.imbalance <= 1.05
     assert plan == eplb.plan_layer(loads, current)
+
+
+def test_rotations_balance_every_column_of_the_table():
+    """With two equal replicas per expert the unrotated table puts every expert on its first
+    replica in the first half of the columns; the rotations make each column (a step's
+    assignment when the step's salt points at it) close to the EWs' mean load."""
+    rng = np.random.default_rng(5)
+    E, M = 16, 4
+    loads = list(rng.lognormal(0.0, 0.7, E))
+    ring = [(e % M, (e + 1) % M) for e in range(E)]
+    rows = [[a] * (CHOICES // 2) + [b] * (CHOICES // 2) for a, b in ring]
+
+    def worst_column(turns):
+        per = np.zeros((M, CHOICES))
+        for e, (row, o) in enumerate(zip(rows, turns)):
+            for c in range(CHOICES):
+                per[row[(c - o) % CHOICES], c] += loads[e]
+        return float((per.max(0) / per.mean(0)).max())
+    turns = eplb.rotations(loads, rows)
+    assert turns == eplb.rotations(loads, rows) and all(0 <= o < CHOICES for o in turns)   # deterministic
+    assert worst_column(turns) < worst_column([0] * E) and worst_column(turns) <= 1.35
+    assert eplb.rotations(loads, [[e % M] * CHOICES for e in range(E)]) == [0] * E     # one replica: nothing to turn

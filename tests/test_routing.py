@@ -62,6 +62,9 @@ def test_shares_lay_out_the_device_table():
     ert = RoutingTable.build(1, 1, {(0, 0): (a, b, c)}, shares={(0, 0): (3.0, 1.0, 0.0)})
     entries = ert.choices(0, 0)
     assert entries == [a] * 24 + [b] * 8               # a block per replica, as long as its share
+    turned = RoutingTable.build(1, 1, {(0, 0): (a, b, c)}, shares={(0, 0): (3.0, 1.0, 0.0)}, rotations={(0, 0): 5})
+    assert turned.choices(0, 0) == [b] * 5 + [a] * 24 + [b] * 3      # entry i holds the block row's i - 5
+    assert turned.without_ew(2).choices(0, 0) == turned.choices(0, 0)  # a failure keeps the rotation
     assert ert.resolve(0, 0) == a
     assert [tuple(x) for x in ert.arrays()[0][0]] == [(r.ew, r.slot) for r in entries]
     after = ert.without_ew(0)                          # b keeps its share; the shadow c stays idle

@@ -26,6 +26,7 @@ from scipy.optimize import linprog
 from tarragon_jax.control.expert_load import imbalance
 from tarragon_jax.workers.routing_table import CHOICES
 
+REFINE = 3         # local-search sweeps over the greedy rotations
 Shares = list[dict[int, float]]          # per expert: {ew: fraction of its (token, k) pairs}
 
 
@@ -245,3 +246,29 @@ def _swap_in(e: int, chosen: dict[int, list[int]], cap: dict[int, int], ews: lis
                     chosen[j].append(f)
                     return j2
     raise RuntimeError(f"no placement puts expert {e}'s replicas on distinct EWs")
+
+
+def rotations(loads: Sequence[float], entries: Sequence[Sequence[int]]) -> list[int]:
+    """Per expert, the rotation of its table row (`entries[e]`: the EW of each of its CHOICES
+    entries, one block per replica) that keeps every column of the layer's table balanced: a
+    step's few pairs of an expert take the column its salt points at, and the salt is the same
+    for every expert of a step, so a balanced column is a balanced step. Greedy, heaviest expert
+    first: each takes the rotation whose entries fall where the columns' EW loads are lowest
+    (the least squares step), then REFINE sweeps re-place each expert given all the others.
+    Deterministic; ties take the smallest rotation."""
+    C = len(entries[0]) if entries else CHOICES
+    ews = sorted({j for row in entries for j in row})
+    col = {j: i for i, j in enumerate(ews)}
+    load_MxC, cols = np.zeros((len(ews), C)), np.arange(C)
+    out = [0] * len(entries)
+    shift = (cols[None, :] - cols[:, None]) % C                           # [rotation, column] -> entry
+    turning = [e for e in sorted(range(len(entries)), key=lambda e: (-loads[e], e))
+               if loads[e] > 0 and len(set(entries[e])) > 1]
+    ew_RxC = {e: np.asarray([col[j] for j in entries[e]])[shift] for e in turning}   # the EW at each column
+    for sweep in range(1 + REFINE):          # greedy, then sweeps that re-place each expert given the rest
+        for e in turning:
+            if sweep:
+                load_MxC[ew_RxC[e][out[e]], cols] -= loads[e]
+            out[e] = int(np.argmin(load_MxC[ew_RxC[e], cols[None, :]].sum(1)))
+            load_MxC[ew_RxC[e][out[e]], cols] += loads[e]
+    return out

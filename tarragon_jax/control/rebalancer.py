@@ -171,6 +171,11 @@ class Rebalancer:
                         replicas.setdefault((layer, e), []).append(Replica(j, slot))
         weights = {k: tuple(shares[k[0]][k[1]].get(r.ew, 0.0) for r in reps) for k, reps in replicas.items()}
         ert = RoutingTable.build(old.n_layers, old.n_experts, replicas, old.ert.version + 1, weights)
+        if self._load is not None:                # rotate each expert's row so that a step is balanced
+            turns = {(l, e): o for l in range(old.n_layers)
+                     for e, o in enumerate(eplb.rotations(self._load[l], [[r.ew for r in ert.choices(l, e)]
+                                                                        for e in range(old.n_experts)]))}
+            ert = RoutingTable.build(old.n_layers, old.n_experts, replicas, ert.version, weights, turns)
         built = {j: [[incoming.get((j, l, s), e) for s, e in enumerate(ids)] for l, ids in enumerate(v)]
                  for j, v in slots.items()}
         split = {j: [len(p) for p in old.primaries[j]] for j in old.ews}

@@ -93,18 +93,19 @@ def _choice(ids_Txk: jax.Array, step: jax.Array, C: int) -> jax.Array:
     step's pairs of the same expert, plus a salt, mod C. Within a step an expert's pairs walk
     consecutive entries, so they split over its replicas like the shares (exactly, at C pairs)
     and a few pairs stay together (one group on one EW, not a part-filled tile on each). The salt
-    is a Weyl sequence in the step number (frac(step * golden ratio), offset per expert): for one
-    expert it visits the C entries evenly over any run of steps, so even one pair a step splits
-    like the shares within a few dozen steps, and the per-expert offset keeps the experts of a
-    step from all starting on the same replica. Every AW salts alike, so an expert's pairs of one
-    step from all AWs start at the same replica. Which replica serves never changes a bit of the
-    output (expert rows are computed alike on every EW), so this only spreads load."""
+    is a Weyl sequence in the step number (floor(C * frac(step * golden ratio))): it visits the C
+    entries evenly over any run of steps, so even one pair a step splits like the shares within
+    a few dozen steps. It is the same for every expert and on every AW: a step's few pairs of
+    every expert sit in one column of the table, whose rows are rotated so that each column is a
+    balanced assignment (routing_table.choices), and an expert's pairs from all AWs start at the
+    same replica. Which replica serves never changes a bit of the output (expert rows are
+    computed alike on every EW), so this only spreads load."""
     T, k = ids_Txk.shape
     flat = ids_Txk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     first = jnp.searchsorted(flat[order], flat[order], side="left")   # start of each expert's run
     rank = jnp.zeros_like(flat).at[order].set(jnp.arange(T * k, dtype=flat.dtype) - first.astype(flat.dtype))
-    u = step.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + flat.astype(jnp.uint32) * jnp.uint32(0x85EBCA77)
+    u = step.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
     salt = ((u >> 16) * jnp.uint32(C) >> 16).astype(flat.dtype)       # floor(C * frac), 16-bit precision
     return ((rank + salt) % C).reshape(T, k)
 

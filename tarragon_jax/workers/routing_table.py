@@ -41,11 +41,14 @@ class RoutingTable:
     n_experts: int
     _replicas: Mapping[Key, tuple[Replica, ...]]
     _shares: Mapping[Key, tuple[float, ...]] = dataclasses.field(default_factory=dict)   # aligned with replicas
+    _rotations: Mapping[Key, int] = dataclasses.field(default_factory=dict)     # of each expert's row of entries
 
     @classmethod
     def build(cls, n_layers: int, n_experts: int, replicas: Mapping[Key, tuple[Replica, ...]], version: int = 0,
-              shares: Mapping[Key, tuple[float, ...]] | None = None) -> "RoutingTable":
-        """shares[(layer, expert)]: one weight >= 0 per replica (missing: the first takes all)."""
+              shares: Mapping[Key, tuple[float, ...]] | None = None,
+              rotations: Mapping[Key, int] | None = None) -> "RoutingTable":
+        """shares[(layer, expert)]: one weight >= 0 per replica (missing: the first takes all);
+        rotations[(layer, expert)]: where its row of entries starts (see `choices`; missing: 0)."""
         missing = [(l, e) for l in range(n_layers) for e in range(n_experts) if not replicas.get((l, e))]
         if missing:
             raise NoLiveReplica(f"no replica for (layer, expert) {missing[:4]}")
@@ -54,7 +57,8 @@ class RoutingTable:
             if len(s) != len(replicas[k]) or min(s) < 0:
                 raise ValueError(f"shares {s} of (layer, expert) {k} do not match its replicas {replicas[k]}")
         return cls(version, n_layers, n_experts, {k: tuple(v) for k, v in replicas.items()},
-                   {k: tuple(map(float, v)) for k, v in shares.items()})
+                   {k: tuple(map(float, v)) for k, v in shares.items()},
+                   {k: int(o) % CHOICES for k, o in (rotations or {}).items() if int(o) % CHOICES})
 
     def replicas(self, layer: int, expert: int) -> tuple[Replica, ...]:
         return self._replicas[(layer, expert)]
@@ -76,16 +80,21 @@ class RoutingTable:
 
     def choices(self, layer: int, expert: int) -> list[Replica]:
         """CHOICES entries, each replica as often as its share (largest remainder), in one block
-        per replica: the AW picks entry (rank of the pair among the step's pairs of the expert +
-        a per-step salt) mod CHOICES, so a step's few pairs of an expert mostly stay on one
-        replica (one group, one part-filled tile, not one on each), a run of CHOICES pairs splits
-        exactly like the shares, and over steps the salt spreads even one pair a step like them."""
+        per replica, the row rotated by the expert's rotation: the AW picks entry (rank of the
+        pair among the step's pairs of the expert + the step's salt) mod CHOICES. So a step's few
+        pairs of an expert mostly stay on one replica (one group, one part-filled tile, not one
+        on each), a run of CHOICES pairs splits exactly like the shares, and over steps the salt
+        spreads even one pair a step like them. The salt is the same for every expert of a step,
+        so the rotations (control/eplb.py `rotations`) choose which replicas serve together: a
+        balanced column of the table is a balanced step."""
         reps, s = self._replicas[(layer, expert)], self.shares(layer, expert)
         exact = [x * CHOICES for x in s]
         units = [int(x) for x in exact]
         for i in sorted(range(len(s)), key=lambda i: (units[i] - exact[i], i))[:CHOICES - sum(units)]:
             units[i] += 1
-        return [r for r, u in zip(reps, units) for _ in range(u)]
+        row = [r for r, u in zip(reps, units) for _ in range(u)]
+        o = self._rotations.get((layer, expert), 0)
+        return row[CHOICES - o:] + row[:CHOICES - o]            # entry c holds row[(c - o) mod CHOICES]
 
     def arrays(self) -> list[np.ndarray]:
         """Per layer, int32 [n_experts, CHOICES, 2]: (ew, slot) of each entry of `choices`. What
@@ -116,15 +125,16 @@ class RoutingTable:
             replicas[k] = tuple(r for r, _ in kept)
             if kept:
                 shares[k] = tuple(x for _, x in kept)
-        return RoutingTable(self.version + 1, self.n_layers, self.n_experts, replicas, shares)
+        return RoutingTable(self.version + 1, self.n_layers, self.n_experts, replicas, shares, self._rotations)
 
     def replace(self, replicas: Mapping[Key, tuple[Replica, ...]], shares: Mapping[Key, tuple[float, ...]] | None
                 = None) -> "RoutingTable":
         """A new table (version + 1) with these experts' replicas (and shares) replaced."""
-        new_r, new_s = dict(self._replicas), dict(self._shares)
+        new_r, new_s, new_o = dict(self._replicas), dict(self._shares), dict(self._rotations)
         for k, reps in replicas.items():
             new_r[k] = tuple(reps)
             new_s.pop(k, None)
+            new_o.pop(k, None)
             if shares and k in shares:
                 new_s[k] = tuple(shares[k])
-        return RoutingTable(self.version + 1, self.n_layers, self.n_experts, new_r, new_s)
+        return RoutingTable(self.version + 1, self.n_layers, self.n_experts, new_r, new_s, new_o)
