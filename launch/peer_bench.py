@@ -33,6 +33,7 @@ flags.DEFINE_string("peer_checkpoint_dir", os.path.join(os.path.expanduser("~"),
                     "Where the default checkpoint is written (when no --checkpoint is given).")
 flags.DEFINE_bool("compare_resilience_off", True, "Also run our engine with --noresilience.")
 flags.DEFINE_bool("compare_pingpong", False, "Also run our engine with --pingpong flipped (resilience on).")
+flags.DEFINE_bool("compare_eplb", False, "Also run our engine with --eplb flipped (resilience on).")
 FLAGS.set_default("batch_sizes", ["1", "16", "64"])
 
 PEER_CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
@@ -120,6 +121,8 @@ def main(argv):
         configs["resilience_off"] = serving_flags.engine_config(resilience=False)
     if FLAGS.compare_pingpong:
         configs["pingpong_flipped"] = serving_flags.engine_config(pingpong=not FLAGS.pingpong)
+    if FLAGS.compare_eplb:
+        configs["eplb_flipped"] = serving_flags.engine_config(eplb=not FLAGS.eplb)
     engines = {mode: Engine(cfg, params, c, serving_flags.cache_config()) for mode, c in configs.items()}
     peer, ours = {}, {mode: {} for mode in engines}
     try:
@@ -146,7 +149,7 @@ def main(argv):
             row[f"ratio_{mode}"] = row[f"tarragon_{mode}"]["tok_s"] / row["transformers"]["tok_s"]
             same = [a == t for o, p in zip(res[b][1], peer[b][1]) for a, t in zip(o, p)]
             row[f"tokens_agree_{mode}"] = sum(same) / len(same)
-        for mode in ("resilience_off", "pingpong_flipped"):
+        for mode in ("resilience_off", "pingpong_flipped", "eplb_flipped"):
             if mode in ours:
                 row[f"resilience_on_over_{mode}"] = row["tarragon_resilience_on"]["tok_s"] / row[f"tarragon_{mode}"]["tok_s"]
         rows.append(row)
@@ -159,7 +162,8 @@ def main(argv):
           f"{FLAGS.num_expert_workers} EWs, runtime {FLAGS.runtime}; transformers {transformers.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     labels = {"resilience_on": "tarragon (resilience on)", "resilience_off": "tarragon (off)",
-              "pingpong_flipped": f"tarragon (pingpong {'off' if FLAGS.pingpong else 'on'})"}
+              "pingpong_flipped": f"tarragon (pingpong {'off' if FLAGS.pingpong else 'on'})",
+              "eplb_flipped": f"tarragon ({'no' if FLAGS.eplb else ''}eplb)"}
     head = f"{'batch':>5} {'transformers':>20}"
     for mode in ours:
         head += f" {labels[mode]:>26} {'ratio':>6}" + ("" if mode == "resilience_on" else f" {'on / this':>9}")

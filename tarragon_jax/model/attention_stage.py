@@ -88,11 +88,15 @@ def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax
     return (h, shared, w), send, k_pages, v_pages
 
 
+TOGETHER = 8     # an AW's pairs of one expert in a step that always go to one replica (half a CPU tile)
+
+
 def _choice(ids_Txk: jax.Array, step: jax.Array, C: int) -> jax.Array:
     """[T, k] entry of each pair's expert row in the routing table: the pair's rank among this
     step's pairs of the same expert, plus a salt, mod C. Within a step an expert's pairs walk
-    consecutive entries, so they split over its replicas like the shares (exactly, at C pairs)
-    and a few pairs stay together (one group on one EW, not a part-filled tile on each). The salt
+    consecutive entries, so they split over its replicas like the shares (exactly, at C pairs);
+    up to TOGETHER pairs all take the first entry, so they stay one group on one EW (not a
+    part-filled tile on each). The salt
     is a Weyl sequence in the step number (floor(C * frac(step * golden ratio))): it visits the C
     entries evenly over any run of steps, so even one pair a step splits like the shares within
     a few dozen steps. It is the same for every expert and on every AW: a step's few pairs of
@@ -104,7 +108,10 @@ def _choice(ids_Txk: jax.Array, step: jax.Array, C: int) -> jax.Array:
     flat = ids_Txk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     first = jnp.searchsorted(flat[order], flat[order], side="left")   # start of each expert's run
+    last = jnp.searchsorted(flat[order], flat[order], side="right")
     rank = jnp.zeros_like(flat).at[order].set(jnp.arange(T * k, dtype=flat.dtype) - first.astype(flat.dtype))
+    count = jnp.zeros_like(flat).at[order].set((last - first).astype(flat.dtype))
+    rank = jnp.where(count <= TOGETHER, 0, rank)                       # a small group is never split
     u = step.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
     salt = ((u >> 16) * jnp.uint32(C) >> 16).astype(flat.dtype)       # floor(C * frac), 16-bit precision
     return ((rank + salt) % C).reshape(T, k)
