@@ -48,9 +48,9 @@ flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart", "restart_regen
                   "the sent tokens one step at a time (a weaker baseline).")
 flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
 flags.DEFINE_float("shadow_budget", 1.0, "Fraction of an EW's primary-expert memory spent on shadow experts.")
-flags.DEFINE_bool("eplb", False, "Every replica (shadows included) serves traffic; each window the measured load "
+flags.DEFINE_bool("eplb", True, "Every replica (shadows included) serves traffic; each window the measured load "
                   "sets how an expert's traffic splits over its replicas and, where that is not enough, moves "
-                  "replicas between EWs in the background (--noeplb: shadows stay idle until a failure).")
+                  "replicas between EWs in the background (--noeplb: the paper's idle shadows, serving only after a failure).")
 flags.DEFINE_float("eplb_window_s", 10.0, "With --eplb: the expert load is read and rebalanced once per window.")
 flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax path); default: a temp dir.")
 flags.DEFINE_float("snapshot_interval_s", 0.05, "An AW hands newly filled KV blocks to the checkpoint store at "

@@ -29,6 +29,9 @@ def test_no_compile_stall_after_startup_from_an_empty_cache(tmp_path):
     for s in d["scenarios"]:
         run = s["runs"][0]
         assert [c for c in run["compiles"] if c["serving"]] == [], s["name"]
-        # 10x a step: slack for a shared 2-core machine; a compile of a layer program takes 30-100x
-        assert run["worst_gap_s"] <= 10 * s["step_s"], (s["name"], run["worst_gap_s"], s["step_s"])
+        # 10x a step: slack for a shared 2-core machine; a compile of a layer program takes 30-100x.
+        # A recovery's own stall (detection, the restore or replay, the recomputed tail) is itself
+        # 5-15 steps of this tiny model, so the failure runs get 20x.
+        slack = 10 if s["name"] == "no_failure" else 20
+        assert run["worst_gap_s"] <= slack * s["step_s"], (s["name"], run["worst_gap_s"], s["step_s"])
         assert s["tokens_identical"] is True
