@@ -9,7 +9,8 @@ eplb engine rebalancing every --warmup_window_s so that it converges in a short 
 passes run at --eplb_window_s (default 10 s, as deployed).
 
 Reports, per batch size: output tokens/s of each engine (median of --repeats, passes
-alternated), the EW load max/mean (rows per EW over the measured passes, read from the EWs'
+alternated), the median ratio of their process CPU time over the same passes (the work done,
+less sensitive to a shared machine's noise than wall time), the EW load max/mean (rows per EW over the measured passes, read from the EWs'
 device counters: over all layers and in the worst layer), and whether the tokens are identical.
 Then an EW is killed on both engines mid-pass: tokens must still match, and the eplb engine's
 load is measured again once the next rebalance has run. Prints a table and writes JSON.
@@ -20,6 +21,7 @@ import contextlib
 import json
 import statistics
 import sys
+import time
 
 from absl import app, flags
 
@@ -60,8 +62,9 @@ def passes(engines: dict, prompts: list[list[int]], sampling) -> tuple[dict, boo
     """One pass of the same prompts on every engine: (results by name, whether all agree)."""
     runs, outputs = {}, {}
     for name, engine in engines.items():
-        first = max(engine.requests, default=-1) + 1
+        first, cpu = max(engine.requests, default=-1) + 1, time.process_time()
         runs[name] = measure(engine, prompts, sampling)
+        runs[name]["cpu_s"] = time.process_time() - cpu       # every thread of this process: the work, less the noise
         outputs[name] = [list(engine.requests[i].output) for i in range(first, first + len(prompts))]
     return runs, len({json.dumps(o) for o in outputs.values()}) == 1
 
@@ -116,6 +119,7 @@ def main(argv):
             runs, same, load = timed(engines, work, sampling, batch)
             identical &= same
             rows.append({"batch": batch, **{f"{n}_tok_s": statistics.median(r["tok_s"] for r in runs[n]) for n in runs},
+                         "cpu_ratio": statistics.median(a["cpu_s"] / b["cpu_s"] for a, b in zip(runs["eplb"], runs["noeplb"])),
                          "load": load, "runs": runs})
         if FLAGS.kill:
             with window(engines["eplb"], FLAGS.warmup_window_s):
@@ -158,11 +162,12 @@ def report(cfg, rows, failure, identical, engine) -> None:
     print(f"{cfg.family}, {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, shadow budget "
           f"{FLAGS.shadow_budget}, help-text windows of {FLAGS.prompt_len} tokens, {FLAGS.output_len} new, median of "
           f"{FLAGS.repeats}, eplb window {FLAGS.eplb_window_s} s (warm-up {FLAGS.warmup_window_s} s)")
-    print(f"{'batch':>5} {'eplb tok/s':>11} {'noeplb tok/s':>13} {'ratio':>6} {'load eplb':>10} {'worst layer':>12} "
-          f"{'load noeplb':>12} {'worst layer':>12}")
+    print(f"{'batch':>5} {'eplb tok/s':>11} {'noeplb tok/s':>13} {'ratio':>6} {'CPU s ratio':>12} {'load eplb':>10} "
+          f"{'worst layer':>12} {'load noeplb':>12} {'worst layer':>12}")
     for r in rows:
         a, b = r["load"]["eplb"], r["load"]["noeplb"]
         print(f"{r['batch']:5d} {r['eplb_tok_s']:11.1f} {r['noeplb_tok_s']:13.1f} {r['eplb_tok_s'] / r['noeplb_tok_s']:6.3f} "
+              f"{r['cpu_ratio']:12.3f} "
               f"{a['ew_load']:10.3f} {a['ew_load_worst_layer']:12.3f} {b['ew_load']:12.3f} {b['ew_load_worst_layer']:12.3f}")
     print(f"greedy tokens identical with --eplb and --noeplb: {identical}")
     print(f"rebalances {reb.rebalances}, slots moved {reb.moves}")

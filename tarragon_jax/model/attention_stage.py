@@ -88,15 +88,16 @@ def attention_layer(cfg: ModelConfig, lp: dict, k_pages: jax.Array, v_pages: jax
     return (h, shared, w), send, k_pages, v_pages
 
 
-TOGETHER = 8     # an AW's pairs of one expert in a step that always go to one replica (half a CPU tile)
+TOGETHER = 32    # up to this many pairs of one expert in an AW's step go to one replica: decode is bound by
+                 # reading the weights, and a split group reads its expert's weights on two EWs
 
 
 def _choice(ids_Txk: jax.Array, step: jax.Array, C: int) -> jax.Array:
     """[T, k] entry of each pair's expert row in the routing table: the pair's rank among this
     step's pairs of the same expert, plus a salt, mod C. Within a step an expert's pairs walk
     consecutive entries, so they split over its replicas like the shares (exactly, at C pairs);
-    up to TOGETHER pairs all take the first entry, so they stay one group on one EW (not a
-    part-filled tile on each). The salt
+    up to TOGETHER pairs all take the first entry, so they stay one group on one EW (one read of
+    the expert's weights and one part-filled tile, not one on each replica). The salt
     is a Weyl sequence in the step number (floor(C * frac(step * golden ratio))): it visits the C
     entries evenly over any run of steps, so even one pair a step splits like the shares within
     a few dozen steps. It is the same for every expert and on every AW: a step's few pairs of
