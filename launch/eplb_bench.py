@@ -138,12 +138,11 @@ def failure_phase(engines: dict, work: Workload, sampling, batch: int) -> dict:
     prompts = work.take(batch)
     outputs = {}
     for name, engine in engines.items():
-        first = max(engine.requests, default=-1) + 1
         ids = [engine.submit(p, sampling) for p in prompts]
         for n, _ in enumerate(engine.stream()):
             if n == batch * 4:
                 engine.controller.kill(FLAGS.kill)
-        outputs[name] = [list(engine.requests[i].output) for i in range(first, first + len(ids))]
+        outputs[name] = [list(engine.requests[i].output) for i in ids]
         engine.controller.wait_recoveries()
     eplb = engines["eplb"]
     reb = eplb.controller.rebalancer

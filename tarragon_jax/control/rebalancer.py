@@ -103,30 +103,39 @@ class Rebalancer:
         current = {j: [list(s) for s in ew.slots] for j, ew in self._live().items()}
         plans = [eplb.plan_layer(rows, {j: slots[l] for j, slots in current.items()})
                  for l, rows in enumerate(self._load)]
-        return lambda: self._carry_out(plans)
+        turns = self._rotations({j: [p.slots[j] for p in plans] for j in current}, [p.shares for p in plans])
+        return lambda: self._carry_out(plans, turns)
+
+    def _rotations(self, slots: dict[int, list[list[int]]], shares: list[eplb.Shares]) -> dict[tuple[int, int], int]:
+        """Each expert's row rotation in the table the plan ends with, so that a step is balanced
+        (eplb.rotations), computed here in the background rather than when the table is published."""
+        ert = self._table(slots, shares)
+        return {(l, e): o for l in range(ert.n_layers)
+                for e, o in enumerate(eplb.rotations(self._load[l], [[r.ew for r in ert.choices(l, e)]
+                                                                   for e in range(ert.n_experts)]))}
 
     def _measure(self) -> Window | None:
         """Rows since the last window per (layer, expert) and per EW; None when nothing ran."""
         L, E = self.c.model.n_moe_layers, self.c.model.n_experts
         experts = [[0] * E for _ in range(L)]
-        per_ew = {}
+        raw = {}
         for j, ew in self._live().items():
             try:
-                rows = self._reader.read(ew.handle.name, ew)
+                raw[j] = self._reader.read(ew.handle.name, ew)
             except Exception:  # noqa: BLE001 -- a dead EW: the controller finds the failure
                 continue
-            per_ew[j] = [int(r.sum()) for r in rows]
-            for l, per in enumerate(expert_load.expert_rows(rows, ew.slots, E)):
+            for l, per in enumerate(expert_load.expert_rows(raw[j], ew.slots, E)):
                 experts[l] = [a + b for a, b in zip(experts[l], per)]
-        if not per_ew or not any(map(sum, per_ew.values())):
+        per_ew = {j: [int(r.sum()) for r in rows] for j, rows in raw.items()}
+        if not any(map(sum, per_ew.values())):
             return None
-        imb = [eplb.imbalance({j: rows[l] for j, rows in per_ew.items()}) for l in range(L)]
-        window = Window(self.clock(), experts, per_ew, imb, eplb.imbalance({j: sum(r) for j, r in per_ew.items()}))
+        load = expert_load.summary(raw)
+        window = Window(self.clock(), experts, per_ew, load["ew_load_per_layer"], load["ew_load"])
         self.windows = self.windows[-63:] + [window]
         return window
 
     # ---- carrying out a plan (at step boundaries, moves in the background) -------------------
-    def _carry_out(self, plans: list[eplb.LayerPlan]) -> None:
+    def _carry_out(self, plans: list[eplb.LayerPlan], turns: dict[tuple[int, int], int] | None = None) -> None:
         """Publish the plan's shares, or start its next round of moves. A round overwrites only
         slots whose expert keeps another replica that is not moving, so every expert stays
         routable while its slot loads."""
@@ -136,11 +145,11 @@ class Rebalancer:
                 if ew in live and live[ew].slots[layer][slot] not in (expert, MOVING)}
         round_ = _round(todo, {j: ew.slots for j, ew in live.items()})
         if not round_:
-            self._install(self._slots(), shares)
+            self._install(self._slots(), shares, turns)
             return
         for ew, layer, slot in round_:            # nothing is routed to a slot being overwritten
             live[ew].slots[layer][slot] = MOVING
-        self._install(self._slots(), shares, {k: todo[k] for k in round_})
+        self._install(self._slots(), shares, turns, {k: todo[k] for k in round_})
         by_slot: dict[tuple[int, int], dict[int, int]] = {}
         for ew, layer, slot in round_:
             by_slot.setdefault((ew, layer), {})[slot] = todo[(ew, layer, slot)]
@@ -149,7 +158,7 @@ class Rebalancer:
         def move():
             for (ew, layer), experts in sorted(by_slot.items()):
                 live[ew].replace_slots(layer, experts)
-            return lambda: self._carry_out(plans)
+            return lambda: self._carry_out(plans, turns)
         self._run(move)
 
     def _slots(self) -> dict[int, list[list[int]]]:
@@ -158,11 +167,10 @@ class Rebalancer:
         return {j: [list(live[j].slots[l]) if j in live else old.slots(j, l) for l in range(old.n_layers)]
                 for j in old.ews}
 
-    def _install(self, slots: dict[int, list[list[int]]], shares: list[list[dict[int, float]]],
-                 incoming: dict[tuple[int, int, int], int] | None = None) -> None:
-        """Make these slots (MOVING ones route nothing; `incoming` says what they will hold, for a
-        replacement built meanwhile) with these shares the placement, and publish its table."""
-        old, incoming = self.c.placement, incoming or {}
+    def _table(self, slots: dict[int, list[list[int]]], shares: list[eplb.Shares],
+               turns: dict[tuple[int, int], int] | None = None) -> RoutingTable:
+        """The table of these slots (MOVING ones route nothing) with these shares and rotations."""
+        n_layers, n_experts = self.c.model.n_moe_layers, self.c.model.n_experts
         replicas: dict[tuple[int, int], list[Replica]] = {}
         for j in sorted(slots):
             for layer, ids in enumerate(slots[j]):
@@ -170,12 +178,16 @@ class Rebalancer:
                     if e >= 0 and all(r.ew != j for r in replicas.get((layer, e), ())):
                         replicas.setdefault((layer, e), []).append(Replica(j, slot))
         weights = {k: tuple(shares[k[0]][k[1]].get(r.ew, 0.0) for r in reps) for k, reps in replicas.items()}
-        ert = RoutingTable.build(old.n_layers, old.n_experts, replicas, old.ert.version + 1, weights)
-        if self._load is not None:                # rotate each expert's row so that a step is balanced
-            turns = {(l, e): o for l in range(old.n_layers)
-                     for e, o in enumerate(eplb.rotations(self._load[l], [[r.ew for r in ert.choices(l, e)]
-                                                                        for e in range(old.n_experts)]))}
-            ert = RoutingTable.build(old.n_layers, old.n_experts, replicas, ert.version, weights, turns)
+        return RoutingTable.build(n_layers, n_experts, replicas, self.c.placement.ert.version + 1, weights, turns)
+
+    def _install(self, slots: dict[int, list[list[int]]], shares: list[eplb.Shares],
+                 turns: dict[tuple[int, int], int] | None, incoming: dict[tuple[int, int, int], int] | None = None
+                 ) -> None:
+        """Make these slots (MOVING ones route nothing; `incoming` says what they will hold, for a
+        replacement built meanwhile) with these shares and rotations the placement, and publish
+        its table."""
+        old, incoming = self.c.placement, incoming or {}
+        ert = self._table(slots, shares, turns)
         built = {j: [[incoming.get((j, l, s), e) for s, e in enumerate(ids)] for l, ids in enumerate(v)]
                  for j, v in slots.items()}
         split = {j: [len(p) for p in old.primaries[j]] for j in old.ews}
