@@ -170,6 +170,9 @@ class EngineConfig:
     eplb: bool = False                 # every replica serves traffic, shares and placement rebalanced by
                                        # measured load (control/rebalancer.py); off: the paper's idle shadows
     eplb_window_s: float = 10.0        # eplb: load is read and the experts rebalanced once per window
+    prefix_caching: bool = True        # full KV blocks are cached by their token prefix's hash and shared by later
+                                       # requests that start with it (kv/block_manager.py); placement prefers
+                                       # the AW holding a request's prefix
     checkpoint_dir: str | None = None  # KV snapshots (any Orbax path); None: a fresh dir under the temp dir
     snapshot_flush_s: float = 10.0     # KV snapshots within this window share one Orbax write (durability lag)
     snapshot_interval_s: float = 0.05  # an AW hands its newly filled KV blocks to the store at most this

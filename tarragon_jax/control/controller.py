@@ -28,9 +28,11 @@ import jax
 from tarragon_jax.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
 from tarragon_jax.control.health import HealthMonitor
 from tarragon_jax.control.placement import Placement, place
+from tarragon_jax.control.prefix_router import PrefixRouter
 from tarragon_jax.control.rebalancer import Rebalancer
 from tarragon_jax.control.recovery import RecoveryError, plan_aw_failure, plan_expert_routing
 from tarragon_jax.errors import WorkerFailed
+from tarragon_jax.kv.prefix_hash import cache_salt
 from tarragon_jax.model.weights import Weights, as_weights
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
@@ -120,6 +122,8 @@ class Controller:
         cfg, dtype = self.config, jax.numpy.dtype(self.config.dtype)
         self.dtype = dtype
         self.health = HealthMonitor(self.clock)
+        self.router = PrefixRouter(self.cache.page_size, self.cache.num_pages - 1,
+                                   cache_salt(self.model, self.config.dtype, self.cache.page_size), cfg.prefix_caching)
         workers = cfg.num_attention_workers + cfg.num_expert_workers
         self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="controller")
         self._jobs: list[_Job] = []
@@ -262,12 +266,14 @@ class Controller:
         healthy = [a.index for a in self.live_aws()]
         by_aw = {a.index: [s.request_id for s in a.live_requests()] for a in self.live_aws()}
         by_aw[i] = list(moving)
+        self.router.forget(i)
         plan = ({rid: i for rid in moving} if healthy == [i]       # only its own replacement is up
-                else plan_aw_failure(by_aw, i, healthy))
+                else plan_aw_failure(by_aw, i, healthy, {rid: s.hashes[0] for rid, s in moving.items() if s.hashes}))
         for rid, target in plan.items():
             seq = moving[rid]
             seq.move()
             self.aws[target].scheduler.add(seq)
+            self.router.cached(target, seq)
         rec.requests_moved = len(moving)
         rec.reroute_s = self.clock() - t0
 

@@ -52,9 +52,11 @@ def plan_expert_routing(placement: Placement, failed: Iterable[int], slots: Mapp
 
 
 def plan_aw_failure(requests_by_aw: Mapping[int, list[int]], failed_aw: int,
-                    healthy_aws: list[int]) -> dict[int, int]:
+                    healthy_aws: list[int], prefix_of: Mapping[int, object] | None = None) -> dict[int, int]:
     """request id -> new AW for every request of `failed_aw`, round-robin over the healthy AWs
-    ordered by current load (fewest requests first, ties in `healthy_aws` order)."""
+    ordered by current load (fewest requests first, ties in `healthy_aws` order). Requests with
+    the same `prefix_of` key (their first KV block's hash) move together, one turn of the round:
+    their shared blocks are restored once, on one AW."""
     healthy = list(dict.fromkeys(a for a in healthy_aws if a != failed_aw))
     moving = list(requests_by_aw.get(failed_aw, []))
     if not healthy:
@@ -63,4 +65,6 @@ def plan_aw_failure(requests_by_aw: Mapping[int, list[int]], failed_aw: int,
         raise RecoveryError(f"AW {failed_aw} failed and no healthy attention worker is left to take "
                             f"its {len(moving)} requests {moving[:8]}")
     order = sorted(healthy, key=lambda a: (len(requests_by_aw.get(a, [])), healthy.index(a)))
-    return {rid: order[i % len(order)] for i, rid in enumerate(moving)}
+    prefix_of = prefix_of or {}
+    turn = {key: i for i, key in enumerate(dict.fromkeys(prefix_of.get(rid, ("alone", rid)) for rid in moving))}
+    return {rid: order[turn[prefix_of.get(rid, ("alone", rid))] % len(order)] for rid in moving}

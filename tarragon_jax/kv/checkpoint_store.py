@@ -28,7 +28,7 @@ from etils import epath
 from tarragon_jax.kv.checksum import block_sums_host
 from tarragon_jax.kv.snapshot_files import SnapshotFiles
 from tarragon_jax.kv.snapshot_manifest import BlockRef, Entry, SnapshotManifest
-from tarragon_jax.kv.snapshot_writer import Remove, Snapshot, SnapshotWriter, Timer
+from tarragon_jax.kv.snapshot_writer import Link, Remove, Snapshot, SnapshotWriter, Timer
 
 
 class SnapshotMissing(LookupError):
@@ -107,7 +107,7 @@ class CheckpointStore:
         self._writer = SnapshotWriter(self._manifest, self._lock, self._files,
                                       save=lambda path, tree: self._write(path, tree),   # late-bound: see _write
                                       memory_tier=memory_tier, flush_interval_s=flush_interval_s, clock=clock)
-        self._memory = self._writer.memory          # (request, block) -> [L, parts, page_size, kv, hd]
+        self._memory = self._writer.memory          # manifest.memory_key -> [L, parts, page_size, kv, hd]
         _close_before_exit(self)
 
     # ---- engine-side API ---------------------------------------------------------------------
@@ -132,6 +132,19 @@ class CheckpointStore:
             self._n_blocks += len(refs)
             self._n_bytes += len(refs) * int(np.prod(shape[1:])) * np.dtype(blocks.dtype).itemsize
             self._blocked.add(self._clock() - t0)
+
+    def link(self, aw: int, refs: list[BlockRef]) -> None:
+        """Blocks a request shares with others (refs with their prefix hash: it took them from
+        AW `aw`'s prefix cache) hold the store's committed copy of that hash; nothing is
+        copied or written. Queued in order after the snapshots sent before it."""
+        if any(r.hash is None for r in refs):
+            raise ValueError(f"link() needs refs with a prefix hash, got {refs}")
+        if not refs:
+            return
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("link() on a closed CheckpointStore")
+            self._writer.send(Link(list(refs), self._manifest.epochs(refs)))
 
     def committed_blocks(self, request_id: int) -> int:
         """Length of the contiguous committed block prefix starting at block 0."""
@@ -160,7 +173,7 @@ class CheckpointStore:
                 raise SnapshotMissing(f"request {request_id}: block {n_pre} is not committed "
                                       f"(committed prefix {n_pre} blocks, asked for {num_blocks or 'all'})")
             chosen = chosen[:n]
-            mem = [self._memory.get((request_id, b)) for b in range(n)]
+            mem = [self._memory.get(self._manifest.memory_key(request_id, b)) for b in range(n)]
         out: list[np.ndarray | None] = list(mem)
         by_path: dict[str, list[int]] = {}
         for b, m in enumerate(mem):
@@ -189,6 +202,8 @@ class CheckpointStore:
         with self._lock:
             for b in self._manifest.drop(request_id):
                 self._memory.pop((request_id, b), None)
+            for key in self._manifest.released():
+                self._memory.pop(key, None)
             dead = self._manifest.unreferenced()
             if self._closed:
                 return                               # writer stopped: files stay until rmtree

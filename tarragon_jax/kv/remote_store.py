@@ -155,6 +155,10 @@ class RemoteCheckpointStore:
         start_host_copy(blocks, sums)
         self._put(("snap", aw, list(refs), blocks, sums))
 
+    def link(self, aw: int, refs: list[BlockRef]) -> None:
+        if refs:
+            self._put(("link", aw, list(refs)))
+
     def drop(self, request_id: int) -> None:
         self._put(("drop", request_id))
 
@@ -234,8 +238,8 @@ class RemoteCheckpointStore:
                 item = self._queue.popleft()
                 self._busy += 1
             try:
-                if item[0] == "drop":
-                    self.actor.call.remote("drop", item[1])
+                if item[0] in ("drop", "link"):
+                    self.actor.call.remote(*item)
                 else:
                     _, aw, refs, blocks, sums = item
                     if hasattr(blocks, "block_until_ready"):

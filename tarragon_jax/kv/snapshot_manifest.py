@@ -6,6 +6,11 @@ committed blocks from block 0 (a failed AW's request resumes after it). A checkp
 while some committed block lives in it and is reported once none does, for the caller to delete.
 A snapshot in flight carries two tags taken when it was sent: its requests' drop epochs (a request
 dropped since then never commits it) and its AW's life (an AW abandoned since then never lands it).
+
+A block with a prefix hash (kv/prefix_hash.py) is content-addressed: every request whose block
+has that hash holds the one committed copy, which stays while any of them does. A second copy
+of a committed hash is never written (`known`), and a request that shared a cached block on its
+AW takes the store's copy by hash alone (a link: no data moves).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Any
 class BlockRef:
     request_id: int
     block: int            # block b holds token positions [b * page_size, (b + 1) * page_size)
+    hash: int | None = None   # its prefix hash (prefix caching on): the block is content-addressed
 
     @property
     def key(self) -> str:
@@ -40,11 +46,14 @@ class SnapshotManifest:
     """Committed blocks, the files they live in, and the tags of snapshots in flight."""
 
     def __init__(self) -> None:
-        self._blocks: dict[int, dict[int, Entry]] = {}   # request -> block -> entry
+        self._blocks: dict[int, dict[int, Entry | int]] = {}   # request -> block -> entry, or its hash
+        self._content: dict[int, Entry] = {}             # hash -> the committed copy
+        self._holders: dict[int, set[tuple[int, int]]] = {}   # hash -> (request, block)s holding it
         self._refs: dict[str, int] = {}                  # checkpoint path -> committed entries in it
         self._dead: list[str] = []                       # paths whose last entry went, not yet reported
         self._epoch: dict[int, int] = {}                 # request -> times dropped (while snapshots fly)
         self._life: dict[int, int] = {}                  # AW -> times abandoned (its failures)
+        self._gone: list[tuple] = []                     # memory keys of content whose last holder went
 
     # ---- tags of snapshots in flight ---------------------------------------------------------
     def epochs(self, refs: list[BlockRef]) -> list[int]:
@@ -81,17 +90,32 @@ class SnapshotManifest:
         blocks = self._blocks.get(request_id, {})
         out = []
         while len(out) in blocks:
-            out.append(blocks[len(out)])
+            out.append(self._entry(blocks[len(out)]))
         return out
 
+    def memory_key(self, request_id: int, block: int) -> tuple:
+        """Where the memory tier keeps the block's host copy: by hash when content-addressed."""
+        held = self._blocks.get(request_id, {}).get(block)
+        return ("h", held) if isinstance(held, int) else (request_id, block)
+
+    def known(self, block_hash: int | None) -> bool:
+        """Is a copy of this hash committed (a new one need not be written)?"""
+        return block_hash is not None and block_hash in self._content
+
     def num_blocks(self) -> int:
-        """Committed blocks of all requests."""
-        return sum(len(b) for b in self._blocks.values())
+        """Distinct committed blocks (a content-addressed one counts once)."""
+        return sum(not isinstance(e, int) for b in self._blocks.values() for e in b.values()) + len(self._content)
+
+    def _entry(self, held: Entry | int) -> Entry:
+        return self._content[held] if isinstance(held, int) else held
 
     def wanted(self, ref: BlockRef, seq: int, epoch: int, *, own_only: bool = False) -> bool:
         """Would commit() take snapshot `seq`'s copy of `ref` (sent at drop epoch `epoch`)? Not if
         its request was dropped since; with own_only (the durable copy of a block the memory tier
         committed) not unless the block's entry is still that snapshot's: a newer one replaced it."""
+        if own_only and ref.hash is not None:       # held by whichever requests hold it now
+            entry = self._content.get(ref.hash)
+            return entry is not None and entry.seq == seq
         if self._epoch.get(ref.request_id, 0) != epoch:
             return False
         if not own_only:
@@ -99,28 +123,72 @@ class SnapshotManifest:
         entry = self._blocks.get(ref.request_id, {}).get(ref.block)
         return entry is not None and entry.seq == seq
 
-    def commit(self, ref: BlockRef, entry: Entry, epoch: int, *, own_only: bool = False) -> bool:
-        """Make `entry` the block's committed copy if wanted() (else False). A file whose last
-        entry this replaced is reported by unreferenced()."""
-        if not self.wanted(ref, entry.seq, epoch, own_only=own_only):
+    def commit(self, ref: BlockRef, entry: Entry | None, epoch: int, *, own_only: bool = False) -> bool:
+        """Make `entry` the block's committed copy if wanted() (else False). A content-addressed
+        block whose hash is committed already takes that copy (entry may be None: a link; False
+        if the hash is not committed), unless this is that copy's own durable write (own_only).
+        A file whose last entry this replaced is reported by unreferenced()."""
+        if not self.wanted(ref, -1 if entry is None else entry.seq, epoch, own_only=own_only):
             return False
+        if ref.hash is not None and not own_only and (entry is None or ref.hash in self._content):
+            if ref.hash not in self._content:
+                return False
+            self._hold(ref, ref.hash)
+            return True
         if entry.path is not None:
             self._refs[entry.path] = self._refs.get(entry.path, 0) + 1
-        blocks = self._blocks.setdefault(ref.request_id, {})
-        old = blocks.get(ref.block)
-        blocks[ref.block] = entry
+        if ref.hash is not None:
+            old = self._content.get(ref.hash)
+            self._content[ref.hash] = entry
+            if not own_only:
+                self._hold(ref, ref.hash)
+        else:
+            old = self._release(ref.request_id, ref.block)
+            self._blocks.setdefault(ref.request_id, {})[ref.block] = entry
         if old is not None:
             self._unref(old.path)
         return True
+
+    def _hold(self, ref: BlockRef, block_hash: int) -> None:
+        if self._blocks.get(ref.request_id, {}).get(ref.block) == block_hash:
+            return
+        old = self._release(ref.request_id, ref.block)
+        if old is not None:
+            self._unref(old.path)
+        self._blocks.setdefault(ref.request_id, {})[ref.block] = block_hash
+        self._holders.setdefault(block_hash, set()).add((ref.request_id, ref.block))
+
+    def _release(self, request_id: int, block: int) -> Entry | None:
+        """Take the block from the request: its private entry, or the content entry of its hash
+        if it was the last holder (either is the caller's to unref); None otherwise."""
+        held = self._blocks.get(request_id, {}).pop(block, None)
+        if not isinstance(held, int):
+            return held
+        holders = self._holders[held]
+        holders.discard((request_id, block))
+        if holders:
+            return None
+        del self._holders[held]
+        self._gone.append(("h", held))
+        return self._content.pop(held)
+
+    def released(self) -> list[tuple]:
+        """Memory-tier keys of content-addressed blocks whose last holder went since the last call."""
+        gone, self._gone = self._gone, []
+        return gone
 
     def drop(self, request_id: int) -> list[int]:
         """Forget a request; returns its blocks that were committed. Its snapshots in flight will
         not commit; files left without an entry are reported by unreferenced()."""
         self._epoch[request_id] = self._epoch.get(request_id, 0) + 1
-        blocks = self._blocks.pop(request_id, {})
-        for entry in blocks.values():
-            self._unref(entry.path)
-        return list(blocks)
+        blocks = list(self._blocks.get(request_id, {}))
+        private = [b for b in blocks if not isinstance(self._blocks[request_id][b], int)]
+        for b in blocks:
+            old = self._release(request_id, b)
+            if old is not None:
+                self._unref(old.path)
+        self._blocks.pop(request_id, None)
+        return private
 
     def referenced(self, path: str) -> bool:
         """Does some committed block live in checkpoint `path`?"""

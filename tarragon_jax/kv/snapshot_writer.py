@@ -42,6 +42,15 @@ class Snapshot:
 
 
 @dataclasses.dataclass(frozen=True)
+class Link:
+    """Content-addressed blocks a request shares (refs with a hash) take the committed copy of
+    their hash: no data moves. One that is not committed yet is tried again after the window's
+    write (without the memory tier, the copy commits only then)."""
+    refs: list[BlockRef]
+    epochs: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
 class Remove:
     """Delete a checkpoint no committed block lives in."""
     path: str
@@ -57,7 +66,7 @@ class Stop:
     """Write the current window and end the thread."""
 
 
-Message = Snapshot | Remove | Flush | Stop
+Message = Snapshot | Link | Remove | Flush | Stop
 
 
 class _Row(NamedTuple):
@@ -127,12 +136,13 @@ class SnapshotWriter:
         self._discard = False
         self._queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._window: dict[int, list[_Landed]] = {}          # aw -> landed snapshots not yet written
+        self._links: list[tuple[BlockRef, int]] = []          # links whose hash was not committed yet
         self._due: float | None = None                       # when the window is written
         self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
         self._thread.start()
 
     # ---- the store's side --------------------------------------------------------------------
-    def send(self, msg: Snapshot | Remove) -> None:
+    def send(self, msg: Snapshot | Link | Remove) -> None:
         """Queue work; the caller holds the lock (so wait() sees it pending at once)."""
         self.pending += 1
         self._queue.put(msg)
@@ -176,6 +186,8 @@ class SnapshotWriter:
                 self._window.setdefault(msg.aw, []).append(_Landed(msg.seq, msg.aw, msg.refs, rows or []))
                 if self._due is None:
                     self._due = self._clock() + (self._flush_interval_s or 0.0)
+            case Link(refs=refs, epochs=epochs):
+                self._guarded(functools.partial(self._link, list(zip(refs, epochs))), lambda: f"link {refs}", done=1)
             case Remove(path=path):
                 self._guarded(functools.partial(self._files.remove, path), lambda: path, done=1)
             case Flush() | Stop():
@@ -222,11 +234,27 @@ class SnapshotWriter:
             self._commit(msg.aw, rows, None)
         return rows
 
+    def _link(self, links: list[tuple[BlockRef, int]]) -> None:
+        """Commit links whose hash is committed; keep the others for the window's write."""
+        with self._lock:
+            self._links += [(ref, epoch) for ref, epoch in links if not self._manifest.commit(ref, None, epoch)]
+            self._drop_released()
+
     def _write_window(self) -> None:
         for aw, landed in sorted(self._window.items()):
             self._guarded(functools.partial(self._persist, aw, landed), functools.partial(_describe, landed),
                           done=len(landed))
         self._window, self._due = {}, None
+        links, self._links = self._links, []
+        with self._lock:                  # a copy that never committed (its request left): the link is lost
+            for ref, epoch in links:
+                self._manifest.commit(ref, None, epoch)
+            self._drop_released()
+
+    def _drop_released(self) -> None:
+        """Host copies of content-addressed blocks no request holds any more (under the lock)."""
+        for key in self._manifest.released():
+            self.memory.pop(key, None)
 
     def _persist(self, aw: int, landed: list[_Landed]) -> None:
         """One Orbax checkpoint for one AW's snapshots of the window (a later copy of a block
@@ -234,17 +262,26 @@ class SnapshotWriter:
         window is never written."""
         t0 = self._clock()
         latest = {row.ref: row for snap in landed for row in snap.rows}
+        rows, links, seen = [], [], set()
+        with self._lock:                  # a content-addressed block is written once: later copies link
+            for r in latest.values():
+                if not self._manifest.wanted(r.ref, r.seq, r.epoch, own_only=self._memory_tier):
+                    continue
+                h = r.ref.hash
+                (links if h is not None and (h in seen or self._manifest.known(h) and not self._memory_tier)
+                 else rows).append(r)
+                seen.add(h)
+        if rows:
+            path = self._files.path(aw, landed[0].seq)
+            self._save(path, {"blocks": np.stack([r.block for r in rows])})
+            self._commit(aw, rows, str(path))
         with self._lock:
-            rows = [r for r in latest.values()
-                    if self._manifest.wanted(r.ref, r.seq, r.epoch, own_only=self._memory_tier)]
-        if not rows:
-            return
-        path = self._files.path(aw, landed[0].seq)
-        self._save(path, {"blocks": np.stack([r.block for r in rows])})
-        self._commit(aw, rows, str(path))
-        with self._lock:
-            self.saved_blocks += len(rows)
-            self.save_time.add(self._clock() - t0)
+            for r in links:
+                self._manifest.commit(r.ref, None, r.epoch)
+            self._drop_released()
+            if rows:
+                self.saved_blocks += len(rows)
+                self.save_time.add(self._clock() - t0)
 
     def _commit(self, aw: int, rows: list[_Row], path: str | None) -> None:
         """The one commit. path None: the memory tier takes the rows' host copies; else the rows
@@ -253,9 +290,11 @@ class SnapshotWriter:
         with self._lock:
             for i, r in enumerate(rows):
                 entry = Entry(path, r.ref.key, r.sum, r.block.shape, r.block.dtype, r.seq, aw, i)
+                fresh = path is not None or not self._manifest.known(r.ref.hash)    # else: a link, no copy kept
                 if (self._manifest.commit(r.ref, entry, r.epoch, own_only=self._memory_tier and path is not None)
-                        and path is None):
-                    self.memory[(r.ref.request_id, r.ref.block)] = r.block
+                        and path is None and fresh):
+                    self.memory[self._manifest.memory_key(r.ref.request_id, r.ref.block)] = r.block
+            self._drop_released()
             dead = self._manifest.unreferenced()
             if path is not None and not self._manifest.referenced(path):
                 dead.append(path)                    # every block dropped or replaced before it landed

@@ -85,7 +85,9 @@ class Engine:
         seq = Sequence(rid, prompt, sampling, min(len(prompt) + sampling.max_new_tokens, self.model.max_position))
         self.requests[rid] = seq
         self._unfinished.add(rid)
-        min(self.controller.live_aws(), key=lambda a: a.scheduler.num_requests).scheduler.add(seq)
+        aw = self.controller.router.pick(seq, self.controller.live_aws())
+        aw.scheduler.add(seq)
+        self.controller.router.cached(aw.index, seq)
         self.metrics.submitted(rid)
         return rid
 
@@ -169,6 +171,7 @@ class Engine:
         events = []
         for seq, tok, new in emitted:
             if seq.state is SeqState.FINISHED:
+                self.controller.router.cached(aw.index, seq)     # its answer's blocks stay cached there
                 aw.release(seq)
                 self._unfinished.discard(seq.request_id)
             if new:

@@ -48,6 +48,13 @@ class ServingMetrics:
         self.expert_load = prom.Gauge("tarragon_expert_load", "Fraction of the layer's (token, expert) pairs the "
                                       "expert got between the last two scrapes that saw any", ["layer", "expert"],
                                       registry=r)
+        self.prefix_queries = prom.Counter("tarragon_prefix_cache_queries", "Prompt tokens of requests an AW admitted "
+                                           "(looked up in its prefix cache)", registry=r)
+        self.prefix_hits = prom.Counter("tarragon_prefix_cache_hit_tokens", "Of those, tokens whose KV was cached "
+                                        "(not computed)", registry=r)
+        self.prefix_blocks = prom.Gauge("tarragon_prefix_cache_blocks", "KV blocks an AW caches by prefix hash",
+                                        ["worker"], registry=r)
+        self._prefix: dict[tuple, tuple[int, int]] = {}     # (AW, joined at) -> (queries, hits) at the last scrape
         self._records = 0
         self._stalls: list[tuple[float, list[int]]] = []     # (detected at, requests in flight then)
         self._rows = expert_load.SlotRowReader()            # per EW: its per-slot counts at the last scrape
@@ -94,6 +101,7 @@ class ServingMetrics:
         self.waiting.set(sum(s.state is SeqState.WAITING for s in live))
         for aw in ctl.aws:
             self.kv_pages.labels(worker=aw.handle.name).set(aw.blocks.capacity - aw.blocks.num_free)
+            self._read_prefix(aw.handle.name, aw.joined_at, aw.prefix_stats)
         n_layers, n_experts = ctl.model.n_moe_layers, ctl.model.n_experts
         experts = [[0] * n_experts for _ in range(n_layers)]
         for ew in ctl.ews:
@@ -111,6 +119,15 @@ class ServingMetrics:
             for e, n in enumerate(per):
                 if total:
                     self.expert_load.labels(layer=str(layer), expert=str(e)).set(n / total)
+
+    def _read_prefix(self, name: str, joined_at: float, stats) -> None:
+        """An AW's prefix-cache counts into the counters, as differences (a replacement of the AW,
+        joined later, counts from 0)."""
+        q0, h0 = self._prefix.get((name, joined_at), (0, 0))
+        self.prefix_queries.inc(stats.query_tokens - q0)
+        self.prefix_hits.inc(stats.hit_tokens - h0)
+        self._prefix[(name, joined_at)] = (stats.query_tokens, stats.hit_tokens)
+        self.prefix_blocks.labels(worker=name).set(stats.cached_blocks)
 
     def exposition(self) -> bytes:
         return prom.generate_latest(self.registry)

@@ -26,7 +26,7 @@ from tarragon_jax.kv.block_manager import BlockManager
 from tarragon_jax.errors import WorkerFailed, WorkerId
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore
 from tarragon_jax.workers import channel as chan
-from tarragon_jax.workers.attention_worker import AttentionWorker, RestoreStats
+from tarragon_jax.workers.attention_worker import AttentionWorker, PrefixStats, RestoreStats
 from tarragon_jax.workers.keepalive import is_busy, vouch
 from tarragon_jax.workers.program_log import CompileLog
 from tarragon_jax.workers.remote_worker import RemoteWorker, WorkerProcess
@@ -45,10 +45,13 @@ class StepInfo:
     T: int                        # token rows (bucketed)
     n_tokens: int                 # real tokens
     rids: tuple[int, ...]         # request of each row
+    starts: tuple[int, ...]       # where each row's chunk starts (its cached tokens: a prefix-cache hit
+                                  # or a restore can skip ahead)
     chunks: tuple[int, ...]       # tokens each row puts in the cache
     emits: tuple[bool, ...]
     num_free: int                 # free KV pages after admission
     restored: RestoreStats
+    prefix: PrefixStats
 
     def padded_to(self, T: int) -> "StepInfo":
         return dataclasses.replace(self, T=max(T, self.T))
@@ -120,8 +123,9 @@ class AttentionActor(WorkerProcess):
         if self.batch is None:
             return None
         b = self.batch
-        return StepInfo(len(b.ids_T), b.n_tokens, tuple(s.request_id for s in b.seqs), tuple(b.chunks),
-                        tuple(b.emits), self.aw.blocks.num_free, self.aw.restored)
+        return StepInfo(len(b.ids_T), b.n_tokens, tuple(s.request_id for s in b.seqs),
+                        tuple(s.num_cached for s in b.seqs), tuple(b.chunks), tuple(b.emits),
+                        self.aw.blocks.num_free, self.aw.restored, self.aw.prefix_stats)
 
     def run_step(self, T: int, step: int, tag: int, first: int, senders: tuple[int, ...]):
         """The step's layers from `first` (0: embed the batch padded to T; else replay from the
@@ -260,7 +264,7 @@ class RemoteAttentionWorker(RemoteWorker):
         self.blocks = PageCounts(cache.num_pages, cache.page_size)
         self.scheduler = Assigned(self.rpc)
         self.refe = RemoteForwarding(self.rpc, ert, peers)
-        self.restored = RestoreStats()
+        self.restored, self.prefix_stats = RestoreStats(), PrefixStats()
         self._start = None                   # a prefetched start_step
         self.running: int | None = None      # the launched run_step's call id
 
@@ -273,7 +277,7 @@ class RemoteAttentionWorker(RemoteWorker):
         i, self._start = (self._start if self._start is not None else self.rpc.submit("start_step")), None
         info = self.rpc.result(i)
         if info is not None:
-            self.blocks.reported_free, self.restored = info.num_free, info.restored
+            self.blocks.reported_free, self.restored, self.prefix_stats = info.num_free, info.restored, info.prefix
             for rid in info.rids:
                 if rid in self.scheduler.seqs and self.scheduler.seqs[rid].state is SeqState.WAITING:
                     self.scheduler.seqs[rid].state = SeqState.RUNNING
@@ -290,11 +294,11 @@ class RemoteAttentionWorker(RemoteWorker):
         self.handle.check()
         self.rpc.cast("commit", toks_R)
         emitted = []
-        for row, (rid, n, emits) in enumerate(zip(batch.rids, batch.chunks, batch.emits)):
+        for row, (rid, start, n, emits) in enumerate(zip(batch.rids, batch.starts, batch.chunks, batch.emits)):
             seq = self.scheduler.seqs.get(rid)
             if seq is None:
                 continue
-            seq.num_cached += n                 # the driver's copy of the cache progress
+            seq.num_cached = start + n          # the driver's copy of the cache progress
             if emits:
                 emitted.append((seq, int(toks_R[row]), seq.append(int(toks_R[row]))))
         return emitted

@@ -20,6 +20,7 @@ from tarragon_jax.kv.block_manager import BlockManager
 from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing,
                                               StoreUnavailable)
 from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
+from tarragon_jax.kv.prefix_hash import cache_salt
 from tarragon_jax.model import attention_stage as stage
 from tarragon_jax.model.sampling import sample
 from tarragon_jax.workers import backends
@@ -58,8 +59,18 @@ class RestoreStats:
     blocks: int = 0
     fallbacks: int = 0                    # missing/corrupt snapshot -> recomputed from tokens
     tokens_recomputed: int = 0
+    shared: int = 0                       # restored blocks another moved request had written (not rewritten)
     seconds: float = 0.0                  # reading snapshots and writing them into pages
     recompute_steps: int = 0              # steps that carried recompute chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixStats:
+    """The AW's prefix cache: tokens of the requests it admitted, those it found cached, and the
+    blocks it caches now (for /metrics; counts start at 0 with each worker)."""
+    query_tokens: int = 0
+    hit_tokens: int = 0
+    cached_blocks: int = 0
 
 
 class AttentionWorker:
@@ -74,13 +85,14 @@ class AttentionWorker:
         self.n_ews = engine.num_expert_workers
         self.params = handle.put(_serving_params(model, attn_params, dtype))
         self.pages = allocate_pages(model, cache, handle.sharding, dtype)
-        self.blocks = BlockManager(cache.num_pages, cache.page_size)
+        self.blocks = BlockManager(cache.num_pages, cache.page_size, caching=engine.prefix_caching)
         self.scheduler = Scheduler(self.blocks, engine.max_running, engine.max_step_tokens,
-                                   engine.prefill_chunk)
+                                   engine.prefill_chunk, cache_salt(model, np.dtype(dtype).name, cache.page_size))
         self.programs = ProgramLog(handle.name)
         self.refe = ForwardingEngine(handle, ert)
         self.snapshot_interval_s = engine.snapshot_interval_s
         self._filled: list[BlockRef] = []        # filled since the last snapshot call
+        self._shared: list[BlockRef] = []        # taken from the prefix cache since then (store links)
         self._last_snapshot = clock()
         self.restored = RestoreStats()
         self._dtype = dtype
@@ -88,13 +100,20 @@ class AttentionWorker:
         self._zeros: dict = {}            # T -> [T, k, D] zeros: the answer of an EW that sent none
         self._carry, self._ys, self._inputs = None, (), {}
 
+    @property
+    def prefix_stats(self) -> PrefixStats:
+        return PrefixStats(self.scheduler.query_tokens, self.scheduler.hit_tokens, self.blocks.num_cached)
+
     def prefetch(self) -> None:
         """Nothing to start early: a local start_step is a direct call (see RemoteAttentionWorker)."""
 
     def start_step(self) -> StepBatch | None:
         """Admit, restore moved requests and pick this step's tokens; None if idle."""
         self.handle.check()
-        moved = [seq for seq in self.scheduler.admit() if seq.restore_pending]
+        admitted = self.scheduler.admit()
+        self._shared += [BlockRef(s.request_id, b, s.hashes[b]) for s in admitted
+                         for b in range(s.num_cached // self.blocks.page_size)]
+        moved = [seq for seq in admitted if seq.restore_pending]
         if moved:
             self._restore(moved)
         batch = self.scheduler.schedule()
@@ -159,36 +178,51 @@ class AttentionWorker:
 
     def _restore(self, seqs: list[Sequence]) -> None:
         """Restore the committed blocks of requests moved here, all in one padded page write
-        (one compiled variant per bucket), and mark the rest of each for recompute."""
+        (one compiled variant per bucket), and mark the rest of each for recompute. Blocks this
+        AW caches already (admission shared them) are not read back, and a block several moved
+        requests share is written once: the later ones share its page."""
         t0, ps = self.clock(), self.blocks.page_size
         pages, data, lost = [], [], False
         for seq in seqs:
             seq.restore_pending = False
-            usable = (seq.num_tokens - 1) // ps           # the last token must stay pending
-            n = 0
-            if self.store is not None and usable:
+            usable, n = (seq.num_tokens - 1) // ps, seq.num_cached // ps    # the last token stays pending
+            if self.store is not None and usable > n:
                 try:
                     if lost:              # one deadline for the batch, not one per request
                         raise StoreUnavailable("the store did not answer for this batch's first request")
                     blocks = self.store.restore(seq.request_id)[:usable]
-                    n = len(blocks)
-                    data.append(blocks)
-                    pages += self.blocks.block_table(seq.request_id)[:n]
+                    for b, page in self._place_restored(seq, n, len(blocks)):
+                        pages.append(page)
+                        data.append(blocks[b])
+                    n = max(n, len(blocks))
                 except (SnapshotMissing, SnapshotCorrupt) as e:
                     self.restored.fallbacks += 1
                     lost = lost or isinstance(e, StoreUnavailable)
+            self.restored.blocks += n - seq.num_cached // ps
             seq.num_cached = n * ps
             seq.recompute_until = seq.num_tokens - 1
-            self.restored.blocks += n
             self.restored.tokens_recomputed += seq.num_tokens - 1 - n * ps
         self.restored.requests += len(seqs)
         if data:
-            blocks = np.concatenate(data)
-            N = bucket(len(blocks), 4)                    # padding rows write zeros to the sink page 0
-            blocks = np.concatenate([blocks, np.zeros((N - len(blocks),) + blocks.shape[1:], blocks.dtype)])
+            N = bucket(len(data), 4)                      # padding rows write zeros to the sink page 0
+            blocks = np.stack(data + [np.zeros_like(data[0])] * (N - len(data)))
             ids = np.asarray(pages + [0] * (N - len(pages)), np.int32)
             self.pages = self.programs.call(write_blocks, self.pages, *self.handle.put((ids, blocks)))
         self.restored.seconds += self.clock() - t0
+
+    def _place_restored(self, seq: Sequence, first: int, end: int) -> list[tuple[int, int]]:
+        """(block, page) to write of the request's restored blocks [first, end): blocks already
+        cached here (an earlier request of this restore wrote them) share that page instead; the
+        rest are registered in the cache, as they hold their KV once the write lands."""
+        hashes, out = self.scheduler.hashes(seq), []
+        for b in range(first, end):
+            if b < len(hashes) and self.blocks.share(seq.request_id, b, hashes[b]):
+                self.restored.shared += 1
+                continue
+            out.append((b, self.blocks.block_table(seq.request_id)[b]))
+            if b < len(hashes):
+                self.blocks.register(seq.request_id, b, hashes[b])
+        return out
 
     def commit(self, batch: StepBatch, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
         """The step's sampled tokens are in: emit for every row whose chunk ended its tokens,
@@ -201,10 +235,14 @@ class AttentionWorker:
         for row, (s, n) in enumerate(zip(batch.seqs, batch.chunks)):
             full = range(s.num_cached // ps, (s.num_cached + n) // ps)
             s.num_cached += n
+            if full and self.blocks.caching:
+                hashes = self.scheduler.hashes(s)
+                for b in full:
+                    self.blocks.register(s.request_id, b, hashes[b])
             if batch.emits[row]:
                 emitted.append((s, int(toks_R[row]), s.append(int(toks_R[row]))))
             if s.state is not SeqState.FINISHED:
-                filled += [BlockRef(s.request_id, b) for b in full]
+                filled += [BlockRef(s.request_id, b, s.hashes[b] if self.blocks.caching else None) for b in full]
         self._filled += filled
         if self.clock() - self._last_snapshot >= self.snapshot_interval_s:
             self._snapshot()
@@ -217,6 +255,9 @@ class AttentionWorker:
         time (on the tiny model's 6 ms steps, no-failure throughput 1.13x lower every step)."""
         refs, self._filled, self._last_snapshot = self._filled, [], self.clock()
         refs = list(dict.fromkeys(r for r in refs if self.blocks.holds(r.request_id)))
+        shared, self._shared = [r for r in self._shared if self.blocks.holds(r.request_id)], []
+        if self.store is not None and shared:
+            self.store.link(self.index, shared)
         if self.store is None or not refs:
             return
         tables = {rid: self.blocks.block_table(rid) for rid in {r.request_id for r in refs}}
@@ -266,8 +307,10 @@ class AttentionWorker:
         failing AW recomputes what the new store lacks."""
         self.store = store
         ps = self.blocks.page_size
-        self._filled += [BlockRef(s.request_id, b) for s in self.scheduler.running
-                         for b in range(s.num_cached // ps) if s.state is not SeqState.FINISHED]
+        for s in self.scheduler.running:
+            hashes = self.scheduler.hashes(s)
+            if s.state is not SeqState.FINISHED:
+                self._filled += [BlockRef(s.request_id, b, hashes[b] if hashes else None) for b in range(s.num_cached // ps)]
 
     def release(self, seq: Sequence) -> bool:
         """A request leaves (finished or cancelled), running or queued: its pages return to the

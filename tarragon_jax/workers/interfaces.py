@@ -32,7 +32,8 @@ class Worker(Protocol):
 @runtime_checkable
 class AttentionWorkerAPI(Worker, Protocol):
     """An attention worker: owns its requests' KV pages (`scheduler`, `blocks`), its forwarding
-    engine (`refe`: routing-table versions) and what its last restore cost (`restored`)."""
+    engine (`refe`: routing-table versions), what its last restore cost (`restored`) and its
+    prefix cache's counts (`prefix_stats`)."""
 
     def prefetch(self) -> None: ...
     def start_step(self): ...

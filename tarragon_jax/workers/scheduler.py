@@ -7,7 +7,9 @@ for those decoding, then prefill chunks of at most `prefill_chunk` while the ste
 that recomputes has one of two token buckets, that of `prefill_chunk` (a restored request
 recomputes less than a page or so) or the full `max_step_tokens`, so the shapes a recovery meets
 are few and known, and compiled at startup (shape_grid.recovery_grid).
-Requests join and leave the running batch at any step. Host-only (numpy).
+Requests join and leave the running batch at any step. With prefix caching, admission shares the
+longest cached run of a request's leading blocks (BlockManager) and only the rest is computed.
+Host-only (numpy).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import dataclasses
 import numpy as np
 
 from tarragon_jax.kv.block_manager import BlockManager
+from tarragon_jax.kv.prefix_hash import extend_hashes
 from tarragon_jax.workers.sequence import Sequence, SeqState
 
 
@@ -60,11 +63,21 @@ class StepBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_running: int, max_step_tokens: int, prefill_chunk: int):
-        self.blocks = blocks
+    def __init__(self, blocks: BlockManager, max_running: int, max_step_tokens: int, prefill_chunk: int,
+                 salt: bytes = b""):
+        """salt: what the KV depends on besides the tokens (prefix_hash.cache_salt), when the
+        blocks cache prefixes."""
+        self.blocks, self.salt = blocks, salt
         self.max_running, self.max_step_tokens, self.prefill_chunk = max_running, max_step_tokens, prefill_chunk
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        self.query_tokens = self.hit_tokens = 0       # prefix cache: tokens of admitted requests, and cached ones
+
+    def hashes(self, seq: Sequence) -> list[int]:
+        """The request's chained block hashes (extended to its tokens now); none without caching."""
+        if not self.blocks.caching:
+            return []
+        return extend_hashes(seq.hashes, seq.tokens, self.blocks.page_size, self.salt)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -78,10 +91,15 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq.max_len):
+            usable = self.hashes(seq)[:(seq.num_tokens - 1) // self.blocks.page_size]   # the last token is computed
+            if not self.blocks.can_allocate(seq.max_len, usable):
                 break                                     # FIFO: the head waits for pages
             self.waiting.popleft()
-            self.blocks.allocate(seq.request_id, seq.max_len)
+            hits = len(self.blocks.cached_run(usable))
+            self.blocks.allocate(seq.request_id, seq.max_len, usable)
+            self.query_tokens += seq.num_tokens
+            self.hit_tokens += hits * self.blocks.page_size
+            seq.num_cached = hits * self.blocks.page_size
             seq.state = SeqState.RUNNING
             self.running.append(seq)
             admitted.append(seq)

@@ -26,6 +26,7 @@ class Sequence:
     restore_pending: bool = False         # moved to a new AW: restore committed KV on admission
     recompute_until: int = 0              # positions below this are recomputed in one chunked pass
     replay: list[int] = dataclasses.field(default_factory=list)   # restart_regenerate: tokens to redo silently
+    hashes: list[int] = dataclasses.field(default_factory=list)   # chained hashes of its full blocks (prefix cache)
 
     @property
     def tokens(self) -> list[int]:
@@ -69,7 +70,7 @@ class Sequence:
         """restart_regenerate, the weaker baseline: every position is lost and the sent tokens are
         generated again one step at a time before new ones reach the user."""
         self.replay = list(self.output)
-        self.output, self.num_cached, self.recompute_until = [], 0, 0
+        self.output, self.num_cached, self.recompute_until, self.hashes = [], 0, 0, []
         self.state, self.restore_pending = SeqState.WAITING, False
 
     def move(self) -> None:

@@ -1,0 +1,170 @@
+"""Prefix caching in the engine: the same tokens with caching on and off (against the dense
+reference), prefixes reused across requests and chat turns, placement on the AW holding the
+prefix, an AW failure while requests share a prefix, and the /metrics counters."""
+import numpy as np
+import pytest
+
+from tarragon_jax.config import CacheConfig, EngineConfig, SamplingParams
+from tarragon_jax.control.faults import FaultInjector
+from tarragon_jax.model import reference
+from tarragon_jax.model.tiny import tiny_model
+from tarragon_jax.serving.engine import Engine
+from tarragon_jax.serving.prometheus_metrics import ServingMetrics
+from seeding import fresh_rng
+
+CACHE = CacheConfig(page_size=4, num_pages=128)
+
+
+def _engine(cfg, params, caching, faults=(), **kw):
+    conf = dict(num_attention_workers=2, num_expert_workers=3, prefill_chunk=8, max_step_tokens=32,
+                prefix_caching=caching)
+    conf.update(kw)
+    return Engine(cfg, params, EngineConfig(**conf), CACHE, faults=FaultInjector.from_strings(faults))
+
+
+def _hits(eng):
+    return sum(aw.prefix_stats.hit_tokens for aw in eng.aws)
+
+
+def _chat(eng, system, questions, sp, turns=2):
+    """Each question its own conversation of `turns` turns, one after another: a turn's prompt is
+    the last one + its answer + a follow-up. Returns every answer."""
+    rng = np.random.default_rng(len(system))
+    answers = []
+    for q in questions:
+        prompt = system + q
+        for _ in range(turns):
+            out = eng.generate([prompt], sp)[0]
+            answers.append(out)
+            prompt = prompt + out + rng.integers(3, 200, 3).tolist()
+    return answers
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_caching_on_and_off_give_the_reference_tokens_across_requests_and_turns(family):
+    rng = fresh_rng()
+    cfg, params = tiny_model(family, seed=int(rng.integers(1 << 30)))
+    system = rng.integers(3, cfg.vocab_size, 37).tolist()
+    questions = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (2, 5, 9)]
+    sp = SamplingParams(max_new_tokens=6)
+    outs = {}
+    for caching in (True, False):
+        eng = _engine(cfg, params, caching)
+        outs[caching] = _chat(eng, system, questions, sp)
+        if caching:
+            # a first turn reuses the 9 full blocks of the system prompt (none for the very first);
+            # a second turn the full blocks of its first turn's prompt + answer (the last answer
+            # token is never fed back): prompts of 39, 42, 46 tokens, answers of 6
+            assert _hits(eng) == (0 + 44) + (36 + 44) + (36 + 48)
+            assert sum(aw.prefix_stats.query_tokens for aw in eng.aws) > _hits(eng)
+        else:
+            assert _hits(eng) == 0 and all(aw.blocks.num_cached == 0 for aw in eng.aws)
+        assert all(a.blocks.num_free == a.blocks.capacity for a in eng.aws)     # cached pages are free pages
+        eng.close()
+    assert outs[True] == outs[False]
+    rng2 = np.random.default_rng(len(system))
+    prompt = system + questions[0]
+    assert outs[True][0] == reference.greedy_generate(cfg, params, prompt, 6)
+    follow = prompt + outs[True][0] + rng2.integers(3, 200, 3).tolist()
+    assert outs[True][1] == reference.greedy_generate(cfg, params, follow, 6)
+
+
+def test_concurrent_sampled_requests_sharing_a_prefix_match_caching_off():
+    rng = fresh_rng()
+    cfg, params = tiny_model("qwen3_moe", seed=int(rng.integers(1 << 30)))
+    system = rng.integers(3, cfg.vocab_size, 29).tolist()
+    prompts = [system + rng.integers(3, cfg.vocab_size, n).tolist() for n in (1, 4, 7, 3, 12, 6)]
+    sp = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=int(rng.integers(1 << 30)))
+    outs = {}
+    for caching in (True, False):
+        eng = _engine(cfg, params, caching)
+        ids = [eng.submit(prompts[0], sp)]
+        for _ in range(6):                                 # the first one's prefill is cached by then
+            eng.step()
+        ids += [eng.submit(p, sp) for p in prompts[1:4]]
+        eng.step()
+        ids += [eng.submit(p, sp) for p in prompts[4:]]    # join while the others decode
+        list(eng.stream())
+        outs[caching] = [eng.requests[i].output for i in ids]
+        if caching:
+            assert _hits(eng) >= 28
+        eng.close()
+    assert outs[True] == outs[False]
+
+
+def test_requests_with_a_cached_prefix_go_to_the_aw_holding_it():
+    rng = fresh_rng()
+    cfg, params = tiny_model("mixtral", seed=int(rng.integers(1 << 30)))
+    system = rng.integers(3, cfg.vocab_size, 60).tolist()
+    eng = _engine(cfg, params, True)
+    sp = SamplingParams(max_new_tokens=3)
+    eng.generate([rng.integers(3, cfg.vocab_size, 40).tolist()], sp)   # an unrelated request first
+    for _ in range(4):                                     # one at a time: each finds the prefix cached
+        eng.generate([system + rng.integers(3, cfg.vocab_size, 3).tolist()], sp)
+    holders = [aw.index for aw in eng.aws if aw.prefix_stats.hit_tokens]
+    assert len(holders) == 1 and eng.aws[holders[0]].prefix_stats.hit_tokens == 3 * 60
+    eng.close()
+
+
+def test_aw_failure_while_requests_share_a_prefix_keeps_the_tokens():
+    """Five requests sharing a prefix run on AW1 (AW0 is busy with a long one), four of them took
+    it from AW1's cache: their store copies are links to the first one's blocks. AW1 dies: on
+    AW0 the moved requests restore from the store, a block they share written once, and the
+    tokens are those of failure-free runs with caching on and off."""
+    rng = fresh_rng()
+    cfg, params = tiny_model("qwen3_moe", seed=int(rng.integers(1 << 30)))
+    system = rng.integers(3, cfg.vocab_size, 33).tolist()
+    prompts = [system + rng.integers(3, cfg.vocab_size, n).tolist() for n in (2, 5, 3, 8, 1)]
+    long_one = rng.integers(3, cfg.vocab_size, 90).tolist()
+    sp = SamplingParams(max_new_tokens=10)
+
+    def run(caching, faults=()):
+        eng = _engine(cfg, params, caching, faults, snapshot_interval_s=0)
+        ids = [eng.submit(long_one, SamplingParams(max_new_tokens=40)), eng.submit(prompts[0], sp)]
+        while eng.requests[ids[1]].num_cached < 33:
+            eng.step()
+        ids += [eng.submit(p, sp) for p in prompts[1:]]
+        if caching:
+            assert [len(aw.live_requests()) for aw in eng.aws] == [1, 5]
+        while eng.has_work:
+            eng.controller.store.wait()                    # every filled block committed before the fault
+            eng.step()
+        eng.controller.wait_recoveries()
+        return [eng.requests[i].output for i in ids], eng
+
+    clean, eng = run(False)
+    sent_off = eng.controller.store.stats["blocks"]
+    eng.close()
+    cached, eng = run(True)
+    store = eng.controller.store.stats
+    assert store["blocks"] == store["saved_blocks"] <= sent_off - 4 * 8   # the shared prefix: sent and written once
+    eng.close()
+    failed, eng = run(True, ["aw:1@step=10"])
+    rec = eng.controller.records[0]
+    assert rec.kind == "aw" and rec.requests_moved == 5
+    restored = eng.aws[0].restored
+    assert restored.requests == 5 and restored.fallbacks == 0
+    assert restored.shared >= 4 * 8                        # 8 prefix blocks written once, shared by 4
+    assert restored.tokens_recomputed < 5 * 4              # each recomputes its tail past its last full block
+    assert failed == cached == clean
+    eng.close()
+
+
+def test_metrics_count_prefix_cache_hits():
+    rng = fresh_rng()
+    cfg, params = tiny_model("qwen2_moe", seed=int(rng.integers(1 << 30)))
+    system = rng.integers(3, cfg.vocab_size, 24).tolist()
+    eng = _engine(cfg, params, True, num_attention_workers=1)
+    metrics = ServingMetrics()
+    sp = SamplingParams(max_new_tokens=2)
+    for n in (3, 4):
+        eng.generate([system + [5] * n], sp)
+        metrics.refresh(eng)
+    text = metrics.exposition().decode()
+
+    def value(name):
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+    assert value("tarragon_prefix_cache_queries_total") == 24 + 3 + 24 + 4
+    assert value("tarragon_prefix_cache_hit_tokens_total") == 24
+    assert value('tarragon_prefix_cache_blocks{worker="aw0"}') >= 6
+    eng.close()
