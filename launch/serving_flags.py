@@ -52,6 +52,9 @@ flags.DEFINE_bool("eplb", False, "Every replica (shadows included) serves traffi
                   "sets how an expert's traffic splits over its replicas and, where that is not enough, moves "
                   "replicas between EWs in the background (--noeplb: the paper's idle shadows, serving only after a failure).")
 flags.DEFINE_float("eplb_window_s", 10.0, "With --eplb: the expert load is read and rebalanced once per window.")
+flags.DEFINE_bool("enable_prefix_caching", True, "Each AW caches full KV blocks by the hash of their token prefix and "
+                  "shares them with later requests that start the same way (system prompts, chat turns); new "
+                  "requests go to the AW holding their prefix, balanced against load.")
 flags.DEFINE_string("checkpoint_dir", None, "Where KV snapshots go (any Orbax path); default: a temp dir.")
 flags.DEFINE_float("snapshot_interval_s", 0.05, "An AW hands newly filled KV blocks to the checkpoint store at "
                    "most this often (a block commits up to this much later; 0: every step).")
@@ -181,7 +184,8 @@ def engine_config(**overrides):
               prefill_chunk=FLAGS.prefill_chunk, max_running=FLAGS.max_running,
               max_step_tokens=max(256, FLAGS.prefill_chunk), dtype=FLAGS.dtype, runtime=FLAGS.runtime, ray_address=FLAGS.ray_address, recovery=FLAGS.recovery,
               resilience=FLAGS.resilience, shadow_budget=FLAGS.shadow_budget, eplb=FLAGS.eplb,
-              eplb_window_s=FLAGS.eplb_window_s, checkpoint_dir=FLAGS.checkpoint_dir,
+              eplb_window_s=FLAGS.eplb_window_s, prefix_caching=FLAGS.enable_prefix_caching,
+              checkpoint_dir=FLAGS.checkpoint_dir,
               snapshot_flush_s=FLAGS.snapshot_flush_s, snapshot_interval_s=FLAGS.snapshot_interval_s,
               snapshot_memory_tier=FLAGS.snapshot_memory_tier,
               transfer_deadline_s=FLAGS.transfer_deadline_s, heartbeat_interval_s=FLAGS.heartbeat_interval_s, precompile=FLAGS.precompile,

@@ -225,6 +225,38 @@ def test_moved_requests_restore_from_the_store_process(model):
     eng.close()
 
 
+def test_prefix_caching_in_worker_processes_survives_an_aw_kill(model):
+    """Requests sharing a prefix on an AW process (the other is busy with a long one): later ones
+    take it from the AW's cache (the count comes back with the step), their store copies are
+    links to the first one's blocks. After a kill of that AW the moved requests restore through
+    those links, a shared block written once, every token the dense reference's."""
+    cfg, params, _ = model
+    rng = fresh_rng()
+    system = rng.integers(3, cfg.vocab_size, 21).tolist()
+    prompts = [rng.integers(3, cfg.vocab_size, 40).tolist()] + [
+        system + rng.integers(3, cfg.vocab_size, n).tolist() for n in (2, 4, 1)]
+    want = [reference.greedy_generate(cfg, params, p, 10) for p in prompts]
+    eng = _engine(cfg, params, [], snapshot_interval_s=0.0)
+    sp = SamplingParams(max_new_tokens=10)
+    ids = [eng.submit(p, sp) for p in prompts[:2]]
+    while eng.requests[ids[1]].num_cached < 21:
+        eng.step()
+    ids += [eng.submit(p, sp) for p in prompts[2:]]
+    holder = eng.aws[1]
+    assert [len(aw.live_requests()) for aw in eng.aws] == [1, 3]
+    eng.step()
+    assert holder.prefix_stats.hit_tokens == 2 * 20
+    for _ in range(2):
+        eng.controller.store.wait()
+        eng.step()
+    eng.controller.kill("aw1")
+    list(eng.stream())
+    assert [eng.requests[i].output for i in ids] == want
+    restored = eng.aws[0].restored
+    assert restored.requests == 3 and restored.fallbacks == 0 and restored.shared >= 2 * 5
+    eng.close()
+
+
 def test_a_dead_store_process_costs_a_recompute_not_a_token(model):
     """The store's process is SIGKILLed, then an AW fails: nothing can be restored, so the moved
     requests recompute from their tokens, which stay the reference's."""
