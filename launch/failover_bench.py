@@ -259,6 +259,7 @@ def overhead(cfg, params, reload) -> dict:
                 eng.controller.store.wait()
             t0, c0, n = time.perf_counter(), time.process_time(), 0
             while n == 0 or time.perf_counter() - t0 < FLAGS.overhead_sample_s:
+                eng.reset_prefix_cache()               # the same prompts every pass: each computes them
                 n += sum(map(len, eng.generate(prompts, SamplingParams(max_new_tokens=FLAGS.output_len))))
             if eng.controller.store is not None:
                 eng.controller.store.wait()

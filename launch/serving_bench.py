@@ -8,6 +8,12 @@ with --api completions), arriving as a Poisson process at --request_rate per sec
   no_failure   timed
   failures     timed, with every --fail_at kill sent through POST /fail at its second
 
+Workloads (--workload): random prompts; shared_prefix, a long system prompt (--prefix_len words)
+before every short question (--input_len words); multi_turn, conversations of --turns turns, each
+turn's prompt the whole conversation so far. Every pass starts with a cold prefix cache (POST
+/reset_prefix_cache). --compare_prefix_caching runs the passes on a server with prefix caching and
+then on one without, and checks that both give the same texts.
+
 Per pass: TTFT, inter-token latency (gaps between text chunks) and end-to-end latency
 percentiles, output tokens/s (completion tokens over the pass's wall time), errors, and whether
 every text equals the reference's. Prints a table and writes --json_out.
@@ -40,6 +46,16 @@ flags.DEFINE_float("temperature", 0.0, "Sampling temperature (each request also 
 flags.DEFINE_list("fail_at", [], "worker@seconds after the failures pass starts, e.g. ew1@1.0,aw0@2.5; empty: no "
                   "failures pass.")
 flags.DEFINE_integer("seed", 0, "Prompts, arrivals and sampling seeds.")
+flags.DEFINE_enum("workload", "random", ["random", "shared_prefix", "multi_turn"],
+                  "random: --input_len random words; shared_prefix: one system prompt of --prefix_len words before "
+                  "every question of --input_len words; multi_turn: --num_requests / --turns conversations whose "
+                  "every turn sends the conversation so far plus a new question.")
+flags.DEFINE_integer("prefix_len", 300, "shared_prefix: words in the system prompt.")
+flags.DEFINE_integer("turns", 4, "multi_turn: turns per conversation.")
+flags.DEFINE_integer("max_concurrency", 0, "At most this many requests in flight (0: no limit); 1 sends them one "
+                     "at a time.")
+flags.DEFINE_bool("compare_prefix_caching", False, "Run the passes on a server with prefix caching, then on one "
+                  "with --noenable_prefix_caching, side by side; their texts must be the same.")
 flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex every jovial "
@@ -52,29 +68,53 @@ def percentiles(xs: list[float]) -> dict:
     return {"p50": pick(50), "p90": pick(90), "p99": pick(99)}
 
 
+def _words(rng, n: int) -> str:
+    return " ".join(rng.choice(WORDS, n))
+
+
 def workload(n: int, seed: int) -> list[dict]:
-    """Prompts, arrival offsets (seconds) and sampling seeds, the same in every pass."""
+    """The pass's jobs, the same in every pass: each a conversation (its user turns, one for
+    random and shared_prefix), its system prompt (or None), when it starts (seconds) and its
+    sampling seed."""
     import numpy as np
     rng = np.random.default_rng(seed)
+    turns = FLAGS.turns if FLAGS.workload == "multi_turn" else 1
+    n = max(1, n // turns)
     gaps = rng.exponential(1 / FLAGS.request_rate, n) if FLAGS.request_rate > 0 else np.zeros(n)
-    return [{"prompt": " ".join(rng.choice(WORDS, FLAGS.input_len)), "at": float(t), "seed": int(rng.integers(1 << 30))}
-            for t in np.cumsum(gaps) - gaps[0]]
+    system = _words(rng, FLAGS.prefix_len) if FLAGS.workload == "shared_prefix" else None
+    return [{"turns": [_words(rng, FLAGS.input_len) for _ in range(turns)], "system": system, "at": float(t),
+             "seed": int(rng.integers(1 << 30))} for t in np.cumsum(gaps) - gaps[0]]
 
 
-async def one(client, model: str, job: dict, t0: float) -> dict:
-    """One streaming request: its text, completion tokens, TTFT, text-chunk gaps, end-to-end time."""
+async def conversation(client, model: str, job: dict, t0: float, gate: asyncio.Semaphore) -> list[dict]:
+    """A job's turns one after another, each with the conversation so far; a failed turn ends it."""
     await asyncio.sleep(max(0.0, t0 + job["at"] - time.perf_counter()))
-    start, chunks, text, tokens = time.perf_counter(), [], "", 0
-    kw = dict(model=model, max_tokens=FLAGS.output_len, temperature=FLAGS.temperature, seed=job["seed"],
+    messages = [{"role": "system", "content": job["system"]}] if job["system"] else []
+    results = []
+    for i, question in enumerate(job["turns"]):
+        messages.append({"role": "user", "content": question})
+        async with gate:
+            r = await one(client, model, messages, job["seed"] + i)
+        results.append(r)
+        if "error" in r:
+            break
+        messages.append({"role": "assistant", "content": r["text"]})
+    return results
+
+
+async def one(client, model: str, messages: list[dict], seed: int) -> dict:
+    """One streaming request: its text, completion tokens, TTFT, text-chunk gaps, end-to-end time."""
+    start, chunks, text, tokens, prompt_tokens = time.perf_counter(), [], "", 0, 0
+    kw = dict(model=model, max_tokens=FLAGS.output_len, temperature=FLAGS.temperature, seed=seed,
               stream=True, stream_options={"include_usage": True})
     try:
         if FLAGS.api == "chat":
-            stream = await client.chat.completions.create(messages=[{"role": "user", "content": job["prompt"]}], **kw)
+            stream = await client.chat.completions.create(messages=messages, **kw)
         else:
-            stream = await client.completions.create(prompt=job["prompt"], **kw)
+            stream = await client.completions.create(prompt="\n".join(m["content"] for m in messages), **kw)
         async for c in stream:
             if c.usage is not None:
-                tokens = c.usage.completion_tokens
+                tokens, prompt_tokens = c.usage.completion_tokens, c.usage.prompt_tokens
             if not c.choices:
                 continue
             delta = c.choices[0].delta.content if FLAGS.api == "chat" else c.choices[0].text
@@ -86,38 +126,49 @@ async def one(client, model: str, job: dict, t0: float) -> dict:
         return {"error": f"{type(e).__name__}: {e}{cause}", "t": time.perf_counter(), "after_s": time.perf_counter() - start,
                 "tokens_before": len(chunks)}
     end = time.perf_counter()
-    return {"text": text, "tokens": tokens, "ttft_s": chunks[0] - start if chunks else end - start,
+    return {"text": text, "tokens": tokens, "prompt_tokens": prompt_tokens, "ttft_s": chunks[0] - start if chunks else end - start,
             "gaps_s": [b - a for a, b in zip(chunks, chunks[1:])], "e2e_s": end - start, "end": end}
 
 
 async def kill(url: str, worker: str, at: float, t0: float) -> dict:
-    import httpx
     await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+    status, answer = await post(url, "/fail", {"worker": worker})
+    return {"worker": worker, "at_s": at, "status": status, "answer": answer}
+
+
+async def post(url: str, path: str, body: dict) -> tuple[int, dict]:
+    import httpx
     async with httpx.AsyncClient(timeout=60) as http:
-        r = await http.post(url + "/fail", json={"worker": worker})
-    return {"worker": worker, "at_s": at, "status": r.status_code, "answer": r.json()}
+        r = await http.post(url + path, json=body)
+    return r.status_code, r.json()
 
 
 async def run_pass(url: str, model: str, jobs: list[dict], name: str, kills: list[tuple[str, float]]) -> dict:
     import openai
     from tqdm.asyncio import tqdm
+    await post(url, "/reset_prefix_cache", {})            # every pass starts cold
+    gate = asyncio.Semaphore(FLAGS.max_concurrency or 1 << 30)
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
         t0 = time.perf_counter()
         killers = [asyncio.create_task(kill(url, w, at, t0)) for w, at in kills]
-        results = await tqdm.gather(*[one(client, model, job, t0) for job in jobs], desc=name, file=sys.stderr)
+        convs = await tqdm.gather(*[conversation(client, model, job, t0, gate) for job in jobs], desc=name, file=sys.stderr)
+    results = [r for c in convs for r in c]
     done = [r for r in results if "error" not in r]
     wall = max((r["end"] for r in done), default=t0) - t0
-    return {"name": name, "requests": len(jobs), "errors": [r["error"] for r in results if "error" in r],
+    return {"name": name, "requests": sum(len(j["turns"]) for j in jobs), "errors": [r["error"] for r in results if "error" in r],
             "wall_s": wall, "output_tokens": sum(r["tokens"] for r in done),
+            "prompt_tokens_mean": sum(r["prompt_tokens"] for r in done) / max(len(done), 1),
             "throughput_tok_s": sum(r["tokens"] for r in done) / max(wall, 1e-9),
             "ttft_s": percentiles([r["ttft_s"] for r in done]), "itl_s": percentiles([g for r in done for g in r["gaps_s"]]),
             "e2e_s": percentiles([r["e2e_s"] for r in done]), "kills": list(await asyncio.gather(*killers)),
             "texts": [r.get("text") for r in results]}
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    """launch/serve.py with this run's serving flags on a free port: (process, url) once it listens."""
-    argv = [FLAGS[f.name].serialize() for f in FLAGS.get_flags_for_module(serving_flags)]
+def start_server(**overrides) -> tuple[subprocess.Popen, str]:
+    """launch/serve.py with this run's serving flags (and `overrides`) on a free port: (process,
+    url) once it listens."""
+    argv = [FLAGS[f.name].serialize() for f in FLAGS.get_flags_for_module(serving_flags) if f.name not in overrides]
+    argv += [f"--{k}={v}" for k, v in overrides.items()]
     cmd = [sys.executable, "-m", f"{__package__}.serve", "--port=0", "--allow_fault_injection", *[a for a in argv if a]]
     # launch.serve in the repository, tarragon_jax.launch.serve installed: run from the folder above the package
     root = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * len(__package__.split("."))))
@@ -144,11 +195,12 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
 
 
 def table(passes: list[dict]) -> str:
-    head = f"{'pass':<11}{'ok':>6}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}{'E2E p50':>9}{'texts':>11}"
+    head = f"{'pass':<15}{'ok':>6}{'prompt':>8}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}{'E2E p50':>9}{'texts':>11}"
     rows = [head]
     for p in passes:
         ms = lambda d, q: f"{1e3 * d[q]:.0f}ms"
-        rows.append(f"{p['name']:<11}{p['requests'] - len(p['errors']):>6}{p['throughput_tok_s']:>9.1f}"
+        rows.append(f"{p['name']:<15}{p['requests'] - len(p['errors']):>6}{p['prompt_tokens_mean']:>8.0f}"
+                    f"{p['throughput_tok_s']:>9.1f}"
                     f"{ms(p['ttft_s'], 'p50'):>10}{ms(p['ttft_s'], 'p99'):>8}{ms(p['itl_s'], 'p50'):>9}"
                     f"{ms(p['itl_s'], 'p99'):>8}{ms(p['e2e_s'], 'p50'):>9}"
                     f"{str(p.get('texts_identical', 'reference')):>11}")
@@ -165,23 +217,42 @@ def main(argv):
         if not re.fullmatch(r"(aw|ew)\d+", worker) or not re.fullmatch(r"\d+(\.\d*)?", at):
             raise app.UsageError(f"--fail_at {spec!r}: expected worker@seconds, e.g. ew1@1.5")
         kills.append((worker, float(at)))
-    proc, url = (None, FLAGS.url.rstrip("/")) if FLAGS.url else start_server()
-    try:
-        import openai
-        model = openai.OpenAI(base_url=url + "/v1", api_key="unused").models.list().data[0].id
-        jobs = workload(FLAGS.num_requests, FLAGS.seed)
-        passes = [asyncio.run(run_pass(url, model, jobs, name, k))
-                  for name, k in [("warmup", []), ("no_failure", [])] + ([("failures", kills)] if kills else [])]
-    finally:
-        if proc is not None:
-            stop_server(proc)
-    reference = passes[0]["texts"]
-    for p in passes[1:]:
-        p["texts_identical"] = not p["errors"] and p["texts"] == reference
-        p["texts_differing"] = sum(a != b for a, b in zip(p["texts"], reference))
+    if FLAGS.url and FLAGS.compare_prefix_caching:
+        raise app.UsageError("--compare_prefix_caching starts its own two servers: drop --url")
+    jobs = workload(FLAGS.num_requests, FLAGS.seed)
+    names = [("warmup", []), ("no_failure", [])] + ([("failures", kills)] if kills else [])
+    settings = [("on", "true"), ("off", "false")] if FLAGS.compare_prefix_caching else [("", None)]
+    passes = []
+    for label, caching in settings:
+        overrides = {} if caching is None else {"enable_prefix_caching": caching}
+        proc, url = (None, FLAGS.url.rstrip("/")) if FLAGS.url else start_server(**overrides)
+        try:
+            import openai
+            model = openai.OpenAI(base_url=url + "/v1", api_key="unused").models.list().data[0].id
+            ran = [asyncio.run(run_pass(url, model, jobs, name, k)) for name, k in names]
+        finally:
+            if proc is not None:
+                stop_server(proc)
+        reference = ran[0]["texts"]
+        for p in ran[1:]:
+            p["texts_identical"] = not p["errors"] and p["texts"] == reference
+            p["texts_differing"] = sum(a != b for a, b in zip(p["texts"], reference))
+        for p in ran:
+            p["name"] = f"{p['name']}/{label}" if label else p["name"]
+        passes += ran
+    if FLAGS.compare_prefix_caching:                      # caching on and off: the same texts, pass by pass
+        n = len(names)
+        for on, off in zip(passes[:n], passes[n:]):
+            off["texts_identical"] = not off["errors"] and off["texts"] == on["texts"]
+        on, off = passes[1], passes[n + 1]
+        ratios = {"ttft_p50_on_over_off": on["ttft_s"]["p50"] / off["ttft_s"]["p50"],
+                  "throughput_on_over_off": on["throughput_tok_s"] / off["throughput_tok_s"]}
     for p in passes:
         del p["texts"]
     print(table(passes))
+    if FLAGS.compare_prefix_caching:
+        print(f"no_failure, prefix caching on/off: TTFT p50 {ratios['ttft_p50_on_over_off']:.3f}x, "
+              f"throughput {ratios['throughput_on_over_off']:.3f}x (texts identical: {passes[len(names) + 1]['texts_identical']})")
     for p in passes:
         for e in p["errors"][:3]:
             print(f"{p['name']}: error: {e}")
@@ -189,9 +260,11 @@ def main(argv):
             print(f"{p['name']}: killed {k['worker']} at {k['at_s']} s: HTTP {k['status']} {k['answer']}")
     if FLAGS.json_out:
         config = {k: getattr(FLAGS, k) for k in ("api", "num_requests", "request_rate", "input_len", "output_len",
-                                                  "temperature", "fail_at", "seed", "url")}
+                                                  "temperature", "fail_at", "seed", "url", "workload", "prefix_len",
+                                                  "turns", "max_concurrency", "compare_prefix_caching")}
         with open(FLAGS.json_out, "w") as f:
-            json.dump({"config": config, "model": model, "passes": passes}, f, indent=1)
+            json.dump({"config": config, "model": model, "passes": passes,
+                       **({"prefix_caching_ratios": ratios} if FLAGS.compare_prefix_caching else {})}, f, indent=1)
     if any(p.get("texts_identical") is False for p in passes):
         sys.exit(1)
 

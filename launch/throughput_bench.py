@@ -8,7 +8,9 @@ layers, and in the worst layer), and writes JSON. All serving flags apply (--run
 --expert_backend, --attention_backend, --precompile, --checkpoint, ...). `--runtimes local,ray`
 measures several runtimes in one run, their passes alternated, and prints each one's throughput
 as a ratio of the first's; under ray it also times an idle actor's round trip (the floor of one
-cross-process hop on this machine).
+cross-process hop on this machine). `--compare_prefix_caching` measures an engine with prefix
+caching and one without the same way (the prompts share no prefix: what caching costs). Every
+pass starts with an empty prefix cache, so a repeated prompt is computed again.
 """
 from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
@@ -30,6 +32,8 @@ flags.DEFINE_integer("seed", 0, "Prompt seed.")
 flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
 flags.DEFINE_list("runtimes", None, "Measure these runtimes in one run, passes alternated (e.g. local,ray); "
                   "default: --runtime alone.")
+flags.DEFINE_bool("compare_prefix_caching", False, "Measure --runtime with prefix caching and without in one run, "
+                  "passes alternated.")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -49,6 +53,7 @@ def measure(engine, prompts, sampling) -> dict:
     from tarragon_jax.control import expert_load
     reader = expert_load.SlotRowReader()
     ew_rows(engine, reader)
+    engine.reset_prefix_cache()                  # the same prompts every pass: each computes them
     t0 = time.perf_counter()
     ids = [engine.submit(p, sampling) for p in prompts]
     for _ in engine.stream():
@@ -92,8 +97,14 @@ def main(argv):
     runtimes = FLAGS.runtimes or [FLAGS.runtime]
     if len(set(runtimes)) != len(runtimes) or not set(runtimes) <= {"local", "ray"}:
         sys.exit(f"error: --runtimes must name distinct runtimes out of local, ray; got {runtimes}")
-    engines = {rt: Engine(cfg, params, serving_flags.engine_config(runtime=rt), serving_flags.cache_config(),
-                          load_params=reload) for rt in runtimes}
+    variants = {rt: dict(runtime=rt) for rt in runtimes}
+    if FLAGS.compare_prefix_caching:
+        if len(runtimes) > 1:
+            sys.exit("error: --compare_prefix_caching measures one runtime (--runtime), not --runtimes")
+        variants = {"prefix_caching": dict(prefix_caching=True), "no_prefix_caching": dict(prefix_caching=False)}
+    runtimes = list(variants)                    # the measured variants, by name
+    engines = {rt: Engine(cfg, params, serving_flags.engine_config(**kw), serving_flags.cache_config(),
+                          load_params=reload) for rt, kw in variants.items()}
     memory = {rt: {name: p.get("rss_mb") for name, p in e.controller.processes().items()} for rt, e in engines.items()}
     hop = ray_round_trip_s() if "ray" in runtimes else None
     sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
@@ -122,9 +133,9 @@ def main(argv):
         for engine in engines.values():
             engine.close()
     for rt in runtimes:
-        print(f"{cfg.family}, {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, runtime "
-              f"{rt}, experts {FLAGS.expert_backend}, attention {FLAGS.attention_backend}, prompt "
-              f"{FLAGS.prompt_len}, output {FLAGS.output_len}, median of {FLAGS.repeats}")
+        label = f"runtime {rt}" if rt in ("local", "ray") else f"runtime {FLAGS.runtime}, {rt}"
+        print(f"{cfg.family}, {FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, {label}, "
+              f"experts {FLAGS.expert_backend}, attention {FLAGS.attention_backend}, prompt {FLAGS.prompt_len}, output {FLAGS.output_len}, median of {FLAGS.repeats}")
         print(f"{'batch':>5} {'tok/s':>8} {'(min-max)':>15} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'ITL p99 ms':>11} "
               f"{'EW load max/mean':>17} {'worst layer':>11}")
         for r in rows[rt]:
@@ -142,7 +153,7 @@ def main(argv):
         with open(FLAGS.json_out, "w") as fh:
             json.dump({"config": {k: FLAGS[k].value for k in ("runtime", "runtimes", "expert_backend",
                                                                "attention_backend", "prompt_len", "output_len",
-                                                               "repeats", "eplb")},
+                                                               "repeats", "eplb", "compare_prefix_caching")},
                        "rows": rows[runtimes[0]], "by_runtime": rows, "ray_round_trip_s": hop,
                        "resident_mb": memory}, fh, indent=1)
 

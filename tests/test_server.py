@@ -223,3 +223,27 @@ def test_sigterm_drains_the_launcher():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_prefix_cache_counters_and_reset(served):
+    """A prompt sent twice is served from the prefix cache the second time (the /metrics counters
+    say so: its 9 full pages of 4 tokens) with the same tokens; after POST /reset_prefix_cache it
+    is computed again."""
+    cfg, params, url, _ = served
+    prompt = fresh_rng().integers(3, cfg.vocab_size, 40).tolist()
+
+    def hits():
+        with urllib.request.urlopen(url + "/metrics") as r:
+            text = r.read().decode()
+        return float(next(x.split()[-1] for x in text.splitlines() if x.startswith("tarragon_prefix_cache_hit_tokens_total")))
+    want = reference.greedy_generate(cfg, params, prompt, 4)
+    outs, before = [], hits()
+    for reset in (False, False, True):
+        if reset:
+            code, body = request(url + "/reset_prefix_cache", {})
+            assert code == 200 and json.loads(body)["blocks_dropped"] > 0
+        code, body = request(url + "/generate", {"prompt_ids": prompt, "max_new_tokens": 4})
+        assert code == 200
+        outs.append(json.loads(body)["output_ids"])
+    assert outs == [want] * 3
+    assert hits() - before == 36

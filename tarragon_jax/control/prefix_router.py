@@ -67,6 +67,16 @@ class PrefixRouter:
             return prefill + load_tokens(aw), len(live), aw.index
         return min(aws, key=cost)
 
+    def elsewhere(self, seq: Sequence, aw: int) -> int:
+        """Leading blocks of the request that another AW caches, when more than AW `aw` does
+        (else 0): that AW's requests snapshotted them, so `aw` can read them from the store
+        instead of computing them (AttentionWorker.start_step)."""
+        if not self.enabled:
+            return 0
+        hashes = self.hashes(seq)[:(seq.num_tokens - 1) // self.page_size]
+        best = max((self.matched(a, hashes) for a in self._held if a != aw), default=0)
+        return best if best > self.matched(aw, hashes) else 0
+
     def cached(self, aw: int, seq: Sequence) -> None:
         """AW `aw` computes (or restores) the request's full blocks: it caches them from now on."""
         if not self.enabled:
@@ -78,6 +88,8 @@ class PrefixRouter:
         while len(held) > self.capacity:
             held.popitem(last=False)
 
-    def forget(self, aw: int) -> None:
-        """AW `aw` failed: what it cached is gone (its replacement starts empty)."""
+    def forget(self, aw: int | None = None) -> None:
+        """AW `aw` failed: what it cached is gone (its replacement starts empty); None: every AW's."""
+        if aw is None:
+            self._held.clear()
         self._held.pop(aw, None)

@@ -116,6 +116,17 @@ class BlockManager:
         table[block] = page
         return True
 
+    def reset_cache(self) -> int:
+        """Forget every cached prefix (benchmarks start cold; vLLM's /reset_prefix_cache): pages no
+        request holds become plain free pages, held ones stay with their requests unshared.
+        Returns how many blocks were cached."""
+        n = len(self._page_of)
+        self._free.extend(reversed(self._evictable))
+        self._evictable.clear()
+        self._hash_of.clear()
+        self._page_of.clear()
+        return n
+
     def block_table(self, request_id: int) -> list[int]:
         return list(self._tables[request_id])
 

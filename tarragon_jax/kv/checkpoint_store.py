@@ -174,27 +174,41 @@ class CheckpointStore:
                                       f"(committed prefix {n_pre} blocks, asked for {num_blocks or 'all'})")
             chosen = chosen[:n]
             mem = [self._memory.get(self._manifest.memory_key(request_id, b)) for b in range(n)]
+        return self._load(f"request {request_id}", chosen, mem)
+
+    def restore_prefix(self, hashes: list[int]) -> np.ndarray:
+        """The committed copies of the leading run of these prefix hashes (whichever requests
+        hold them) as [n, L, parts, page_size, kv, hd], verified: a prefix another AW computed,
+        for a request that starts with it."""
+        with self._lock:
+            chosen = self._manifest.content_run(hashes)
+            mem = [self._memory.get(("h", h)) for h in hashes[:len(chosen)]]
+        if not chosen:
+            raise SnapshotMissing(f"no committed block of prefix {hashes[:1]}...")
+        return self._load(f"prefix {hashes[0]}", chosen, mem)
+
+    def _load(self, what: str, chosen: list[Entry], mem: list) -> np.ndarray:
+        """These entries' blocks, from the memory tier where `mem` has them, else their files;
+        checked against their shapes and checksums."""
         out: list[np.ndarray | None] = list(mem)
         by_path: dict[str, list[int]] = {}
         for b, m in enumerate(mem):
             if m is None and chosen[b].path is None:
-                raise SnapshotMissing(f"request {request_id}: block {b} was never persisted and its "
-                                      f"memory-tier copy is gone")
+                raise SnapshotMissing(f"{what}: block {b} was never persisted and its memory-tier copy is gone")
             if m is None:
                 by_path.setdefault(chosen[b].path, []).append(b)
         for path, bs in by_path.items():
-            got = self._read(request_id, path, [chosen[b] for b in bs])
+            got = self._read(what, path, [chosen[b] for b in bs])
             for b in bs:
                 out[b] = got[chosen[b].key]
         for b, (e, a) in enumerate(zip(chosen, out)):
             if a.shape != e.shape or a.dtype != e.dtype:
-                raise SnapshotCorrupt(f"request {request_id} block {b}: {_tier(mem[b], e)} copy has "
+                raise SnapshotCorrupt(f"{what} block {b}: {_tier(mem[b], e)} copy has "
                                       f"{a.dtype}{a.shape}, snapshot was {e.dtype}{e.shape}")
         blocks = np.stack(out)
         for b, got in enumerate(block_sums_host(blocks)):
             if got != chosen[b].sum:
-                raise SnapshotCorrupt(f"request {request_id} block {b}: checksum mismatch in the "
-                                      f"{_tier(mem[b], chosen[b])} copy")
+                raise SnapshotCorrupt(f"{what} block {b}: checksum mismatch in the {_tier(mem[b], chosen[b])} copy")
         return blocks
 
     def drop(self, request_id: int) -> None:
@@ -273,17 +287,17 @@ class CheckpointStore:
         that tests can wrap it (slow or failing storage)."""
         self._files.save(path, tree)
 
-    def _read(self, request_id: int, path: str, entries: list[Entry]) -> dict[str, np.ndarray]:
+    def _read(self, what: str, path: str, entries: list[Entry]) -> dict[str, np.ndarray]:
         """These blocks from one checkpoint: its one array restored, their rows taken."""
         keys = [e.key for e in entries]
         if not self._files.exists(path):
-            raise SnapshotMissing(f"request {request_id}: checkpoint {path} holding {keys} is gone")
+            raise SnapshotMissing(f"{what}: checkpoint {path} holding {keys} is gone")
         try:
             got = self._files.load(path)
         except FileNotFoundError as e:
-            raise SnapshotMissing(f"request {request_id}: checkpoint {path} is gone: {e}") from e
+            raise SnapshotMissing(f"{what}: checkpoint {path} is gone: {e}") from e
         except Exception as e:
-            raise SnapshotCorrupt(f"request {request_id}: checkpoint {path} unreadable for {keys}: {e}") from e
+            raise SnapshotCorrupt(f"{what}: checkpoint {path} unreadable for {keys}: {e}") from e
         if not isinstance(got, np.ndarray) or max(e.row for e in entries) >= len(got):
-            raise SnapshotCorrupt(f"request {request_id}: checkpoint {path} does not hold the rows of {keys}")
+            raise SnapshotCorrupt(f"{what}: checkpoint {path} does not hold the rows of {keys}")
         return {e.key: got[e.row] for e in entries}

@@ -172,6 +172,9 @@ class RemoteCheckpointStore:
     def restore(self, request_id: int, num_blocks: int | None = None) -> np.ndarray:
         return self._call("restore", request_id, num_blocks)
 
+    def restore_prefix(self, hashes: list[int]) -> np.ndarray:
+        return self._call("restore_prefix", list(hashes))
+
     def committed_blocks(self, request_id: int) -> int:
         return self._call("committed_blocks", request_id)
 

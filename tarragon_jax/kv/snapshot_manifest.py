@@ -98,6 +98,15 @@ class SnapshotManifest:
         held = self._blocks.get(request_id, {}).get(block)
         return ("h", held) if isinstance(held, int) else (request_id, block)
 
+    def content_run(self, hashes: list[int]) -> list[Entry]:
+        """The committed copies of the leading run of `hashes` (content-addressed blocks)."""
+        out = []
+        for h in hashes:
+            if h not in self._content:
+                break
+            out.append(self._content[h])
+        return out
+
     def known(self, block_hash: int | None) -> bool:
         """Is a copy of this hash committed (a new one need not be written)?"""
         return block_hash is not None and block_hash in self._content

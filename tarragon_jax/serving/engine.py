@@ -85,9 +85,11 @@ class Engine:
         seq = Sequence(rid, prompt, sampling, min(len(prompt) + sampling.max_new_tokens, self.model.max_position))
         self.requests[rid] = seq
         self._unfinished.add(rid)
-        aw = self.controller.router.pick(seq, self.controller.live_aws())
+        router = self.controller.router
+        aw = router.pick(seq, self.controller.live_aws())
+        seq.prefix_hint = router.elsewhere(seq, aw.index)
         aw.scheduler.add(seq)
-        self.controller.router.cached(aw.index, seq)
+        router.cached(aw.index, seq)
         self.metrics.submitted(rid)
         return rid
 
@@ -130,6 +132,12 @@ class Engine:
         seq.state, seq.finish_reason = SeqState.FINISHED, "cancelled"
         self._unfinished.discard(request_id)
         return True
+
+    def reset_prefix_cache(self) -> int:
+        """Every live AW forgets its cached prefixes (a benchmark pass starts cold); returns how
+        many blocks were cached. Call between steps."""
+        self.controller.router.forget()
+        return sum(aw.reset_prefix_cache() for aw in self.controller.live_aws())
 
     @property
     def num_unfinished(self) -> int:

@@ -15,6 +15,7 @@ Endpoints (JSON in, JSON out; every error is OpenAI's {"error": {"message", "typ
   GET  /metrics              Prometheus text format (prometheus_metrics.py)
   POST /fail                 {"worker": "ew1"}: fail-stop a worker now (allow_faults only; for demos):
                               checked and killed in one closure on the engine thread
+  POST /reset_prefix_cache   every AW forgets its cached prefixes (as vLLM's): a benchmark pass starts cold
 
 With an API key (`api_key`; launch/serve.py's --api_key or TARRAGON_API_KEY), every endpoint but
 /health and /metrics needs `Authorization: Bearer <key>` (401 otherwise), as vLLM's --api-key.
@@ -429,6 +430,10 @@ def _app(s: Server) -> fastapi.FastAPI:
     @app.get("/v1/models")
     async def _models():
         return openai_api.models(s.model_name)
+
+    @app.post("/reset_prefix_cache")
+    async def _reset_prefix_cache():
+        return {"blocks_dropped": await s.loop.call_async(lambda engine: engine.reset_prefix_cache())}
 
     @app.post("/fail")
     async def _fail(request: fastapi.Request):

@@ -98,6 +98,9 @@ class AttentionActor(WorkerProcess):
         seq = next((s for s in self.aw.live_requests() if s.request_id == request_id), None)
         return seq is not None and self.aw.release(seq)
 
+    def reset_prefix_cache(self) -> int:
+        return self.aw.reset_prefix_cache()
+
     def _store_client(self, actor) -> RemoteCheckpointStore:
         return RemoteCheckpointStore(actor, memory_tier=self.engine.snapshot_memory_tier,
                                      deadline_s=self.engine.transfer_deadline_s)
@@ -315,6 +318,10 @@ class RemoteAttentionWorker(RemoteWorker):
 
     def live_requests(self) -> list[Sequence]:
         return self.scheduler.running
+
+    def reset_prefix_cache(self) -> int:
+        self.handle.check()
+        return self.rpc.call("reset_prefix_cache")
 
     def attach_store(self, store: RemoteCheckpointStore) -> None:
         """A new checkpoint store replaced a dead one: the process snapshots to it, refilling it."""

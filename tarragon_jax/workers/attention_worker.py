@@ -69,8 +69,9 @@ class PrefixStats:
     """The AW's prefix cache: tokens of the requests it admitted, those it found cached, and the
     blocks it caches now (for /metrics; counts start at 0 with each worker)."""
     query_tokens: int = 0
-    hit_tokens: int = 0
+    hit_tokens: int = 0                   # not computed: cached here, or read from the store
     cached_blocks: int = 0
+    store_hit_tokens: int = 0             # of the hits, those read from the store (another AW computed them)
 
 
 class AttentionWorker:
@@ -95,6 +96,8 @@ class AttentionWorker:
         self._shared: list[BlockRef] = []        # taken from the prefix cache since then (store links)
         self._last_snapshot = clock()
         self.restored = RestoreStats()
+        self.store_hit_tokens = 0                # prefix tokens read from the store, computed by another AW
+        self._store_lost = False
         self._dtype = dtype
         self._dev: dict = {}
         self._zeros: dict = {}            # T -> [T, k, D] zeros: the answer of an EW that sent none
@@ -102,20 +105,24 @@ class AttentionWorker:
 
     @property
     def prefix_stats(self) -> PrefixStats:
-        return PrefixStats(self.scheduler.query_tokens, self.scheduler.hit_tokens, self.blocks.num_cached)
+        return PrefixStats(self.scheduler.query_tokens, self.scheduler.hit_tokens, self.blocks.num_cached,
+                           self.store_hit_tokens)
 
     def prefetch(self) -> None:
         """Nothing to start early: a local start_step is a direct call (see RemoteAttentionWorker)."""
 
     def start_step(self) -> StepBatch | None:
-        """Admit, restore moved requests and pick this step's tokens; None if idle."""
+        """Admit, restore moved requests (and prefixes other AWs computed) and pick this step's
+        tokens; None if idle."""
         self.handle.check()
         admitted = self.scheduler.admit()
-        self._shared += [BlockRef(s.request_id, b, s.hashes[b]) for s in admitted
-                         for b in range(s.num_cached // self.blocks.page_size)]
-        moved = [seq for seq in admitted if seq.restore_pending]
-        if moved:
-            self._restore(moved)
+        ps = self.blocks.page_size
+        self._shared += [BlockRef(s.request_id, b, s.hashes[b]) for s in admitted for b in range(s.num_cached // ps)]
+        moved = [s for s in admitted if s.restore_pending]
+        hinted = [s for s in admitted if not s.restore_pending and self.store is not None
+                  and min(s.prefix_hint, (s.num_tokens - 1) // ps) > s.num_cached // ps]
+        if moved or hinted:
+            self._restore(moved, hinted)
         batch = self.scheduler.schedule()
         if batch is not None and any(s.num_cached < s.recompute_until for s in batch.seqs):
             self.restored.recompute_steps += 1
@@ -176,50 +183,70 @@ class AttentionWorker:
         logits_RxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, d["last"])
         return self.programs.call(sample, logits_RxV, d["temperature"], d["top_p"], d["seed"], d["index"])
 
-    def _restore(self, seqs: list[Sequence]) -> None:
-        """Restore the committed blocks of requests moved here, all in one padded page write
-        (one compiled variant per bucket), and mark the rest of each for recompute. Blocks this
-        AW caches already (admission shared them) are not read back, and a block several moved
-        requests share is written once: the later ones share its page."""
+    def _restore(self, moved: list[Sequence], hinted: list[Sequence]) -> None:
+        """Restore the committed blocks of requests moved here, and of new requests the prefix
+        another AW computed (the store holds it by hash), all in one padded page write (one
+        compiled variant per bucket); mark the rest of each moved one for recompute. Blocks this
+        AW caches already (admission shared them) are not read back, and a block several
+        requests restore is written once: the later ones share its page."""
         t0, ps = self.clock(), self.blocks.page_size
-        pages, data, lost = [], [], False
-        for seq in seqs:
+        writes: list[tuple[int, np.ndarray]] = []
+        self._store_lost = False
+        for seq in moved:
             seq.restore_pending = False
             usable, n = (seq.num_tokens - 1) // ps, seq.num_cached // ps    # the last token stays pending
             if self.store is not None and usable > n:
-                try:
-                    if lost:              # one deadline for the batch, not one per request
-                        raise StoreUnavailable("the store did not answer for this batch's first request")
-                    blocks = self.store.restore(seq.request_id)[:usable]
-                    for b, page in self._place_restored(seq, n, len(blocks)):
-                        pages.append(page)
-                        data.append(blocks[b])
-                    n = max(n, len(blocks))
-                except (SnapshotMissing, SnapshotCorrupt) as e:
+                blocks = self._read_store(lambda: self.store.restore(seq.request_id)[:usable])
+                if blocks is None:
                     self.restored.fallbacks += 1
-                    lost = lost or isinstance(e, StoreUnavailable)
+                else:
+                    writes += self._place_restored(seq, blocks, 0, n)
+                    n = max(n, len(blocks))
             self.restored.blocks += n - seq.num_cached // ps
             seq.num_cached = n * ps
             seq.recompute_until = seq.num_tokens - 1
             self.restored.tokens_recomputed += seq.num_tokens - 1 - n * ps
-        self.restored.requests += len(seqs)
-        if data:
+        self.restored.requests += len(moved)
+        for seq in hinted:
+            hits, end = seq.num_cached // ps, min(seq.prefix_hint, (seq.num_tokens - 1) // ps)
+            hashes = self.scheduler.hashes(seq)
+            blocks = self._read_store(lambda: self.store.restore_prefix(hashes[hits:end]))
+            if blocks is not None:
+                writes += self._place_restored(seq, blocks, hits, hits)
+                self._shared += [BlockRef(seq.request_id, b, hashes[b]) for b in range(hits, hits + len(blocks))]
+                seq.num_cached = (hits + len(blocks)) * ps
+                self.scheduler.hit_tokens += len(blocks) * ps
+                self.store_hit_tokens += len(blocks) * ps
+        if writes:
+            pages, data = [p for p, _ in writes], [b for _, b in writes]
             N = bucket(len(data), 4)                      # padding rows write zeros to the sink page 0
             blocks = np.stack(data + [np.zeros_like(data[0])] * (N - len(data)))
             ids = np.asarray(pages + [0] * (N - len(pages)), np.int32)
             self.pages = self.programs.call(write_blocks, self.pages, *self.handle.put((ids, blocks)))
         self.restored.seconds += self.clock() - t0
 
-    def _place_restored(self, seq: Sequence, first: int, end: int) -> list[tuple[int, int]]:
-        """(block, page) to write of the request's restored blocks [first, end): blocks already
-        cached here (an earlier request of this restore wrote them) share that page instead; the
-        rest are registered in the cache, as they hold their KV once the write lands."""
+    def _read_store(self, read) -> np.ndarray | None:
+        """Blocks from the store, or None if it has none or they are corrupt; after a store that
+        did not answer, None at once for the rest of the batch (one deadline, not one each)."""
+        if self._store_lost:
+            return None
+        try:
+            return read()
+        except (SnapshotMissing, SnapshotCorrupt) as e:
+            self._store_lost = isinstance(e, StoreUnavailable)
+            return None
+
+    def _place_restored(self, seq: Sequence, blocks: np.ndarray, offset: int, first: int) -> list[tuple[int, np.ndarray]]:
+        """(page, block) to write of the request's blocks [first, offset + len(blocks)), blocks[i]
+        being block offset + i: blocks already cached here (an earlier request of this restore
+        wrote them) share that page instead; the rest are registered in the cache, as they hold
+        their KV once the write lands."""
         hashes, out = self.scheduler.hashes(seq), []
-        for b in range(first, end):
+        for b in range(first, offset + len(blocks)):
             if b < len(hashes) and self.blocks.share(seq.request_id, b, hashes[b]):
                 self.restored.shared += 1
                 continue
-            out.append((b, self.blocks.block_table(seq.request_id)[b]))
+            out.append((self.blocks.block_table(seq.request_id)[b], blocks[b - offset]))
             if b < len(hashes):
                 self.blocks.register(seq.request_id, b, hashes[b])
         return out
@@ -311,6 +338,10 @@ class AttentionWorker:
             hashes = self.scheduler.hashes(s)
             if s.state is not SeqState.FINISHED:
                 self._filled += [BlockRef(s.request_id, b, hashes[b] if hashes else None) for b in range(s.num_cached // ps)]
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached prefixes (BlockManager.reset_cache); returns how many blocks were cached."""
+        return self.blocks.reset_cache()
 
     def release(self, seq: Sequence) -> bool:
         """A request leaves (finished or cancelled), running or queued: its pages return to the

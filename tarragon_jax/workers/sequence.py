@@ -27,6 +27,7 @@ class Sequence:
     recompute_until: int = 0              # positions below this are recomputed in one chunked pass
     replay: list[int] = dataclasses.field(default_factory=list)   # restart_regenerate: tokens to redo silently
     hashes: list[int] = dataclasses.field(default_factory=list)   # chained hashes of its full blocks (prefix cache)
+    prefix_hint: int = 0                  # leading blocks another AW caches: its AW reads them from the store
 
     @property
     def tokens(self) -> list[int]:
