@@ -50,7 +50,8 @@ flags.DEFINE_enum("workload", "random", ["random", "shared_prefix", "multi_turn"
                   "random: --input_len random words; shared_prefix: one system prompt of --prefix_len words before "
                   "every question of --input_len words; multi_turn: --num_requests / --turns conversations whose "
                   "every turn sends the conversation so far plus a new question.")
-flags.DEFINE_integer("prefix_len", 300, "shared_prefix: words in the system prompt.")
+flags.DEFINE_integer("prefix_len", 300, "shared_prefix and multi_turn: words in the system prompt every request "
+                     "starts with (multi_turn: 0 for none).")
 flags.DEFINE_integer("turns", 4, "multi_turn: turns per conversation.")
 flags.DEFINE_integer("max_concurrency", 0, "At most this many requests in flight (0: no limit); 1 sends them one "
                      "at a time.")
@@ -81,7 +82,7 @@ def workload(n: int, seed: int) -> list[dict]:
     turns = FLAGS.turns if FLAGS.workload == "multi_turn" else 1
     n = max(1, n // turns)
     gaps = rng.exponential(1 / FLAGS.request_rate, n) if FLAGS.request_rate > 0 else np.zeros(n)
-    system = _words(rng, FLAGS.prefix_len) if FLAGS.workload == "shared_prefix" else None
+    system = _words(rng, FLAGS.prefix_len) if FLAGS.workload != "random" and FLAGS.prefix_len else None
     return [{"turns": [_words(rng, FLAGS.input_len) for _ in range(turns)], "system": system, "at": float(t),
              "seed": int(rng.integers(1 << 30))} for t in np.cumsum(gaps) - gaps[0]]
 
@@ -245,8 +246,9 @@ def main(argv):
         for on, off in zip(passes[:n], passes[n:]):
             off["texts_identical"] = not off["errors"] and off["texts"] == on["texts"]
         on, off = passes[1], passes[n + 1]
-        ratios = {"ttft_p50_on_over_off": on["ttft_s"]["p50"] / off["ttft_s"]["p50"],
-                  "throughput_on_over_off": on["throughput_tok_s"] / off["throughput_tok_s"]}
+        ratio = lambda a, b: a / b if b else float("nan")     # nan: a pass with no finished request
+        ratios = {"ttft_p50_on_over_off": ratio(on["ttft_s"]["p50"], off["ttft_s"]["p50"]),
+                  "throughput_on_over_off": ratio(on["throughput_tok_s"], off["throughput_tok_s"])}
     for p in passes:
         del p["texts"]
     print(table(passes))

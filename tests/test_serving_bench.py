@@ -41,7 +41,7 @@ def test_serving_bench_multi_turn_with_and_without_prefix_caching(tmp_path):
     cache = os.path.join(tempfile.gettempdir(), "tarragon_jax_test_cache")
     r = subprocess.run([sys.executable, "-m", "launch.serving_bench", "--model", "tiny", "--workload", "multi_turn",
                         "--turns", "3", "--num_requests", "6", "--request_rate", "0", "--output_len", "6",
-                        "--input_len", "10", "--compare_prefix_caching", "--precompile", "recovery",
+                        "--input_len", "10", "--prefix_len", "20", "--compare_prefix_caching", "--precompile", "recovery",
                         "--compile_cache_dir", cache, "--json_out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

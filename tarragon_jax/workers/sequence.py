@@ -64,14 +64,14 @@ class Sequence:
     def reprefill(self) -> None:
         """Restart baseline: the cache is lost; the prompt and the tokens already sent are
         prefilled again in chunked passes (as a moved request recomputes), then decoding goes on."""
-        self.num_cached, self.recompute_until = 0, self.num_tokens - 1
+        self.num_cached, self.recompute_until, self.prefix_hint = 0, self.num_tokens - 1, 0
         self.state, self.restore_pending = SeqState.WAITING, False
 
     def regenerate(self) -> None:
         """restart_regenerate, the weaker baseline: every position is lost and the sent tokens are
         generated again one step at a time before new ones reach the user."""
         self.replay = list(self.output)
-        self.output, self.num_cached, self.recompute_until, self.hashes = [], 0, 0, []
+        self.output, self.num_cached, self.recompute_until, self.hashes, self.prefix_hint = [], 0, 0, [], 0
         self.state, self.restore_pending = SeqState.WAITING, False
 
     def move(self) -> None:
