@@ -144,21 +144,34 @@ async def post(url: str, path: str, body: dict) -> tuple[int, dict]:
     return r.status_code, r.json()
 
 
+async def prefix_counts(url: str) -> tuple[float, float]:
+    """The server's prefix-cache counters: (prompt tokens looked up, tokens found cached)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    async with httpx.AsyncClient(timeout=60) as http:
+        text = (await http.get(url + "/metrics")).text
+    got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return got.get("tarragon_prefix_cache_queries_total", 0.0), got.get("tarragon_prefix_cache_hit_tokens_total", 0.0)
+
+
 async def run_pass(url: str, model: str, jobs: list[dict], name: str, kills: list[tuple[str, float]]) -> dict:
     import openai
     from tqdm.asyncio import tqdm
     await post(url, "/reset_prefix_cache", {})            # every pass starts cold
+    queries, hits = await prefix_counts(url)
     gate = asyncio.Semaphore(FLAGS.max_concurrency or 1 << 30)
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
         t0 = time.perf_counter()
         killers = [asyncio.create_task(kill(url, w, at, t0)) for w, at in kills]
         convs = await tqdm.gather(*[conversation(client, model, job, t0, gate) for job in jobs], desc=name, file=sys.stderr)
     results = [r for c in convs for r in c]
+    queries2, hits2 = await prefix_counts(url)
     done = [r for r in results if "error" not in r]
     wall = max((r["end"] for r in done), default=t0) - t0
     return {"name": name, "requests": sum(len(j["turns"]) for j in jobs), "errors": [r["error"] for r in results if "error" in r],
             "wall_s": wall, "output_tokens": sum(r["tokens"] for r in done),
             "prompt_tokens_mean": sum(r["prompt_tokens"] for r in done) / max(len(done), 1),
+            "prefix_cache_hit_rate": (hits2 - hits) / max(queries2 - queries, 1),
             "throughput_tok_s": sum(r["tokens"] for r in done) / max(wall, 1e-9),
             "ttft_s": percentiles([r["ttft_s"] for r in done]), "itl_s": percentiles([g for r in done for g in r["gaps_s"]]),
             "e2e_s": percentiles([r["e2e_s"] for r in done]), "kills": list(await asyncio.gather(*killers)),
@@ -196,11 +209,12 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
 
 
 def table(passes: list[dict]) -> str:
-    head = f"{'pass':<15}{'ok':>6}{'prompt':>8}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}{'E2E p50':>9}{'texts':>11}"
+    head = f"{'pass':<15}{'ok':>6}{'prompt':>8}{'cached':>8}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}{'E2E p50':>9}{'texts':>11}"
     rows = [head]
     for p in passes:
         ms = lambda d, q: f"{1e3 * d[q]:.0f}ms"
         rows.append(f"{p['name']:<15}{p['requests'] - len(p['errors']):>6}{p['prompt_tokens_mean']:>8.0f}"
+                    f"{p['prefix_cache_hit_rate']:>8.0%}"
                     f"{p['throughput_tok_s']:>9.1f}"
                     f"{ms(p['ttft_s'], 'p50'):>10}{ms(p['ttft_s'], 'p99'):>8}{ms(p['itl_s'], 'p50'):>9}"
                     f"{ms(p['itl_s'], 'p99'):>8}{ms(p['e2e_s'], 'p50'):>9}"

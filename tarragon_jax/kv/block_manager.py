@@ -121,7 +121,7 @@ class BlockManager:
         request holds become plain free pages, held ones stay with their requests unshared.
         Returns how many blocks were cached."""
         n = len(self._page_of)
-        self._free.extend(reversed(self._evictable))
+        self._free = sorted(self._free + list(self._evictable), reverse=True)   # as at start: low pages first
         self._evictable.clear()
         self._hash_of.clear()
         self._page_of.clear()
