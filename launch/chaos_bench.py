@@ -107,8 +107,8 @@ async def watch_health(url: str, t_end: float, bad: list) -> None:
 async def client_loop(client, model: str, jobs: list[dict], start: int, t_end: float, out: list) -> None:
     i = start
     while time.perf_counter() < t_end:
-        job = dict(jobs[i % len(jobs)], at=0.0)
-        r = await serving_bench.one(client, model, job, time.perf_counter())
+        job = jobs[i % len(jobs)]
+        r = await serving_bench.one(client, model, serving_bench.opening(job), job["seed"])
         out.append(dict(r, job=i % len(jobs)))
         i += 1
         if "error" in r:
@@ -199,6 +199,7 @@ def main(argv):
         last = max((f["t"] for f in chaos["faults"]), default=chaos["t0"])
         back_s = asyncio.run(all_back(url, last))
         final = asyncio.run(last_health(url))
+        queries, hits = asyncio.run(serving_bench.prefix_counts(url))     # over the whole run
     finally:
         serving_bench.stop_server(proc)
     rows = [summary("calm", calm, reference), summary("chaos", chaos, reference)]
@@ -207,6 +208,7 @@ def main(argv):
     print(f"every worker back {back_s:.1f} s after the last fault" if back_s is not None
           else f"workers NOT all back {FLAGS.back_timeout_s:.0f} s after the last fault")
     print(f"E2E p99 under chaos / failure-free: {ratio:.2f}x")
+    print(f"prefix cache: {hits / max(queries, 1):.0%} of prompt tokens found cached ({hits:.0f} of {queries:.0f})")
     for r in rows:
         for e in r["errors"]:
             print(f"{r['phase']}: error: {e}")
@@ -219,6 +221,7 @@ def main(argv):
         with open(FLAGS.json_out, "w") as f:
             json.dump({"config": config, "model": model, "phases": rows, "back_after_last_fault_s": back_s,
                        "p99_ratio": ratio, "faults": faults, "final_health": final,
+                       "prefix_cache": {"query_tokens": queries, "hit_tokens": hits},
                        "health_not_200": [dict(b, t=round(b["t"] - chaos["t0"], 3)) for b in chaos["health_not_200"]]},
                       f, indent=1)
     if rows[1]["wrong"] or rows[1]["failed"] or back_s is None:

@@ -87,10 +87,16 @@ def workload(n: int, seed: int) -> list[dict]:
              "seed": int(rng.integers(1 << 30))} for t in np.cumsum(gaps) - gaps[0]]
 
 
+def opening(job: dict) -> list[dict]:
+    """A job's first request: its system prompt, if any, and its first turn."""
+    system = [{"role": "system", "content": job["system"]}] if job["system"] else []
+    return system + [{"role": "user", "content": job["turns"][0]}]
+
+
 async def conversation(client, model: str, job: dict, t0: float, gate: asyncio.Semaphore) -> list[dict]:
     """A job's turns one after another, each with the conversation so far; a failed turn ends it."""
     await asyncio.sleep(max(0.0, t0 + job["at"] - time.perf_counter()))
-    messages = [{"role": "system", "content": job["system"]}] if job["system"] else []
+    messages = opening(job)[:-1]
     results = []
     for i, question in enumerate(job["turns"]):
         messages.append({"role": "user", "content": question})
