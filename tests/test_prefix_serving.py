@@ -209,3 +209,35 @@ def test_a_prefix_another_aw_computed_is_read_from_the_store():
     assert eng.aws[0].prefix_stats.store_hit_tokens == 40                # the replacement
     assert eng.aws[1].restored.requests == 1 and eng.aws[1].restored.fallbacks == 0
     eng.close()
+
+
+def test_cached_blocks_are_the_bits_a_recompute_gives_in_the_same_bucket():
+    """With chunks of one block (prefill_chunk = page_size, every step in the smallest token
+    bucket), a request that takes 3 blocks from the cache and computes 2 holds exactly the bits
+    of the same prompt computed from scratch without caching. A block's bits depend on its tokens
+    and on the step's token bucket (XLA's row results on CPU depend on the row count), never on
+    where a chunk started or whether the prefix came from the cache."""
+    rng = fresh_rng()
+    cfg, params = tiny_model("qwen3_moe", seed=int(rng.integers(1 << 30)))
+    prompt = rng.integers(3, cfg.vocab_size, 41).tolist()
+    cache = CacheConfig(page_size=8, num_pages=32)
+
+    def kv(caching, warm=None):
+        eng = Engine(cfg, params, EngineConfig(num_attention_workers=1, num_expert_workers=2, prefill_chunk=8,
+                                               max_step_tokens=8, prefix_caching=caching), cache)
+        if warm is not None:
+            eng.generate([warm], SamplingParams(max_new_tokens=2))      # computes and caches the prefix
+        rid = eng.submit(prompt, SamplingParams(max_new_tokens=8))
+        aw = eng.aws[0]
+        while eng.requests[rid].num_cached < 40:
+            eng.step()
+        pages = aw.blocks.block_table(rid)[:5]
+        out = [np.asarray(aw.pages[layer][part])[pages] for layer in range(cfg.n_layers) for part in sorted(aw.pages[layer])]
+        hits = aw.prefix_stats.hit_tokens
+        eng.close()
+        return out, hits
+
+    fresh, _ = kv(False)
+    shared, hits = kv(True, warm=prompt[:24] + rng.integers(3, cfg.vocab_size, 5).tolist())
+    assert hits == 24
+    assert all(np.array_equal(a, b) for a, b in zip(fresh, shared))
