@@ -25,6 +25,28 @@ def ieee_f32_dots():
         yield
 
 
+MAX_MAPS = 32768      # half of Linux's default vm.max_map_count (65530)
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:          # not Linux: nothing to count
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_executables():
+    """XLA:CPU maps memory for every executable it loads, and the suite's one process loads
+    thousands (each test's engine shapes): past vm.max_map_count an mmap fails inside LLVM's
+    loader and the process segfaults. Past half the limit, drop the loaded executables (later
+    uses reload them from the persistent cache)."""
+    yield
+    if _memory_maps() > MAX_MAPS:
+        jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _test_seed(request):
     """Every test's random inputs derive from one seed, named in its failure report."""
