@@ -211,6 +211,43 @@ def test_a_prefix_another_aw_computed_is_read_from_the_store():
     eng.close()
 
 
+def test_after_an_aw_failure_its_replacement_reads_the_prefix_from_the_store():
+    """The AW holding a prefix dies and its request moves to AW1, which holds the prefix already;
+    AW0's replacement joins with an empty cache, and a request with the prefix that goes there
+    (AW1 is busier) reads it from the store. Tokens as with caching off."""
+    rng = fresh_rng()
+    cfg, params = tiny_model("qwen2_moe", seed=int(rng.integers(1 << 30)))
+    system = rng.integers(3, cfg.vocab_size, 41).tolist()
+    prompts = [system + rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 2, 5)]
+    sp = SamplingParams(max_new_tokens=30)
+
+    def run(caching):
+        eng = _engine(cfg, params, caching, snapshot_interval_s=0)
+        ids = [eng.submit(prompts[0], sp)]
+        while eng.requests[ids[0]].num_cached < len(prompts[0]):
+            eng.step()
+        eng.controller.store.wait()
+        ids.append(eng.submit(prompts[1], sp))
+        for _ in range(3):
+            eng.step()
+        eng.controller.store.wait()
+        eng.controller.kill("aw0")
+        eng.step()
+        eng.controller.wait_recoveries()                   # the replacement AW0 joins
+        ids.append(eng.submit(prompts[2], sp))
+        placed = [sorted(s.request_id for s in aw.live_requests()) for aw in eng.aws]
+        list(eng.stream())
+        return [eng.requests[i].output for i in ids], placed, eng
+
+    off, _, eng = run(False)
+    eng.close()
+    on, placed, eng = run(True)
+    assert on == off
+    assert placed == [[2], [0, 1]]
+    assert eng.aws[0].prefix_stats.store_hit_tokens == 40          # the replacement
+    eng.close()
+
+
 def test_cached_blocks_are_the_bits_a_recompute_gives_in_the_same_bucket():
     """With chunks of one block (prefill_chunk = page_size, every step in the smallest token
     bucket), a request that takes 3 blocks from the cache and computes 2 holds exactly the bits
