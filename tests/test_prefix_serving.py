@@ -170,81 +170,54 @@ def test_metrics_count_prefix_cache_hits():
     eng.close()
 
 
-def test_a_prefix_another_aw_computed_is_read_from_the_store():
-    """A request whose prefix AW0 holds goes to idle AW1 (AW0 is busier than the prefix is
-    worth): AW1 reads the prefix from the store (AW0's request snapshotted it) instead of
-    computing it. AW0 dies and its request moves to AW1, which holds the prefix already, as does
-    a later request with it. Tokens as with caching off throughout."""
-    rng = fresh_rng()
+def _holder_dies(seed, caching, replacement_first):
+    """Request 0 computes a 41-token prefix on AW0; request 1 with it goes to idle AW1 (AW0 is
+    busier than the prefix is worth); AW0 is killed; request 2 with the prefix is sent before
+    AW0's replacement joins (onto AW1) or after (onto the replacement: AW1 is busier). Returns
+    the outputs, where the requests were after the last submit (sorted per AW) and the engine."""
+    rng = np.random.default_rng(seed)
     cfg, params = tiny_model("qwen2_moe", seed=int(rng.integers(1 << 30)))
     system = rng.integers(3, cfg.vocab_size, 41).tolist()
     prompts = [system + rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 2, 5)]
     sp = SamplingParams(max_new_tokens=30)
-
-    def run(caching):
-        eng = _engine(cfg, params, caching, snapshot_interval_s=0)
-        ids = [eng.submit(prompts[0], sp)]
-        while eng.requests[ids[0]].num_cached < len(prompts[0]):
-            eng.step()
-        eng.controller.store.wait()
-        ids.append(eng.submit(prompts[1], sp))
-        placed = [[s.request_id for s in aw.live_requests()] for aw in eng.aws]
-        for _ in range(3):
-            eng.step()
-        eng.controller.store.wait()
-        eng.controller.kill("aw0")
+    eng = _engine(cfg, params, caching, snapshot_interval_s=0)
+    ids = [eng.submit(prompts[0], sp)]
+    while eng.requests[ids[0]].num_cached < len(prompts[0]):
         eng.step()
-        ids.append(eng.submit(prompts[2], sp))            # before AW0's replacement joins: onto AW1
-        list(eng.stream())
-        stats = eng.aws[1].prefix_stats
-        eng.controller.wait_recoveries()
-        return [eng.requests[i].output for i in ids], placed, stats, eng
+    eng.controller.store.wait()
+    ids.append(eng.submit(prompts[1], sp))
+    for _ in range(3):
+        eng.step()
+    eng.controller.store.wait()
+    eng.controller.kill("aw0")
+    eng.step()
+    if replacement_first:
+        eng.controller.wait_recoveries()                   # the replacement AW0 joins, its cache empty
+    ids.append(eng.submit(prompts[2], sp))
+    placed = [sorted(s.request_id for s in aw.live_requests()) for aw in eng.aws]
+    list(eng.stream())
+    eng.controller.wait_recoveries()
+    return [eng.requests[i].output for i in ids], placed, eng
 
-    off, _, _, eng = run(False)
+
+@pytest.mark.parametrize("replacement_first", [False, True])
+def test_a_prefix_another_aw_computed_is_read_from_the_store(replacement_first):
+    """AW1 reads request 1's prefix from the store (AW0's request snapshotted it) instead of
+    computing it. AW0 dies and its request moves to AW1, which holds the prefix already; a later
+    request with it finds it there, or, sent to AW0's replacement, reads it from the store too.
+    Tokens as with caching off throughout."""
+    seed = int(fresh_rng().integers(1 << 30))
+    off, _, eng = _holder_dies(seed, False, replacement_first)
     eng.close()
-    on, placed, stats, eng = run(True)
+    on, placed, eng = _holder_dies(seed, True, replacement_first)
     assert on == off
-    assert placed == [[0], [1]]
-    assert stats.store_hit_tokens == 40                   # request 1's prefix came from the store
-    assert stats.hit_tokens == 3 * 40                     # and requests 0 (moved) and 2 found it cached
+    aw1 = eng.aws[1].prefix_stats
+    assert aw1.store_hit_tokens == 40                     # request 1's prefix came from the store
     assert eng.aws[1].restored.requests == 1 and eng.aws[1].restored.fallbacks == 0
-    eng.close()
-
-
-def test_after_an_aw_failure_its_replacement_reads_the_prefix_from_the_store():
-    """The AW holding a prefix dies and its request moves to AW1, which holds the prefix already;
-    AW0's replacement joins with an empty cache, and a request with the prefix that goes there
-    (AW1 is busier) reads it from the store. Tokens as with caching off."""
-    rng = fresh_rng()
-    cfg, params = tiny_model("qwen2_moe", seed=int(rng.integers(1 << 30)))
-    system = rng.integers(3, cfg.vocab_size, 41).tolist()
-    prompts = [system + rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 2, 5)]
-    sp = SamplingParams(max_new_tokens=30)
-
-    def run(caching):
-        eng = _engine(cfg, params, caching, snapshot_interval_s=0)
-        ids = [eng.submit(prompts[0], sp)]
-        while eng.requests[ids[0]].num_cached < len(prompts[0]):
-            eng.step()
-        eng.controller.store.wait()
-        ids.append(eng.submit(prompts[1], sp))
-        for _ in range(3):
-            eng.step()
-        eng.controller.store.wait()
-        eng.controller.kill("aw0")
-        eng.step()
-        eng.controller.wait_recoveries()                   # the replacement AW0 joins
-        ids.append(eng.submit(prompts[2], sp))
-        placed = [sorted(s.request_id for s in aw.live_requests()) for aw in eng.aws]
-        list(eng.stream())
-        return [eng.requests[i].output for i in ids], placed, eng
-
-    off, _, eng = run(False)
-    eng.close()
-    on, placed, eng = run(True)
-    assert on == off
-    assert placed == [[2], [0, 1]]
-    assert eng.aws[0].prefix_stats.store_hit_tokens == 40          # the replacement
+    if replacement_first:
+        assert placed == [[2], [0, 1]] and eng.aws[0].prefix_stats.store_hit_tokens == 40
+    else:
+        assert aw1.hit_tokens == 3 * 40                   # requests 0 (moved) and 2 found it cached
     eng.close()
 
 
