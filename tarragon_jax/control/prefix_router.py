@@ -31,9 +31,9 @@ class _AW(Protocol):
     def live_requests(self) -> list[Sequence]: ...
 
 
-def load_tokens(aw: _AW) -> int:
-    """Tokens of the AW's KV pages in use plus those of its requests not admitted yet."""
-    queued = sum(s.num_tokens for s in aw.live_requests() if s.state is SeqState.WAITING)
+def load_tokens(aw: _AW, live: list[Sequence]) -> int:
+    """Tokens of the AW's KV pages in use plus those of its `live` requests not admitted yet."""
+    queued = sum(s.num_tokens for s in live if s.state is SeqState.WAITING)
     return (aw.blocks.capacity - aw.blocks.num_free) * aw.blocks.page_size + queued
 
 
@@ -64,7 +64,7 @@ class PrefixRouter:
         def cost(aw: _AW) -> tuple:
             live = aw.live_requests()
             prefill = seq.num_tokens - self.matched(aw.index, hashes) * self.page_size
-            return prefill + load_tokens(aw), len(live), aw.index
+            return prefill + load_tokens(aw, live), len(live), aw.index
         return min(aws, key=cost)
 
     def elsewhere(self, seq: Sequence, aw: int) -> int:
@@ -92,4 +92,5 @@ class PrefixRouter:
         """AW `aw` failed: what it cached is gone (its replacement starts empty); None: every AW's."""
         if aw is None:
             self._held.clear()
-        self._held.pop(aw, None)
+        else:
+            self._held.pop(aw, None)
