@@ -101,6 +101,7 @@ def main(argv):
     del argv
     cfg, params, ckpt, reload, _ = serving_flags.start()
     from tarragon_jax.config import SamplingParams
+    from tarragon_jax.heap import freeze_startup_heap
     from tarragon_jax.serving.engine import Engine
     tok = serving_flags.tokenizer(ckpt, cfg)
     if tok is None:
@@ -109,6 +110,7 @@ def main(argv):
     sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
     engines = {name: Engine(cfg, params, serving_flags.engine_config(eplb=on), serving_flags.cache_config(),
                             load_params=reload) for name, on in (("eplb", True), ("noeplb", False))}
+    freeze_startup_heap()                        # as launch/serve.py does once warm
     rows, identical = [], True
     try:
         for batch in map(int, FLAGS.batch_sizes):

@@ -115,6 +115,7 @@ def main(argv):
     rng = np.random.default_rng(FLAGS.seed)
     batches = {b: [rng.integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(b)]
                for b in map(int, FLAGS.batch_sizes)}
+    from tarragon_jax.heap import freeze_startup_heap
     from tarragon_jax.serving.engine import Engine
     configs = {"resilience_on": engine_cfg}
     if FLAGS.compare_resilience_off:
@@ -124,6 +125,7 @@ def main(argv):
     if FLAGS.compare_eplb:
         configs["eplb_flipped"] = serving_flags.engine_config(eplb=not FLAGS.eplb)
     engines = {mode: Engine(cfg, params, c, serving_flags.cache_config()) for mode, c in configs.items()}
+    freeze_startup_heap()                        # as launch/serve.py does once warm
     peer, ours = {}, {mode: {} for mode in engines}
     try:
         for b, prompts in batches.items():      # every system's passes interleaved: drift hits all alike

@@ -48,6 +48,7 @@ def main(argv):
     del argv
     cfg, params, ckpt, reload, engine_cfg = serving_flags.start()
     from tarragon_jax.config import ConfigError
+    from tarragon_jax.heap import freeze_startup_heap
     from tarragon_jax.serving.engine import Engine
     from tarragon_jax.serving.engine_loop import EngineLoop
     from tarragon_jax.serving.server import AUTO, HttpLimits, Server
@@ -73,12 +74,13 @@ def main(argv):
         stopped.set()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain_then_stop, daemon=True).start())
     server.start()
+    frozen = freeze_startup_heap()
     print(f"backends: {engine.backends()}", file=sys.stderr, flush=True)
     if engine.controller.precompile_s is not None:
         print(serving_flags.startup_line(engine), file=sys.stderr, flush=True)
     print(f"serving {cfg.family} ({FLAGS.num_attention_workers} AWs x {FLAGS.num_expert_workers} EWs, "
           f"runtime {FLAGS.runtime}, chat {'on' if template else 'off'}, admission limit "
-          f"{server.max_unfinished}) on {server.url}", file=sys.stderr, flush=True)
+          f"{server.max_unfinished}, {frozen} start-up objects frozen) on {server.url}", file=sys.stderr, flush=True)
     try:
         while not stopped.wait(0.5):     # the main thread only waits: signals arrive here
             pass

@@ -7,13 +7,14 @@ inter-token latency percentiles, the EW load max/mean (rows per EW over the pass
 layers, and in the worst layer), and writes JSON. All serving flags apply (--runtime,
 --expert_backend, --attention_backend, --precompile, --checkpoint, ...). `--runtimes local,ray`
 measures several runtimes in one run, their passes alternated, and prints each one's throughput
-as a ratio of the first's; under ray it also times an idle actor's round trip (the floor of one
+as a ratio of the first's (the median ratio of paired passes); under ray it also times an idle actor's round trip (the floor of one
 cross-process hop on this machine). `--compare_prefix_caching` measures an engine with prefix
 caching and one without the same way (the prompts share no prefix: what caching costs). Every
 pass starts with an empty prefix cache, so a repeated prompt is computed again.
 """
 from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
+import gc
 import json
 import statistics
 import sys
@@ -69,6 +70,22 @@ def measure(engine, prompts, sampling) -> dict:
             "ew_load": load["ew_load"], "ew_load_worst_layer": load["ew_load_worst_layer"]}
 
 
+def full_collection_s() -> float:
+    """Seconds a full collection of this process's heap takes (every Python thread waits)."""
+    gc.collect()                                 # what is garbage now: the timed one walks live objects
+    t0 = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - t0
+
+
+def paired_ratios(base: list[dict], runs: list[dict]) -> dict:
+    """`runs` over `base`, pass by pass: the two variants' passes of a repeat ran one after the
+    other, so the median of their ratios cancels the machine's drift over the run (on a shared
+    host a pass's throughput wandered 2x within minutes), which the ratio of medians does not."""
+    return {"ratio": statistics.median(r["tok_s"] / b["tok_s"] for b, r in zip(base, runs)),
+            "cpu_ratio": statistics.median(r["tok_per_cpu_s"] / b["tok_per_cpu_s"] for b, r in zip(base, runs))}
+
+
 def ray_round_trip_s(n: int = 30) -> float:
     """Median round trip of a call to an idle Ray actor that returns a small array."""
     import numpy as np
@@ -93,6 +110,7 @@ def main(argv):
     cfg, params, _, reload, _ = serving_flags.start()
     import numpy as np
     from tarragon_jax.config import SamplingParams
+    from tarragon_jax.heap import freeze_startup_heap
     from tarragon_jax.serving.engine import Engine
     from tarragon_jax.errors import RequestError
     runtimes = FLAGS.runtimes or [FLAGS.runtime]
@@ -106,6 +124,8 @@ def main(argv):
     runtimes = list(variants)                    # the measured variants, by name
     engines = {rt: Engine(cfg, params, serving_flags.engine_config(**kw), serving_flags.cache_config(),
                           load_params=reload) for rt, kw in variants.items()}
+    heap = {"full_collection_s": full_collection_s(), "frozen": freeze_startup_heap(),
+            "full_collection_frozen_s": full_collection_s()}    # as launch/serve.py does once warm
     memory = {rt: {name: p.get("rss_mb") for name, p in e.controller.processes().items()} for rt, e in engines.items()}
     hop = ray_round_trip_s() if "ray" in runtimes else None
     sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
@@ -127,7 +147,8 @@ def main(argv):
                                  **{k: statistics.median(r[k] for r in runs[rt])
                                     for k in ("tok_per_cpu_s", "ttft_p50_s", "itl_p50_s", "itl_p99_s", "ew_load",
                                               "ew_load_worst_layer")},
-                                 "runs": runs[rt]})
+                                 "runs": runs[rt],
+                                 **paired_ratios(runs[runtimes[0]], runs[rt])})
     except RequestError as e:
         sys.exit(f"error: {e}")
     finally:
@@ -143,13 +164,15 @@ def main(argv):
             print(f"{r['batch']:5d} {r['tok_s']:8.1f} {r['tok_s_min']:7.1f}-{r['tok_s_max']:<7.1f} "
                   f"{1e3 * r['ttft_p50_s']:12.1f} {1e3 * r['itl_p50_s']:11.1f} {1e3 * r['itl_p99_s']:11.1f} "
                   f"{r['ew_load']:17.2f} {r['ew_load_worst_layer']:11.2f}")
-    for rt in runtimes[1:]:
-        print(f"{rt} / {runtimes[0]} throughput: " + ", ".join(
-            f"B={a['batch']} {b['tok_s'] / a['tok_s']:.3f}" for a, b in zip(rows[runtimes[0]], rows[rt])))
-        print(f"{rt} / {runtimes[0]} tokens per CPU second of this process: " + ", ".join(
-            f"B={a['batch']} {b['tok_per_cpu_s'] / a['tok_per_cpu_s']:.3f}" for a, b in zip(rows[runtimes[0]], rows[rt])))
+    for rt in runtimes[1:]:                      # each pass over the other variant's beside it in time
+        print(f"{rt} / {runtimes[0]} throughput, median of the {FLAGS.repeats} paired passes: " + ", ".join(
+            f"B={r['batch']} {r['ratio']:.3f}" for r in rows[rt]))
+        print(f"{rt} / {runtimes[0]} tokens per CPU second of this process, paired: " + ", ".join(
+            f"B={r['batch']} {r['cpu_ratio']:.3f}" for r in rows[rt]))
     for rt in runtimes:
         print(f"{rt}: resident MB after startup: " + ", ".join(f"{k} {v:.0f}" for k, v in memory[rt].items() if v))
+    print(f"a full collection of this process's heap: {heap['full_collection_s'] * 1e3:.0f} ms, "
+          f"{heap['full_collection_frozen_s'] * 1e3:.1f} ms once start-up's {heap['frozen']} objects are frozen")
     if hop is not None:
         print(f"ray: an idle actor's round trip {hop * 1e3:.2f} ms (median of 30)")
     if FLAGS.json_out:
@@ -158,7 +181,7 @@ def main(argv):
                                                                "attention_backend", "prompt_len", "output_len",
                                                                "repeats", "eplb", "compare_prefix_caching")},
                        "rows": rows[runtimes[0]], "by_runtime": rows, "ray_round_trip_s": hop,
-                       "resident_mb": memory}, fh, indent=1)
+                       "resident_mb": memory, "heap": heap}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 from typing import Iterable, Protocol, Sequence as Seq
 
-from tarragon_jax.kv.prefix_hash import extend_hashes
 from tarragon_jax.workers.sequence import Sequence, SeqState
 
 
@@ -44,7 +43,7 @@ class PrefixRouter:
 
     def hashes(self, seq: Sequence) -> list[int]:
         """The request's chained block hashes (kept on it: its AW reuses them)."""
-        return extend_hashes(seq.hashes, seq.tokens, self.page_size, self.salt)
+        return seq.block_hashes(self.page_size, self.salt)
 
     def matched(self, aw: int, hashes: Seq[int]) -> int:
         """Leading blocks of `hashes` the index believes AW `aw` caches."""

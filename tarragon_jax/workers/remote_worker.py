@@ -16,6 +16,7 @@ import threading
 import time
 
 from tarragon_jax.errors import WorkerFailed, WorkerId
+from tarragon_jax.heap import freeze_startup_heap
 from tarragon_jax.workers.channel import host_id, wait_readable
 from tarragon_jax.workers.keepalive import Keepalive
 from tarragon_jax.workers.rpc import RemoteError, RpcClient, Server
@@ -23,6 +24,7 @@ from tarragon_jax.workers.rpc import RemoteError, RpcClient, Server
 STARTUP_DEADLINE_S = 120.0     # an actor process imports jax and stacks its weights
 PRECOMPILE_DEADLINE_S = 3600.0 # compiling the whole shape grid (cache misses) in one process
 WARMUP_NICE = 15               # a worker process's CPU priority until it joins (0: normal)
+FOREGROUND_DEADLINE_S = 30.0   # a full collection of the warm process's heap, then freezing it
 MEMORY_QUERY_S = 0.2           # /health's question to a process on another host
 KEEPALIVE_FRACTION = 0.125     # of the step deadline: how often a compiling (or long-waiting) worker
                                # process says it is alive
@@ -144,7 +146,7 @@ class RemoteWorker:
 
     def foreground(self) -> None:
         """The process joins the service: from now on it runs at normal priority."""
-        self.rpc.call("foreground")
+        self.rpc.call("foreground", timeout=FOREGROUND_DEADLINE_S)
 
     def memory_mb(self) -> float:
         """The process's resident memory: from /proc on this host, else asked (briefly)."""
@@ -176,6 +178,8 @@ class WorkerProcess:
         _set_priority(WARMUP_NICE)
 
     def foreground(self) -> None:
+        """Warm: serve at normal priority, start-up's objects out of the collector's walks."""
+        freeze_startup_heap()
         _set_priority(0)
 
     def _start_server(self, name: str, spin_s: float, deadline_s: float, **hooks) -> None:

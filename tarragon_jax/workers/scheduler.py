@@ -19,7 +19,6 @@ import dataclasses
 import numpy as np
 
 from tarragon_jax.kv.block_manager import BlockManager
-from tarragon_jax.kv.prefix_hash import extend_hashes
 from tarragon_jax.workers.sequence import Sequence, SeqState
 
 
@@ -77,7 +76,7 @@ class Scheduler:
         """The request's chained block hashes (extended to its tokens now); none without caching."""
         if not self.blocks.caching:
             return []
-        return extend_hashes(seq.hashes, seq.tokens, self.blocks.page_size, self.salt)
+        return seq.block_hashes(self.blocks.page_size, self.salt)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

@@ -5,6 +5,7 @@ import dataclasses
 import enum
 
 from tarragon_jax.config import SamplingParams
+from tarragon_jax.kv.prefix_hash import extend_hashes
 
 
 class SeqState(enum.Enum):
@@ -36,6 +37,13 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)
+
+    def block_hashes(self, page_size: int, salt: bytes) -> list[int]:
+        """The chained hashes of its full blocks (kv/prefix_hash.py), extended as blocks fill and
+        kept on it: the driver's router and its AW both ask, every step of a decode."""
+        if len(self.hashes) < self.num_tokens // page_size:
+            extend_hashes(self.hashes, self.tokens, page_size, salt)
+        return self.hashes
 
     @property
     def num_pending(self) -> int:
