@@ -7,10 +7,12 @@ inter-token latency percentiles, the EW load max/mean (rows per EW over the pass
 layers, and in the worst layer), and writes JSON. All serving flags apply (--runtime,
 --expert_backend, --attention_backend, --precompile, --checkpoint, ...). `--runtimes local,ray`
 measures several runtimes in one run, their passes alternated, and prints each one's throughput
-as a ratio of the first's (the median ratio of paired passes); under ray it also times an idle actor's round trip (the floor of one
-cross-process hop on this machine). `--compare_prefix_caching` measures an engine with prefix
-caching and one without the same way (the prompts share no prefix: what caching costs). Every
-pass starts with an empty prefix cache, so a repeated prompt is computed again.
+as a ratio of the first's (the median ratio of paired passes); under ray it also times an idle
+actor's round trip (the floor of one cross-process hop on this machine). `--compare_prefix_caching`
+measures an engine with prefix caching and one without the same way (the prompts share no prefix:
+what caching costs), `--compare_eplb` one with every replica serving and one without. Every pass
+starts with an empty prefix cache, so a repeated prompt is computed again. launch/compare_runs.py
+averages such ratios over runs.
 """
 from . import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
@@ -35,6 +37,9 @@ flags.DEFINE_list("runtimes", None, "Measure these runtimes in one run, passes a
                   "default: --runtime alone.")
 flags.DEFINE_bool("compare_prefix_caching", False, "Measure --runtime with prefix caching and without in one run, "
                   "passes alternated.")
+flags.DEFINE_bool("compare_eplb", False, "Measure --runtime with --eplb and --noeplb in one run, passes alternated.")
+flags.DEFINE_bool("reverse_variants", False, "Build the compared variants (--runtimes, --compare_*) in the "
+                  "opposite order: here the engine built first ran 1-2% slower, so a comparison averages runs of both orders.")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -117,10 +122,13 @@ def main(argv):
     if len(set(runtimes)) != len(runtimes) or not set(runtimes) <= {"local", "ray"}:
         sys.exit(f"error: --runtimes must name distinct runtimes out of local, ray; got {runtimes}")
     variants = {rt: dict(runtime=rt) for rt in runtimes}
-    if FLAGS.compare_prefix_caching:
-        if len(runtimes) > 1:
-            sys.exit("error: --compare_prefix_caching measures one runtime (--runtime), not --runtimes")
-        variants = {"prefix_caching": dict(prefix_caching=True), "no_prefix_caching": dict(prefix_caching=False)}
+    compared = [name for name in ("prefix_caching", "eplb") if FLAGS[f"compare_{name}"].value]
+    if len(compared) + (len(runtimes) > 1) > 1:
+        sys.exit("error: compare one thing per run: --runtimes, --compare_prefix_caching or --compare_eplb")
+    if compared:
+        variants = {name: {compared[0]: on} for name, on in ((compared[0], True), (f"no_{compared[0]}", False))}
+    if FLAGS.reverse_variants:
+        variants = dict(reversed(variants.items()))
     runtimes = list(variants)                    # the measured variants, by name
     engines = {rt: Engine(cfg, params, serving_flags.engine_config(**kw), serving_flags.cache_config(),
                           load_params=reload) for rt, kw in variants.items()}
@@ -179,7 +187,8 @@ def main(argv):
         with open(FLAGS.json_out, "w") as fh:
             json.dump({"config": {k: FLAGS[k].value for k in ("runtime", "runtimes", "expert_backend",
                                                                "attention_backend", "prompt_len", "output_len",
-                                                               "repeats", "eplb", "compare_prefix_caching")},
+                                                               "repeats", "eplb", "compare_prefix_caching", "compare_eplb",
+                                                               "reverse_variants", "seed")},
                        "rows": rows[runtimes[0]], "by_runtime": rows, "ray_round_trip_s": hop,
                        "resident_mb": memory, "heap": heap}, fh, indent=1)
 
