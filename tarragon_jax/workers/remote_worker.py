@@ -178,9 +178,11 @@ class WorkerProcess:
         _set_priority(WARMUP_NICE)
 
     def foreground(self) -> None:
-        """Warm: serve at normal priority, start-up's objects out of the collector's walks."""
-        freeze_startup_heap()
+        """Warm: serve at normal priority, start-up's objects out of the collector's walks (the
+        one full collection this takes runs at normal priority too: niced, on a busy host, it
+        could hold a replacement back from joining)."""
         _set_priority(0)
+        freeze_startup_heap()
 
     def _start_server(self, name: str, spin_s: float, deadline_s: float, **hooks) -> None:
         """The process's serving loop, and its keepalive: while the loop compiles, whoever waits
