@@ -39,11 +39,10 @@ def main(argv):
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     batches = sorted({b for r in per_run.values() for b in r})
+    order = {p: list(r["by_runtime"])[0] for p, r in runs.items()}     # the variant built first
     print(f"{FLAGS.over} over the other variant, per run (throughput; tokens per CPU second)")
     for p, r in per_run.items():
-        first = list(runs[p]["by_runtime"])[0]
-        print(f"{p:60} built first: {first:20} " + "  ".join(f"B={b} {r[b][0]:.3f} ({r[b][1]:.3f})" for b in batches if b in r))
-    order = {p: list(r["by_runtime"])[0] for p, r in runs.items()}     # the variant built first
+        print(f"{p:60} built first: {order[p]:20} " + "  ".join(f"B={b} {r[b][0]:.3f} ({r[b][1]:.3f})" for b in batches if b in r))
     summary = {}
     for b in batches:
         t = [r[b][0] for r in per_run.values() if b in r]
