@@ -25,7 +25,7 @@ from absl import app, flags
 
 from . import serving_flags
 from .throughput_bench import measure    # and its flags: --batch_sizes, --prompt_len, --output_len,
-                                               # --repeats, --seed, --json_out
+                                               # --repeats, --seed, --json_out, --compare_eplb
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("peer_checkpoint_dir", os.path.join(os.path.expanduser("~"), ".cache", "tarragon_jax",
@@ -33,7 +33,6 @@ flags.DEFINE_string("peer_checkpoint_dir", os.path.join(os.path.expanduser("~"),
                     "Where the default checkpoint is written (when no --checkpoint is given).")
 flags.DEFINE_bool("compare_resilience_off", True, "Also run our engine with --noresilience.")
 flags.DEFINE_bool("compare_pingpong", False, "Also run our engine with --pingpong flipped (resilience on).")
-flags.DEFINE_bool("compare_eplb", False, "Also run our engine with --eplb flipped (resilience on).")
 FLAGS.set_default("batch_sizes", ["1", "16", "64"])
 
 PEER_CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,

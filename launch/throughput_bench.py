@@ -37,7 +37,8 @@ flags.DEFINE_list("runtimes", None, "Measure these runtimes in one run, passes a
                   "default: --runtime alone.")
 flags.DEFINE_bool("compare_prefix_caching", False, "Measure --runtime with prefix caching and without in one run, "
                   "passes alternated.")
-flags.DEFINE_bool("compare_eplb", False, "Measure --runtime with --eplb and --noeplb in one run, passes alternated.")
+flags.DEFINE_bool("compare_eplb", False, "Measure --runtime with --eplb and --noeplb in one run, passes alternated "
+                  "(peer_bench: also run our engine with --eplb flipped).")
 flags.DEFINE_bool("reverse_variants", False, "Build the compared variants (--runtimes, --compare_*) in the "
                   "opposite order: here the engine built first ran 1-2% slower, so a comparison averages runs of both orders.")
 

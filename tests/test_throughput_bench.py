@@ -28,3 +28,12 @@ def test_small_run_writes_a_row_per_batch_size(tmp_path):
     other = result["by_runtime"]["no_prefix_caching"]         # the second variant, pass by pass over the first
     assert [x["batch"] for x in other] == [1, 3] and all(x["ratio"] > 0 and x["cpu_ratio"] > 0 for x in other)
     assert result["heap"]["frozen"] > 0 and result["heap"]["full_collection_frozen_s"] < result["heap"]["full_collection_s"]
+
+
+@pytest.mark.parametrize("launcher", ["peer_bench", "eplb_bench"])
+def test_launchers_sharing_its_flags_define_none_twice(launcher):
+    """peer_bench and eplb_bench import throughput_bench and with it its flags: a flag defined
+    in both would stop the launcher at import (absl's DuplicateFlagError)."""
+    r = subprocess.run([sys.executable, "-m", f"launch.{launcher}", "--helpfull"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert "DuplicateFlagError" not in r.stderr and "compare_eplb" in r.stdout + r.stderr
