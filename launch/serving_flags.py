@@ -18,7 +18,7 @@ flags.DEFINE_enum("load_format", "auto", ["auto", "dummy"],
 flags.DEFINE_enum("model", None, ["tiny", "demo"], "Built-in model instead of --checkpoint: tiny (random "
                  "weights, the byte tokenizer) or demo (trained on Python's help texts by launch/train_demo.py; "
                  "prints text).")
-flags.DEFINE_enum("tiny_family", "qwen2_moe", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"],
+flags.DEFINE_enum("tiny_family", "qwen2_moe", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"],
                   "Family of --model tiny.")
 flags.DEFINE_integer("num_attention_workers", 2, "Attention workers (AWs).")
 flags.DEFINE_integer("num_expert_workers", 4, "Expert workers (EWs).")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 ROUTER_SCORING = ("softmax", "sigmoid")
 EXPERT_BACKENDS = ("auto", "tiles", "dense", "ragged_dot", "pallas")
 ATTENTION_BACKENDS = ("auto", "pallas", "jnp")
@@ -44,6 +44,8 @@ class ModelConfig:
     qkv_bias: bool = False             # qwen2_moe
     qk_norm: bool = False              # qwen3_moe: RMSNorm on q and k per head before RoPE
     rope_theta: float = 10000.0
+    rotary_dim: int = 0                # RoPE on the first rotary_dim dims of each q/k head, the rest pass
+                                       # unrotated (GLM-4.5's partial RoPE); 0: the whole head
     rope_yarn_factor: float = 0.0      # YaRN context scaling (0: plain RoPE); see model/rope.py
     rope_yarn_original_max: int = 0    # the pretraining context YaRN extends
     rope_yarn_beta_fast: float = 32.0
@@ -121,6 +123,9 @@ class ModelConfig:
         _require(0 <= self.first_k_dense < self.n_layers and (self.first_k_dense == 0 or self.d_dense > 0),
                  f"first_k_dense={self.first_k_dense} must leave an MoE layer (n_layers={self.n_layers}) "
                  f"and needs d_dense > 0 (got {self.d_dense})")
+        _require(self.rotary_dim == 0 or (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0
+                                          and not self.kv_lora_rank),
+                 f"rotary_dim={self.rotary_dim} must be even, at most head_dim={self.head_dim}, and not with MLA")
         if self.kv_lora_rank:
             _require(self.n_kv_heads == self.n_heads, "MLA caches K/V per head: n_kv_heads must equal n_heads")
             _require(0 < self.qk_rope_dim < self.head_dim and self.qk_rope_dim % 2 == 0,
@@ -260,6 +265,9 @@ def tiny_model_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
         base.update(n_layers=3, n_kv_heads=4, head_dim=24, q_lora_rank=32, kv_lora_rank=16, qk_rope_dim=8,
                     v_head_dim=16, rope_interleave=True, router_scoring="sigmoid", n_group=2, topk_group=1,
                     routed_scaling=2.5, d_shared=32, first_k_dense=1, d_dense=96)
+    if family == "glm4_moe":      # GQA with q/k/v bias, qk-norm, partial RoPE, V3's routing, a dense layer
+        base.update(n_layers=3, qkv_bias=True, qk_norm=True, rotary_dim=8, router_scoring="sigmoid", n_group=2,
+                    topk_group=1, routed_scaling=2.5, d_shared=32, first_k_dense=1, d_dense=96)
     base.update(overrides)
     return ModelConfig(**base)
 

@@ -19,7 +19,9 @@ CONFIGS = os.path.join(os.path.dirname(HERE), "launch", "configs")
 
 @pytest.mark.parametrize("name, params_b, experts, top_k", [("qwen3_30b_a3b", 30.5, 128, 8),
                                                             ("mixtral_8x7b", 46.7, 8, 2),
-                                                            ("qwen1.5_moe_a2.7b", 14.3, 60, 4)])
+                                                            ("qwen1.5_moe_a2.7b", 14.3, 60, 4),
+                                                            ("glm4.5_air", 106, 128, 8),
+                                                            ("deepseek_v2_lite", 15.7, 64, 6)])
 def test_shipped_configs_parse_at_their_published_sizes(name, params_b, experts, top_k):
     cfg = read_config(os.path.join(CONFIGS, name))
     n = sum(jax.tree.leaves(sizes(cfg)))
@@ -27,7 +29,7 @@ def test_shipped_configs_parse_at_their_published_sizes(name, params_b, experts,
     assert abs(n / 1e9 - params_b) / params_b < 0.01
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "glm4_moe"])
 def test_dummy_weights_have_the_checkpoint_layout_and_serve(family):
     path = os.path.join(HERE, "fixtures", family)
     cfg, real = load_checkpoint(path)

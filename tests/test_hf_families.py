@@ -13,7 +13,8 @@ from tarragon_jax.serving.engine import Engine
 from seeding import fresh_rng
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v2", "deepseek_v3", "deepseek_v3_yarn"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v2", "deepseek_v3", "deepseek_v3_yarn",
+            "glm4_moe"]
 
 
 def _expected(name):
@@ -33,7 +34,8 @@ def test_reference_matches_transformers_logits_and_greedy(name):
         assert reference.greedy_generate(cfg, params, prompt, len(want_tokens)) == want_tokens
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "deepseek_v3_yarn"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "deepseek_v3_yarn",
+                                  "glm4_moe"])
 def test_engine_matches_transformers_greedy(name):
     cfg, params = load_checkpoint(os.path.join(FIX, name))
     exp = _expected(name)
@@ -118,7 +120,7 @@ def test_missing_and_misshaped_and_extra_tensors(tmp_path):
         load_checkpoint(str(d))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"])
 def test_save_checkpoint_round_trips(tmp_path, family):
     from tarragon_jax.model.hf_loader import save_checkpoint
     from tarragon_jax.model.tiny import tiny_model
@@ -183,12 +185,37 @@ def test_deepseek_v2_greedy_routing_ignores_the_groups(tmp_path):
     assert (cfg.n_group, cfg.topk_group) == (1, 1)
 
 
-def test_deepseek_v2_keeps_transformers_tokens_through_an_ew_and_an_aw_failure():
+def test_glm4_moe_is_gqa_with_partial_rope_and_deepseek_v3s_ffn():
+    """The fixture is GLM-4.5's shape: q/k/v bias, q/k norm, RoPE on half of each head, sigmoid
+    routing with a selection bias, a shared expert, the first layer dense."""
+    cfg, params = load_checkpoint(os.path.join(FIX, "glm4_moe"))
+    assert (cfg.family, cfg.head_dim, cfg.rotary_dim, cfg.qkv_bias, cfg.qk_norm) == ("glm4_moe", 24, 12, True, True)
+    assert (cfg.router_scoring, cfg.n_group, cfg.routed_scaling, cfg.d_shared, cfg.first_k_dense) == \
+        ("sigmoid", 2, 2.5, 32, 1)
+    layer = params["attn"]["layers"][1]
+    assert {"bq", "q_norm", "router_bias", "shared"} <= set(layer) and "mlp" in params["attn"]["layers"][0]
+
+
+def test_glm4_moe_ignores_its_multi_token_prediction_layer(tmp_path):
+    """GLM-4.5 ships one MTP layer after the decoder's (num_nextn_predict_layers); it is not used,
+    while an unknown tensor inside the decoder is still an error."""
+    d = _copy(tmp_path, "glm4_moe")
+    _rewrite_tensors(d, lambda t: t.update({"model.layers.3.eh_proj.weight": np.ones((64, 128), np.float32)}))
+    _edit_config(d, num_nextn_predict_layers=1)
+    cfg, _ = load_checkpoint(str(d))
+    assert cfg.n_layers == 3
+    _rewrite_tensors(d, lambda t: t.update({"model.layers.2.eh_proj.weight": np.ones((64, 128), np.float32)}))
+    with pytest.raises(CheckpointError, match="unexpected tensors.*layers.2.eh_proj"):
+        load_checkpoint(str(d))
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "glm4_moe"])
+def test_keeps_transformers_tokens_through_an_ew_and_an_aw_failure(name):
     """Killed mid-run (an EW between two layers of a step, an AW later), with 2 AWs x 4 EWs: the
     tokens are transformers' greedy ones."""
     from tarragon_jax.control.faults import FaultInjector, parse_fault
-    cfg, params = load_checkpoint(os.path.join(FIX, "deepseek_v2"))
-    exp = _expected("deepseek_v2")
+    cfg, params = load_checkpoint(os.path.join(FIX, name))
+    exp = _expected(name)
     faults = FaultInjector([parse_fault("ew:1@step=3,layer=1"), parse_fault("aw:0@step=6")])
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=4, prefill_chunk=16,
                                            snapshot_interval_s=0), faults=faults)

@@ -25,8 +25,10 @@ class CheckpointError(ValueError):
 
 _ARCH_TO_FAMILY = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                    "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
-                   "DeepseekV3ForCausalLM": "deepseek_v3"}
+                   "DeepseekV3ForCausalLM": "deepseek_v3", "Glm4MoeForCausalLM": "glm4_moe"}
 _DEEPSEEK = ("deepseek_v2", "deepseek_v3")     # MLA, shared experts, leading dense layers: one layout
+_DEEPSEEK_FFN = _DEEPSEEK + ("glm4_moe",)      # DeepSeek's FFN side (GLM-4.5: with GQA attention), and
+                                               # its multi-token-prediction layers after the decoder's
 
 
 def _family(raw: dict) -> str:
@@ -83,12 +85,14 @@ def config_from_hf(raw: dict) -> ModelConfig:
         if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
             raise ConfigError("unsupported config field: decoder_sparse_step/mlp_only_layers "
                               "(dense MLP layers are not supported)")
-    if fam in ("qwen3_moe",) + _DEEPSEEK and raw.get("attention_bias"):
+    if fam in ("qwen3_moe",) + _DEEPSEEK and raw.get("attention_bias"):   # GLM-4.5's q/k/v bias is supported
         raise ConfigError(f"unsupported config field: attention_bias=True for {fam}")
     d, h = raw["hidden_size"], raw["num_attention_heads"]
     try:
         if fam in _DEEPSEEK:
             return _deepseek_config(raw, fam)
+        if fam == "glm4_moe":
+            return _glm4_moe_config(raw)
         return ModelConfig(
             family=fam, vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_hidden_layers"],
             n_heads=h, n_kv_heads=raw.get("num_key_value_heads", h),
@@ -149,6 +153,33 @@ def _deepseek_config(raw: dict, family: str) -> ModelConfig:
         first_k_dense=raw["first_k_dense_replace"] or 0, d_dense=raw["intermediate_size"],
         **_rope(raw, family), rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+
+
+GLM4_MOE_DEFAULTS = {"n_shared_experts": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+                     "routed_scaling_factor": 1.0, "norm_topk_prob": True, "use_qk_norm": False,
+                     "attention_bias": False, "partial_rotary_factor": 0.5}   # transformers' Glm4MoeConfig
+
+
+def _glm4_moe_config(raw: dict) -> ModelConfig:
+    """GLM-4.5/4.6 (`glm4_moe`): GQA attention with optional q/k/v bias and per-head q/k norm, RoPE
+    on the first partial_rotary_factor of each head (halves layout), and DeepSeek-V3's FFN side:
+    sigmoid group-limited routing with a selection bias, shared experts, leading dense layers."""
+    rp = dict(raw.get("rope_scaling") or {}, **(raw.get("rope_parameters") or {}))
+    raw = dict(GLM4_MOE_DEFAULTS, **raw)
+    h = raw["num_attention_heads"]
+    hd = raw.get("head_dim") or raw["hidden_size"] // h
+    F = raw["moe_intermediate_size"]
+    return ModelConfig(
+        family="glm4_moe", vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
+        n_heads=h, n_kv_heads=raw.get("num_key_value_heads", h), head_dim=hd,
+        rotary_dim=int(hd * rp.get("partial_rotary_factor", raw["partial_rotary_factor"])),
+        qkv_bias=bool(raw["attention_bias"]), qk_norm=bool(raw["use_qk_norm"]),
+        n_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"], d_expert=F,
+        norm_topk_prob=bool(raw["norm_topk_prob"]), d_shared=(raw["n_shared_experts"] or 0) * F,
+        router_scoring="sigmoid", n_group=raw["n_group"] or 1, topk_group=raw["topk_group"] or 1,
+        routed_scaling=float(raw["routed_scaling_factor"]), first_k_dense=raw["first_k_dense_replace"] or 0,
+        d_dense=raw["intermediate_size"], **_rope(raw, "glm4_moe"), rms_eps=raw.get("rms_norm_eps", 1e-5),
+        max_position=raw["max_position_embeddings"], tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
 
 
 def _shard_files(path: str) -> list[str]:
@@ -262,9 +293,10 @@ def _mla(c: _Claimer, cfg: ModelConfig, a: str) -> dict:
     return lp
 
 
-def _deepseek_layer(c: _Claimer, cfg: ModelConfig, i: int, lp: dict) -> dict:
+def _deepseek_ffn(c: _Claimer, cfg: ModelConfig, i: int, lp: dict) -> dict:
+    """DeepSeek's FFN side of layer i (GLM-4.5's too): a dense MLP, or router (+ selection bias)
+    and shared experts."""
     D, m = cfg.d_model, f"model.layers.{i}.mlp."
-    lp.update(_mla(c, cfg, f"model.layers.{i}.self_attn."))
     if cfg.moe_index(i) is None:
         lp["mlp"] = _mlp(c, m, D, cfg.d_dense)
         return lp
@@ -289,7 +321,8 @@ def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> dict:
     lp = {"input_norm": c.take(p + "input_layernorm.weight", (D,)),
           "post_norm": c.take(p + "post_attention_layernorm.weight", (D,))}
     if cfg.family in _DEEPSEEK:
-        return _deepseek_layer(c, cfg, i, lp)
+        lp.update(_mla(c, cfg, a))
+        return _deepseek_ffn(c, cfg, i, lp)
     lp.update(wq=c.take(a + "q_proj.weight", (H * hd, D), True), wk=c.take(a + "k_proj.weight", (KV * hd, D), True),
               wv=c.take(a + "v_proj.weight", (KV * hd, D), True), wo=c.take(a + "o_proj.weight", (D, H * hd), True))
     if cfg.qkv_bias:
@@ -297,6 +330,8 @@ def _layer(c: _Claimer, cfg: ModelConfig, i: int) -> dict:
                   bv=c.take(a + "v_proj.bias", (KV * hd,)))
     if cfg.qk_norm:
         lp.update(q_norm=c.take(a + "q_norm.weight", (hd,)), k_norm=c.take(a + "k_norm.weight", (hd,)))
+    if cfg.family in _DEEPSEEK_FFN:
+        return _deepseek_ffn(c, cfg, i, lp)
     moe = _moe_prefix(c, cfg, i)
     lp["router"] = c.take(moe + "gate.weight", (cfg.n_experts, D), True)
     if cfg.d_shared:
@@ -361,12 +396,12 @@ class CheckpointWeights:
 
     def load(self) -> dict:
         """The whole model, every tensor of the files claimed: a renamed or extra tensor is an
-        error (deepseek's multi-token-prediction layers follow the decoder's; unused here)."""
+        error (deepseek's and GLM's multi-token-prediction layers follow the decoder's; unused here)."""
         c, cfg = self._claimer(), self.config
         attn = _attention(c, cfg)
         experts = [_experts(c, cfg, _moe_prefix(c, cfg, i), list(range(cfg.n_experts)))
                    for i in range(cfg.n_layers) if cfg.moe_index(i) is not None]
-        left = sorted(k for k in c.left if not (cfg.family in _DEEPSEEK and _is_mtp(k, cfg.n_layers)))
+        left = sorted(k for k in c.left if not (cfg.family in _DEEPSEEK_FFN and _is_mtp(k, cfg.n_layers)))
         if left:
             raise CheckpointError(f"unexpected tensors in checkpoint (unsupported layout?): {left[:5]}")
         return {"attn": attn, "experts": experts}
@@ -408,6 +443,15 @@ def _hf_config(cfg: ModelConfig) -> dict:
         if cfg.family == "deepseek_v2":
             del raw["rope_interleave"]
             raw.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy", scoring_func="softmax")
+    elif cfg.family == "glm4_moe":
+        if cfg.d_shared % cfg.d_expert:
+            raise ConfigError(f"d_shared={cfg.d_shared} is not a whole number of experts of {cfg.d_expert}")
+        raw.update(n_routed_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert,
+                   n_shared_experts=cfg.d_shared // cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
+                   n_group=cfg.n_group, topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling,
+                   first_k_dense_replace=cfg.first_k_dense, intermediate_size=cfg.d_dense,
+                   attention_bias=cfg.qkv_bias, use_qk_norm=cfg.qk_norm,
+                   partial_rotary_factor=(cfg.rotary_dim or cfg.head_dim) / cfg.head_dim, num_nextn_predict_layers=0)
     else:
         raw.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
                    decoder_sparse_step=1, mlp_only_layers=[])
@@ -461,7 +505,7 @@ def save_checkpoint(cfg: ModelConfig, params: dict, path: str, dtype=np.float32)
         t[m + "gate.weight"] = lp["router"].T
         if "router_bias" in lp:
             t[m + "gate.e_score_correction_bias"] = lp["router_bias"]
-        if "shared" in lp and cfg.family in _DEEPSEEK:
+        if "shared" in lp and cfg.family in _DEEPSEEK_FFN:
             t.update(_mlp_tensors(m + "shared_experts.", lp["shared"]))
         elif "shared" in lp:
             t.update(_mlp_tensors(m + "shared_expert.", lp["shared"]))

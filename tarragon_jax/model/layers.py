@@ -44,7 +44,15 @@ def qkv(layer: dict, xn_TxD: jax.Array, pos_T: jax.Array, cfg: ModelConfig):
     v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q, k = rms_norm(q, layer["q_norm"], cfg.rms_eps), rms_norm(k, layer["k_norm"], cfg.rms_eps)
-    return apply_rope(q, pos_T, cfg) * cfg.attn_scale, apply_rope(k, pos_T, cfg), v
+    return _partial_rope(q, pos_T, cfg) * cfg.attn_scale, _partial_rope(k, pos_T, cfg), v
+
+
+def _partial_rope(x_TxHxd: jax.Array, pos_T: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """RoPE on the first cfg.rotary_dim dims of each head (all of them when 0), the rest as they are."""
+    r = cfg.rotary_dim or x_TxHxd.shape[-1]
+    if r == x_TxHxd.shape[-1]:
+        return apply_rope(x_TxHxd, pos_T, cfg)
+    return jnp.concatenate([apply_rope(x_TxHxd[..., :r], pos_T, cfg), x_TxHxd[..., r:]], axis=-1)
 
 
 MLA_NORM_EPS = 1e-6  # transformers' q_a/kv_a latent norms keep their default eps, whatever the config says
