@@ -21,7 +21,8 @@ CONFIGS = os.path.join(os.path.dirname(HERE), "launch", "configs")
                                                             ("mixtral_8x7b", 46.7, 8, 2),
                                                             ("qwen1.5_moe_a2.7b", 14.3, 60, 4),
                                                             ("glm4.5_air", 106, 128, 8),
-                                                            ("deepseek_v2_lite", 15.7, 64, 6)])
+                                                            ("deepseek_v2_lite", 15.7, 64, 6),
+                                                            ("qwen3_30b_a3b_fp8", 30.5, 128, 8)])
 def test_shipped_configs_parse_at_their_published_sizes(name, params_b, experts, top_k):
     cfg = read_config(os.path.join(CONFIGS, name))
     n = sum(jax.tree.leaves(sizes(cfg)))

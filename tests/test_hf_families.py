@@ -13,8 +13,8 @@ from tarragon_jax.serving.engine import Engine
 from seeding import fresh_rng
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v2", "deepseek_v3", "deepseek_v3_yarn",
-            "glm4_moe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_bf16", "qwen3_moe_fp8", "deepseek_v2", "deepseek_v3",
+            "deepseek_v3_yarn", "glm4_moe"]
 
 
 def _expected(name):
@@ -34,8 +34,8 @@ def test_reference_matches_transformers_logits_and_greedy(name):
         assert reference.greedy_generate(cfg, params, prompt, len(want_tokens)) == want_tokens
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "deepseek_v3_yarn",
-                                  "glm4_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_fp8", "deepseek_v2", "deepseek_v3",
+                                  "deepseek_v3_yarn", "glm4_moe"])
 def test_engine_matches_transformers_greedy(name):
     cfg, params = load_checkpoint(os.path.join(FIX, name))
     exp = _expected(name)
@@ -147,10 +147,11 @@ def test_save_checkpoint_round_trips(tmp_path, family):
     ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method='noaux_tc' for deepseek_v2"),
     ("deepseek_v2", dict(scoring_func="sigmoid"), "scoring_func='sigmoid' for deepseek_v2"),
     ("deepseek_v2", dict(moe_layer_freq=2), "moe_layer_freq"),
-    ("qwen3_moe", dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
-     "quantization_config \\(quant_method='fp8'\\)"),
-    ("qwen3_moe", dict(quantization_config={"quant_method": "mxfp4", "weight_block_size": [128, 128]}),
-     "quantization_config \\(quant_method='mxfp4'\\)"),
+    ("qwen3_moe", dict(quantization_config={"quant_method": "fp8"}), "weight_block_size=None"),
+    ("qwen3_moe", dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128],
+                                            "activation_scheme": "static"}), "activation_scheme='static'"),
+    ("qwen3_moe", dict(quantization_config={"quant_method": "mxfp4"}), "quantization_config \\(quant_method='mxfp4'\\)"),
+    ("qwen3_moe", dict(quantization_config={"quant_method": "awq", "bits": 4}), "quant_method='awq'"),
 ])
 def test_unsupported_config_fields_are_named(tmp_path, name, change, field):
     d = _copy(tmp_path, name)
@@ -209,7 +210,66 @@ def test_glm4_moe_ignores_its_multi_token_prediction_layer(tmp_path):
         load_checkpoint(str(d))
 
 
-@pytest.mark.parametrize("name", ["deepseek_v2", "glm4_moe"])
+def test_fp8_blocks_are_dequantized_as_deepseek_reads_a_partial_block():
+    """w[i, j] * scale_inv[i // bm, j // bn], the grid rounded up: 576 rows of 128-row blocks (as
+    DeepSeek-V3's kv_a_proj) are 5 blocks, the last one partial."""
+    import ml_dtypes
+    from tarragon_jax.model.quantized import fp8_dequantize
+    rng = fresh_rng()
+    w = rng.standard_normal((2, 40, 24)).astype(ml_dtypes.float8_e4m3fn)
+    s = rng.uniform(0.5, 2.0, (2, 3, 2)).astype(np.float32)
+    want = np.empty(w.shape, np.float32)
+    for e, i, j in np.ndindex(*w.shape):
+        want[e, i, j] = float(w[e, i, j]) * s[e, i // 16, j // 16]
+    np.testing.assert_array_equal(fp8_dequantize(w, s, (16, 16)), want)
+    with pytest.raises(ValueError, match=r"x: scale_inv has shape \(2, 2, 2\), expected \(2, 3, 2\)"):
+        fp8_dequantize(w, s[:, :2], (16, 16), "x")
+
+
+def _rewrite_raw(path, fn):
+    """fn({name: (safetensors dtype, shape, bytes)}) on model.safetensors, FP8 tensors included
+    (safetensors' numpy reader has no FP8 dtypes)."""
+    f = path / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    tensors = {k: (t["dtype"], t["shape"], raw[8 + n + t["data_offsets"][0]:8 + n + t["data_offsets"][1]])
+               for k, t in header.items()}
+    fn(tensors)
+    out, data, at = {}, b"", 0
+    for k, (dtype, shape, blob) in tensors.items():
+        out[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + len(blob)]}
+        data, at = data + blob, at + len(blob)
+    head = json.dumps(out).encode()
+    f.write_bytes(len(head).to_bytes(8, "little") + head + data)
+
+
+def test_fp8_weights_without_their_scales_are_refused(tmp_path):
+    d = _copy(tmp_path, "qwen3_moe_fp8")
+    _rewrite_raw(d, lambda t: t.pop("model.layers.0.self_attn.q_proj.weight_scale_inv"))
+    with pytest.raises(CheckpointError, match="q_proj.weight' is FP8 but the checkpoint has no.*weight_scale_inv"):
+        load_checkpoint(str(d))
+    d = _copy(tmp_path / "b", "qwen3_moe_fp8")
+    _rewrite_raw(d, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight_scale_inv":
+                                        ("F32", (3, 4), np.ones((3, 4), np.float32).tobytes())}))
+    with pytest.raises(CheckpointError, match=r"q_proj.weight: scale_inv has shape \(3, 4\), expected \(6, 4\)"):
+        load_checkpoint(str(d))
+
+
+def test_fp8_checkpoint_is_the_f32_one_within_the_quantization_error():
+    """The fixture quantizes qwen3_moe's files: what loads is those weights to within FP8's 3
+    mantissa bits per 16x16 block, and the router, norms and embeddings exactly."""
+    _, q = load_checkpoint(os.path.join(FIX, "qwen3_moe_fp8"))
+    _, f = load_checkpoint(os.path.join(FIX, "qwen3_moe"))
+    np.testing.assert_array_equal(q["attn"]["layers"][1]["router"], f["attn"]["layers"][1]["router"])
+    np.testing.assert_array_equal(q["attn"]["embed"], f["attn"]["embed"])
+    for a, b in ((q["attn"]["layers"][0]["wq"], f["attn"]["layers"][0]["wq"]),
+                 (q["experts"][2]["w_down"], f["experts"][2]["w_down"])):
+        assert not np.array_equal(a, b) and np.max(np.abs(a - b)) <= np.max(np.abs(b)) / 16
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "glm4_moe", "qwen3_moe_fp8"])
 def test_keeps_transformers_tokens_through_an_ew_and_an_aw_failure(name):
     """Killed mid-run (an EW between two layers of a step, an AW later), with 2 AWs x 4 EWs: the
     tokens are transformers' greedy ones."""

@@ -11,11 +11,11 @@ import glob
 import json
 import os
 
-import jax
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from tarragon_jax.config import ConfigError, ModelConfig
+from tarragon_jax.model.quantized import FP8_DTYPES, fp8_block_size, fp8_dequantize
 from tarragon_jax.model.rope import yarn_mscale
 
 
@@ -40,6 +40,19 @@ def _family(raw: dict) -> str:
         return mt
     raise ConfigError(f"unknown model family: architectures={raw.get('architectures')} "
                       f"model_type={mt!r}; supported: {sorted(_ARCH_TO_FAMILY)}")
+
+
+def _fp8_block(raw: dict) -> tuple[int, int] | None:
+    """The FP8 block size of a block-quantized checkpoint, None when not quantized; other
+    quantizations are refused by name."""
+    quant = raw.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+    if method != "fp8":
+        raise ConfigError(f"unsupported config field: quantization_config (quant_method={method!r}): of the "
+                          "quantized formats only block-quantized FP8 loads; use the bf16/f16/f32 weights")
+    return fp8_block_size(quant)
 
 
 def _rope(raw: dict, family: str) -> dict:
@@ -72,11 +85,7 @@ def _rope(raw: dict, family: str) -> dict:
 def config_from_hf(raw: dict) -> ModelConfig:
     """Translate a transformers config.json dict; unsupported features raise, naming the field."""
     fam = _family(raw)
-    quant = raw.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-        raise ConfigError(f"unsupported config field: quantization_config (quant_method={method!r}): quantized "
-                          "checkpoints (FP8, MXFP4, ...) do not load yet; use the bf16/f16/f32 weights")
+    _fp8_block(raw)
     if raw.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"unsupported config field: hidden_act={raw['hidden_act']!r} (only silu)")
     if raw.get("use_sliding_window") or (fam == "mixtral" and raw.get("sliding_window")):
@@ -198,41 +207,49 @@ def _shard_files(path: str) -> list[str]:
     return files
 
 
+# safetensors dtype names -> numpy (bf16 and FP8 via ml_dtypes)
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
 class _Files:
-    """Tensor name -> shard file, and reads of one tensor or of some rows of it: safetensors maps
-    each file, so only what is read is paged in. Host numpy arrays (bf16 via ml_dtypes), never
-    placed on an accelerator."""
+    """Tensor name -> where it lies in which shard, and reads of one tensor or of some rows of it
+    through a memory map, so only what is read is paged in. Host numpy arrays, never placed on an
+    accelerator. The safetensors layout (an 8-byte header length, a JSON header of dtype, shape
+    and byte offsets, then the data) is read directly: the safetensors package's numpy and flax
+    readers have no FP8 dtypes."""
 
     def __init__(self, path: str):
-        self.where: dict[str, str] = {}
-        self._open: dict[str, object] = {}
+        self.where: dict[str, tuple[str, str, tuple, int]] = {}    # name -> (file, dtype, shape, byte offset)
         for fn in _shard_files(path):
-            for k in self._file(fn).keys():
-                self.where[k] = fn
-
-    def _file(self, fn: str):
-        if fn not in self._open:
-            self._open[fn] = safe_open(fn, framework="flax")
-        return self._open[fn]
+            with open(fn, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for k, t in header.items():
+                self.where[k] = (fn, t["dtype"], tuple(t["shape"]), 8 + n + t["data_offsets"][0])
 
     def shape(self, key: str) -> tuple:
-        return tuple(self._file(self.where[key]).get_slice(key).get_shape())
+        return self.where[key][2]
 
     def read(self, key: str, rows: list[int] | None = None) -> np.ndarray:
-        f = self._file(self.where[key])
-        with jax.default_device(jax.devices("cpu")[0]):
-            if rows is None:
-                return np.asarray(f.get_tensor(key))
-            part = f.get_slice(key)
-            return np.stack([np.asarray(part[r:r + 1])[0] for r in rows])
+        fn, dtype, shape, offset = self.where[key]
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"tensor {key!r} has dtype {dtype}, which the loader does not read")
+        if 0 in shape:
+            a = np.zeros(shape, _DTYPES[dtype])
+        else:
+            a = np.memmap(fn, dtype=_DTYPES[dtype], mode="r", offset=offset, shape=shape)
+        return np.array(a if rows is None else a[list(rows)])
 
 
 class _Claimer:
     """Reads tensors by name with a shape check, and keeps the names not claimed yet, so that a
     whole-checkpoint load can report leftovers at the end."""
 
-    def __init__(self, files: _Files, dtype):
-        self.files, self.dtype, self.left = files, dtype, set(files.where)
+    def __init__(self, files: _Files, dtype, fp8_block: tuple[int, int] | None = None):
+        self.files, self.dtype, self.fp8_block, self.left = files, dtype, fp8_block, set(files.where)
 
     def has(self, key: str) -> bool:
         return key in self.files.where
@@ -246,7 +263,18 @@ class _Claimer:
         if self.files.shape(key) != tuple(shape):
             raise CheckpointError(f"tensor {key!r} has shape {self.files.shape(key)}, expected {tuple(shape)}")
         self.left.discard(key)
-        a = self.files.read(key, rows).astype(self.dtype)
+        a = self.files.read(key, rows)
+        if a.dtype in FP8_DTYPES:                  # "x.weight" beside its scales, "x.weight_scale_inv"
+            scale = key + "_scale_inv"
+            if self.fp8_block is None or not self.has(scale):
+                raise CheckpointError(f"tensor {key!r} is FP8 but the checkpoint has no {scale!r} or no FP8 "
+                                      "quantization_config (weight_block_size)")
+            self.left.discard(scale)
+            try:
+                a = fp8_dequantize(a, self.files.read(scale, rows), self.fp8_block, key)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+        a = a.astype(self.dtype)
         return np.ascontiguousarray(a.T if transpose else a)
 
 
@@ -353,27 +381,33 @@ def _attention(c: _Claimer, cfg: ModelConfig) -> dict:
     return {"embed": embed, "final_norm": c.take("model.norm.weight", (D,)), "lm_head": head, "layers": layers}
 
 
-def read_config(path: str) -> ModelConfig:
-    """The ModelConfig of a checkpoint directory (its config.json)."""
+def _raw_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory does not exist: {path}")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"missing config.json in checkpoint directory {path}")
     with open(cfg_path) as f:
-        return config_from_hf(json.load(f))
+        return json.load(f)
+
+
+def read_config(path: str) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory (its config.json)."""
+    return config_from_hf(_raw_config(path))
 
 
 class CheckpointWeights:
     """A checkpoint directory's weights, read when a worker asks for its part: an attention worker
     reads the attention side, an expert worker the experts it hosts (by tensor, or by rows of a
     fused stack), each in its own process on its own node; no process ever holds them all, and
-    what crosses to a worker process is the path. Host leaves of `dtype`."""
+    what crosses to a worker process is the path. Host leaves of `dtype` (FP8 block-quantized
+    weights are dequantized as they are read)."""
 
     nbytes = 0                             # host bytes held here: none until a part is read
 
     def __init__(self, path: str, dtype=np.float32):
         self.path, self.dtype, self.config = path, np.dtype(dtype), read_config(path)
+        self.fp8_block = _fp8_block(_raw_config(path))
         self._files: _Files | None = None
         _shard_files(path)                 # a missing shard is an error now, not in a worker
 
@@ -383,7 +417,7 @@ class CheckpointWeights:
     def _claimer(self) -> _Claimer:
         if self._files is None:
             self._files = _Files(self.path)
-        return _Claimer(self._files, self.dtype)
+        return _Claimer(self._files, self.dtype, self.fp8_block)
 
     def attention(self) -> dict:
         return _attention(self._claimer(), self.config)
