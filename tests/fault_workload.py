@@ -1,6 +1,6 @@
 """The fault tests' shared workload: a tiny Qwen3-MoE engine (2 AWs x 4 EWs, on the runtime
 TARRAGON_TEST_RUNTIME names), four prompts plus two that join at step 3, and its failure-free
-tokens as the `model` fixture."""
+tokens with --noeplb as the `model` fixture."""
 import os
 
 import numpy as np
@@ -47,6 +47,6 @@ def serve(cfg, params, early, late, faults=(), wait_store=False, before_step=Non
 def model():
     cfg, params = tiny_model("qwen3_moe", seed=3)
     early, late = workload(7, cfg.vocab_size)
-    clean, eng = serve(cfg, params, early, late)
-    eng.close()
+    clean, eng = serve(cfg, params, early, late, eplb=False)   # the paper's idle shadows: every
+    eng.close()                                                   # faulted run (eplb by default) must match
     return cfg, params, early, late, clean
