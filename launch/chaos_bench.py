@@ -199,7 +199,11 @@ def main(argv):
         last = max((f["t"] for f in chaos["faults"]), default=chaos["t0"])
         back_s = asyncio.run(all_back(url, last))
         final = asyncio.run(last_health(url))
-        queries, hits = asyncio.run(serving_bench.prefix_counts(url))     # over the whole run
+        try:
+            queries, hits = asyncio.run(serving_bench.prefix_counts(url))     # over the whole run
+        except RuntimeError as e:                                            # reported, with the table
+            queries = hits = None
+            print(f"error: {e}", file=sys.stderr)
     finally:
         serving_bench.stop_server(proc)
     rows = [summary("calm", calm, reference), summary("chaos", chaos, reference)]
@@ -208,7 +212,8 @@ def main(argv):
     print(f"every worker back {back_s:.1f} s after the last fault" if back_s is not None
           else f"workers NOT all back {FLAGS.back_timeout_s:.0f} s after the last fault")
     print(f"E2E p99 under chaos / failure-free: {ratio:.2f}x")
-    print(f"prefix cache: {hits / max(queries, 1):.0%} of prompt tokens found cached ({hits:.0f} of {queries:.0f})")
+    if queries is not None:
+        print(f"prefix cache: {hits / max(queries, 1):.0%} of prompt tokens found cached ({hits:.0f} of {queries:.0f})")
     for r in rows:
         for e in r["errors"]:
             print(f"{r['phase']}: error: {e}")

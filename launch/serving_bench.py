@@ -151,11 +151,15 @@ async def post(url: str, path: str, body: dict) -> tuple[int, dict]:
 
 
 async def prefix_counts(url: str) -> tuple[float, float]:
-    """The server's prefix-cache counters: (prompt tokens looked up, tokens found cached)."""
+    """The server's prefix-cache counters: (prompt tokens looked up, tokens found cached).
+    RuntimeError if /metrics does not answer them (an engine loop that stopped)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
     async with httpx.AsyncClient(timeout=60) as http:
-        text = (await http.get(url + "/metrics")).text
+        r = await http.get(url + "/metrics")
+    if r.status_code != 200:
+        raise RuntimeError(f"/metrics answered {r.status_code}: {r.text[:300]}")
+    text = r.text
     got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     return got.get("tarragon_prefix_cache_queries_total", 0.0), got.get("tarragon_prefix_cache_hit_tokens_total", 0.0)
 

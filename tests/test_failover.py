@@ -226,6 +226,28 @@ def test_replacement_that_fails_to_build_is_retried_until_it_joins(model, monkey
     assert calls[2] - calls[1] >= 0.4 - 0.05           # the backoff doubled
 
 
+def test_replacement_that_hangs_while_joining_is_fenced_and_rebuilt(model, monkeypatch):
+    """A replacement AW that stops answering as it joins (its store attach times out, as a
+    SIGSTOPped process's does): the engine thread is not failed by it; the half-joined worker is
+    fenced, another is built and joins, and the tokens are the failure-free ones."""
+    from tarragon_jax.control import controller
+    from tarragon_jax.errors import WorkerFailed
+    real, joins, fenced = controller.Controller._join_aw, [], []
+
+    def hangs_once(self, aw, rec, t0):
+        joins.append(aw)
+        if len(joins) == 1:
+            aw.kill = lambda: fenced.append(aw)
+            raise WorkerFailed(aw.handle.name, "no answer within the 1.000 s deadline (injected)")
+        return real(self, aw, rec, t0)
+    monkeypatch.setattr(controller.Controller, "_join_aw", hangs_once)
+    monkeypatch.setattr(controller, "RETRY_S", (0.2, 1.0))
+    eng = _check(model, ["aw:1@step=4"])
+    rec = eng.controller.records[0]
+    assert len(joins) == 2 and fenced == [joins[0]] and eng.controller.aws[1] is joins[1]
+    assert rec.replacement_attempts == 2 and "(injected)" in rec.replacement_error
+
+
 def test_deepseek_v3_failures_keep_the_tokens():
     """MLA caches (restored on the other AW), group-limited routing and a dense first layer: an EW
     killed during the dense layer (no EW call there: found at the next MoE layer) and an AW

@@ -339,9 +339,10 @@ class Controller:
         job.future = self._bg.submit(job.build)
 
     def _settle_jobs(self) -> None:
-        """Join the replacements that are built; retry a failed build after a backoff (1 s,
-        doubling, at most 30 s), for as long as it takes: the service runs on the survivors
-        meanwhile, and the record shows the attempts and the last error."""
+        """Join the replacements that are built; retry a failed build, or a replacement that hung
+        or died while it joined (fenced first), after a backoff (1 s, doubling, at most 30 s), for
+        as long as it takes: the service runs on the survivors meanwhile, and the record shows the
+        attempts and the last error. Nothing of it raises on the engine thread."""
         for job in list(self._jobs):
             if job.future is None:
                 if self.clock() >= job.retry_at:
@@ -352,13 +353,21 @@ class Controller:
             try:
                 worker = job.future.result()
             except Exception as e:  # noqa: BLE001 -- serving goes on without the replacement
-                n = job.rec.replacement_attempts
-                job.rec.replacement_error = f"attempt {n}: {type(e).__name__}: {e}"
-                log.warning("replacement of %s failed (%s); retrying", job.rec.worker, job.rec.replacement_error)
-                job.future, job.retry_at = None, self.clock() + min(RETRY_S[1], RETRY_S[0] * 2 ** (n - 1))
+                self._retry(job, e)
+                continue
+            try:
+                job.join(worker)
+            except (WorkerFailed, RemoteError) as e:   # e.g. a store attach that a hung process never answers
+                worker.kill()
+                self._retry(job, e)
                 continue
             self._jobs.remove(job)
-            job.join(worker)
+
+    def _retry(self, job: "_Job", e: Exception) -> None:
+        n = job.rec.replacement_attempts
+        job.rec.replacement_error = f"attempt {n}: {type(e).__name__}: {e}"
+        log.warning("replacement of %s failed (%s); retrying", job.rec.worker, job.rec.replacement_error)
+        job.future, job.retry_at = None, self.clock() + min(RETRY_S[1], RETRY_S[0] * 2 ** (n - 1))
 
     def _replacement(self, make: Callable[[WorkerHandle], object], failed, rec: RecoveryRecord) -> object:
         """A new worker on a spare device (weights from host memory) that compiles every program

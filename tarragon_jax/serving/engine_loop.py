@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 from typing import Callable
@@ -134,6 +135,7 @@ class EngineLoop(threading.Thread):
                         del self._sinks[ev.request_id]
                 self.metrics.after_step(self.engine, events)
         except BaseException as e:  # noqa: BLE001 -- report to every waiting client, then stop
+            logging.getLogger(__name__).exception("engine loop stopped: every request in flight fails")
             self.error = e
             for sink in self._sinks.values():
                 sink(e)
