@@ -268,6 +268,31 @@ def test_a_dead_store_process_costs_a_recompute_not_a_token(model):
     eng.close()
 
 
+def test_a_hung_store_does_not_make_the_aw_restoring_from_it_look_hung(model):
+    """The store's process is SIGSTOPped, then an AW fails: the AW taking its requests finds the
+    store silent when it restores them, within a quarter of the step deadline, and answers its
+    step in time, so it is not fenced as hung (it was, in a chaos soak: both AWs then down for
+    30 s); the moved requests recompute and the tokens stay the reference's."""
+    import signal
+    cfg, params, want = model
+    eng = _engine(cfg, params, [], snapshot_interval_s=0.0, transfer_deadline_s=1.0, precompile="all")
+    store = eng.controller.processes()["store"]["pid"]
+    ids = [eng.submit(p, SamplingParams(max_new_tokens=10)) for p in PROMPTS]
+    start = eng.step_index
+    try:
+        while eng.has_work:
+            if eng.step_index == start + 8:
+                os.kill(store, signal.SIGSTOP)
+                eng.controller.kill("aw0")
+            eng.step()
+    finally:
+        os.kill(store, signal.SIGCONT)
+    assert [eng.requests[i].output for i in ids] == want
+    assert "aw1" not in [r.worker for r in eng.controller.records]
+    assert eng.aws[1].restored.requests > 0 and eng.aws[1].restored.fallbacks > 0
+    eng.close()
+
+
 def test_sigkill_from_outside_of_pids_read_from_health_changes_no_token(model):
     """An operator's view: /health names every worker's process; while four requests stream, an
     outside SIGKILL goes to an AW's pid and then to an EW's pid. Nobody tells the service; every

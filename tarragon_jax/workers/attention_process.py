@@ -37,6 +37,9 @@ from tarragon_jax.workers.sequence import Sequence, SeqState
 EW_WAIT_FRACTION = 0.5      # of the step deadline: an AW's wait for a layer's EW answers (the
                             # driver's wait for the AW's step is the whole deadline: the AW
                             # names a hung EW before the driver would blame the AW)
+STORE_WAIT_FRACTION = 0.25  # of the step deadline: an AW's wait for the checkpoint store (a restore
+                            # that finds it hung costs the AW's step that much, and the driver never
+                            # takes the AW for hung: before, a hung store made it fence healthy AWs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +105,9 @@ class AttentionActor(WorkerProcess):
         return self.aw.reset_prefix_cache()
 
     def _store_client(self, actor) -> RemoteCheckpointStore:
+        """The store as this AW calls it, bounded by STORE_WAIT_FRACTION of the step deadline."""
         return RemoteCheckpointStore(actor, memory_tier=self.engine.snapshot_memory_tier,
-                                     deadline_s=self.engine.transfer_deadline_s)
+                                     deadline_s=self.engine.transfer_deadline_s * STORE_WAIT_FRACTION)
 
     def attach_store(self, actor) -> None:
         """The controller replaced a dead checkpoint store: snapshot to the new one from now on,
