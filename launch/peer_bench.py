@@ -8,7 +8,9 @@ measured on: hidden 512, 12 layers, 16 experts top-4, random weights, about 92M 
 batch size gets an untimed pass on each side first (compiles, caches); then --repeats timed passes,
 and the table shows the median tokens/s (min-max) and the ratio to transformers, for our engine
 with resilience on (shadows, KV snapshots, heartbeats) and off. Greedy tokens of the two systems
-are compared too (f32; they may part where two logits are within rounding of each other).
+are compared too (f32; they may part where two logits are within rounding of each other), and so
+are the top-5 logprobs of every greedy token of the smallest batch against transformers'
+log-softmax of the same step.
 torch and transformers are optional (requirements-dev.txt); neither the main job nor the tests
 need them.
 """
@@ -99,6 +101,37 @@ def run_engine(engine, prompts: list[list[int]]) -> tuple[float, list[list[int]]
     return tok_s, out
 
 
+def logprob_check(engine, path: str, prompts: list[list[int]], k: int = 5) -> dict:
+    """Our top-k logprobs of every greedy token against transformers' log-softmax of the same
+    step, compared at our top-k ids (a near-tie may order them differently), while both runs
+    still follow the same tokens."""
+    import numpy as np
+    from tarragon_jax.config import SamplingParams
+    torch, _ = _torch()
+    x = torch.tensor(prompts)
+    with torch.inference_mode():
+        out = _hf_model(path).generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                       max_new_tokens=FLAGS.output_len, min_new_tokens=FLAGS.output_len,
+                                       eos_token_id=None, pad_token_id=0, output_logits=True,
+                                       return_dict_in_generate=True)
+    want = torch.stack(out.logits, 1).float().log_softmax(-1).numpy()         # [B, steps, V]
+    theirs = out.sequences[:, x.shape[1]:].tolist()
+    ids = [engine.submit(p, SamplingParams(max_new_tokens=FLAGS.output_len, logprobs=k)) for p in prompts]
+    for _ in engine.stream():
+        pass
+    diffs, same_ids, steps = [], 0, 0
+    for b, rid in enumerate(ids):
+        seq = engine.requests[rid]
+        for t, lp in enumerate(seq.logprobs):
+            if seq.output[:t + 1] != theirs[b][:t + 1]:
+                break
+            diffs += [abs(v - want[b, t, j]) for j, v in lp.top]
+            same_ids += [j for j, _ in lp.top] == np.argsort(-want[b, t])[:k].tolist()
+            steps += 1
+        engine.forget(rid)
+    return {"k": k, "steps": steps, "max_abs_diff": float(max(diffs)), "top_ids_agree": same_ids / steps}
+
+
 def summary(runs: list[float]) -> dict:
     return {"tok_s": statistics.median(runs), "tok_s_min": min(runs), "tok_s_max": max(runs), "runs": runs}
 
@@ -139,6 +172,7 @@ def main(argv):
             peer[b] = ([r[0] for r in runs["transformers"]], runs["transformers"][-1][1])
             for mode in engines:
                 ours[mode][b] = ([r[0] for r in runs[mode]], runs[mode][-1][1])
+        check = logprob_check(engines["resilience_on"], path, batches[min(batches)])
     finally:
         for engine in engines.values():
             engine.close()
@@ -177,6 +211,9 @@ def main(argv):
             if mode != "resilience_on":
                 line += f" {r[f'resilience_on_over_{mode}']:9.3f}"
         print(line + f" {min(r[f'tokens_agree_{m}'] for m in ours):12.3f}")
+    print(f"logprobs: top-{check['k']} of {check['steps']} greedy tokens (B={min(batches)}) within "
+          f"{check['max_abs_diff']:.2e} of transformers' log-softmax; top-{check['k']} ids in the same order at "
+          f"{check['top_ids_agree']:.1%} of them")
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as fh:
             json.dump({"config": {"checkpoint": path, "params": n_params, "dtype": FLAGS.dtype,
@@ -186,7 +223,7 @@ def main(argv):
                                   "prompt_len": FLAGS.prompt_len, "output_len": FLAGS.output_len,
                                   "repeats": FLAGS.repeats, "transformers": transformers.__version__,
                                   "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-                       "rows": rows}, fh, indent=1)
+                       "rows": rows, "logprobs": check}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ measures several runtimes in one run, their passes alternated, and prints each o
 as a ratio of the first's (the median ratio of paired passes); under ray it also times an idle
 actor's round trip (the floor of one cross-process hop on this machine). `--compare_prefix_caching`
 measures an engine with prefix caching and one without the same way (the prompts share no prefix:
-what caching costs), `--compare_eplb` one with every replica serving and one without. Every pass
+what caching costs), `--compare_eplb` one with every replica serving and one without,
+`--compare_logprobs` one engine's passes with every request asking for `--logprobs` (default 5)
+alternatives and without (what logprobs cost). Every pass
 starts with an empty prefix cache, so a repeated prompt is computed again. launch/compare_runs.py
 averages such ratios over runs.
 """
@@ -39,6 +41,10 @@ flags.DEFINE_bool("compare_prefix_caching", False, "Measure --runtime with prefi
                   "passes alternated.")
 flags.DEFINE_bool("compare_eplb", False, "Measure --runtime with --eplb and --noeplb in one run, passes alternated "
                   "(peer_bench: also run our engine with --eplb flipped).")
+flags.DEFINE_integer("logprobs", None, "Every request asks for its tokens' logprobs with this many alternatives "
+                     "(default: none).")
+flags.DEFINE_bool("compare_logprobs", False, "Measure one engine's passes with every request asking for logprobs "
+                  "(--logprobs, default 5) and without, alternated.")
 flags.DEFINE_bool("reverse_variants", False, "Build the compared variants (--runtimes, --compare_*) in the "
                   "opposite order: here the engine built first ran 1-2% slower, so a comparison averages runs of both orders.")
 
@@ -123,32 +129,42 @@ def main(argv):
     if len(set(runtimes)) != len(runtimes) or not set(runtimes) <= {"local", "ray"}:
         sys.exit(f"error: --runtimes must name distinct runtimes out of local, ray; got {runtimes}")
     variants = {rt: dict(runtime=rt) for rt in runtimes}
-    compared = [name for name in ("prefix_caching", "eplb") if FLAGS[f"compare_{name}"].value]
+    compared = [name for name in ("prefix_caching", "eplb", "logprobs") if FLAGS[f"compare_{name}"].value]
     if len(compared) + (len(runtimes) > 1) > 1:
-        sys.exit("error: compare one thing per run: --runtimes, --compare_prefix_caching or --compare_eplb")
-    if compared:
+        sys.exit("error: compare one thing per run: --runtimes, --compare_prefix_caching, --compare_eplb or "
+                 "--compare_logprobs")
+    if compared == ["logprobs"]:                 # one engine; the requests differ
+        variants = {"logprobs": {}, "no_logprobs": {}}
+    elif compared:
         variants = {name: {compared[0]: on} for name, on in ((compared[0], True), (f"no_{compared[0]}", False))}
     if FLAGS.reverse_variants:
         variants = dict(reversed(variants.items()))
     runtimes = list(variants)                    # the measured variants, by name
-    engines = {rt: Engine(cfg, params, serving_flags.engine_config(**kw), serving_flags.cache_config(),
-                          load_params=reload) for rt, kw in variants.items()}
+    built: dict = {}                             # variants of the same engine config share its engine
+    for kw in variants.values():
+        key = tuple(sorted(kw.items()))
+        if key not in built:
+            built[key] = Engine(cfg, params, serving_flags.engine_config(**kw), serving_flags.cache_config(),
+                                load_params=reload)
+    engines = {rt: built[tuple(sorted(kw.items()))] for rt, kw in variants.items()}
     heap = {"full_collection_s": full_collection_s(), "frozen": freeze_startup_heap(),
             "full_collection_frozen_s": full_collection_s()}    # as launch/serve.py does once warm
     memory = {rt: {name: p.get("rss_mb") for name, p in e.controller.processes().items()} for rt, e in engines.items()}
     hop = ray_round_trip_s() if "ray" in runtimes else None
-    sampling = SamplingParams(max_new_tokens=FLAGS.output_len)
+    asks = FLAGS.logprobs if FLAGS.logprobs is not None else (5 if compared == ["logprobs"] else None)
+    sampling = {rt: SamplingParams(max_new_tokens=FLAGS.output_len, logprobs=None if rt == "no_logprobs" else asks)
+                for rt in runtimes}
     rng = np.random.default_rng(FLAGS.seed)
     rows = {rt: [] for rt in runtimes}
     try:
         for batch in map(int, FLAGS.batch_sizes):
             prompts = [rng.integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(batch)]
-            for engine in engines.values():
-                measure(engine, prompts, sampling)                              # untimed: compiles
+            for rt, engine in engines.items():
+                measure(engine, prompts, sampling[rt])                          # untimed: compiles
             runs = {rt: [] for rt in runtimes}
             for rep in range(FLAGS.repeats):
                 for rt in (runtimes if rep % 2 == 0 else runtimes[::-1]):
-                    runs[rt].append(measure(engines[rt], prompts, sampling))
+                    runs[rt].append(measure(engines[rt], prompts, sampling[rt]))
             for rt in runtimes:
                 tok_s = [r["tok_s"] for r in runs[rt]]
                 rows[rt].append({"batch": batch, "tok_s": statistics.median(tok_s), "tok_s_min": min(tok_s),
@@ -161,7 +177,7 @@ def main(argv):
     except RequestError as e:
         sys.exit(f"error: {e}")
     finally:
-        for engine in engines.values():
+        for engine in built.values():
             engine.close()
     for rt in runtimes:
         label = f"runtime {rt}" if rt in ("local", "ray") else f"runtime {FLAGS.runtime}, {rt}"
@@ -189,7 +205,7 @@ def main(argv):
             json.dump({"config": {k: FLAGS[k].value for k in ("runtime", "runtimes", "expert_backend",
                                                                "attention_backend", "prompt_len", "output_len",
                                                                "repeats", "eplb", "compare_prefix_caching", "compare_eplb",
-                                                               "reverse_variants", "seed")},
+                                                               "compare_logprobs", "logprobs", "reverse_variants", "seed")},
                        "rows": rows[runtimes[0]], "by_runtime": rows, "ray_round_trip_s": hop,
                        "resident_mb": memory, "heap": heap}, fh, indent=1)
 

@@ -15,6 +15,7 @@ ATTENTION_BACKENDS = ("auto", "pallas", "jnp")
 RECOVERIES = ("tarragon", "restart", "restart_regenerate")
 PRECOMPILES = ("none", "recovery", "all")
 RUNTIMES = ("local", "ray")
+MAX_LOGPROBS = 20          # most alternatives a token's logprobs list (OpenAI's top_logprobs limit)
 
 
 class ConfigError(ValueError):
@@ -232,12 +233,18 @@ class EngineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding: greedy when temperature == 0, else seeded temperature / top-p."""
+    """Per-request decoding: greedy when temperature == 0, else seeded temperature / top-p.
+    logprobs: None computes none; n (0..MAX_LOGPROBS) returns with each token its log-probability
+    and the n most likely tokens', from the model's distribution (before temperature / top-p).
+    prompt_logprobs: the same for every prompt token after the first (each given those before
+    it); such a request computes its whole prompt (no prefix-cache hits)."""
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: tuple = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def is_int(x) -> bool:
@@ -253,6 +260,10 @@ class SamplingParams:
         _require(is_int(self.seed) and 0 <= self.seed < 2**32, f"seed must be an integer in [0, 2^32), got {self.seed!r}")
         _require(isinstance(self.stop_token_ids, tuple) and all(is_int(t) for t in self.stop_token_ids),
                  f"stop_token_ids must be a tuple of integers, got {self.stop_token_ids!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            _require(n is None or (is_int(n) and 0 <= n <= MAX_LOGPROBS),
+                     f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {n!r}")
 
 
 def tiny_model_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:

@@ -22,13 +22,14 @@ def workload(seed, vocab):
     return early, late
 
 
-def serve(cfg, params, early, late, faults=(), wait_store=False, before_step=None, **engine_kw):
-    """The workload (late prompts join at step 3); before_step(engine) runs before every step."""
+def serve(cfg, params, early, late, faults=(), wait_store=False, before_step=None, sampling=None, **engine_kw):
+    """The workload (late prompts join at step 3); before_step(engine) runs before every step;
+    sampling: more SamplingParams fields for every request (logprobs, ...)."""
     kw = dict(num_attention_workers=2, num_expert_workers=4, prefill_chunk=8, runtime=RUNTIME)
     kw.update(engine_kw)
     eng = Engine(cfg, params, EngineConfig(**kw), CACHE, faults=FaultInjector.from_strings(faults),
                  load_params=lambda: params)
-    sp = SamplingParams(max_new_tokens=12)
+    sp = SamplingParams(max_new_tokens=12, **(sampling or {}))
     ids = [eng.submit(p, sp) for p in early]
     while eng.has_work:
         if eng.step_index == 3:

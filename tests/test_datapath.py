@@ -52,16 +52,16 @@ def slow_step(monkeypatch):
     return state
 
 
-def _per_step(n_layers: int, resilience: bool, slow_step) -> list[tuple[int, int]]:
+def _per_step(n_layers: int, resilience: bool, slow_step, logprobs: int | None = None) -> list[tuple[int, int]]:
     """(blocking waits, pulls) of each decode step, 2 AWs x 4 EWs, both AWs busy; the first decode
-    step's embedding is slow."""
+    step's embedding is slow. logprobs: what every request asks."""
     cfg, params = tiny_model("qwen3_moe", seed=11, n_layers=n_layers)
     eng = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=4, resilience=resilience,
                                            heartbeat_interval_s=1e3),
                  CacheConfig(page_size=4, num_pages=64))
     rng = fresh_rng()
     prompts = [rng.integers(3, cfg.vocab_size, 5).tolist() for _ in range(4)]
-    ids = [eng.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts]
+    ids = [eng.submit(p, SamplingParams(max_new_tokens=6, logprobs=logprobs)) for p in prompts]
     eng.step()                                       # prefill (and compiles)
     eng.step()                                       # the first decode step compiles its shapes
     slow_step["armed"] = True
@@ -76,11 +76,11 @@ def _per_step(n_layers: int, resilience: bool, slow_step) -> list[tuple[int, int
     return counts
 
 
-@pytest.mark.parametrize("resilience", [True, False])
-def test_one_wait_per_step_and_no_host_read_inside_it(resilience, slow_step):
-    shallow = _per_step(2, resilience, slow_step)
-    deep = _per_step(8, resilience, slow_step)
-    assert shallow == deep == [(1, 2)] * 4           # one wait; one pull per AW (its sampled tokens)
+@pytest.mark.parametrize("resilience, logprobs", [(True, None), (False, None), (True, 3)])
+def test_one_wait_per_step_and_no_host_read_inside_it(resilience, logprobs, slow_step):
+    shallow = _per_step(2, resilience, slow_step, logprobs)
+    deep = _per_step(8, resilience, slow_step, logprobs)
+    assert shallow == deep == [(1, 2)] * 4           # one wait; one pull per AW (its tokens, and logprobs)
     assert slow_step["running_at_wait"] == [True, True]
 
 

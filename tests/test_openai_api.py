@@ -108,9 +108,71 @@ def test_eos_id_ends_the_completion_without_its_text(api):
     assert out["usage"]["completion_tokens"] == first + 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs_are_the_references(api, stream):
+    """OpenAI's completions logprobs object: each token's text (one character per token here),
+    its offset in the text, its logprob and the 3 most likely alternatives', equal to the dense
+    reference's log-softmax; a stream's chunks carry their own tokens'."""
+    import jax
+    cfg, params, tok, urls, _, _ = api
+    ids = fresh_rng().integers(3, cfg.vocab_size, 7).tolist()
+    want = reference.greedy_generate(cfg, params, ids, 6)
+    code, body = request(urls["text"] + "/v1/completions", {"prompt": tok.decode(ids), "max_tokens": 6,
+                                                           "temperature": 0, "logprobs": 3, "stream": stream})
+    assert code == 200, body
+    if stream:
+        parts = [c["choices"][0]["logprobs"] for c in _sse(body) if c["choices"]]
+        lp = {k: sum((p[k] for p in parts), []) for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    else:
+        lp = json.loads(body)["choices"][0]["logprobs"]
+    ref = np.asarray(jax.nn.log_softmax(reference.forward(cfg, params, np.asarray(ids + want, np.int32))[6:-1], -1))
+    assert lp["tokens"] == [tok.decode([t]) for t in want] and lp["text_offset"] == list(range(6))
+    np.testing.assert_allclose(lp["token_logprobs"], [ref[i, t] for i, t in enumerate(want)], atol=1e-5)
+    for i, top in enumerate(lp["top_logprobs"]):
+        best = np.argsort(-ref[i])[:3]
+        assert list(top) == [tok.decode([int(j)]) for j in best]
+        np.testing.assert_allclose(list(top.values()), ref[i][best], atol=1e-5)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_scores_the_prompt_as_the_reference(api, stream):
+    """echo with logprobs, as lm-evaluation-harness scores a text: the prompt comes back with
+    each token's logprob given those before it (the first: null); max_tokens 0 scores the prompt
+    alone; with max_tokens 3 the completion follows, offsets running on."""
+    import jax
+    cfg, params, tok, urls, _, _ = api
+    ids = fresh_rng().integers(3, cfg.vocab_size, 9).tolist()
+    ref = np.asarray(jax.nn.log_softmax(reference.forward(cfg, params, np.asarray(ids, np.int32)), -1))
+    for max_tokens in (0, 3):
+        code, body = request(urls["text"] + "/v1/completions", {
+            "prompt": tok.decode(ids), "max_tokens": max_tokens, "echo": True, "logprobs": 2, "temperature": 0,
+            "stream": stream})
+        assert code == 200, body
+        if stream:
+            chunks = [c for c in _sse(body) if c["choices"]]
+            text = "".join(c["choices"][0]["text"] for c in chunks)
+            lp = {k: sum((c["choices"][0]["logprobs"][k] for c in chunks), [])
+                  for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        else:
+            out = json.loads(body)
+            text, lp = out["choices"][0]["text"], out["choices"][0]["logprobs"]
+            assert out["usage"]["completion_tokens"] == max_tokens
+        want = reference.greedy_generate(cfg, params, ids, max_tokens) if max_tokens else []
+        assert text == tok.decode(ids + want)
+        assert lp["tokens"] == [tok.decode([t]) for t in ids + want] and lp["text_offset"] == list(range(9 + max_tokens))
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        np.testing.assert_allclose(lp["token_logprobs"][1:9], [ref[k, ids[k + 1]] for k in range(8)], atol=1e-5)
+        for k, top in enumerate(lp["top_logprobs"][1:9]):       # the 2 best, then the prompt's own if not among them
+            best = [tok.decode([int(j)]) for j in np.argsort(-ref[k])[:2]]
+            assert list(top) == best + ([] if tok.decode([ids[k + 1]]) in best else [tok.decode([ids[k + 1]])])
+
+
 @pytest.mark.parametrize("body,message", [
     ({"prompt": "x", "n": 2}, '"n"=2 is not supported'),
-    ({"prompt": "x", "logprobs": 5}, '"logprobs"'),
+    ({"prompt": "x", "logprobs": 21}, '"logprobs" must be an integer from 0 to 20'),
+    ({"prompt": "x", "logprobs": True}, '"logprobs" must be an integer from 0 to 20'),
+    ({"prompt": "x", "echo": 1}, '"echo" must be true or false'),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens must be"),
     ({"prompt": "x", "model": "gpt-4"}, "not served here"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens must be"),
     ({"prompt": ["a", "b"]}, "one prompt per request"),

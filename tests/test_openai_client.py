@@ -73,6 +73,35 @@ def test_chat_completion_is_the_reference_text(chat):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == out.usage.total_tokens
 
 
+def test_chat_logprobs_through_the_official_client(chat):
+    """logprobs=true with top_logprobs: one entry per token of the answer (the EOS token that ends
+    it has none), whose bytes make up the content (a token's own text cannot hold half of a
+    character: byte-level BPE splits some; a random model may also emit bytes that are no UTF-8,
+    shown as U+FFFD in the text), alternatives best first."""
+    cfg, params, tok, template, eos, _, servers = chat
+    client = _client(servers["main"][1])
+    messages = _messages(fresh_rng())
+    want, _ = _expected(cfg, params, tok, template, eos, messages, 10)
+    out = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    joined = b"".join(bytes(c.bytes) for c in content).decode(errors="replace")    # a random model's bytes
+    assert out.choices[0].message.content == want and joined.replace("\ufffd", "") == want.replace("\ufffd", "")
+    if not any("\ufffd" in c.token for c in content):
+        assert "".join(c.token for c in content) == want
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+        assert c.logprob == c.top_logprobs[0].logprob and c.token == c.top_logprobs[0].token     # greedy
+    stream = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0,
+                                            logprobs=True, stream=True)
+    streamed = [e for ch in stream if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, e.top_logprobs) for e in streamed] == [(c.token, c.logprob, []) for c in content]
+    plain = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match='"top_logprobs" needs "logprobs": true'):
+        client.chat.completions.create(model="tiny-chat", messages=messages, top_logprobs=2)
+
+
 def test_chat_text_parts_stop_strings_and_template_errors(chat):
     cfg, params, tok, template, eos, _, servers = chat
     client = _client(servers["main"][1])

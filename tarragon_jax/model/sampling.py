@@ -2,6 +2,8 @@
 (request seed, token index), so a request samples the same tokens on whichever AW runs it."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -28,3 +30,15 @@ def sample(logits_BxV: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array, 
     return jax.lax.cond(jnp.any(temperature_B > 0),
                         lambda: jax.vmap(_one)(logits_BxV, temperature_B, top_p_B, seed_B, index_B),
                         lambda: greedy)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def logprobs(logits_BxV: jax.Array, tokens_B: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The log-probabilities (f32 log-softmax of the logits the tokens were chosen from, before
+    temperature) of the chosen tokens [B], and the k most likely tokens [B, k] and theirs [B, k].
+    Dispatched with the step's sampling only when some request asks; they come back in the
+    step's one wait."""
+    lp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    chosen_B = jnp.take_along_axis(lp_BxV, tokens_B[:, None], axis=1)[:, 0]
+    top_lp_BxK, top_ids_BxK = jax.lax.top_k(lp_BxV, k)
+    return chosen_B, top_ids_BxK.astype(jnp.int32), top_lp_BxK

@@ -21,7 +21,7 @@ from tarragon_jax.model.weights import Weights
 from tarragon_jax.serving.failures import Restart
 from tarragon_jax.serving.step import StepRunner
 from tarragon_jax.workers.interfaces import AttentionWorkerAPI
-from tarragon_jax.workers.sequence import Sequence, SeqState
+from tarragon_jax.workers.sequence import Sequence, SeqState, TokenLogprob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,8 @@ class TokenEvent:
     index: int                # position in the request's output
     finished: bool
     finish_reason: str = ""
+    logprob: TokenLogprob | None = None   # when the request asked (SamplingParams.logprobs)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None   # the first token's event, if asked: prompt tokens 1..
 
 
 class Engine:
@@ -87,7 +89,7 @@ class Engine:
         self._unfinished.add(rid)
         router = self.controller.router
         aw = router.pick(seq, self.controller.live_aws())
-        seq.prefix_hint = router.elsewhere(seq, aw.index)
+        seq.prefix_hint = router.elsewhere(seq, aw.index) if sampling.prompt_logprobs is None else 0
         aw.scheduler.add(seq)
         router.cached(aw.index, seq)
         self.metrics.submitted(rid)
@@ -184,8 +186,11 @@ class Engine:
                 self._unfinished.discard(seq.request_id)
             if new:
                 self.metrics.token(seq.request_id)
+                first = len(seq.output) == 1 and seq.sampling.prompt_logprobs is not None
                 events.append(TokenEvent(seq.request_id, tok, len(seq.output) - 1,
-                                         seq.state is SeqState.FINISHED, seq.finish_reason))
+                                         seq.state is SeqState.FINISHED, seq.finish_reason,
+                                         seq.logprobs[-1] if seq.logprobs else None,
+                                         tuple(seq.prompt_logprobs) if first else None))
         return events
 
     def stream(self) -> Iterator[TokenEvent]:

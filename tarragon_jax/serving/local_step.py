@@ -9,8 +9,6 @@ names the late worker and the layer where the replay starts.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from tarragon_jax.config import EngineConfig, ModelConfig
 from tarragon_jax.control.controller import Controller
 from tarragon_jax.errors import WorkerFailed
@@ -26,8 +24,9 @@ class LocalStep:
         self.failures, self.active, self.step = failures, active, step
         self.replayed_rows = 0
 
-    def run(self) -> dict[int, np.ndarray] | Restart:
-        """{AW index: sampled tokens [R]} of the AWs still active, or Restart. A worker that fails
+    def run(self) -> dict[int, dict] | Restart:
+        """{AW index: its head's output on the host (sampled tokens [R], logprobs)} of the AWs
+        still active, or Restart. A worker that fails
         while the step is dispatched, or is late at the wait, costs a replay from the affected
         layer under what the controller decided (new routing table; a failed AW drops out)."""
         begun = self.active.each(lambda aw, batch: aw.begin(batch, self.step))
@@ -38,12 +37,12 @@ class LocalStep:
             trail = self._layers(first)
             if isinstance(trail, Restart):
                 return trail
-            tokens_R = self.active.each(lambda aw, _: aw.head())
-            if isinstance(tokens_R, Restart):
-                return tokens_R
-            trail += [Dispatch(self.active.aw(i).handle.id, self.model.n_layers, t) for i, t in tokens_R.items()]
+            out_R = self.active.each(lambda aw, _: aw.head())
+            if isinstance(out_R, Restart):
+                return out_R
+            trail += [Dispatch(self.active.aw(i).handle.id, self.model.n_layers, t) for i, t in out_R.items()]
             try:
-                host_R = self.controller.transport.wait(tokens_R, trail)
+                host_R = self.controller.transport.wait(out_R, trail)
             except WorkerFailed as f:                   # a worker missed the step deadline
                 first = self._late(f, trail)
                 if isinstance(first, Restart):

@@ -9,13 +9,19 @@ parse them. The server's token loop (disconnects, cancellation, engine failure) 
 Supported: prompt (text, with the checkpoint's tokenizer, or a list of token ids), max_tokens
 (default 16), temperature (default 1), top_p, seed, stop (a string or up to 4; needs the
 tokenizer), stream, stream_options.include_usage, user (ignored), and the vLLM extension
-stop_token_ids. Generation also stops at the checkpoint's EOS ids (generation_config.json).
-n / best_of other than 1, echo, logprobs, penalties, logit_bias and suffix get a 400 naming
-the field: the engine decodes one sequence per request and computes no logprobs.
+stop_token_ids, and logprobs (0-20: each token's log-probability and its n most likely
+alternatives', computed on the device from the logits the token was chosen from, before
+temperature; in the stream, each chunk carries its tokens'). Generation also stops at the
+checkpoint's EOS ids (generation_config.json), whose token adds no text and no logprobs entry.
+echo returns the prompt before the completion, and with logprobs each prompt token's (the first
+has none: null), computed on the device as the prompt is (such a request takes no prefix-cache
+hits); with echo, max_tokens may be 0 (the prompt scored alone, as lm-evaluation-harness asks).
+n / best_of other than 1, penalties, logit_bias and suffix get a 400 naming the field.
 
 Chat: messages (string content, or text parts) rendered by the checkpoint's chat template
 (chat_template.py), max_completion_tokens (or max_tokens), add_generation_prompt (default true),
-and the fields above; tools / tool_choice / response_format other than plain text get a 400.
+logprobs (true/false) with top_logprobs (0-20), and the fields above; tools / tool_choice /
+response_format other than plain text get a 400.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import dataclasses
 import time
 import uuid
 
-from tarragon_jax.config import ConfigError, SamplingParams
+from tarragon_jax.config import MAX_LOGPROBS, ConfigError, SamplingParams
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
            "stop_token_ids", "n", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias"}
@@ -31,7 +37,7 @@ _FIELDS = {"completion": _COMMON | {"prompt", "best_of", "echo", "suffix"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                               "response_format", "add_generation_prompt"}}
 # field: the only value(s) accepted (what OpenAI's own defaults mean)
-_FIXED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, 0, False), "top_logprobs": (None, 0),
+_FIXED = {"n": (1,), "best_of": (1,),
           "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}), "suffix": (None, ""),
           "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"})}
 MAX_STOP = 4
@@ -48,6 +54,8 @@ class CompletionRequest:
     include_usage: bool
     model: str
     chat: bool = False # /v1/chat/completions: answers are chat.completion(.chunk) objects
+    echo: bool = False # completions: the prompt comes back before the completion (with its logprobs)
+    max_tokens: int = 16   # what the client asked: 0 with echo scores the prompt alone (one token runs, unsent)
 
 
 def _checked(body, kind: str, model_name: str) -> dict:
@@ -67,9 +75,26 @@ def _checked(body, kind: str, model_name: str) -> dict:
     return body
 
 
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives each token's logprobs list (None: no logprobs): completions ask with
+    "logprobs": n; chat with "logprobs": true and "top_logprobs": n."""
+    def count(field: str) -> int:
+        n = body[field]
+        if type(n) is not int or not 0 <= n <= MAX_LOGPROBS:
+            raise ValueError(f'"{field}" must be an integer from 0 to {MAX_LOGPROBS}, got {n!r}')
+        return n
+    if not chat:
+        return count("logprobs") if "logprobs" in body else None
+    if not isinstance(body.get("logprobs", False), bool):
+        raise ValueError(f'"logprobs" must be true or false, got {body["logprobs"]!r}')
+    if "top_logprobs" in body and not body.get("logprobs"):
+        raise ValueError('"top_logprobs" needs "logprobs": true')
+    return (count("top_logprobs") if "top_logprobs" in body else 0) if body.get("logprobs") else None
+
+
 def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: tuple, chat: bool,
              max_tokens: int) -> CompletionRequest:
-    """Sampling, stop strings and streaming options, the same for both APIs."""
+    """Sampling, stop strings, logprobs and streaming options, the same for both APIs."""
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) \
@@ -85,14 +110,20 @@ def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: 
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise ValueError('"stream_options" may only hold "include_usage"')
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ValueError('"echo" must be true or false')
+    logprobs = _logprobs(body, chat)
     try:
-        sampling = SamplingParams(max_new_tokens=max_tokens, temperature=body.get("temperature", 1.0),
-                                  top_p=body.get("top_p", 1.0), seed=body.get("seed", 0),
-                                  stop_token_ids=tuple(stop_ids) + tuple(eos_ids))
+        sampling = SamplingParams(max_new_tokens=1 if echo and max_tokens == 0 else max_tokens,
+                                  temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
+                                  seed=body.get("seed", 0), stop_token_ids=tuple(stop_ids) + tuple(eos_ids),
+                                  logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
     except ConfigError as e:
         raise ValueError(str(e).replace("max_new_tokens", "max_tokens")) from None
     return CompletionRequest(prompt_ids, sampling, body.get("stream", False), tuple(stop),
-                             bool(options.get("include_usage", False)), body.get("model", model_name), chat)
+                             bool(options.get("include_usage", False)), body.get("model", model_name), chat, echo,
+                             max_tokens)
 
 
 def parse_completion(body, tokenizer, model_name: str, eos_ids: tuple = ()) -> CompletionRequest:
@@ -204,20 +235,22 @@ def new_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def chunk(cid: str, req: CompletionRequest, text: str, reason: str | None, first: bool = False) -> dict:
-    """One stream chunk: a text delta (and, with reason, the end). A chat stream's first chunk
-    carries the assistant role, as OpenAI's does."""
+def chunk(cid: str, req: CompletionRequest, text: str, reason: str | None, first: bool = False,
+          logprobs: dict | None = None) -> dict:
+    """One stream chunk: a text delta (and, with reason, the end) and its tokens' logprobs. A
+    chat stream's first chunk carries the assistant role, as OpenAI's does."""
     if not req.chat:
-        return _answer(cid, req, "text_completion", {"text": text, "finish_reason": reason, "logprobs": None})
+        return _answer(cid, req, "text_completion", {"text": text, "finish_reason": reason, "logprobs": logprobs})
     delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
-    return _answer(cid, req, "chat.completion.chunk", {"delta": delta, "finish_reason": reason, "logprobs": None})
+    return _answer(cid, req, "chat.completion.chunk", {"delta": delta, "finish_reason": reason, "logprobs": logprobs})
 
 
-def answer(cid: str, req: CompletionRequest, text: str, reason: str, usage_: dict) -> dict:
+def answer(cid: str, req: CompletionRequest, text: str, reason: str, usage_: dict,
+           logprobs: dict | None = None) -> dict:
     """The whole (non-streamed) completion."""
     choice = ({"message": {"role": "assistant", "content": text}} if req.chat else {"text": text})
     return dict(_answer(cid, req, "chat.completion" if req.chat else "text_completion",
-                        dict(choice, finish_reason=reason, logprobs=None)), usage=usage_)
+                        dict(choice, finish_reason=reason, logprobs=logprobs)), usage=usage_)
 
 
 def usage_chunk(cid: str, req: CompletionRequest, usage_: dict) -> dict:

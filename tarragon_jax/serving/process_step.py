@@ -7,8 +7,6 @@ requests were moved).
 """
 from __future__ import annotations
 
-import numpy as np
-
 from tarragon_jax.config import EngineConfig, ModelConfig
 from tarragon_jax.control.controller import Controller
 from tarragon_jax.errors import WorkerFailed, WorkerId
@@ -26,8 +24,9 @@ class ProcessStep:
         self.T, self.step, self.tag = T, step, step * TAGS_PER_STEP
         self.replayed_rows = 0
 
-    def run(self) -> dict[int, np.ndarray] | Restart:
-        """{AW index: sampled tokens [R]} of the AWs still active, or Restart."""
+    def run(self) -> dict[int, dict] | Restart:
+        """{AW index: its head's output on the host (sampled tokens [R], logprobs)} of the AWs
+        still active, or Restart."""
         todo, host_R = {i: 0 for i in self.active.indices()}, {}     # AW index -> layer to (re)start from
         while todo:
             senders, launched = tuple(sorted(todo)), self.controller.clock()

@@ -52,7 +52,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tarragon_jax.config import ConfigError, SamplingParams
 from tarragon_jax.errors import RequestError
-from tarragon_jax.serving import openai_api
+from tarragon_jax.serving import openai_api, openai_logprobs
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.serving.engine_loop import EngineLoop, EngineStopped, Refused
 
@@ -211,6 +211,7 @@ class Server:
         chat_template: a ChatTemplate (None: chat requests get 400); api_key: required of every
         request but /health and /metrics (None or "": open). /metrics shows the loop's."""
         self.loop, self.tokenizer, self.allow_faults, self.limits = loop, tokenizer, allow_faults, limits
+        self.token_texts = openai_logprobs.TokenTexts(tokenizer)     # logprobs' token texts and bytes
         self.api_key = api_key or None
         self.model_name, self.eos_ids, self.chat_template = model_name, tuple(eos_ids), chat_template
         self.max_unfinished = loop.call(kv_admission_limit) if max_unfinished == AUTO else max_unfinished
@@ -483,16 +484,34 @@ def _app(s: Server) -> fastapi.FastAPI:
         (cancelled in the engine, so its pages are freed at once)."""
         rid, events = await s.submit(req.prompt_ids, req.sampling)
         cid, text = openai_api.new_id(req.chat), openai_api.TextStream(s.tokenizer, req.stop)
+        logprobs = None if req.sampling.logprobs is None else openai_logprobs.Logprobs(s.token_texts, req.chat)
+        pending: list = []                           # (token, TokenLogprob) not yet in a chunk
+
+        def taken() -> list:
+            out, pending[:] = list(pending), []
+            return out
+
+        echoed = (s.tokenizer.decode(req.prompt_ids) if s.tokenizer is not None else "") if req.echo else ""
 
         async def chunks():
-            """(delta, None) per token with text, then ("", usage dict) at the end; raises _EngineDied."""
+            """(delta, None, its tokens' logprobs) per token with text (with echo, the prompt's
+            first), then ("", usage dict, logprobs) at the end; raises _EngineDied."""
             n, reason = 0, ""
             async with contextlib.aclosing(s.tokens(request, rid, events)) as tokens:
                 async for ev in tokens:
+                    if ev.index == 0 and req.echo:
+                        if ev.prompt_logprobs is not None:
+                            pending.extend(zip(req.prompt_ids, (None,) + ev.prompt_logprobs))
+                        yield echoed, None, taken()
+                    if req.max_tokens == 0:           # echo of the prompt alone: its one token (the
+                        reason = "length"             # request's last: it has finished) is not sent
+                        break
                     n += 1                           # a stop token counts but adds no text
                     delta = "" if ev.finish_reason == "stop" else text.push(ev.token)
+                    if ev.logprob is not None and ev.finish_reason != "stop":
+                        pending.append((ev.token, ev.logprob))
                     if delta:
-                        yield delta, None
+                        yield delta, None, taken()
                     if text.stopped:
                         reason = "stop"
                         break
@@ -501,27 +520,30 @@ def _app(s: Server) -> fastapi.FastAPI:
                 return
             if not text.stopped:
                 await s.finish(rid)
-            yield text.finish(), (openai_api.finish_reason(reason, text.stopped), openai_api.usage(req, n))
+            yield text.finish(), (openai_api.finish_reason(reason, text.stopped), openai_api.usage(req, n)), taken()
+
+        def formatted(tokens: list) -> dict | None:
+            return None if logprobs is None else logprobs.format(tokens)
         if not req.stream:
-            end = None
+            end, every = None, []
             try:
-                async for _, end in chunks():
-                    pass
+                async for _, end, tokens in chunks():
+                    every += tokens
             except _EngineDied as e:
                 return _error(500, str(e))
             if end is None:
                 return Response(status_code=499)
-            return openai_api.answer(cid, req, text.released, *end)
+            return openai_api.answer(cid, req, echoed + text.released, *end, formatted(every))
 
         async def sse():
             if req.chat:
                 yield _sse(openai_api.chunk(cid, req, "", None, first=True))
             try:
-                async for delta, end in chunks():
+                async for delta, end, tokens in chunks():
                     if end is None:
-                        yield _sse(openai_api.chunk(cid, req, delta, None))
+                        yield _sse(openai_api.chunk(cid, req, delta, None, logprobs=formatted(tokens)))
                         continue
-                    yield _sse(openai_api.chunk(cid, req, delta, end[0]))
+                    yield _sse(openai_api.chunk(cid, req, delta, end[0], logprobs=formatted(tokens)))
                     if req.include_usage:
                         yield _sse(openai_api.usage_chunk(cid, req, end[1]))
                     yield "data: [DONE]\n\n"

@@ -19,6 +19,7 @@ import dataclasses
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 
 from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
@@ -32,7 +33,7 @@ from tarragon_jax.workers.program_log import CompileLog
 from tarragon_jax.workers.remote_worker import RemoteWorker, WorkerProcess
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
-from tarragon_jax.workers.sequence import Sequence, SeqState
+from tarragon_jax.workers.sequence import Sequence, SeqState, record_prompt_logprobs, step_logprob
 
 EW_WAIT_FRACTION = 0.5      # of the step deadline: an AW's wait for a layer's EW answers (the
                             # driver's wait for the AW's step is the whole deadline: the AW
@@ -137,7 +138,7 @@ class AttentionActor(WorkerProcess):
     def run_step(self, T: int, step: int, tag: int, first: int, senders: tuple[int, ...]):
         """The step's layers from `first` (0: embed the batch padded to T; else replay from the
         kept inputs of `first`), each MoE layer's buffer sent to every live EW and their answers
-        received here, then the head. Returns ("ok", tokens [R]) or ("failed", worker, layer,
+        received here, then the head. Returns ("ok", its output on the host) or ("failed", worker, layer,
         why): an EW whose process closed its channel (found at once) or did not answer within
         its wait; the driver re-plans and calls again from that layer."""
         if first == 0:
@@ -152,7 +153,7 @@ class AttentionActor(WorkerProcess):
             failed = self._exchange(np.asarray(send), tag, self.aw.model.moe_index(layer), senders)
             if failed is not None:
                 return ("failed", failed[0], layer, failed[1])
-        return ("ok", np.asarray(self.aw.head()))
+        return ("ok", jax.tree.map(np.asarray, self.aw.head()))
 
     def _exchange(self, buf: np.ndarray, tag: int, moe: int, senders: tuple) -> tuple[WorkerId, str] | None:
         """One MoE layer's buffer (moe: its index among the MoE layers, as the EWs count them) to
@@ -199,10 +200,10 @@ class AttentionActor(WorkerProcess):
         """Tell the driver this AW is alive: it waits on EWs (within its own bound on them)."""
         self.keepalive.sent += vouch(self.server.waiting(), self.keepalive.grace_s, self.keepalive.interval_s)
 
-    def commit(self, toks_R: np.ndarray) -> None:
-        """The step's tokens (the driver has them: the step stands). Finished requests leave at
+    def commit(self, out: dict) -> None:
+        """The step's output (the driver has it: the step stands). Finished requests leave at
         once, their pages back in the pool."""
-        for seq, _, _ in self.aw.commit(self.batch, toks_R):
+        for seq, _, _ in self.aw.commit(self.batch, out):
             if seq.state is SeqState.FINISHED:
                 self.aw.release(seq)
 
@@ -295,11 +296,14 @@ class RemoteAttentionWorker(RemoteWorker):
         self.handle.check()
         self.running = self.rpc.submit("run_step", T, step, tag, first, senders)
 
-    def commit(self, batch: StepInfo, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
+    def commit(self, batch: StepInfo, out: dict) -> list[tuple[Sequence, int, bool]]:
         """The same commit on both sides: the AW's process advances its cache and snapshots, the
-        driver appends the emitted tokens to its records (the same stop rules decide the end)."""
+        driver appends the emitted tokens (and logprobs) to its records (the same stop rules
+        decide the end)."""
         self.handle.check()
-        self.rpc.cast("commit", toks_R)
+        self.rpc.cast("commit", out)
+        toks_R = out["tokens"]
+        record_prompt_logprobs(out, self.scheduler.seqs)
         emitted = []
         for row, (rid, start, n, emits) in enumerate(zip(batch.rids, batch.starts, batch.chunks, batch.emits)):
             seq = self.scheduler.seqs.get(rid)
@@ -307,7 +311,8 @@ class RemoteAttentionWorker(RemoteWorker):
                 continue
             seq.num_cached = start + n          # the driver's copy of the cache progress
             if emits:
-                emitted.append((seq, int(toks_R[row]), seq.append(int(toks_R[row]))))
+                lp = None if seq.sampling.logprobs is None else step_logprob(out, row, seq.sampling.logprobs)
+                emitted.append((seq, int(toks_R[row]), seq.append(int(toks_R[row]), lp)))
         return emitted
 
     def release(self, seq: Sequence) -> bool:

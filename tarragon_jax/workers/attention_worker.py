@@ -15,21 +15,22 @@ import dataclasses
 import jax
 import numpy as np
 
-from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.config import MAX_LOGPROBS, CacheConfig, EngineConfig, ModelConfig
 from tarragon_jax.kv.block_manager import BlockManager
 from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing,
                                               StoreUnavailable)
 from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.kv.prefix_hash import cache_salt
 from tarragon_jax.model import attention_stage as stage
-from tarragon_jax.model.sampling import sample
+from tarragon_jax.model.sampling import logprobs, sample
 from tarragon_jax.workers import backends
 from tarragon_jax.workers.forwarding_engine import ForwardingEngine
 from tarragon_jax.workers.program_log import ProgramLog
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import WorkerHandle
 from tarragon_jax.workers.scheduler import Scheduler, StepBatch, bucket
-from tarragon_jax.workers.sequence import Sequence, SeqState
+from tarragon_jax.workers.sequence import (Sequence, SeqState, prompt_positions, record_prompt_logprobs,
+                                           step_logprob)
 from tarragon_jax.workers.shape_grid import ShapeGrid
 
 
@@ -102,6 +103,9 @@ class AttentionWorker:
         self._dev: dict = {}
         self._zeros: dict = {}            # T -> [T, k, D] zeros: the answer of an EW that sent none
         self._carry, self._ys, self._inputs = None, (), {}
+        self._logprobs = False            # some request of the step asks for logprobs
+        self._scored: list = []           # prompt tokens the step scores (sequence.prompt_positions)
+        self.top_k = min(MAX_LOGPROBS, model.vocab_size)      # alternatives computed when asked (one variant)
 
     @property
     def prefix_stats(self) -> PrefixStats:
@@ -145,6 +149,8 @@ class AttentionWorker:
             np.uint32(step % 2**32)))))
         self._carry = self.programs.call(stage.embed, self.model, self.params, self._dev["ids"])
         self._ys, self._inputs = self._no_answers(len(batch.ids_T)), {}
+        self._logprobs = any(s.sampling.logprobs is not None for s in batch.seqs)
+        self._scored = prompt_positions([(s, s.num_cached, n) for s, n in zip(batch.seqs, batch.chunks)])
 
     def _no_answers(self, T: int) -> tuple:
         if T not in self._zeros:
@@ -176,12 +182,26 @@ class AttentionWorker:
         """Back to the inputs of `layer`, to replay it and every later one (a failure in the step)."""
         self._carry, self._ys = self._inputs[layer]
 
-    def head(self) -> jax.Array:
-        """Dispatch the last combine, LM head and sampling: int32 [R] tokens on the device."""
+    def head(self) -> dict:
+        """Dispatch the last combine, LM head and sampling: {"tokens": int32 [R]} on the device,
+        and "logprobs" (sampling.logprobs: the chosen token's [R], top ids and logprobs [R, K])
+        when some request of the step asks for them."""
         self.handle.check()
         d = self._dev
         logits_RxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, d["last"])
-        return self.programs.call(sample, logits_RxV, d["temperature"], d["top_p"], d["seed"], d["index"])
+        out = {"tokens": self.programs.call(sample, logits_RxV, d["temperature"], d["top_p"], d["seed"], d["index"])}
+        if self._logprobs:
+            out["logprobs"] = self.programs.call(logprobs, logits_RxV, out["tokens"], k=self.top_k)
+        if self._scored:                  # prompt logprobs: the head again, at the scored tokens' rows
+            P = bucket(len(self._scored), 4)
+            rows, nxt = np.zeros(P, np.int32), np.zeros(P, np.int32)
+            rows[:len(self._scored)] = [r for _, r, _ in self._scored]
+            nxt[:len(self._scored)] = [s.prompt[p] for s, _, p in self._scored]
+            rows_P, next_P = self.handle.put((rows, nxt))
+            logits_PxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, rows_P)
+            out["prompt_logprobs"] = self.programs.call(logprobs, logits_PxV, next_P, k=self.top_k)
+            out["scored"] = np.array([(s.request_id, p) for s, _, p in self._scored], np.int64).reshape(-1, 2)
+        return out
 
     def _restore(self, moved: list[Sequence], hinted: list[Sequence]) -> None:
         """Restore the committed blocks of requests moved here, and of new requests the prefix
@@ -251,12 +271,14 @@ class AttentionWorker:
                 self.blocks.register(seq.request_id, b, hashes[b])
         return out
 
-    def commit(self, batch: StepBatch, toks_R: np.ndarray) -> list[tuple[Sequence, int, bool]]:
-        """The step's sampled tokens are in: emit for every row whose chunk ended its tokens,
-        advance cache progress of all rows, snapshot newly filled blocks. Returns (seq, token,
-        is_new_to_the_user) per sampled row."""
+    def commit(self, batch: StepBatch, out: dict) -> list[tuple[Sequence, int, bool]]:
+        """The step's sampled tokens (head's output, on the host) are in: emit for every row whose
+        chunk ended its tokens, advance cache progress of all rows, snapshot newly filled blocks.
+        Returns (seq, token, is_new_to_the_user) per sampled row."""
         self.handle.check()
+        toks_R = out["tokens"]
         self._inputs = {}
+        record_prompt_logprobs(out, {s.request_id: s for s in batch.seqs})
         emitted, filled = [], []
         ps = self.blocks.page_size
         for row, (s, n) in enumerate(zip(batch.seqs, batch.chunks)):
@@ -267,7 +289,8 @@ class AttentionWorker:
                 for b in full:
                     self.blocks.register(s.request_id, b, hashes[b])
             if batch.emits[row]:
-                emitted.append((s, int(toks_R[row]), s.append(int(toks_R[row]))))
+                lp = None if s.sampling.logprobs is None else step_logprob(out, row, s.sampling.logprobs)
+                emitted.append((s, int(toks_R[row]), s.append(int(toks_R[row]), lp)))
             if s.state is not SeqState.FINISHED:
                 filled += [BlockRef(s.request_id, b, s.hashes[b] if self.blocks.caching else None) for b in full]
         self._filled += filled
@@ -324,6 +347,7 @@ class AttentionWorker:
         for R in grid.rows:
             call(sample, zeros((R, m.vocab_size), np.float32), zeros(R, np.float32), zeros(R, np.float32),
                  zeros(R, np.uint32), zeros(R))
+            call(logprobs, zeros((R, m.vocab_size), np.float32), zeros(R), k=self.top_k)
         for N in grid.blocks:
             blocks, _ = call(read_blocks, self.pages, np.zeros(N, np.int32))     # host ids, as _snapshot passes
             self.pages = call(write_blocks, self.pages, zeros(N), blocks)

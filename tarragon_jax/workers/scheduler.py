@@ -91,6 +91,8 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
             usable = self.hashes(seq)[:(seq.num_tokens - 1) // self.blocks.page_size]   # the last token is computed
+            if seq.sampling.prompt_logprobs is not None:
+                usable = []                               # every prompt token is computed: it is scored
             if not self.blocks.can_allocate(seq.max_len, usable):
                 break                                     # FIFO: the head waits for pages
             self.waiting.popleft()

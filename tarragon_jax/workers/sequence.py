@@ -8,6 +8,43 @@ from tarragon_jax.config import SamplingParams
 from tarragon_jax.kv.prefix_hash import extend_hashes
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens' (id, logprob), best first."""
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def step_logprob(out: dict, row: int, n: int, key: str = "logprobs") -> TokenLogprob:
+    """Row `row` of a step's host output (AttentionWorker.head: out[key] = chosen [R], top ids
+    [R, K], top logprobs [R, K]) with its n best."""
+    chosen_R, ids_RxK, lps_RxK = out[key]
+    return TokenLogprob(float(chosen_R[row]), tuple(zip(ids_RxK[row, :n].tolist(), lps_RxK[row, :n].tolist())))
+
+
+def prompt_positions(chunks: list[tuple["Sequence", int, int]]) -> list[tuple["Sequence", int, int]]:
+    """The prompt tokens a step scores for requests that ask for prompt logprobs: (request,
+    token row in the step, position p of the scored token, given the tokens before it) for each
+    chunk (request, first position, tokens) in row order, skipping positions already scored (a
+    moved request recomputes some again)."""
+    out, t = [], 0
+    for s, start, n in chunks:
+        if s.sampling.prompt_logprobs is not None:
+            out += [(s, t + p - 1 - start, p) for p in range(max(start + 1, len(s.prompt_logprobs) + 1),
+                                                          min(start + n + 1, len(s.prompt)))]
+        t += n
+    return out
+
+
+def record_prompt_logprobs(out: dict, seqs: dict[int, "Sequence"]) -> None:
+    """Each prompt token the step scored (out["scored"]: (request id, position) per row of
+    out["prompt_logprobs"]) onto its request, if it is still here and lacks it."""
+    for j, (rid, p) in enumerate(out.get("scored", ())):
+        s = seqs.get(int(rid))
+        if s is not None and p == len(s.prompt_logprobs) + 1:
+            s.prompt_logprobs.append(step_logprob(out, j, s.sampling.prompt_logprobs, "prompt_logprobs"))
+
+
 class SeqState(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -28,6 +65,8 @@ class Sequence:
     recompute_until: int = 0              # positions below this are recomputed in one chunked pass
     replay: list[int] = dataclasses.field(default_factory=list)   # restart_regenerate: tokens to redo silently
     hashes: list[int] = dataclasses.field(default_factory=list)   # chained hashes of its full blocks (prefix cache)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)   # one per output token, if asked
+    prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # prompt tokens 1.., if asked
     prefix_hint: int = 0                  # leading blocks another AW caches: its AW reads them from the store
 
     @property
@@ -50,10 +89,12 @@ class Sequence:
         """Tokens not yet in the cache: the prompt remainder in prefill, the last token in decode."""
         return self.num_tokens - self.num_cached
 
-    def append(self, token: int) -> bool:
-        """Record a generated token; False when it regenerates one the user already has
-        (restart_regenerate)."""
+    def append(self, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Record a generated token (and its logprobs, when the request asks); False when it
+        regenerates one the user already has (restart_regenerate)."""
         self.output.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if len(self.output) <= len(self.replay):
             if token != self.replay[len(self.output) - 1]:
                 raise AssertionError(f"request {self.request_id}: regenerated token {token} differs from "
@@ -79,7 +120,8 @@ class Sequence:
         """restart_regenerate, the weaker baseline: every position is lost and the sent tokens are
         generated again one step at a time before new ones reach the user."""
         self.replay = list(self.output)
-        self.output, self.num_cached, self.recompute_until, self.hashes, self.prefix_hint = [], 0, 0, [], 0
+        self.output, self.logprobs, self.num_cached, self.recompute_until = [], [], 0, 0
+        self.hashes, self.prefix_hint = [], 0
         self.state, self.restore_pending = SeqState.WAITING, False
 
     def move(self) -> None:

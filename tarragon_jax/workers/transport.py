@@ -64,7 +64,7 @@ class Transport:
         return out
 
     def wait(self, results: dict, trail: list[Dispatch]) -> dict:
-        """{key: device array} -> {key: numpy array}, within the deadline. trail: the step's
+        """{key: device arrays (a pytree)} -> {key: numpy arrays}, within the deadline. trail: the step's
         dispatches in order, to find who is late, and where, when the deadline passes."""
         self.waits += 1
         try:
@@ -78,7 +78,7 @@ class Transport:
                                    layer=late.layer) from None
         self.pulls += len(results)
         with jax.transfer_guard_device_to_host("allow"):     # the step's one sanctioned pull
-            return {k: np.asarray(v) for k, v in results.items()}
+            return {k: jax.tree.map(np.asarray, v) for k, v in results.items()}
 
     def drain(self, trail: list[Dispatch], bound_s: float = DRAIN_S) -> bool:
         """After a deadline miss: let the aborted dispatch finish (bounded) before its replay.
