@@ -15,14 +15,14 @@ import dataclasses
 import jax
 import numpy as np
 
-from tarragon_jax.config import MAX_LOGPROBS, CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
 from tarragon_jax.kv.block_manager import BlockManager
 from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, SnapshotCorrupt, SnapshotMissing,
                                               StoreUnavailable)
 from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.kv.prefix_hash import cache_salt
 from tarragon_jax.model import attention_stage as stage
-from tarragon_jax.model.sampling import logprobs, sample
+from tarragon_jax.model.sampling import LOGPROB_KS, logprob_k, logprobs, sample
 from tarragon_jax.workers import backends
 from tarragon_jax.workers.forwarding_engine import ForwardingEngine
 from tarragon_jax.workers.program_log import ProgramLog
@@ -103,9 +103,8 @@ class AttentionWorker:
         self._dev: dict = {}
         self._zeros: dict = {}            # T -> [T, k, D] zeros: the answer of an EW that sent none
         self._carry, self._ys, self._inputs = None, (), {}
-        self._logprobs = False            # some request of the step asks for logprobs
+        self._logprobs = None             # alternatives to compute for the step's logprobs (None: nobody asks)
         self._scored: list = []           # prompt tokens the step scores (sequence.prompt_positions)
-        self.top_k = min(MAX_LOGPROBS, model.vocab_size)      # alternatives computed when asked (one variant)
 
     @property
     def prefix_stats(self) -> PrefixStats:
@@ -149,7 +148,8 @@ class AttentionWorker:
             np.uint32(step % 2**32)))))
         self._carry = self.programs.call(stage.embed, self.model, self.params, self._dev["ids"])
         self._ys, self._inputs = self._no_answers(len(batch.ids_T)), {}
-        self._logprobs = any(s.sampling.logprobs is not None for s in batch.seqs)
+        asked = [s.sampling.logprobs for s in batch.seqs if s.sampling.logprobs is not None]
+        self._logprobs = logprob_k(max(asked), self.model.vocab_size) if asked else None
         self._scored = prompt_positions([(s, s.num_cached, n) for s, n in zip(batch.seqs, batch.chunks)])
 
     def _no_answers(self, T: int) -> tuple:
@@ -190,8 +190,8 @@ class AttentionWorker:
         d = self._dev
         logits_RxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, d["last"])
         out = {"tokens": self.programs.call(sample, logits_RxV, d["temperature"], d["top_p"], d["seed"], d["index"])}
-        if self._logprobs:
-            out["logprobs"] = self.programs.call(logprobs, logits_RxV, out["tokens"], k=self.top_k)
+        if self._logprobs is not None:
+            out["logprobs"] = self.programs.call(logprobs, logits_RxV, out["tokens"], k=self._logprobs)
         if self._scored:                  # prompt logprobs: the head again, at the scored tokens' rows
             P = bucket(len(self._scored), 4)
             rows, nxt = np.zeros(P, np.int32), np.zeros(P, np.int32)
@@ -199,7 +199,8 @@ class AttentionWorker:
             nxt[:len(self._scored)] = [s.prompt[p] for s, _, p in self._scored]
             rows_P, next_P = self.handle.put((rows, nxt))
             logits_PxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, rows_P)
-            out["prompt_logprobs"] = self.programs.call(logprobs, logits_PxV, next_P, k=self.top_k)
+            k = logprob_k(max(s.sampling.prompt_logprobs for s, _, _ in self._scored), self.model.vocab_size)
+            out["prompt_logprobs"] = self.programs.call(logprobs, logits_PxV, next_P, k=k)
             out["scored"] = np.array([(s.request_id, p) for s, _, p in self._scored], np.int64).reshape(-1, 2)
         return out
 
@@ -347,7 +348,8 @@ class AttentionWorker:
         for R in grid.rows:
             call(sample, zeros((R, m.vocab_size), np.float32), zeros(R, np.float32), zeros(R, np.float32),
                  zeros(R, np.uint32), zeros(R))
-            call(logprobs, zeros((R, m.vocab_size), np.float32), zeros(R), k=self.top_k)
+            for k in sorted({logprob_k(k, m.vocab_size) for k in LOGPROB_KS}):
+                call(logprobs, zeros((R, m.vocab_size), np.float32), zeros(R), k=k)
         for N in grid.blocks:
             blocks, _ = call(read_blocks, self.pages, np.zeros(N, np.int32))     # host ids, as _snapshot passes
             self.pages = call(write_blocks, self.pages, zeros(N), blocks)
