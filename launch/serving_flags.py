@@ -48,7 +48,7 @@ flags.DEFINE_enum("recovery", "tarragon", ["tarragon", "restart", "restart_regen
                   "the sent tokens one step at a time (a weaker baseline).")
 flags.DEFINE_bool("resilience", True, "Shadow experts + KV snapshots + heartbeats (off: overhead baseline).")
 flags.DEFINE_float("shadow_budget", 1.0, "Fraction of an EW's primary-expert memory spent on shadow experts.")
-flags.DEFINE_bool("eplb", True, "Every replica (shadows included) serves traffic; each window the measured load "
+flags.DEFINE_bool("eplb", False, "Every replica (shadows included) serves traffic; each window the measured load "
                   "sets how an expert's traffic splits over its replicas and, where that is not enough, moves "
                   "replicas between EWs in the background (--noeplb: the paper's idle shadows, serving only after a failure).")
 flags.DEFINE_float("eplb_window_s", 10.0, "With --eplb: the expert load is read and rebalanced once per window.")

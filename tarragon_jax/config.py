@@ -173,7 +173,7 @@ class EngineConfig:
                                        # same, but regenerating the sent tokens one step at a time
     resilience: bool = True            # shadows + KV snapshots + heartbeats (off: the overhead baseline)
     shadow_budget: float = 1.0         # fraction of an EW's primary-expert memory spent on shadows
-    eplb: bool = True                  # every replica serves traffic, shares and placement rebalanced by
+    eplb: bool = False                 # every replica serves traffic, shares and placement rebalanced by
                                        # measured load (control/rebalancer.py); off: the paper's idle shadows
     eplb_window_s: float = 10.0        # eplb: load is read and the experts rebalanced once per window
     prefix_caching: bool = True        # full KV blocks are cached by their token prefix's hash and shared by later
