@@ -141,12 +141,13 @@ def main(argv):
         variants = dict(reversed(variants.items()))
     runtimes = list(variants)                    # the measured variants, by name
     built: dict = {}                             # variants of the same engine config share its engine
-    for kw in variants.values():
+    engines = {}
+    for rt, kw in variants.items():
         key = tuple(sorted(kw.items()))
         if key not in built:
             built[key] = Engine(cfg, params, serving_flags.engine_config(**kw), serving_flags.cache_config(),
                                 load_params=reload)
-    engines = {rt: built[tuple(sorted(kw.items()))] for rt, kw in variants.items()}
+        engines[rt] = built[key]
     heap = {"full_collection_s": full_collection_s(), "frozen": freeze_startup_heap(),
             "full_collection_frozen_s": full_collection_s()}    # as launch/serve.py does once warm
     memory = {rt: {name: p.get("rss_mb") for name, p in e.controller.processes().items()} for rt, e in engines.items()}

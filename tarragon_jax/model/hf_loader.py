@@ -135,6 +135,15 @@ _DEEPSEEK_ROUTING = {"deepseek_v3": {"topk_method": ("noaux_tc",), "scoring_func
                      "deepseek_v2": {"topk_method": ("greedy", "group_limited_greedy"), "scoring_func": ("softmax",)}}
 
 
+def _deepseek_ffn_fields(raw: dict) -> dict:
+    """ModelConfig's expert-side fields in DeepSeek's naming (DeepSeek-V2/V3, GLM-4.5): routed and
+    shared experts, routed scaling, leading dense layers. `raw` has its family's defaults filled in."""
+    F = raw["moe_intermediate_size"]
+    return dict(n_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"], d_expert=F,
+                d_shared=(raw["n_shared_experts"] or 0) * F, routed_scaling=float(raw["routed_scaling_factor"]),
+                first_k_dense=raw["first_k_dense_replace"] or 0, d_dense=raw["intermediate_size"])
+
+
 def _deepseek_config(raw: dict, family: str) -> ModelConfig:
     """DeepSeek-V3 (and models of its architecture, e.g. Moonlight): MLA attention, sigmoid
     group-limited routing with a selection bias, shared experts, leading dense layers.
@@ -149,17 +158,14 @@ def _deepseek_config(raw: dict, family: str) -> ModelConfig:
                               f"(supported: {', '.join(allowed)})")
     v3 = family == "deepseek_v3"
     grouped = v3 or raw["topk_method"] == "group_limited_greedy"
-    h, nope, r, F = raw["num_attention_heads"], raw["qk_nope_head_dim"], raw["qk_rope_head_dim"], raw["moe_intermediate_size"]
+    h, nope, r = raw["num_attention_heads"], raw["qk_nope_head_dim"], raw["qk_rope_head_dim"]
     return ModelConfig(
         family=family, vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
         n_heads=h, n_kv_heads=h, head_dim=nope + r, q_lora_rank=raw["q_lora_rank"] or 0,
         kv_lora_rank=raw["kv_lora_rank"], qk_rope_dim=r, v_head_dim=raw["v_head_dim"],
-        rope_interleave=bool(raw["rope_interleave"]) if v3 else True, n_experts=raw["n_routed_experts"],
-        top_k=raw["num_experts_per_tok"], d_expert=F, norm_topk_prob=v3 and bool(raw["norm_topk_prob"]),
-        d_shared=(raw["n_shared_experts"] or 0) * F, router_scoring="sigmoid" if v3 else "softmax",
+        rope_interleave=bool(raw["rope_interleave"]) if v3 else True, **_deepseek_ffn_fields(raw),
+        norm_topk_prob=v3 and bool(raw["norm_topk_prob"]), router_scoring="sigmoid" if v3 else "softmax",
         n_group=(raw["n_group"] or 1) if grouped else 1, topk_group=(raw["topk_group"] or 1) if grouped else 1,
-        routed_scaling=float(raw["routed_scaling_factor"]),
-        first_k_dense=raw["first_k_dense_replace"] or 0, d_dense=raw["intermediate_size"],
         **_rope(raw, family), rms_eps=raw.get("rms_norm_eps", 1e-6), max_position=raw["max_position_embeddings"],
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
 
@@ -177,17 +183,13 @@ def _glm4_moe_config(raw: dict) -> ModelConfig:
     raw = dict(GLM4_MOE_DEFAULTS, **raw)
     h = raw["num_attention_heads"]
     hd = raw.get("head_dim") or raw["hidden_size"] // h
-    F = raw["moe_intermediate_size"]
     return ModelConfig(
         family="glm4_moe", vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
         n_heads=h, n_kv_heads=raw.get("num_key_value_heads", h), head_dim=hd,
         rotary_dim=int(hd * rp.get("partial_rotary_factor", raw["partial_rotary_factor"])),
-        qkv_bias=bool(raw["attention_bias"]), qk_norm=bool(raw["use_qk_norm"]),
-        n_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"], d_expert=F,
-        norm_topk_prob=bool(raw["norm_topk_prob"]), d_shared=(raw["n_shared_experts"] or 0) * F,
-        router_scoring="sigmoid", n_group=raw["n_group"] or 1, topk_group=raw["topk_group"] or 1,
-        routed_scaling=float(raw["routed_scaling_factor"]), first_k_dense=raw["first_k_dense_replace"] or 0,
-        d_dense=raw["intermediate_size"], **_rope(raw, "glm4_moe"), rms_eps=raw.get("rms_norm_eps", 1e-5),
+        qkv_bias=bool(raw["attention_bias"]), qk_norm=bool(raw["use_qk_norm"]), **_deepseek_ffn_fields(raw),
+        norm_topk_prob=bool(raw["norm_topk_prob"]), router_scoring="sigmoid", n_group=raw["n_group"] or 1,
+        topk_group=raw["topk_group"] or 1, **_rope(raw, "glm4_moe"), rms_eps=raw.get("rms_norm_eps", 1e-5),
         max_position=raw["max_position_embeddings"], tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
 
 
@@ -222,6 +224,7 @@ class _Files:
 
     def __init__(self, path: str):
         self.where: dict[str, tuple[str, str, tuple, int]] = {}    # name -> (file, dtype, shape, byte offset)
+        self._maps: dict[str, np.memmap] = {}                      # file -> its bytes, mapped once
         for fn in _shard_files(path):
             with open(fn, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
@@ -237,10 +240,11 @@ class _Files:
         fn, dtype, shape, offset = self.where[key]
         if dtype not in _DTYPES:
             raise CheckpointError(f"tensor {key!r} has dtype {dtype}, which the loader does not read")
-        if 0 in shape:
-            a = np.zeros(shape, _DTYPES[dtype])
-        else:
-            a = np.memmap(fn, dtype=_DTYPES[dtype], mode="r", offset=offset, shape=shape)
+        if fn not in self._maps:
+            self._maps[fn] = np.memmap(fn, dtype=np.uint8, mode="r")
+        dt = np.dtype(_DTYPES[dtype])
+        n = int(np.prod(shape, dtype=np.int64))
+        a = self._maps[fn][offset:offset + n * dt.itemsize].view(dt).reshape(shape)
         return np.array(a if rows is None else a[list(rows)])
 
 
@@ -406,8 +410,8 @@ class CheckpointWeights:
     nbytes = 0                             # host bytes held here: none until a part is read
 
     def __init__(self, path: str, dtype=np.float32):
-        self.path, self.dtype, self.config = path, np.dtype(dtype), read_config(path)
-        self.fp8_block = _fp8_block(_raw_config(path))
+        raw = _raw_config(path)
+        self.path, self.dtype, self.config, self.fp8_block = path, np.dtype(dtype), config_from_hf(raw), _fp8_block(raw)
         self._files: _Files | None = None
         _shard_files(path)                 # a missing shard is an error now, not in a worker
 
@@ -463,29 +467,24 @@ def _hf_config(cfg: ModelConfig) -> dict:
            "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
     if cfg.family == "mixtral":
         raw.update(num_local_experts=cfg.n_experts, intermediate_size=cfg.d_expert)
-    elif cfg.family in _DEEPSEEK:
-        if cfg.d_shared % cfg.d_expert:
-            raise ConfigError(f"d_shared={cfg.d_shared} is not a whole number of experts of {cfg.d_expert}")
-        del raw["head_dim"]                            # transformers derives it (= qk_rope_head_dim)
-        raw.update(n_routed_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert,
-                   n_shared_experts=cfg.d_shared // cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
-                   q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
-                   qk_nope_head_dim=cfg.head_dim - cfg.qk_rope_dim, qk_rope_head_dim=cfg.qk_rope_dim,
-                   v_head_dim=cfg.value_dim, rope_interleave=cfg.rope_interleave, n_group=cfg.n_group,
-                   topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling,
-                   first_k_dense_replace=cfg.first_k_dense, intermediate_size=cfg.d_dense, attention_bias=False)
-        if cfg.family == "deepseek_v2":
-            del raw["rope_interleave"]
-            raw.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy", scoring_func="softmax")
-    elif cfg.family == "glm4_moe":
+    elif cfg.family in _DEEPSEEK_FFN:
         if cfg.d_shared % cfg.d_expert:
             raise ConfigError(f"d_shared={cfg.d_shared} is not a whole number of experts of {cfg.d_expert}")
         raw.update(n_routed_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert,
                    n_shared_experts=cfg.d_shared // cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
                    n_group=cfg.n_group, topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling,
-                   first_k_dense_replace=cfg.first_k_dense, intermediate_size=cfg.d_dense,
-                   attention_bias=cfg.qkv_bias, use_qk_norm=cfg.qk_norm,
-                   partial_rotary_factor=(cfg.rotary_dim or cfg.head_dim) / cfg.head_dim, num_nextn_predict_layers=0)
+                   first_k_dense_replace=cfg.first_k_dense, intermediate_size=cfg.d_dense)
+        if cfg.family == "glm4_moe":
+            raw.update(attention_bias=cfg.qkv_bias, use_qk_norm=cfg.qk_norm, num_nextn_predict_layers=0,
+                       partial_rotary_factor=(cfg.rotary_dim or cfg.head_dim) / cfg.head_dim)
+        else:
+            del raw["head_dim"]                        # transformers derives it (= qk_rope_head_dim)
+            raw.update(q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
+                       qk_nope_head_dim=cfg.head_dim - cfg.qk_rope_dim, qk_rope_head_dim=cfg.qk_rope_dim,
+                       v_head_dim=cfg.value_dim, rope_interleave=cfg.rope_interleave, attention_bias=False)
+        if cfg.family == "deepseek_v2":
+            del raw["rope_interleave"]
+            raw.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy", scoring_func="softmax")
     else:
         raw.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.d_expert, norm_topk_prob=cfg.norm_topk_prob,
                    decoder_sparse_step=1, mlp_only_layers=[])

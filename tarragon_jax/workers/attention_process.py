@@ -33,7 +33,7 @@ from tarragon_jax.workers.program_log import CompileLog
 from tarragon_jax.workers.remote_worker import RemoteWorker, WorkerProcess
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import WorkerHandle, use_compile_cache
-from tarragon_jax.workers.sequence import Sequence, SeqState, record_prompt_logprobs, step_logprob
+from tarragon_jax.workers.sequence import Sequence, SeqState, emit, record_prompt_logprobs
 
 EW_WAIT_FRACTION = 0.5      # of the step deadline: an AW's wait for a layer's EW answers (the
                             # driver's wait for the AW's step is the whole deadline: the AW
@@ -301,8 +301,7 @@ class RemoteAttentionWorker(RemoteWorker):
         driver appends the emitted tokens (and logprobs) to its records (the same stop rules
         decide the end)."""
         self.handle.check()
-        self.rpc.cast("commit", out)
-        toks_R = out["tokens"]
+        self.rpc.cast("commit", {"tokens": out["tokens"]})   # the driver's records are the ones that hold logprobs
         record_prompt_logprobs(out, self.scheduler.seqs)
         emitted = []
         for row, (rid, start, n, emits) in enumerate(zip(batch.rids, batch.starts, batch.chunks, batch.emits)):
@@ -311,8 +310,7 @@ class RemoteAttentionWorker(RemoteWorker):
                 continue
             seq.num_cached = start + n          # the driver's copy of the cache progress
             if emits:
-                lp = None if seq.sampling.logprobs is None else step_logprob(out, row, seq.sampling.logprobs)
-                emitted.append((seq, int(toks_R[row]), seq.append(int(toks_R[row]), lp)))
+                emitted.append(emit(seq, out, row))
         return emitted
 
     def release(self, seq: Sequence) -> bool:

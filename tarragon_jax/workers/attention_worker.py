@@ -29,8 +29,7 @@ from tarragon_jax.workers.program_log import ProgramLog
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import WorkerHandle
 from tarragon_jax.workers.scheduler import Scheduler, StepBatch, bucket
-from tarragon_jax.workers.sequence import (Sequence, SeqState, prompt_positions, record_prompt_logprobs,
-                                           step_logprob)
+from tarragon_jax.workers.sequence import Sequence, SeqState, emit, prompt_positions, record_prompt_logprobs
 from tarragon_jax.workers.shape_grid import ShapeGrid
 
 
@@ -105,6 +104,7 @@ class AttentionWorker:
         self._carry, self._ys, self._inputs = None, (), {}
         self._logprobs = None             # alternatives to compute for the step's logprobs (None: nobody asks)
         self._scored: list = []           # prompt tokens the step scores (sequence.prompt_positions)
+        self._prompt_k = 0                # alternatives to compute for them
 
     @property
     def prefix_stats(self) -> PrefixStats:
@@ -151,6 +151,8 @@ class AttentionWorker:
         asked = [s.sampling.logprobs for s in batch.seqs if s.sampling.logprobs is not None]
         self._logprobs = logprob_k(max(asked), self.model.vocab_size) if asked else None
         self._scored = prompt_positions([(s, s.num_cached, n) for s, n in zip(batch.seqs, batch.chunks)])
+        if self._scored:
+            self._prompt_k = logprob_k(max(s.sampling.prompt_logprobs for s, _, _ in self._scored), self.model.vocab_size)
 
     def _no_answers(self, T: int) -> tuple:
         if T not in self._zeros:
@@ -192,17 +194,22 @@ class AttentionWorker:
         out = {"tokens": self.programs.call(sample, logits_RxV, d["temperature"], d["top_p"], d["seed"], d["index"])}
         if self._logprobs is not None:
             out["logprobs"] = self.programs.call(logprobs, logits_RxV, out["tokens"], k=self._logprobs)
-        if self._scored:                  # prompt logprobs: the head again, at the scored tokens' rows
-            P = bucket(len(self._scored), 4)
-            rows, nxt = np.zeros(P, np.int32), np.zeros(P, np.int32)
-            rows[:len(self._scored)] = [r for _, r, _ in self._scored]
-            nxt[:len(self._scored)] = [s.prompt[p] for s, _, p in self._scored]
-            rows_P, next_P = self.handle.put((rows, nxt))
-            logits_PxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, rows_P)
-            k = logprob_k(max(s.sampling.prompt_logprobs for s, _, _ in self._scored), self.model.vocab_size)
-            out["prompt_logprobs"] = self.programs.call(logprobs, logits_PxV, next_P, k=k)
-            out["scored"] = np.array([(s.request_id, p) for s, _, p in self._scored], np.int64).reshape(-1, 2)
+        if self._scored:
+            out.update(self._score_prompts())
         return out
+
+    def _score_prompts(self) -> dict:
+        """Prompt logprobs: the head again at the rows of the prompt tokens the step scores
+        ("prompt_logprobs": logprobs' output per row, padded to a bucket; "scored": (request id,
+        position) per row, on the host)."""
+        P = bucket(len(self._scored), 4)
+        rows, nxt = np.zeros(P, np.int32), np.zeros(P, np.int32)
+        rows[:len(self._scored)] = [r for _, r, _ in self._scored]
+        nxt[:len(self._scored)] = [s.prompt[p] for s, _, p in self._scored]
+        rows_P, next_P = self.handle.put((rows, nxt))
+        logits_PxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, rows_P)
+        return {"prompt_logprobs": self.programs.call(logprobs, logits_PxV, next_P, k=self._prompt_k),
+                "scored": np.array([(s.request_id, p) for s, _, p in self._scored], np.int64).reshape(-1, 2)}
 
     def _restore(self, moved: list[Sequence], hinted: list[Sequence]) -> None:
         """Restore the committed blocks of requests moved here, and of new requests the prefix
@@ -277,7 +284,6 @@ class AttentionWorker:
         chunk ended its tokens, advance cache progress of all rows, snapshot newly filled blocks.
         Returns (seq, token, is_new_to_the_user) per sampled row."""
         self.handle.check()
-        toks_R = out["tokens"]
         self._inputs = {}
         record_prompt_logprobs(out, {s.request_id: s for s in batch.seqs})
         emitted, filled = [], []
@@ -290,8 +296,7 @@ class AttentionWorker:
                 for b in full:
                     self.blocks.register(s.request_id, b, hashes[b])
             if batch.emits[row]:
-                lp = None if s.sampling.logprobs is None else step_logprob(out, row, s.sampling.logprobs)
-                emitted.append((s, int(toks_R[row]), s.append(int(toks_R[row]), lp)))
+                emitted.append(emit(s, out, row))
             if s.state is not SeqState.FINISHED:
                 filled += [BlockRef(s.request_id, b, s.hashes[b] if self.blocks.caching else None) for b in full]
         self._filled += filled

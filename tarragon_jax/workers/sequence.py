@@ -22,6 +22,15 @@ def step_logprob(out: dict, row: int, n: int, key: str = "logprobs") -> TokenLog
     return TokenLogprob(float(chosen_R[row]), tuple(zip(ids_RxK[row, :n].tolist(), lps_RxK[row, :n].tolist())))
 
 
+def emit(seq: "Sequence", out: dict, row: int) -> tuple["Sequence", int, bool]:
+    """Append row `row`'s sampled token of a step's host output to `seq`, with its logprobs where
+    the request asks and the output carries them: (seq, token, is_new_to_the_user)."""
+    tok = int(out["tokens"][row])
+    lp = step_logprob(out, row, seq.sampling.logprobs) if seq.sampling.logprobs is not None and "logprobs" in out \
+        else None
+    return seq, tok, seq.append(tok, lp)
+
+
 def prompt_positions(chunks: list[tuple["Sequence", int, int]]) -> list[tuple["Sequence", int, int]]:
     """The prompt tokens a step scores for requests that ask for prompt logprobs: (request,
     token row in the step, position p of the scored token, given the tokens before it) for each
