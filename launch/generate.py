@@ -25,6 +25,10 @@ flags.DEFINE_integer("max_new_tokens", 16, "New tokens per prompt.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_float("repetition_penalty", 1.0, "Divide positive logits (multiply negative ones) of tokens already "
+                   "in the prompt or output by this (1 = off).")
+flags.DEFINE_float("frequency_penalty", 0.0, "Subtract this x each token's count in the output (-2 to 2).")
+flags.DEFINE_float("presence_penalty", 0.0, "Subtract this from every token already in the output (-2 to 2).")
 flags.DEFINE_bool("stop_at_eos", True, "Stop a prompt at the checkpoint's EOS ids (generation_config.json).")
 flags.DEFINE_multi_string("fail", None, "Inject a failure: ew:2@step=40, aw:0@step=80, ew:1@step=12,layer=1, "
                           "aw:1@prefill, ew:3@recovery. Repeatable.")
@@ -70,8 +74,13 @@ def main(argv):
         sys.exit(f"error: {e}")
     tokenizer = serving_flags.tokenizer(ckpt, cfg)
     prompts = collect_prompts(ckpt, tokenizer, cfg.vocab_size)
-    sp = SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                        seed=FLAGS.seed, stop_token_ids=serving_flags.eos_ids(ckpt) if FLAGS.stop_at_eos else ())
+    try:
+        sp = SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                            seed=FLAGS.seed, stop_token_ids=serving_flags.eos_ids(ckpt) if FLAGS.stop_at_eos else (),
+                            repetition_penalty=FLAGS.repetition_penalty, frequency_penalty=FLAGS.frequency_penalty,
+                            presence_penalty=FLAGS.presence_penalty)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
     def run(fault_injector):
         try:

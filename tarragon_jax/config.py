@@ -16,6 +16,7 @@ RECOVERIES = ("tarragon", "restart", "restart_regenerate")
 PRECOMPILES = ("none", "recovery", "all")
 RUNTIMES = ("local", "ray")
 MAX_LOGPROBS = 20          # most alternatives a token's logprobs list (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 300       # most tokens one request's logit_bias names (OpenAI's limit)
 
 
 class ConfigError(ValueError):
@@ -237,7 +238,12 @@ class SamplingParams:
     logprobs: None computes none; n (0..MAX_LOGPROBS) returns with each token its log-probability
     and the n most likely tokens', from the model's distribution (before temperature / top-p).
     prompt_logprobs: the same for every prompt token after the first (each given those before
-    it); such a request computes its whole prompt (no prefix-cache hits)."""
+    it); such a request computes its whole prompt (no prefix-cache hits).
+    Before a token is chosen (greedy or sampled; logprobs stay the model's), in vLLM's order:
+    logit_bias ((token id, bias in [-100, 100]) pairs) is added; repetition_penalty divides the
+    positive logits and multiplies the negative ones of every token in the prompt or the output
+    (1: off); frequency_penalty x (times the token is in the output) and presence_penalty x (it
+    is in the output at all) are subtracted (both in [-2, 2], OpenAI's range)."""
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -245,6 +251,16 @@ class SamplingParams:
     stop_token_ids: tuple = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple = ()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether anything changes this request's logits before a token is chosen."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0 \
+            or self.repetition_penalty != 1
 
     def __post_init__(self) -> None:
         def is_int(x) -> bool:
@@ -264,6 +280,16 @@ class SamplingParams:
             n = getattr(self, name)
             _require(n is None or (is_int(n) and 0 <= n <= MAX_LOGPROBS),
                      f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            x = getattr(self, name)
+            _require(is_num(x) and -2.0 <= x <= 2.0, f"{name} must be a number in [-2, 2], got {x!r}")
+        _require(is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+                 f"repetition_penalty must be a number in (0, 10], got {self.repetition_penalty!r}")
+        _require(isinstance(self.logit_bias, tuple) and len(self.logit_bias) <= MAX_LOGIT_BIAS
+                 and all(isinstance(e, tuple) and len(e) == 2 and is_int(e[0]) and e[0] >= 0 and is_num(e[1])
+                         and -100.0 <= e[1] <= 100.0 for e in self.logit_bias),
+                 f"logit_bias must be a tuple of up to {MAX_LOGIT_BIAS} (token id >= 0, bias in [-100, 100]) pairs, "
+                 f"got {self.logit_bias!r}")
 
 
 def tiny_model_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:

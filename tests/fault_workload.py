@@ -13,6 +13,9 @@ from tarragon_jax.serving.engine import Engine
 
 CACHE = CacheConfig(page_size=4, num_pages=96)
 RUNTIME = os.environ.get("TARRAGON_TEST_RUNTIME", "local")
+# sampled, with logit bias and every penalty: what a request's own tokens and seed decide
+PENALIZED = dict(temperature=0.9, seed=11, repetition_penalty=1.3, frequency_penalty=0.8, presence_penalty=0.4,
+                 logit_bias=((5, 4.0), (9, -3.0)))
 
 
 def workload(seed, vocab):

@@ -14,7 +14,7 @@ from tarragon_jax.model.hf_loader import load_checkpoint
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
 from seeding import fresh_rng
-from tests.fault_workload import RUNTIME, model, serve  # noqa: F401 -- the shared workload fixture
+from tests.fault_workload import PENALIZED, RUNTIME, model, serve  # noqa: F401 -- the shared workload fixture
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -73,11 +73,11 @@ def test_first_token_logprobs_are_transformers_log_softmax(name):
 ASKS = {"logprobs": 3, "prompt_logprobs": 2}
 
 
-def _served(model, faults=(), **kw):
+def _served(model, faults=(), sampling=ASKS, **kw):
     """The workload asking for logprobs of every token, prompt included: (tokens, logprobs, prompt
     logprobs) per request, and the engine (closed)."""
     cfg, params, early, late, _ = model
-    outs, eng = serve(cfg, params, early, late, faults, sampling=ASKS, **kw)
+    outs, eng = serve(cfg, params, early, late, faults, sampling=sampling, **kw)
     eng.close()
     seqs = [eng.requests[r] for r in sorted(eng.requests)]
     return outs, [s.logprobs for s in seqs], [s.prompt_logprobs for s in seqs], eng
@@ -117,8 +117,11 @@ def test_logprobs_through_aw_failures_agree_to_float_rounding(model, faults):
 @pytest.mark.ray
 @pytest.mark.skipif(RUNTIME != "local", reason="the whole module already runs on worker processes")
 def test_logprobs_are_identical_through_failures_on_worker_processes(model):
-    clean, want, want_prompt, _ = _served(model)
-    outs, got, got_prompt, _ = _served(model, ["ew:1@step=4", "aw:0@step=6"], runtime="ray")
+    """Sampled with logit bias and penalties too: the AW processes build them from their own
+    copies of the requests' tokens."""
+    sampling = {**ASKS, **PENALIZED}
+    clean, want, want_prompt, _ = _served(model, sampling=sampling)
+    outs, got, got_prompt, _ = _served(model, ["ew:1@step=4", "aw:0@step=6"], sampling=sampling, runtime="ray")
     assert outs == clean and _close(got, want, 1e-5) and _close(got_prompt, want_prompt, 1e-5)
 
 

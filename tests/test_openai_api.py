@@ -1,6 +1,7 @@
 """The OpenAI completions API as a client sees it: text equals the reference's greedy tokens
 decoded, streaming (SSE) deltas add up to the same text, stop strings and EOS ids end the
-completion where OpenAI would, unsupported fields get a 400 naming them."""
+completion where OpenAI would, penalties and logit bias act as vLLM's, unsupported fields get a
+400 naming them."""
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from serving import request, serving
+from tarragon_jax.config import SamplingParams
 from tarragon_jax.model import reference
 from tarragon_jax.serving.openai_api import TextStream
 from seeding import fresh_rng
@@ -167,8 +169,32 @@ def test_echo_scores_the_prompt_as_the_reference(api, stream):
             assert list(top) == best + ([] if tok.decode([ids[k + 1]]) in best else [tok.decode([ids[k + 1]])])
 
 
+def test_penalties_and_logit_bias_are_the_references(api):
+    """A greedy completion with every penalty and a bias equals the dense reference with vLLM's
+    processor; a ban of the reference's first token changes the first token."""
+    cfg, params, tok, urls, _, _ = api
+    ids = fresh_rng().integers(3, cfg.vocab_size, 7).tolist()
+    ask = {"presence_penalty": 0.5, "frequency_penalty": 1.2, "repetition_penalty": 1.4,
+           "logit_bias": {str(ids[0]): 3.5, str(ids[1]): -2.0}}
+    sp = SamplingParams(max_new_tokens=8, presence_penalty=0.5, frequency_penalty=1.2, repetition_penalty=1.4,
+                        logit_bias=((ids[0], 3.5), (ids[1], -2.0)))
+    code, body = request(urls["text"] + "/v1/completions",
+                         {"prompt": tok.decode(ids), "max_tokens": 8, "temperature": 0, **ask})
+    assert code == 200 and json.loads(body)["choices"][0]["text"] == tok.decode(reference.greedy_generate(cfg, params, ids, 8, sp))
+    plain = reference.greedy_generate(cfg, params, ids, 1)[0]
+    code, body = request(urls["text"] + "/v1/completions", {"prompt": tok.decode(ids), "max_tokens": 1,
+                                                            "temperature": 0, "logit_bias": {str(plain): -100}})
+    assert code == 200 and json.loads(body)["choices"][0]["text"] != tok.decode([plain])
+
+
 @pytest.mark.parametrize("body,message", [
     ({"prompt": "x", "n": 2}, '"n"=2 is not supported'),
+    ({"prompt": "x", "presence_penalty": 3}, "presence_penalty must be a number in [-2, 2], got 3"),
+    ({"prompt": "x", "frequency_penalty": "high"}, "frequency_penalty must be a number"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty must be a number in (0, 10]"),
+    ({"prompt": "x", "logit_bias": {"a": 1}}, '"logit_bias" must map token ids'),
+    ({"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias must be"),
+    ({"prompt": "x", "logit_bias": {"512": 1}}, "logit_bias token id 512 out of range"),
     ({"prompt": "x", "logprobs": 21}, '"logprobs" must be an integer from 0 to 20'),
     ({"prompt": "x", "logprobs": True}, '"logprobs" must be an integer from 0 to 20'),
     ({"prompt": "x", "echo": 1}, '"echo" must be true or false'),

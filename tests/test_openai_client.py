@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from serving import serving
+from tarragon_jax.config import SamplingParams
 from tarragon_jax.model import reference
 from tarragon_jax.serving.chat_template import ChatTemplate
 from seeding import fresh_rng
@@ -44,10 +45,10 @@ def _messages(rng) -> list:
     return [{"role": "user", "content": f"Say {words}."}]
 
 
-def _expected(cfg, params, tok, template, eos, messages, n) -> tuple[str, str]:
+def _expected(cfg, params, tok, template, eos, messages, n, sampling=None) -> tuple[str, str]:
     """(text, finish_reason) of the dense reference on the rendered prompt, cut at EOS."""
     ids = tok.encode(template.render(messages), add_special_tokens=False).ids
-    out = reference.greedy_generate(cfg, params, ids, n)
+    out = reference.greedy_generate(cfg, params, ids, n, sampling)
     if eos in out:
         return tok.decode(out[:out.index(eos)]), "stop"
     return tok.decode(out), "length"
@@ -71,6 +72,18 @@ def test_chat_completion_is_the_reference_text(chat):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == out.usage.total_tokens
+
+
+def test_penalties_and_logit_bias_through_the_official_client(chat):
+    cfg, params, tok, template, eos, _, servers = chat
+    messages = _messages(fresh_rng())
+    favoured = tok.token_to_id("mango") or tok.encode("mango", add_special_tokens=False).ids[0]
+    sp = SamplingParams(max_new_tokens=10, presence_penalty=0.6, frequency_penalty=1.1, logit_bias=((favoured, 6.0),))
+    want, _ = _expected(cfg, params, tok, template, eos, messages, 10, sp)
+    out = _client(servers["main"][1]).chat.completions.create(
+        model="tiny-chat", messages=messages, max_tokens=10, temperature=0, presence_penalty=0.6,
+        frequency_penalty=1.1, logit_bias={str(favoured): 6.0})
+    assert out.choices[0].message.content == want
 
 
 def _unspecial(tok: Tokenizer, text: str) -> str:

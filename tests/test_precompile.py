@@ -17,7 +17,7 @@ from tarragon_jax.serving.engine import Engine
 from tarragon_jax.workers.shape_grid import buckets, shape_grid
 from seeding import fresh_rng
 
-PROGRAMS = (attention_stage.embed, attention_stage.attention_layer, attention_stage.head, sampling.sample,
+PROGRAMS = (attention_stage.embed, attention_stage.attention_layer, attention_stage.head, sampling.sample, sampling.adjust,
             kv_cache.read_blocks, kv_cache.write_blocks, expert_stage.expert_layer)
 
 
@@ -31,7 +31,7 @@ def test_grid_matches_the_configs():
     grid = shape_grid(cfg, CacheConfig(page_size=4, num_pages=40),
                       EngineConfig(max_step_tokens=16, prefill_chunk=8, max_running=4))
     assert grid.tokens == (8, 16) and grid.pages == (1, 2, 4, 8, 16) and grid.rows == (4,)
-    assert grid.senders == (1, 2)
+    assert grid.senders == (1, 2) and grid.entries == (64, 256, 1024)       # 64 positions + 300 bias tokens
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])   # deepseek: dense and MoE layers
@@ -44,15 +44,16 @@ def test_nothing_compiles_after_precompile_and_tokens_match_reference(family):
     assert eng.controller.precompile_s > 0
     compiled = [f._cache_size() for f in PROGRAMS]
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 17, 9, 30, 1, 12)]
-    sp = SamplingParams(max_new_tokens=20)
-    ids = [eng.submit(p, sp) for p in prompts[:3]]
+    sps = [SamplingParams(max_new_tokens=20)] * 5 + [SamplingParams(max_new_tokens=20, repetition_penalty=1.5,
+                                                                    logit_bias=((7, 2.0),))]   # a late one adjusts
+    ids = [eng.submit(p, sp) for p, sp in zip(prompts[:3], sps)]
     for _ in range(4):
         eng.step()
-    ids += [eng.submit(p, sp) for p in prompts[3:]]
+    ids += [eng.submit(p, sp) for p, sp in zip(prompts[3:], sps[3:])]
     list(eng.stream())
     assert [f._cache_size() for f in PROGRAMS] == compiled
-    for rid, p in zip(ids, prompts):
-        assert eng.requests[rid].output == reference.greedy_generate(cfg, params, p, 20)
+    for rid, p, sp in zip(ids, prompts, sps):
+        assert eng.requests[rid].output == reference.greedy_generate(cfg, params, p, 20, sp)
     eng.close()
 
 

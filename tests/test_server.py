@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from serving import launch_server, request, serving
+from tarragon_jax.config import SamplingParams
 from tarragon_jax.model import reference
 from seeding import fresh_rng
 
@@ -62,8 +63,18 @@ def test_streaming_sends_tokens_then_a_summary(served):
     assert lines[-1]["finished"] and lines[-1]["finish_reason"]
 
 
+def test_generate_takes_penalties_and_a_logit_bias(served):
+    cfg, params, url, _ = served
+    sp = SamplingParams(max_new_tokens=6, frequency_penalty=1.3, repetition_penalty=1.2, logit_bias=((11, 5.0),))
+    code, body = request(url + "/generate", {"prompt_ids": [4, 5, 6, 4], "max_new_tokens": 6, "frequency_penalty": 1.3,
+                                             "repetition_penalty": 1.2, "logit_bias": {"11": 5.0}})
+    assert code == 200 and json.loads(body)["output_ids"] == reference.greedy_generate(cfg, params, [4, 5, 6, 4], 6, sp)
+
+
 @pytest.mark.parametrize("body,raw,message", [
     (None, b"{not json", "malformed JSON"),
+    ({"prompt_ids": [1, 2], "logit_bias": [[3, 1.0]]}, None, '"logit_bias" must map token ids'),
+    ({"prompt_ids": [1, 2], "presence_penalty": -3}, None, "presence_penalty must be"),
     ({"prompt_ids": [1, 2], "max_tokens": 3}, None, "unknown field"),
     ({"prompt_ids": [1, 2], "prompt": "hi"}, None, "exactly one of"),
     ({"prompt": "hello"}, None, "needs a tokenizer"),

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarragon_jax.config import ModelConfig
+from tarragon_jax.config import ModelConfig, SamplingParams
 from tarragon_jax.model import layers
 from tarragon_jax.model.router import route
 
@@ -65,12 +65,31 @@ def _forward(cfg: ModelConfig, params: dict, ids_T: jax.Array) -> tuple[jax.Arra
     return (x @ attn["lm_head"]).astype(jnp.float32), tuple(choices)
 
 
-def greedy_generate(cfg: ModelConfig, params: dict, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation by re-running the full forward for every token (slow, obviously right)."""
+def greedy_generate(cfg: ModelConfig, params: dict, prompt: list[int], max_new_tokens: int,
+                    sampling: SamplingParams | None = None) -> list[int]:
+    """Greedy continuation by re-running the full forward for every token (slow, obviously right),
+    with `sampling`'s logit bias and penalties applied (adjusted) if given."""
     seq = list(prompt)
     for _ in range(max_new_tokens):
         n = len(seq)
         padded = seq + [0] * (-n % 64)                 # causal: padding never affects row n-1
-        logits = forward(cfg, params, jnp.asarray(padded, jnp.int32))
-        seq.append(int(np.argmax(np.asarray(logits[n - 1]))))
+        logits = np.asarray(forward(cfg, params, jnp.asarray(padded, jnp.int32))[n - 1])
+        if sampling is not None:
+            logits = adjusted(logits, prompt, seq[len(prompt):], sampling)
+        seq.append(int(np.argmax(logits)))
     return seq[len(prompt):]
+
+
+def adjusted(logits_V: np.ndarray, prompt: list[int], output: list[int], sp: SamplingParams) -> np.ndarray:
+    """f32 logits after sp's logit bias and penalties, in numpy, in vLLM's order: bias, then the
+    repetition penalty over prompt and output tokens, frequency and presence over the output's."""
+    x = logits_V.astype(np.float32).copy()
+    for t, b in sp.logit_bias:
+        x[t] += np.float32(b)
+    if sp.repetition_penalty != 1:
+        seen = np.zeros(len(x), bool)
+        seen[list(prompt) + list(output)] = True
+        rep = np.float32(sp.repetition_penalty)
+        x = np.where(seen, np.where(x > 0, x / rep, x * rep), x)
+    counts = np.bincount(np.asarray(output, np.int64), minlength=len(x)).astype(np.float32)
+    return x - np.float32(sp.frequency_penalty) * counts - np.float32(sp.presence_penalty) * (counts > 0)

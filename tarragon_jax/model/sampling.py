@@ -34,6 +34,25 @@ def sample(logits_BxV: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array, 
                         lambda: greedy)
 
 
+@jax.jit
+def adjust(logits_BxV: jax.Array, ids_BxL: jax.Array, counts_BxL: jax.Array, bias_BxL: jax.Array,
+           penalties_Bx3: jax.Array) -> jax.Array:
+    """f32 logits after each row's logit_bias and penalties (SamplingParams), in vLLM's order:
+    bias, then repetition, frequency and presence. Each row's entries (ids_BxL; V pads and is
+    dropped) are its bias tokens (bias_BxL), and its prompt and output tokens (counts_BxL: 1 for
+    an output token, 0 for a prompt token; the bias entries' value is -1: neither). A row with
+    no entries and penalties (1, 0, 0) keeps its logits bit for bit: a request's tokens never
+    depend on who else asks."""
+    B, V = logits_BxV.shape
+    rows = jnp.arange(B)[:, None]
+    x = logits_BxV.astype(jnp.float32).at[rows, ids_BxL].add(bias_BxL, mode="drop")
+    seen = jnp.zeros((B, V), jnp.bool_).at[rows, ids_BxL].max(counts_BxL >= 0, mode="drop")
+    counts = jnp.zeros((B, V), jnp.float32).at[rows, ids_BxL].add(jnp.maximum(counts_BxL, 0), mode="drop")
+    rep, freq, pres = (penalties_Bx3[:, i:i + 1] for i in range(3))
+    x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+    return x - freq * counts - pres * (counts > 0)
+
+
 LOGPROB_KS = (1, 5, MAX_LOGPROBS)  # alternatives computed: the step's most asked, rounded up to one of
                                    # these (XLA's CPU top-k costs about k: at [64, 2048] k=20 took
                                    # 0.87 ms, k=5 0.30 ms)

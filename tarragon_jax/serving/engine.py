@@ -108,6 +108,9 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self.model.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} out of range [0, {self.model.vocab_size})")
+        bad = [t for t, _ in sampling.logit_bias if t >= self.model.vocab_size]
+        if bad:
+            raise RequestError(f"logit_bias token id {bad[0]} out of range [0, {self.model.vocab_size})")
         if len(prompt) >= self.model.max_position:
             raise RequestError(f"prompt too long: {len(prompt)} tokens, model context is "
                                f"{self.model.max_position} (need room for at least one new token)")

@@ -16,7 +16,10 @@ checkpoint's EOS ids (generation_config.json), whose token adds no text and no l
 echo returns the prompt before the completion, and with logprobs each prompt token's (the first
 has none: null), computed on the device as the prompt is (such a request takes no prefix-cache
 hits); with echo, max_tokens may be 0 (the prompt scored alone, as lm-evaluation-harness asks).
-n / best_of other than 1, penalties, logit_bias and suffix get a 400 naming the field.
+presence_penalty and frequency_penalty (-2 to 2), the vLLM extension repetition_penalty, and
+logit_bias (up to 300 token ids, -100 to 100) change the logits on the device before the token
+is chosen; logprobs stay the model's. n / best_of other than 1 and suffix get a 400 naming the
+field.
 
 Chat: messages (string content, or text parts) rendered by the checkpoint's chat template
 (chat_template.py), max_completion_tokens (or max_tokens), add_generation_prompt (default true),
@@ -32,13 +35,13 @@ import uuid
 from tarragon_jax.config import MAX_LOGPROBS, ConfigError, SamplingParams
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
-           "stop_token_ids", "n", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias"}
+           "stop_token_ids", "n", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+           "logit_bias"}
 _FIELDS = {"completion": _COMMON | {"prompt", "best_of", "echo", "suffix"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                               "response_format", "add_generation_prompt"}}
 # field: the only value(s) accepted (what OpenAI's own defaults mean)
-_FIXED = {"n": (1,), "best_of": (1,),
-          "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}), "suffix": (None, ""),
+_FIXED = {"n": (1,), "best_of": (1,), "suffix": (None, ""),
           "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"})}
 MAX_STOP = 4
 # engine finish reason -> OpenAI's ("stop": a stop token/string; "length": a token limit)
@@ -92,6 +95,13 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return (count("top_logprobs") if "top_logprobs" in body else 0) if body.get("logprobs") else None
 
 
+def logit_bias(bias) -> tuple:
+    """OpenAI's {"token id": bias} (JSON keys are strings) as SamplingParams' (id, bias) pairs."""
+    if not isinstance(bias, dict) or not all(isinstance(k, str) and k.isdigit() for k in bias):
+        raise ValueError('"logit_bias" must map token ids (as strings, e.g. "50256") to numbers from -100 to 100')
+    return tuple((int(k), v) for k, v in bias.items())
+
+
 def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: tuple, chat: bool,
              max_tokens: int) -> CompletionRequest:
     """Sampling, stop strings, logprobs and streaming options, the same for both APIs."""
@@ -118,7 +128,11 @@ def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: 
         sampling = SamplingParams(max_new_tokens=1 if echo and max_tokens == 0 else max_tokens,
                                   temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
                                   seed=body.get("seed", 0), stop_token_ids=tuple(stop_ids) + tuple(eos_ids),
-                                  logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+                                  logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
+                                  presence_penalty=body.get("presence_penalty", 0.0),
+                                  frequency_penalty=body.get("frequency_penalty", 0.0),
+                                  repetition_penalty=body.get("repetition_penalty", 1.0),
+                                  logit_bias=logit_bias(body.get("logit_bias", {})))
     except ConfigError as e:
         raise ValueError(str(e).replace("max_new_tokens", "max_tokens")) from None
     return CompletionRequest(prompt_ids, sampling, body.get("stream", False), tuple(stop),

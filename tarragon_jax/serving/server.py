@@ -3,7 +3,9 @@
 Endpoints (JSON in, JSON out; every error is OpenAI's {"error": {"message", "type", "param", "code"}}):
 
   POST /generate             {"prompt_ids": [int] | "prompt": str, "max_new_tokens", "temperature",
-                              "top_p", "seed", "stop_token_ids", "stream"} -> {"request_id", "output_ids",
+                              "top_p", "seed", "stop_token_ids", "stream", "presence_penalty",
+                              "frequency_penalty", "repetition_penalty", "logit_bias": {"id": bias}}
+                              -> {"request_id", "output_ids",
                               "text"?, "finish_reason", "ttft_s"}; stream: one JSON line per token, then
                               the summary line
   POST /v1/completions, POST /v1/chat/completions, GET /v1/models: the OpenAI API (openai_api.py),
@@ -129,6 +131,8 @@ def parse_generate(body: dict, tokenizer) -> tuple[list, SamplingParams, bool]:
         if not isinstance(kw["stop_token_ids"], list):
             raise ValueError('"stop_token_ids" must be a list of integers')
         kw["stop_token_ids"] = tuple(kw["stop_token_ids"])
+    if "logit_bias" in kw:
+        kw["logit_bias"] = openai_api.logit_bias(kw["logit_bias"])
     if not isinstance(body.get("stream", False), bool):
         raise ValueError('"stream" must be true or false')
     try:

@@ -22,9 +22,10 @@ from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, Snapsho
 from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.kv.prefix_hash import cache_salt
 from tarragon_jax.model import attention_stage as stage
-from tarragon_jax.model.sampling import LOGPROB_KS, logprob_k, logprobs, sample
+from tarragon_jax.model.sampling import LOGPROB_KS, adjust, logprob_k, logprobs, sample
 from tarragon_jax.workers import backends
 from tarragon_jax.workers.forwarding_engine import ForwardingEngine
+from tarragon_jax.workers.logit_adjust import adjust_inputs
 from tarragon_jax.workers.program_log import ProgramLog
 from tarragon_jax.workers.routing_table import RoutingTable
 from tarragon_jax.workers.runtime import WorkerHandle
@@ -103,6 +104,7 @@ class AttentionWorker:
         self._zeros: dict = {}            # T -> [T, k, D] zeros: the answer of an EW that sent none
         self._carry, self._ys, self._inputs = None, (), {}
         self._logprobs = None             # alternatives to compute for the step's logprobs (None: nobody asks)
+        self._adjust = None               # the step's logit_adjust inputs on the mesh (None: nobody asks)
         self._scored: list = []           # prompt tokens the step scores (sequence.prompt_positions)
         self._prompt_k = 0                # alternatives to compute for them
 
@@ -148,6 +150,8 @@ class AttentionWorker:
             np.uint32(step % 2**32)))))
         self._carry = self.programs.call(stage.embed, self.model, self.params, self._dev["ids"])
         self._ys, self._inputs = self._no_answers(len(batch.ids_T)), {}
+        adjusts = adjust_inputs(batch.seqs, R, self.model.vocab_size)
+        self._adjust = None if adjusts is None else self.handle.put(adjusts)
         asked = [s.sampling.logprobs for s in batch.seqs if s.sampling.logprobs is not None]
         self._logprobs = logprob_k(max(asked), self.model.vocab_size) if asked else None
         self._scored = prompt_positions([(s, s.num_cached, n) for s, n in zip(batch.seqs, batch.chunks)])
@@ -185,13 +189,15 @@ class AttentionWorker:
         self._carry, self._ys = self._inputs[layer]
 
     def head(self) -> dict:
-        """Dispatch the last combine, LM head and sampling: {"tokens": int32 [R]} on the device,
-        and "logprobs" (sampling.logprobs: the chosen token's [R], top ids and logprobs [R, K])
-        when some request of the step asks for them."""
+        """Dispatch the last combine, LM head, the requests' logit bias and penalties where some
+        ask, and sampling: {"tokens": int32 [R]} on the device, and "logprobs" (sampling.logprobs:
+        the chosen token's [R], top ids and logprobs [R, K], of the model's own logits) when some
+        request of the step asks for them."""
         self.handle.check()
         d = self._dev
         logits_RxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, d["last"])
-        out = {"tokens": self.programs.call(sample, logits_RxV, d["temperature"], d["top_p"], d["seed"], d["index"])}
+        chosen_from = logits_RxV if self._adjust is None else self.programs.call(adjust, logits_RxV, *self._adjust)
+        out = {"tokens": self.programs.call(sample, chosen_from, d["temperature"], d["top_p"], d["seed"], d["index"])}
         if self._logprobs is not None:
             out["logprobs"] = self.programs.call(logprobs, logits_RxV, out["tokens"], k=self._logprobs)
         if self._scored:
@@ -355,6 +361,9 @@ class AttentionWorker:
                  zeros(R, np.uint32), zeros(R))
             for k in sorted({logprob_k(k, m.vocab_size) for k in LOGPROB_KS}):
                 call(logprobs, zeros((R, m.vocab_size), np.float32), zeros(R), k=k)
+            for L in grid.entries:
+                call(adjust, zeros((R, m.vocab_size), np.float32), zeros((R, L)), zeros((R, L), np.float32),
+                     zeros((R, L), np.float32), self.handle.put(np.ones((R, 3), np.float32)))
         for N in grid.blocks:
             blocks, _ = call(read_blocks, self.pages, np.zeros(N, np.int32))     # host ids, as _snapshot passes
             self.pages = call(write_blocks, self.pages, zeros(N), blocks)

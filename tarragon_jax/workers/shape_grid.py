@@ -11,13 +11,16 @@ this module only enumerates their ranges. Host-only.
 steady serving may not have met yet. A step that recomputes moved (or restarted) requests has
 one of two token buckets (scheduler: prefill_chunk's or max_step_tokens'), so that is two T at
 every P and R; and the restore writes at every block count. Shadows take over inside the same
-EW program, and a mid-step replay reruns shapes the step already ran.
+EW program, and a mid-step replay reruns shapes the step already ran. (Steps whose requests ask
+for logit_bias or penalties meet their programs in steady serving first: only the full grid
+holds them.)
 """
 from __future__ import annotations
 
 import dataclasses
 
-from tarragon_jax.config import CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.config import MAX_LOGIT_BIAS, CacheConfig, EngineConfig, ModelConfig
+from tarragon_jax.workers.logit_adjust import entries_buckets
 from tarragon_jax.workers.scheduler import bucket, recovery_buckets
 
 
@@ -37,13 +40,18 @@ class ShapeGrid:
     rows: tuple[int, ...]         # R: requests of a step (rows that may sample)
     senders: tuple[int, ...]      # AWs whose buffers one EW layer call takes (all AWs of a step pad to one T)
     blocks: tuple[int, ...]       # KV blocks in one snapshot read / restore write
+    entries: tuple[int, ...] = () # L: a row's logit_bias and penalty entries (logit_adjust)
 
     def describe(self) -> str:
         """What precompiling this grid compiles, for the launchers' startup line."""
         span = lambda xs: f"{xs[0]}" if len(xs) == 1 else f"{xs[0]}..{xs[-1]} ({len(xs)})"
         return (f"token buckets {span(self.tokens)} x table widths {span(self.pages)} (attention), x row counts "
-                f"{span(self.rows)} (LM head; sampling per row count), x sending AWs {span(self.senders)} (experts); "
+                f"{span(self.rows)} (LM head; sampling per row count{self._entries()}), x sending AWs "
+                f"{span(self.senders)} (experts); "
                 f"KV block counts {span(self.blocks)} (snapshot reads, restore writes)")
+
+    def _entries(self) -> str:
+        return f"; bias and penalties per entries bucket {self.entries[0]}..{self.entries[-1]}" if self.entries else ""
 
     def fit_tokens(self, T: int) -> int:
         """The smallest compiled token bucket that holds a step of T token rows (T itself if none
@@ -60,9 +68,10 @@ def shape_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> 
         rows=buckets(4, min(engine.max_running, max_tokens)),
         senders=tuple(range(1, engine.num_attention_workers + 1)),
         blocks=buckets(4, cache.num_pages),
+        entries=entries_buckets(model.max_position + MAX_LOGIT_BIAS),
     )
 
 
 def recovery_grid(model: ModelConfig, cache: CacheConfig, engine: EngineConfig) -> ShapeGrid:
     full = shape_grid(model, cache, engine)
-    return dataclasses.replace(full, tokens=recovery_buckets(engine.prefill_chunk, engine.max_step_tokens))
+    return dataclasses.replace(full, tokens=recovery_buckets(engine.prefill_chunk, engine.max_step_tokens), entries=())
