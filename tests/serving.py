@@ -2,6 +2,7 @@
 as a process, and a JSON request helper that returns (status, body) for errors too."""
 import contextlib
 import json
+import time
 import os
 import re
 import subprocess
@@ -34,6 +35,13 @@ def serving(family: str, seed: int, cache: dict | None = None, **servers):
             s.shutdown()
         loop.stop()
         engine.close()
+
+
+def wait_until(pred, what: str, timeout_s: float = 30) -> None:
+    deadline = time.time() + timeout_s
+    while not pred():
+        assert time.time() < deadline, what
+        time.sleep(0.05)
 
 
 def request(url: str, body=None, raw: bytes | None = None) -> tuple[int, str]:

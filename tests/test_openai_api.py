@@ -187,8 +187,44 @@ def test_penalties_and_logit_bias_are_the_references(api):
     assert code == 200 and json.loads(body)["choices"][0]["text"] != tok.decode([plain])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_are_seeded_samples_sharing_the_prompt(api, stream):
+    """n=3 sampled: choice i is the request with seed + i (each equals a request of its own with
+    that seed), later choices take the prompt's full blocks from the prefix cache, usage counts
+    the prompt once; streamed, every choice's deltas add up to its text."""
+    cfg, params, tok, urls, loop, _ = api
+    ids = fresh_rng().integers(3, cfg.vocab_size, 37).tolist()    # 9 full blocks of 4 before the last token
+    body = {"prompt": tok.decode(ids), "max_tokens": 6, "temperature": 0.9, "seed": 40}
+    singles = [json.loads(request(urls["text"] + "/v1/completions", dict(body, seed=40 + i))[1])["choices"][0]["text"]
+               for i in range(3)]
+    loop.call(lambda engine: engine.reset_prefix_cache())
+    hits = lambda: loop.call(lambda engine: sum(aw.prefix_stats.hit_tokens for aw in engine.aws))
+    before = hits()
+    code, text = request(urls["text"] + "/v1/completions", dict(body, n=3, stream=stream,
+                                                                stream_options={"include_usage": True} if stream else None))
+    assert code == 200, text
+    if stream:
+        chunks = _sse(text)
+        texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i)
+                 for i in range(3)]
+        ends = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        usage = chunks[-1]["usage"]
+        assert len(ends) == 3 and chunks[-1]["choices"] == []
+    else:
+        out = json.loads(text)
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+        texts, usage = [c["text"] for c in out["choices"]], out["usage"]
+    assert texts == singles and len(set(texts)) > 1
+    assert usage == {"prompt_tokens": 37, "completion_tokens": 18, "total_tokens": 55}
+    # with 2 AWs the router may balance choice 1 onto the idle one (which computes the prompt, or
+    # reads what the store has of it); choice 2 then reads all 9 blocks on either AW
+    assert 36 <= hits() - before <= 72
+
+
 @pytest.mark.parametrize("body,message", [
-    ({"prompt": "x", "n": 2}, '"n"=2 is not supported'),
+    ({"prompt": "x", "n": 0}, '"n" must be an integer from 1 to 128, got 0'),
+    ({"prompt": "x", "n": 2, "best_of": 3}, '"best_of"=3 is not supported (only equal to "n", 2)'),
+    ({"prompt": "x", "suffix": "y"}, '"suffix"=\'y\' is not supported'),
     ({"prompt": "x", "presence_penalty": 3}, "presence_penalty must be a number in [-2, 2], got 3"),
     ({"prompt": "x", "frequency_penalty": "high"}, "frequency_penalty must be a number"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty must be a number in (0, 10]"),

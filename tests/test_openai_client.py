@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
-from serving import serving
+from serving import serving, wait_until
 from tarragon_jax.config import SamplingParams
 from tarragon_jax.model import reference
 from tarragon_jax.serving.chat_template import ChatTemplate
@@ -152,8 +152,8 @@ def test_chat_text_parts_stop_strings_and_template_errors(chat):
 
 
 def test_64_streaming_chat_clients_through_an_ew_and_an_aw_failure(chat):
-    """Each client's text with two workers killed mid-run equals its text in a failure-free run
-    on the same server (greedy for half of them, seeded sampling for the rest)."""
+    """Each client's texts with two workers killed mid-run equal its texts in a failure-free run
+    on the same server (greedy for half of them, seeded sampling of n=2 choices for the rest)."""
     cfg, params, tok, template, eos, loop, servers = chat
     url = servers["main"][1]
     rng = fresh_rng()
@@ -161,14 +161,16 @@ def test_64_streaming_chat_clients_through_an_ew_and_an_aw_failure(chat):
     streamed = [0]
 
     async def one(client, messages, temperature, seed):
+        n = 2 if temperature else 1
         stream = await client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=16,
-                                                      temperature=temperature, seed=seed, stream=True)
-        text, reason = "", None
+                                                      temperature=temperature, seed=seed, stream=True, n=n)
+        texts, reasons = [""] * n, [None] * n
         async for c in stream:
             streamed[0] += 1
-            text += c.choices[0].delta.content or ""
-            reason = c.choices[0].finish_reason or reason
-        return text, reason
+            i = c.choices[0].index
+            texts[i] += c.choices[0].delta.content or ""
+            reasons[i] = c.choices[0].finish_reason or reasons[i]
+        return texts, reasons
 
     async def run(kill: bool):
         client = _client(url, openai.AsyncOpenAI)
@@ -186,7 +188,8 @@ def test_64_streaming_chat_clients_through_an_ew_and_an_aw_failure(chat):
     streamed[0] = 0
     faulty = asyncio.run(run(kill=True))
     assert faulty == clean
-    assert all(reason in ("stop", "length") for _, reason in faulty)
+    assert all(reason in ("stop", "length") for _, reasons in faulty for reason in reasons)
+    assert any(len(set(texts)) == 2 for texts, _ in faulty)                  # choices differ
     kinds = loop.call(lambda e: sorted(r.kind for r in e.controller.records))
     assert kinds == ["aw", "ew"]
     assert loop.call(lambda e: e.controller.records[-1].requests_moved) > 0      # the AW held requests
@@ -263,6 +266,11 @@ def test_admission_limit_defaults_to_the_kv_pages():
             return await asyncio.gather(*hold)
         done = asyncio.run(flood())
         assert len({d.choices[0].text for d in done}) == 1 and all(d.usage.completion_tokens == 18 for d in done)
+        # n choices are n requests: past the limit the whole request is refused, and the choices
+        # already taken in are dropped at once (none is left running)
+        with pytest.raises(openai.RateLimitError, match="overloaded"):
+            _client(url).completions.create(model="tarragon", prompt=[4, 5], max_tokens=18, n=limit + 1)
+        wait_until(lambda: loop.call(lambda e: e.num_unfinished) == 0, "refused choices still running")
 
 
 def test_health_is_503_while_the_engine_loop_is_stuck():

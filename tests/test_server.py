@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from serving import launch_server, request, serving
+from serving import launch_server, request, serving, wait_until
 from tarragon_jax.config import SamplingParams
 from tarragon_jax.model import reference
 from seeding import fresh_rng
@@ -103,7 +103,7 @@ def test_unknown_worker_and_endpoint(served):
     def aw0_records():
         with urllib.request.urlopen(url + "/health") as r:
             return [x for x in json.loads(r.read())["recoveries"] if x["worker"] == "aw0"]
-    _wait_until(aw0_records, "idle AW failure never detected")           # found while idle, by heartbeat
+    wait_until(aw0_records, "idle AW failure never detected")           # found while idle, by heartbeat
     assert aw0_records()[0]["detected_by"] == "heartbeat"
     assert request(url + "/nothing", {})[0] == 404
 
@@ -130,13 +130,6 @@ def _cancels(loop, monkeypatch) -> list:
     return seen
 
 
-def _wait_until(pred, what: str, timeout_s: float = 30) -> None:
-    deadline = time.time() + timeout_s
-    while not pred():
-        assert time.time() < deadline, what
-        time.sleep(0.05)
-
-
 def test_a_streaming_client_that_leaves_cancels_its_request(served, monkeypatch):
     _, _, url, loop = served
     cancelled = _cancels(loop, monkeypatch)
@@ -148,7 +141,7 @@ def test_a_streaming_client_that_leaves_cancels_its_request(served, monkeypatch)
     rid = loop.call(lambda e: max(e.requests))
     resp.close()
     conn.close()                                                 # the client goes away mid-stream
-    _wait_until(lambda: rid in cancelled, "request was not cancelled")
+    wait_until(lambda: rid in cancelled, "request was not cancelled")
     assert loop.call(lambda e: rid not in e.requests and e.num_unfinished == 0)     # forgotten, too
     assert loop.call(lambda e: all(a.blocks.num_free == a.blocks.capacity for a in e.aws))
 
@@ -163,7 +156,7 @@ def test_a_client_that_leaves_before_the_answer_cancels_its_request(served, monk
         sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         time.sleep(0.05)                                         # sent; then the client is gone
-    _wait_until(lambda: bool(cancelled), "request was not cancelled")
+    wait_until(lambda: bool(cancelled), "request was not cancelled")
     assert loop.call(lambda e: e.num_unfinished == 0)
     assert loop.call(lambda e: all(a.blocks.num_free == a.blocks.capacity for a in e.aws))
 
@@ -181,7 +174,7 @@ def test_past_the_limit_a_request_gets_429_and_nothing_else_changes(served):
     t = threading.Thread(target=lambda: first.update(r=request(url + "/generate",
                                                                {"prompt_ids": [4, 5], "max_new_tokens": 120})))
     t.start()
-    _wait_until(lambda: loop.call(lambda e: e.num_unfinished) == 1, "first request never started")
+    wait_until(lambda: loop.call(lambda e: e.num_unfinished) == 1, "first request never started")
     code, text = request(url + "/v1/completions", {"prompt": [6, 7], "max_tokens": 4})
     assert code == 429 and "overloaded" in json.loads(text)["error"]["message"]
     code, text = request(url + "/generate", {"prompt_ids": [6, 99999], "max_new_tokens": 4})
@@ -200,11 +193,11 @@ def test_draining_refuses_new_requests_and_finishes_the_running_ones(served):
     t = threading.Thread(target=lambda: first.update(r=request(url + "/generate",
                                                                {"prompt_ids": [9, 3], "max_new_tokens": 120})))
     t.start()
-    _wait_until(lambda: loop.call(lambda e: e.num_unfinished) == 1, "first request never started")
+    wait_until(lambda: loop.call(lambda e: e.num_unfinished) == 1, "first request never started")
     drained = {}
     d = threading.Thread(target=lambda: drained.update(ok=server.drain(60)))
     d.start()
-    _wait_until(lambda: server.draining, "drain never started")
+    wait_until(lambda: server.draining, "drain never started")
     code, text = request(url + "/generate", {"prompt_ids": [1, 2], "max_new_tokens": 4})
     assert code == 503 and "draining" in json.loads(text)["error"]["message"]
     code, text = request(url + "/health")

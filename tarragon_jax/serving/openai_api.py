@@ -18,8 +18,9 @@ has none: null), computed on the device as the prompt is (such a request takes n
 hits); with echo, max_tokens may be 0 (the prompt scored alone, as lm-evaluation-harness asks).
 presence_penalty and frequency_penalty (-2 to 2), the vLLM extension repetition_penalty, and
 logit_bias (up to 300 token ids, -100 to 100) change the logits on the device before the token
-is chosen; logprobs stay the model's. n / best_of other than 1 and suffix get a 400 naming the
-field.
+is chosen; logprobs stay the model's. n (up to 128) returns that many choices, each seeded
+with seed + its index (openai_choices.py), sharing the prompt's KV pages; best_of only equal to
+n. suffix gets a 400 naming the field.
 
 Chat: messages (string content, or text parts) rendered by the checkpoint's chat template
 (chat_template.py), max_completion_tokens (or max_tokens), add_generation_prompt (default true),
@@ -41,9 +42,10 @@ _FIELDS = {"completion": _COMMON | {"prompt", "best_of", "echo", "suffix"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                               "response_format", "add_generation_prompt"}}
 # field: the only value(s) accepted (what OpenAI's own defaults mean)
-_FIXED = {"n": (1,), "best_of": (1,), "suffix": (None, ""),
+_FIXED = {"suffix": (None, ""),
           "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"})}
 MAX_STOP = 4
+MAX_CHOICES = 128      # most choices (n) one request may ask for (OpenAI's limit)
 # engine finish reason -> OpenAI's ("stop": a stop token/string; "length": a token limit)
 _FINISH = {"stop": "stop", "max_new_tokens": "length", "length": "length"}
 
@@ -59,6 +61,11 @@ class CompletionRequest:
     chat: bool = False # /v1/chat/completions: answers are chat.completion(.chunk) objects
     echo: bool = False # completions: the prompt comes back before the completion (with its logprobs)
     max_tokens: int = 16   # what the client asked: 0 with echo scores the prompt alone (one token runs, unsent)
+    n: int = 1             # choices, each its own engine request (openai_choices)
+
+    def choice_sampling(self, i: int) -> SamplingParams:
+        """Choice i's sampling: the request's, with seed + i (as vLLM seeds parallel samples)."""
+        return self.sampling if i == 0 else dataclasses.replace(self.sampling, seed=(self.sampling.seed + i) % 2**32)
 
 
 def _checked(body, kind: str, model_name: str) -> dict:
@@ -102,6 +109,16 @@ def logit_bias(bias) -> tuple:
     return tuple((int(k), v) for k, v in bias.items())
 
 
+def _choices(body: dict) -> int:
+    """n, with best_of (completions) accepted only where it asks for nothing more than n."""
+    n = body.get("n", 1)
+    if type(n) is not int or not 1 <= n <= MAX_CHOICES:
+        raise ValueError(f'"n" must be an integer from 1 to {MAX_CHOICES}, got {n!r}')
+    if body.get("best_of", n) != n:
+        raise ValueError(f'"best_of"={body["best_of"]!r} is not supported (only equal to "n", {n})')
+    return n
+
+
 def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: tuple, chat: bool,
              max_tokens: int) -> CompletionRequest:
     """Sampling, stop strings, logprobs and streaming options, the same for both APIs."""
@@ -137,7 +154,7 @@ def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: 
         raise ValueError(str(e).replace("max_new_tokens", "max_tokens")) from None
     return CompletionRequest(prompt_ids, sampling, body.get("stream", False), tuple(stop),
                              bool(options.get("include_usage", False)), body.get("model", model_name), chat, echo,
-                             max_tokens)
+                             max_tokens, _choices(body))
 
 
 def parse_completion(body, tokenizer, model_name: str, eos_ids: tuple = ()) -> CompletionRequest:
@@ -250,31 +267,34 @@ def new_id(chat: bool) -> str:
 
 
 def chunk(cid: str, req: CompletionRequest, text: str, reason: str | None, first: bool = False,
-          logprobs: dict | None = None) -> dict:
-    """One stream chunk: a text delta (and, with reason, the end) and its tokens' logprobs. A
-    chat stream's first chunk carries the assistant role, as OpenAI's does."""
+          logprobs: dict | None = None, index: int = 0) -> dict:
+    """One stream chunk of choice `index`: a text delta (and, with reason, the end) and its
+    tokens' logprobs. A chat stream's first chunk of a choice carries the assistant role, as
+    OpenAI's does."""
     if not req.chat:
-        return _answer(cid, req, "text_completion", {"text": text, "finish_reason": reason, "logprobs": logprobs})
+        choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
+        return _answer(cid, req, "text_completion", [choice])
     delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
-    return _answer(cid, req, "chat.completion.chunk", {"delta": delta, "finish_reason": reason, "logprobs": logprobs})
+    choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
+    return _answer(cid, req, "chat.completion.chunk", [choice])
 
 
-def answer(cid: str, req: CompletionRequest, text: str, reason: str, usage_: dict,
-           logprobs: dict | None = None) -> dict:
-    """The whole (non-streamed) completion."""
-    choice = ({"message": {"role": "assistant", "content": text}} if req.chat else {"text": text})
+def answer(cid: str, req: CompletionRequest, choices: list[tuple[str, str, dict | None]], usage_: dict) -> dict:
+    """The whole (non-streamed) completion: (text, finish reason, logprobs) per choice."""
+    def choice(i: int, text: str, reason: str, logprobs: dict | None) -> dict:
+        body = {"message": {"role": "assistant", "content": text}} if req.chat else {"text": text}
+        return dict(index=i, **body, finish_reason=reason, logprobs=logprobs)
     return dict(_answer(cid, req, "chat.completion" if req.chat else "text_completion",
-                        dict(choice, finish_reason=reason, logprobs=logprobs)), usage=usage_)
+                        [choice(i, *c) for i, c in enumerate(choices)]), usage=usage_)
 
 
 def usage_chunk(cid: str, req: CompletionRequest, usage_: dict) -> dict:
     """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
-    return dict(_answer(cid, req, "chat.completion.chunk" if req.chat else "text_completion", None), usage=usage_)
+    return dict(_answer(cid, req, "chat.completion.chunk" if req.chat else "text_completion", []), usage=usage_)
 
 
-def _answer(cid: str, req: CompletionRequest, obj: str, choice: dict | None) -> dict:
-    return {"id": cid, "object": obj, "created": int(time.time()), "model": req.model,
-            "choices": [] if choice is None else [dict(index=0, **choice)]}
+def _answer(cid: str, req: CompletionRequest, obj: str, choices: list[dict]) -> dict:
+    return {"id": cid, "object": obj, "created": int(time.time()), "model": req.model, "choices": choices}
 
 
 def error(message: str, status: int, param: str | None = None) -> dict:

@@ -55,6 +55,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from tarragon_jax.config import ConfigError, SamplingParams
 from tarragon_jax.errors import RequestError
 from tarragon_jax.serving import openai_api, openai_logprobs
+from tarragon_jax.serving.openai_choices import Choice, chained, merged
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.serving.engine_loop import EngineLoop, EngineStopped, Refused
 
@@ -219,6 +220,7 @@ class Server:
         self.api_key = api_key or None
         self.model_name, self.eos_ids, self.chat_template = model_name, tuple(eos_ids), chat_template
         self.max_unfinished = loop.call(kv_admission_limit) if max_unfinished == AUTO else max_unfinished
+        self.prefix_caching = loop.engine.config.prefix_caching
         self._draining = threading.Event()
         self._handlers = 0
         self.app = _app(self)
@@ -326,9 +328,37 @@ class Server:
                     return
         finally:
             if not done:
-                stream.closed = True
-                with contextlib.suppress(EngineStopped):
-                    self.loop.post(self.loop.cancel(rid))
+                self.cancel(rid, stream)
+
+    def cancel(self, rid: int, stream: _Stream) -> None:
+        """Nobody reads this request any more: the engine drops it at its next step."""
+        stream.closed = True
+        with contextlib.suppress(EngineStopped):
+            self.loop.post(self.loop.cancel(rid))
+
+    async def choices(self, request: fastapi.Request, req: openai_api.CompletionRequest) -> list[Choice] | None:
+        """Submit an OpenAI request's n choices (openai_choices); None if the client left before
+        the first choice's prompt was computed. Refused (e.g. 429) cancels those already in."""
+        submitted: list = []
+        try:
+            rid, events = await self.submit(req.prompt_ids, req.choice_sampling(0))
+            submitted.append((rid, events))
+            first = self.tokens(request, rid, events)
+            if req.n > 1 and self.prefix_caching and req.sampling.prompt_logprobs is None:
+                try:                     # the others wait for its prompt's blocks, then share them
+                    first = chained(await anext(first), first)
+                except StopAsyncIteration:
+                    return None
+            out = [Choice(0, rid, first, req, self.tokenizer, self.token_texts)]
+            for i in range(1, req.n):
+                rid, events = await self.submit(req.prompt_ids, req.choice_sampling(i))
+                submitted.append((rid, events))
+                out.append(Choice(i, rid, self.tokens(request, rid, events), req, self.tokenizer, self.token_texts))
+            return out
+        except BaseException:
+            for rid, events in submitted:
+                self.cancel(rid, events)
+            raise
 
     async def finish(self, rid: int) -> float | None:
         """A finished request's TTFT; its records are dropped (a long-running server would grow)."""
@@ -484,72 +514,47 @@ def _app(s: Server) -> fastapi.FastAPI:
         return JSONResponse(result, status_code=500 if "error" in result else 200)
 
     async def completion(request: fastapi.Request, req: openai_api.CompletionRequest):
-        """Both OpenAI APIs: the engine's tokens as text; stop strings end the request early
+        """Both OpenAI APIs: each choice's tokens as text; stop strings end a choice early
         (cancelled in the engine, so its pages are freed at once)."""
-        rid, events = await s.submit(req.prompt_ids, req.sampling)
-        cid, text = openai_api.new_id(req.chat), openai_api.TextStream(s.tokenizer, req.stop)
-        logprobs = None if req.sampling.logprobs is None else openai_logprobs.Logprobs(s.token_texts, req.chat)
-        pending: list = []                           # (token, TokenLogprob) not yet in a chunk
-
-        def taken() -> list:
-            out, pending[:] = list(pending), []
-            return out
-
-        echoed = (s.tokenizer.decode(req.prompt_ids) if s.tokenizer is not None else "") if req.echo else ""
-
-        async def chunks():
-            """(delta, None, its tokens' logprobs) per token with text (with echo, the prompt's
-            first), then ("", usage dict, logprobs) at the end; raises _EngineDied."""
-            n, reason = 0, ""
-            async with contextlib.aclosing(s.tokens(request, rid, events)) as tokens:
-                async for ev in tokens:
-                    if ev.index == 0 and req.echo:
-                        if ev.prompt_logprobs is not None:
-                            pending.extend(zip(req.prompt_ids, (None,) + ev.prompt_logprobs))
-                        yield echoed, None, taken()
-                    if req.max_tokens == 0:           # echo of the prompt alone: its one token (the
-                        reason = "length"             # request's last: it has finished) is not sent
-                        break
-                    n += 1                           # a stop token counts but adds no text
-                    delta = "" if ev.finish_reason == "stop" else text.push(ev.token)
-                    if ev.logprob is not None and ev.finish_reason != "stop":
-                        pending.append((ev.token, ev.logprob))
-                    if delta:
-                        yield delta, None, taken()
-                    if text.stopped:
-                        reason = "stop"
-                        break
-                    reason = ev.finish_reason
-            if not reason:                           # the client left; the request is cancelled
-                return
-            if not text.stopped:
-                await s.finish(rid)
-            yield text.finish(), (openai_api.finish_reason(reason, text.stopped), openai_api.usage(req, n)), taken()
-
-        def formatted(tokens: list) -> dict | None:
-            return None if logprobs is None else logprobs.format(tokens)
+        try:
+            choices = await s.choices(request, req)
+        except _EngineDied as e:
+            return _error(500, str(e))
+        if choices is None:
+            return Response(status_code=499)         # nobody is listening
+        cid = openai_api.new_id(req.chat)
+        streams = [c.chunks(s.finish) for c in choices]
         if not req.stream:
-            end, every = None, []
+            ends, every = [None] * req.n, [[] for _ in choices]
             try:
-                async for _, end, tokens in chunks():
-                    every += tokens
+                async for i, (_, end, tokens) in merged(streams):
+                    every[i] += tokens
+                    ends[i] = end or ends[i]
             except _EngineDied as e:
                 return _error(500, str(e))
-            if end is None:
+            if None in ends:
                 return Response(status_code=499)
-            return openai_api.answer(cid, req, echoed + text.released, *end, formatted(every))
+            return openai_api.answer(cid, req, [(c.echoed + c.text.released, end[0], c.format(lp))
+                                                for c, end, lp in zip(choices, ends, every)],
+                                     openai_api.usage(req, sum(end[1] for end in ends)))
 
         async def sse():
             if req.chat:
-                yield _sse(openai_api.chunk(cid, req, "", None, first=True))
+                for c in choices:
+                    yield _sse(openai_api.chunk(cid, req, "", None, first=True, index=c.index))
+            ended, n_tokens = 0, 0
             try:
-                async for delta, end, tokens in chunks():
+                async for i, (delta, end, tokens) in merged(streams):
+                    lp = choices[i].format(tokens)
                     if end is None:
-                        yield _sse(openai_api.chunk(cid, req, delta, None, logprobs=formatted(tokens)))
+                        yield _sse(openai_api.chunk(cid, req, delta, None, logprobs=lp, index=i))
                         continue
-                    yield _sse(openai_api.chunk(cid, req, delta, end[0], logprobs=formatted(tokens)))
+                    yield _sse(openai_api.chunk(cid, req, delta, end[0], logprobs=lp, index=i))
+                    ended, n_tokens = ended + 1, n_tokens + end[1]
+                    if ended < req.n:
+                        continue
                     if req.include_usage:
-                        yield _sse(openai_api.usage_chunk(cid, req, end[1]))
+                        yield _sse(openai_api.usage_chunk(cid, req, openai_api.usage(req, n_tokens)))
                     yield "data: [DONE]\n\n"
             except _EngineDied as e:
                 yield _sse(openai_api.error(str(e), 500))
