@@ -52,17 +52,18 @@ def main(argv):
     from tarragon_jax.serving.engine import Engine
     from tarragon_jax.serving.engine_loop import EngineLoop
     from tarragon_jax.serving.server import AUTO, HttpLimits, Server
+    tokenizer, template = serving_flags.tokenizer_and_template(ckpt, cfg)
+    eos = serving_flags.eos_ids(ckpt, tokenizer)
     try:
-        engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config(), load_params=reload)
+        engine = Engine(cfg, params, engine_cfg, serving_flags.cache_config(), load_params=reload,
+                        vocab=serving_flags.vocabulary(tokenizer, eos, cfg))
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    tokenizer, template = serving_flags.tokenizer_and_template(ckpt, cfg)
     loop = EngineLoop(engine)
     loop.start()
     name = FLAGS.served_model_name or (os.path.basename(os.path.normpath(ckpt)) if ckpt else FLAGS.model)
     limits = HttpLimits(FLAGS.max_body_bytes, FLAGS.header_timeout_s, FLAGS.body_timeout_s, FLAGS.health_timeout_s)
-    server = Server(loop, FLAGS.host, FLAGS.port, tokenizer, FLAGS.allow_fault_injection, name,
-                    serving_flags.eos_ids(ckpt, tokenizer),
+    server = Server(loop, FLAGS.host, FLAGS.port, tokenizer, FLAGS.allow_fault_injection, name, eos,
                     {-1: AUTO, 0: None}.get(FLAGS.max_unfinished_requests, FLAGS.max_unfinished_requests),
                     template, limits, FLAGS.api_key or os.environ.get("TARRAGON_API_KEY"))
     stopped = threading.Event()

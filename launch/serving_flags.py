@@ -160,6 +160,12 @@ def tokenizer_and_template(ckpt: str | None, cfg):
         return tok, None
 
 
+def vocabulary(tokenizer, eos: tuple, cfg):
+    """What structured outputs follow (workers/grammar.py), or None without a tokenizer."""
+    from tarragon_jax.workers.grammar import Vocabulary
+    return None if tokenizer is None else Vocabulary(tokenizer.to_str(), tuple(eos), cfg.vocab_size)
+
+
 def eos_ids(ckpt: str | None, tokenizer=None) -> tuple:
     """The checkpoint's end-of-sequence ids (generation_config.json, else config.json), where
     generation stops by default, as clients of a serving system expect; without a checkpoint,

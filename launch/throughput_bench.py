@@ -12,7 +12,10 @@ actor's round trip (the floor of one cross-process hop on this machine). `--comp
 measures an engine with prefix caching and one without the same way (the prompts share no prefix:
 what caching costs), `--compare_eplb` one with every replica serving and one without,
 `--compare_logprobs` one engine's passes with every request asking for `--logprobs` (default 5)
-alternatives and without (what logprobs cost). Every pass
+alternatives and without (what logprobs cost), `--compare_grammar` one engine's passes with every
+request following a JSON schema's grammar (an array of objects too long to end within
+--output_len, so both variants decode as many tokens) and without (what structured outputs
+cost). Every pass
 starts with an empty prefix cache, so a repeated prompt is computed again. launch/compare_runs.py
 averages such ratios over runs.
 """
@@ -45,6 +48,13 @@ flags.DEFINE_integer("logprobs", None, "Every request asks for its tokens' logpr
                      "(default: none).")
 flags.DEFINE_bool("compare_logprobs", False, "Measure one engine's passes with every request asking for logprobs "
                   "(--logprobs, default 5) and without, alternated.")
+flags.DEFINE_bool("compare_grammar", False, "Measure one engine's passes with every request following a JSON "
+                  "schema's grammar (structured outputs) and without, alternated.")
+# objects of a JSON array no pass can end: every structured request decodes --output_len tokens
+ENDLESS_JSON = {"type": "array", "minItems": 1_000_000, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                     "size": {"type": "integer", "minimum": 0, "maximum": 999}},
+    "required": ["name", "size"], "additionalProperties": False}}
 flags.DEFINE_bool("reverse_variants", False, "Build the compared variants (--runtimes, --compare_*) in the "
                   "opposite order: here the engine built first ran 1-2% slower, so a comparison averages runs of both orders.")
 
@@ -119,41 +129,48 @@ def ray_round_trip_s(n: int = 30) -> float:
 
 def main(argv):
     del argv
-    cfg, params, _, reload, _ = serving_flags.start()
+    cfg, params, ckpt, reload, _ = serving_flags.start()
     import numpy as np
     from tarragon_jax.config import SamplingParams
     from tarragon_jax.heap import freeze_startup_heap
     from tarragon_jax.serving.engine import Engine
     from tarragon_jax.errors import RequestError
+    from tarragon_jax.workers.grammar import json_grammar
     runtimes = FLAGS.runtimes or [FLAGS.runtime]
     if len(set(runtimes)) != len(runtimes) or not set(runtimes) <= {"local", "ray"}:
         sys.exit(f"error: --runtimes must name distinct runtimes out of local, ray; got {runtimes}")
     variants = {rt: dict(runtime=rt) for rt in runtimes}
-    compared = [name for name in ("prefix_caching", "eplb", "logprobs") if FLAGS[f"compare_{name}"].value]
+    compared = [name for name in ("prefix_caching", "eplb", "logprobs", "grammar") if FLAGS[f"compare_{name}"].value]
     if len(compared) + (len(runtimes) > 1) > 1:
-        sys.exit("error: compare one thing per run: --runtimes, --compare_prefix_caching, --compare_eplb or "
-                 "--compare_logprobs")
-    if compared == ["logprobs"]:                 # one engine; the requests differ
-        variants = {"logprobs": {}, "no_logprobs": {}}
+        sys.exit("error: compare one thing per run: --runtimes, --compare_prefix_caching, --compare_eplb, "
+                 "--compare_logprobs or --compare_grammar")
+    if compared in (["logprobs"], ["grammar"]):  # one engine; the requests differ
+        variants = {compared[0]: {}, f"no_{compared[0]}": {}}
     elif compared:
         variants = {name: {compared[0]: on} for name, on in ((compared[0], True), (f"no_{compared[0]}", False))}
     if FLAGS.reverse_variants:
         variants = dict(reversed(variants.items()))
     runtimes = list(variants)                    # the measured variants, by name
+    tokenizer = serving_flags.tokenizer(ckpt, cfg)
+    vocab = serving_flags.vocabulary(tokenizer, serving_flags.eos_ids(ckpt, tokenizer), cfg)
+    if compared == ["grammar"] and vocab is None:
+        sys.exit("error: --compare_grammar needs a tokenizer (the checkpoint's tokenizer.json)")
     built: dict = {}                             # variants of the same engine config share its engine
     engines = {}
     for rt, kw in variants.items():
         key = tuple(sorted(kw.items()))
         if key not in built:
             built[key] = Engine(cfg, params, serving_flags.engine_config(**kw), serving_flags.cache_config(),
-                                load_params=reload)
+                                load_params=reload, vocab=vocab)
         engines[rt] = built[key]
     heap = {"full_collection_s": full_collection_s(), "frozen": freeze_startup_heap(),
             "full_collection_frozen_s": full_collection_s()}    # as launch/serve.py does once warm
     memory = {rt: {name: p.get("rss_mb") for name, p in e.controller.processes().items()} for rt, e in engines.items()}
     hop = ray_round_trip_s() if "ray" in runtimes else None
     asks = FLAGS.logprobs if FLAGS.logprobs is not None else (5 if compared == ["logprobs"] else None)
-    sampling = {rt: SamplingParams(max_new_tokens=FLAGS.output_len, logprobs=None if rt == "no_logprobs" else asks)
+    grammar = json_grammar(ENDLESS_JSON) if compared == ["grammar"] else None
+    sampling = {rt: SamplingParams(max_new_tokens=FLAGS.output_len, logprobs=None if rt == "no_logprobs" else asks,
+                                   grammar=None if rt == "no_grammar" else grammar)
                 for rt in runtimes}
     rng = np.random.default_rng(FLAGS.seed)
     rows = {rt: [] for rt in runtimes}
@@ -206,7 +223,8 @@ def main(argv):
             json.dump({"config": {k: FLAGS[k].value for k in ("runtime", "runtimes", "expert_backend",
                                                                "attention_backend", "prompt_len", "output_len",
                                                                "repeats", "eplb", "compare_prefix_caching", "compare_eplb",
-                                                               "compare_logprobs", "logprobs", "reverse_variants", "seed")},
+                                                               "compare_logprobs", "compare_grammar", "logprobs",
+                                                               "reverse_variants", "seed")},
                        "rows": rows[runtimes[0]], "by_runtime": rows, "ray_round_trip_s": hop,
                        "resident_mb": memory, "heap": heap}, fh, indent=1)
 

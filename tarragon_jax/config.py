@@ -243,7 +243,9 @@ class SamplingParams:
     logit_bias ((token id, bias in [-100, 100]) pairs) is added; repetition_penalty divides the
     positive logits and multiplies the negative ones of every token in the prompt or the output
     (1: off); frequency_penalty x (times the token is in the output) and presence_penalty x (it
-    is in the output at all) are subtracted (both in [-2, 2], OpenAI's range)."""
+    is in the output at all) are subtracted (both in [-2, 2], OpenAI's range).
+    grammar: an llguidance grammar (a JSON schema's, Lark, a regex; workers/grammar.py) every
+    token must follow; the engine needs the tokenizer for it (Engine's vocab)."""
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -255,6 +257,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple = ()
+    grammar: str | None = None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -290,6 +293,8 @@ class SamplingParams:
                          and -100.0 <= e[1] <= 100.0 for e in self.logit_bias),
                  f"logit_bias must be a tuple of up to {MAX_LOGIT_BIAS} (token id >= 0, bias in [-100, 100]) pairs, "
                  f"got {self.logit_bias!r}")
+        _require(self.grammar is None or (isinstance(self.grammar, str) and self.grammar),
+                 f"grammar must be a non-empty string (an llguidance grammar) or None, got {self.grammar!r}")
 
 
 def tiny_model_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:

@@ -15,16 +15,18 @@ from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.serving.engine_loop import EngineLoop
 from tarragon_jax.serving.server import Server
+from tarragon_jax.workers.grammar import Vocabulary
 
 
 @contextlib.contextmanager
-def serving(family: str, seed: int, cache: dict | None = None, **servers):
+def serving(family: str, seed: int, cache: dict | None = None, vocab=None, **servers):
     """Yields (cfg, params, loop, {name: (Server, url)}), one Server per keyword (its kwargs),
     all on one engine loop: 2 AWs x 3 EWs, small pages so requests span several (cache: other
-    CacheConfig fields)."""
+    CacheConfig fields; vocab: (tokenizer, eos ids) structured outputs follow)."""
     cfg, params = tiny_model(family, seed=seed)
     engine = Engine(cfg, params, EngineConfig(num_attention_workers=2, num_expert_workers=3, prefill_chunk=8),
-                    CacheConfig(**(cache or dict(page_size=4, num_pages=64))))
+                    CacheConfig(**(cache or dict(page_size=4, num_pages=64))),
+                    vocab=vocab and Vocabulary(vocab[0].to_str(), tuple(vocab[1]), cfg.vocab_size))
     loop = EngineLoop(engine)
     loop.start()
     started = {name: Server(loop, port=0, **kw).start() for name, kw in servers.items()}

@@ -13,8 +13,9 @@ from tarragon_jax.model import reference
 from tarragon_jax.model.hf_loader import load_checkpoint
 from tarragon_jax.model.tiny import tiny_model
 from tarragon_jax.serving.engine import Engine
+from tarragon_jax.workers.grammar import json_grammar
 from seeding import fresh_rng
-from tests.fault_workload import PENALIZED, RUNTIME, model, serve  # noqa: F401 -- the shared workload fixture
+from tests.fault_workload import PENALIZED, RUNTIME, SCHEMA, byte_vocab, model, serve  # noqa: F401 -- the shared workload fixture
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -77,7 +78,7 @@ def _served(model, faults=(), sampling=ASKS, **kw):
     """The workload asking for logprobs of every token, prompt included: (tokens, logprobs, prompt
     logprobs) per request, and the engine (closed)."""
     cfg, params, early, late, _ = model
-    outs, eng = serve(cfg, params, early, late, faults, sampling=sampling, **kw)
+    outs, eng = serve(cfg, params, early, late, faults, sampling=sampling, vocab=byte_vocab(cfg)[0], **kw)
     eng.close()
     seqs = [eng.requests[r] for r in sorted(eng.requests)]
     return outs, [s.logprobs for s in seqs], [s.prompt_logprobs for s in seqs], eng
@@ -117,9 +118,9 @@ def test_logprobs_through_aw_failures_agree_to_float_rounding(model, faults):
 @pytest.mark.ray
 @pytest.mark.skipif(RUNTIME != "local", reason="the whole module already runs on worker processes")
 def test_logprobs_are_identical_through_failures_on_worker_processes(model):
-    """Sampled with logit bias and penalties too: the AW processes build them from their own
-    copies of the requests' tokens."""
-    sampling = {**ASKS, **PENALIZED}
+    """Sampled with logit bias, penalties and a JSON schema's grammar too: the AW processes build
+    them, and their grammar matchers, from their own copies of the requests' tokens."""
+    sampling = {**ASKS, **PENALIZED, "grammar": json_grammar(SCHEMA)}
     clean, want, want_prompt, _ = _served(model, sampling=sampling)
     outs, got, got_prompt, _ = _served(model, ["ew:1@step=4", "aw:0@step=6"], sampling=sampling, runtime="ray")
     assert outs == clean and _close(got, want, 1e-5) and _close(got_prompt, want_prompt, 1e-5)

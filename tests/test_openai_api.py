@@ -225,6 +225,8 @@ def test_n_choices_are_seeded_samples_sharing_the_prompt(api, stream):
     ({"prompt": "x", "n": 0}, '"n" must be an integer from 1 to 128, got 0'),
     ({"prompt": "x", "n": 2, "best_of": 3}, '"best_of"=3 is not supported (only equal to "n", 2)'),
     ({"prompt": "x", "suffix": "y"}, '"suffix"=\'y\' is not supported'),
+    ({"prompt": "x", "response_format": {"type": "xml"}}, '"response_format" must be {"type": "text"}'),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, "needs the checkpoint's tokenizer"),
     ({"prompt": "x", "presence_penalty": 3}, "presence_penalty must be a number in [-2, 2], got 3"),
     ({"prompt": "x", "frequency_penalty": "high"}, "frequency_penalty must be a number"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty must be a number in (0, 10]"),

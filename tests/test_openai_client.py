@@ -21,6 +21,7 @@ from tarragon_jax.config import SamplingParams
 from tarragon_jax.model import reference
 from tarragon_jax.serving.chat_template import ChatTemplate
 from seeding import fresh_rng
+from tests.fault_workload import SCHEMA, follows_schema
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "chat_tiny")
 WORDS = ["alpha", "beta", "gamma", "delta", "kiwi", "mango", "pear", "plum", "über", "naïve", "東京"]
@@ -31,7 +32,7 @@ def chat():
     tok, template = Tokenizer.from_file(os.path.join(FIXTURE, "tokenizer.json")), ChatTemplate.from_checkpoint(FIXTURE)
     eos = tok.token_to_id("<|im_end|>")
     kw = dict(tokenizer=tok, chat_template=template, model_name="tiny-chat", eos_ids=(eos,), allow_faults=True)
-    with serving("qwen3_moe", 3, main=kw, bare=dict(model_name="tiny-chat"),
+    with serving("qwen3_moe", 3, main=kw, bare=dict(model_name="tiny-chat"), vocab=(tok, (eos,)),
                  cache=dict(page_size=16, num_pages=256)) as (cfg, params, loop, servers):
         yield cfg, params, tok, template, eos, loop, servers
 
@@ -84,6 +85,21 @@ def test_penalties_and_logit_bias_through_the_official_client(chat):
         model="tiny-chat", messages=messages, max_tokens=10, temperature=0, presence_penalty=0.6,
         frequency_penalty=1.1, logit_bias={str(favoured): 6.0})
     assert out.choices[0].message.content == want
+
+
+def test_json_schema_answers_through_the_official_client(chat):
+    """response_format json_schema, sampled, n=4: every choice is JSON following the schema and
+    ends with EOS ("stop"); a schema llguidance cannot use is a 400 naming it."""
+    _, _, _, _, _, _, servers = chat
+    client = _client(servers["main"][1])
+    fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
+    out = client.chat.completions.create(model="tiny-chat", messages=_messages(fresh_rng()), max_tokens=128,
+                                         temperature=1.0, seed=7, n=4, response_format=fmt)
+    assert [c.finish_reason for c in out.choices] == ["stop"] * 4
+    assert all(follows_schema(c.message.content) for c in out.choices), [c.message.content for c in out.choices]
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+    with pytest.raises(openai.BadRequestError, match="JSON schema not usable"):
+        client.chat.completions.create(model="tiny-chat", messages=_messages(fresh_rng()), response_format=bad)
 
 
 def _unspecial(tok: Tokenizer, text: str) -> str:

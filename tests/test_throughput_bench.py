@@ -30,18 +30,20 @@ def test_small_run_writes_a_row_per_batch_size(tmp_path):
     assert result["heap"]["frozen"] > 0 and result["heap"]["full_collection_frozen_s"] < result["heap"]["full_collection_s"]
 
 
-def test_logprobs_compared_on_one_engine(tmp_path):
-    """--compare_logprobs: the same engine's passes with and without every request asking."""
+@pytest.mark.parametrize("what", ["logprobs", "grammar"])
+def test_requests_compared_on_one_engine(tmp_path, what):
+    """--compare_logprobs / --compare_grammar: the same engine's passes with and without every
+    request asking (a grammar that never ends: both variants decode every token)."""
     out = tmp_path / "lp.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     r = subprocess.run([sys.executable, "-m", "launch.throughput_bench", "--model", "tiny", "--batch_sizes", "2",
-                        "--output_len", "4", "--repeats", "2", "--compare_logprobs", f"--json_out={out}"], cwd=ROOT,
+                        "--output_len", "4", "--repeats", "2", f"--compare_{what}", f"--json_out={out}"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
-    assert set(result["by_runtime"]) == {"logprobs", "no_logprobs"} and result["by_runtime"]["no_logprobs"][0]["ratio"] > 0
-    assert result["resident_mb"]["logprobs"] == result["resident_mb"]["no_logprobs"]     # one engine
-    assert "no_logprobs / logprobs throughput" in r.stdout
+    assert set(result["by_runtime"]) == {what, f"no_{what}"} and result["by_runtime"][f"no_{what}"][0]["ratio"] > 0
+    assert result["resident_mb"][what] == result["resident_mb"][f"no_{what}"]     # one engine
+    assert f"no_{what} / {what} throughput" in r.stdout
 
 
 @pytest.mark.parametrize("launcher", ["peer_bench", "eplb_bench"])

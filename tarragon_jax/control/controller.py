@@ -36,6 +36,7 @@ from tarragon_jax.kv.prefix_hash import cache_salt
 from tarragon_jax.model.weights import Weights, as_weights
 from tarragon_jax.workers.attention_worker import AttentionWorker
 from tarragon_jax.workers.expert_worker import ExpertWorker
+from tarragon_jax.workers.grammar import Vocabulary
 from tarragon_jax.workers.attention_process import RemoteAttentionWorker
 from tarragon_jax.workers.expert_process import RemoteExpertWorker
 from tarragon_jax.workers.interfaces import AttentionWorkerAPI, ExpertWorkerAPI
@@ -108,8 +109,8 @@ def _rss(entry: dict, mb: float) -> None:
 class Controller:
     def __init__(self, model: ModelConfig, params: dict | Weights, engine: EngineConfig, cache: CacheConfig,
                  devices: list | None, clock: Callable[[], float] = time.perf_counter,
-                 load_params: Callable[[], dict | Weights] | None = None):
-        self.model, self.config, self.cache, self.clock = model, engine, cache, clock
+                 load_params: Callable[[], dict | Weights] | None = None, vocab: Vocabulary | None = None):
+        self.model, self.config, self.cache, self.clock, self.vocab = model, engine, cache, clock, vocab
         self.weights, self.load_params, self.devices = as_weights(params), load_params, devices
         if engine.restarts and load_params is None:
             raise ConfigError(f"recovery={engine.recovery} needs load_params: the checkpoint files to reload weights from")
@@ -179,9 +180,9 @@ class Controller:
     def _new_aw(self, i: int, handle: WorkerHandle | RemoteHandle) -> AttentionWorkerAPI:
         if isinstance(handle, RemoteHandle):
             return RemoteAttentionWorker(i, handle, self.runtime, self.model, self.cache, self.config, self.ert,
-                                         self.dtype, self.store, self.ew_addresses)
+                                         self.dtype, self.store, self.ew_addresses, self.vocab)
         return AttentionWorker(i, handle, self.model, self.weights.attention(), self.cache, self.config,
-                               self.ert, self.dtype, self.store, self.clock)
+                               self.ert, self.dtype, self.store, self.clock, self.vocab)
 
     def ew_addresses(self) -> dict[int, dict]:
         """Where the live EW processes take layer buffers (what every remote AW exchanges with)."""

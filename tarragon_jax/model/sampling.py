@@ -53,6 +53,17 @@ def adjust(logits_BxV: jax.Array, ids_BxL: jax.Array, counts_BxL: jax.Array, bia
     return x - freq * counts - pres * (counts > 0)
 
 
+@jax.jit
+def constrain(logits_BxV: jax.Array, mask_BxW: jax.Array) -> jax.Array:
+    """The logits with every token whose bit is clear in its row's mask (int32 [B, ceil(V/32)],
+    bit v % 32 of word v // 32; workers/grammar.py) set to -inf. A row whose bits are all set
+    keeps its logits bit for bit."""
+    V = logits_BxV.shape[1]
+    v = jnp.arange(V)
+    allowed = (jnp.right_shift(mask_BxW[:, v // 32], (v % 32).astype(jnp.int32)) & 1).astype(jnp.bool_)
+    return jnp.where(allowed, logits_BxV, -jnp.inf)
+
+
 LOGPROB_KS = (1, 5, MAX_LOGPROBS)  # alternatives computed: the step's most asked, rounded up to one of
                                    # these (XLA's CPU top-k costs about k: at [64, 2048] k=20 took
                                    # 0.87 ms, k=5 0.30 ms)

@@ -20,6 +20,7 @@ from tarragon_jax.metrics import Metrics
 from tarragon_jax.model.weights import Weights
 from tarragon_jax.serving.failures import Restart
 from tarragon_jax.serving.step import StepRunner
+from tarragon_jax.workers.grammar import Vocabulary, check_grammar
 from tarragon_jax.workers.interfaces import AttentionWorkerAPI
 from tarragon_jax.workers.sequence import Sequence, SeqState, TokenLogprob
 
@@ -39,11 +40,12 @@ class Engine:
     def __init__(self, model: ModelConfig, params: dict | Weights, engine: EngineConfig = EngineConfig(),
                  cache: CacheConfig = CacheConfig(), devices: list | None = None,
                  metrics: Metrics | None = None, faults: FaultInjector | None = None,
-                 load_params: Callable[[], dict | Weights] | None = None):
+                 load_params: Callable[[], dict | Weights] | None = None, vocab: Vocabulary | None = None):
         """params: a params pytree, or where each worker reads its own part (model/weights.py:
         a checkpoint's files, a dummy model); load_params: re-reads the weights from the
-        checkpoint files (the restart baseline)."""
-        self.model, self.config, self.cache = model, engine, cache
+        checkpoint files (the restart baseline); vocab: the tokenizer that requests with a grammar
+        (structured outputs) follow (None: they are refused)."""
+        self.model, self.config, self.cache, self.vocab = model, engine, cache, vocab
         self.metrics = metrics or Metrics()
         self.faults = faults or FaultInjector([])
         for spec in self.faults.pending:
@@ -51,7 +53,7 @@ class Engine:
             if spec.index >= count:
                 raise ConfigError(f"fault {spec} targets {spec.worker}, but there are only {count} "
                                   f"{'attention' if spec.kind == 'aw' else 'expert'} workers")
-        self.controller = Controller(model, params, engine, cache, devices, self.metrics.clock, load_params)
+        self.controller = Controller(model, params, engine, cache, devices, self.metrics.clock, load_params, vocab)
         self.requests: dict[int, Sequence] = {}
         self._unfinished: set[int] = set()
         self.step_index = 0
@@ -82,6 +84,9 @@ class Engine:
     def submit(self, prompt_ids: Seq[int], sampling: SamplingParams = SamplingParams()) -> int:
         """Validate and queue a request; returns its id. Nothing already accepted is affected."""
         prompt = self.validate(prompt_ids, sampling)
+        if sampling.grammar is not None:             # the grammar ends with EOS: it must stop the request
+            missing = tuple(e for e in self.vocab.eos_ids if e not in sampling.stop_token_ids)
+            sampling = dataclasses.replace(sampling, stop_token_ids=sampling.stop_token_ids + missing)
         rid = self._next_id
         self._next_id += 1
         seq = Sequence(rid, prompt, sampling, min(len(prompt) + sampling.max_new_tokens, self.model.max_position))
@@ -111,6 +116,11 @@ class Engine:
         bad = [t for t, _ in sampling.logit_bias if t >= self.model.vocab_size]
         if bad:
             raise RequestError(f"logit_bias token id {bad[0]} out of range [0, {self.model.vocab_size})")
+        if sampling.grammar is not None:
+            if self.vocab is None:
+                raise RequestError("structured output (a grammar) needs the checkpoint's tokenizer (tokenizer.json)")
+            if error := check_grammar(sampling.grammar):
+                raise RequestError(f"grammar not valid: {error}")
         if len(prompt) >= self.model.max_position:
             raise RequestError(f"prompt too long: {len(prompt)} tokens, model context is "
                                f"{self.model.max_position} (need room for at least one new token)")

@@ -24,8 +24,11 @@ n. suffix gets a 400 naming the field.
 
 Chat: messages (string content, or text parts) rendered by the checkpoint's chat template
 (chat_template.py), max_completion_tokens (or max_tokens), add_generation_prompt (default true),
-logprobs (true/false) with top_logprobs (0-20), and the fields above; tools / tool_choice /
-response_format other than plain text get a 400.
+logprobs (true/false) with top_logprobs (0-20), and the fields above; tools / tool_choice get
+a 400. Both APIs take response_format: {"type": "json_object"} (any JSON object) or
+{"type": "json_schema", "json_schema": {"name", "schema"}}: every token follows the JSON's
+grammar (compact: no whitespace between tokens), masked on the device (workers/grammar.py); a
+schema llguidance cannot use gets a 400 naming why. It needs the checkpoint's tokenizer.
 """
 from __future__ import annotations
 
@@ -34,16 +37,17 @@ import time
 import uuid
 
 from tarragon_jax.config import MAX_LOGPROBS, ConfigError, SamplingParams
+from tarragon_jax.workers.grammar import json_grammar
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
            "stop_token_ids", "n", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-           "logit_bias"}
+           "logit_bias", "response_format"}
 _FIELDS = {"completion": _COMMON | {"prompt", "best_of", "echo", "suffix"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                              "response_format", "add_generation_prompt"}}
+                              "add_generation_prompt"}}
 # field: the only value(s) accepted (what OpenAI's own defaults mean)
 _FIXED = {"suffix": (None, ""),
-          "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"})}
+          "tools": (None, []), "tool_choice": (None, "none")}
 MAX_STOP = 4
 MAX_CHOICES = 128      # most choices (n) one request may ask for (OpenAI's limit)
 # engine finish reason -> OpenAI's ("stop": a stop token/string; "length": a token limit)
@@ -109,6 +113,22 @@ def logit_bias(bias) -> tuple:
     return tuple((int(k), v) for k, v in bias.items())
 
 
+def _grammar(body: dict) -> str | None:
+    """response_format as a grammar: none for text, any JSON object for json_object, the schema's
+    JSON for json_schema (workers/grammar.py)."""
+    fmt = body.get("response_format", {"type": "text"})
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar({"type": "object"})
+    spec = fmt.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise ValueError('"response_format" must be {"type": "text"}, {"type": "json_object"} or {"type": '
+                         '"json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+    return json_grammar(spec.get("schema", {}))
+
+
 def _choices(body: dict) -> int:
     """n, with best_of (completions) accepted only where it asks for nothing more than n."""
     n = body.get("n", 1)
@@ -149,7 +169,7 @@ def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: 
                                   presence_penalty=body.get("presence_penalty", 0.0),
                                   frequency_penalty=body.get("frequency_penalty", 0.0),
                                   repetition_penalty=body.get("repetition_penalty", 1.0),
-                                  logit_bias=logit_bias(body.get("logit_bias", {})))
+                                  logit_bias=logit_bias(body.get("logit_bias", {})), grammar=_grammar(body))
     except ConfigError as e:
         raise ValueError(str(e).replace("max_new_tokens", "max_tokens")) from None
     return CompletionRequest(prompt_ids, sampling, body.get("stream", False), tuple(stop),

@@ -28,6 +28,7 @@ from tarragon_jax.errors import WorkerFailed, WorkerId
 from tarragon_jax.kv.remote_store import RemoteCheckpointStore
 from tarragon_jax.workers import channel as chan
 from tarragon_jax.workers.attention_worker import AttentionWorker, PrefixStats, RestoreStats
+from tarragon_jax.workers.grammar import Vocabulary
 from tarragon_jax.workers.keepalive import is_busy, vouch
 from tarragon_jax.workers.program_log import CompileLog
 from tarragon_jax.workers.remote_worker import RemoteWorker, WorkerProcess
@@ -66,7 +67,8 @@ class AttentionActor(WorkerProcess):
     the process's loop; it drives its own step's layer loop over its data channels to the EWs."""
 
     def __init__(self, index: int, model: ModelConfig, weights, cache: CacheConfig, engine: EngineConfig,
-                 ert: RoutingTable, dtype: str, store, compile_cache_dir: str | None, spin_s: float):
+                 ert: RoutingTable, dtype: str, store, compile_cache_dir: str | None, spin_s: float,
+                 vocab: Vocabulary | None):
         self._setup_jax()
         import jax
         if compile_cache_dir:
@@ -77,7 +79,7 @@ class AttentionActor(WorkerProcess):
         with self.compiles.warming():
             self.aw = AttentionWorker(index, WorkerHandle(WorkerId("aw", index), (jax.devices()[0],)), model,
                                       weights.attention(), cache, engine, ert, jax.numpy.dtype(dtype), client,
-                                      time.perf_counter)
+                                      time.perf_counter, vocab)
         self.index, self.n_layers, self.n_ews = index, model.n_layers, engine.num_expert_workers
         self.ew_wait_s = EW_WAIT_FRACTION * engine.transfer_deadline_s
         self.batch = None
@@ -262,12 +264,13 @@ class RemoteAttentionWorker(RemoteWorker):
     prefetch/start_step (the batch's shape), launch (the AW runs every layer itself) and commit."""
 
     def __init__(self, index: int, handle, runtime, model: ModelConfig, cache: CacheConfig, engine: EngineConfig,
-                 ert: RoutingTable, dtype, store: RemoteCheckpointStore | None, peers: Callable[[], dict]):
+                 ert: RoutingTable, dtype, store: RemoteCheckpointStore | None, peers: Callable[[], dict],
+                 vocab: Vocabulary | None = None):
         self.index, self.model = index, model
         self.store_actor = None if store is None else store.actor     # the store it snapshots to
         info = self._spawn(handle, runtime, runtime.aw_class, index, model, runtime.weights_ref, cache, engine, ert,
                            str(np.dtype(dtype)), None if store is None else store.actor, runtime.compile_cache_dir,
-                           runtime.spin_s)
+                           runtime.spin_s, vocab)
         self.attention_backend, self.device = info["attention_backend"], info["device"]
         self.blocks = PageCounts(cache.num_pages, cache.page_size)
         self.scheduler = Assigned(self.rpc)

@@ -22,9 +22,10 @@ from tarragon_jax.kv.checkpoint_store import (BlockRef, CheckpointStore, Snapsho
 from tarragon_jax.kv.kv_cache import allocate_pages, read_blocks, write_blocks
 from tarragon_jax.kv.prefix_hash import cache_salt
 from tarragon_jax.model import attention_stage as stage
-from tarragon_jax.model.sampling import LOGPROB_KS, adjust, logprob_k, logprobs, sample
+from tarragon_jax.model.sampling import LOGPROB_KS, adjust, constrain, logprob_k, logprobs, sample
 from tarragon_jax.workers import backends
 from tarragon_jax.workers.forwarding_engine import ForwardingEngine
+from tarragon_jax.workers.grammar import Grammars, Vocabulary
 from tarragon_jax.workers.logit_adjust import adjust_inputs
 from tarragon_jax.workers.program_log import ProgramLog
 from tarragon_jax.workers.routing_table import RoutingTable
@@ -80,8 +81,11 @@ class AttentionWorker:
 
     def __init__(self, index: int, handle: WorkerHandle, model: ModelConfig, attn_params: dict,
                  cache: CacheConfig, engine: EngineConfig, ert: RoutingTable, dtype,
-                 store: CheckpointStore | None, clock):
+                 store: CheckpointStore | None, clock, vocab: Vocabulary | None = None):
+        """vocab: the tokenizer structured outputs follow (None: requests with a grammar are refused
+        before they reach an AW)."""
         self.index, self.handle, self.model, self.store, self.clock = index, handle, model, store, clock
+        self.grammars = Grammars(vocab) if vocab is not None else None
         self.attention_backend = backends.attention_backend(engine.attention_backend, handle.devices[0])
         self.device = backends.describe(handle.devices[0])
         self.n_ews = engine.num_expert_workers
@@ -105,6 +109,7 @@ class AttentionWorker:
         self._carry, self._ys, self._inputs = None, (), {}
         self._logprobs = None             # alternatives to compute for the step's logprobs (None: nobody asks)
         self._adjust = None               # the step's logit_adjust inputs on the mesh (None: nobody asks)
+        self._seqs: list[Sequence] = []   # the step's requests, in row order
         self._scored: list = []           # prompt tokens the step scores (sequence.prompt_positions)
         self._prompt_k = 0                # alternatives to compute for them
 
@@ -150,6 +155,7 @@ class AttentionWorker:
             np.uint32(step % 2**32)))))
         self._carry = self.programs.call(stage.embed, self.model, self.params, self._dev["ids"])
         self._ys, self._inputs = self._no_answers(len(batch.ids_T)), {}
+        self._seqs = batch.seqs
         adjusts = adjust_inputs(batch.seqs, R, self.model.vocab_size)
         self._adjust = None if adjusts is None else self.handle.put(adjusts)
         asked = [s.sampling.logprobs for s in batch.seqs if s.sampling.logprobs is not None]
@@ -189,14 +195,17 @@ class AttentionWorker:
         self._carry, self._ys = self._inputs[layer]
 
     def head(self) -> dict:
-        """Dispatch the last combine, LM head, the requests' logit bias and penalties where some
-        ask, and sampling: {"tokens": int32 [R]} on the device, and "logprobs" (sampling.logprobs:
+        """Dispatch the last combine, LM head, the requests' logit bias and penalties and their
+        grammars' token masks where some ask, and sampling: {"tokens": int32 [R]} on the device, and "logprobs" (sampling.logprobs:
         the chosen token's [R], top ids and logprobs [R, K], of the model's own logits) when some
         request of the step asks for them."""
         self.handle.check()
         d = self._dev
         logits_RxV = self.programs.call(stage.head, self.model, self.params, self._carry, self._ys, d["last"])
         chosen_from = logits_RxV if self._adjust is None else self.programs.call(adjust, logits_RxV, *self._adjust)
+        masks = None if self.grammars is None else self.grammars.masks(self._seqs, len(d["last"]))  # the layers run meanwhile
+        if masks is not None:
+            chosen_from = self.programs.call(constrain, chosen_from, self.handle.put(masks))
         out = {"tokens": self.programs.call(sample, chosen_from, d["temperature"], d["top_p"], d["seed"], d["index"])}
         if self._logprobs is not None:
             out["logprobs"] = self.programs.call(logprobs, logits_RxV, out["tokens"], k=self._logprobs)
@@ -361,6 +370,8 @@ class AttentionWorker:
                  zeros(R, np.uint32), zeros(R))
             for k in sorted({logprob_k(k, m.vocab_size) for k in LOGPROB_KS}):
                 call(logprobs, zeros((R, m.vocab_size), np.float32), zeros(R), k=k)
+            if self.grammars is not None:
+                call(constrain, zeros((R, m.vocab_size), np.float32), zeros((R, self.grammars.vocab.mask_words)))
             for L in grid.entries:
                 call(adjust, zeros((R, m.vocab_size), np.float32), zeros((R, L)), zeros((R, L), np.float32),
                      zeros((R, L), np.float32), self.handle.put(np.ones((R, 3), np.float32)))
@@ -388,6 +399,8 @@ class AttentionWorker:
         pool and its snapshots are dropped. False if this AW does not hold it."""
         if not self.scheduler.remove(seq):
             return False
+        if self.grammars is not None:
+            self.grammars.release(seq.request_id)
         if self.store is not None:
             self.store.drop(seq.request_id)
         return True
