@@ -20,6 +20,7 @@ from serving import serving, wait_until
 from tarragon_jax.config import SamplingParams
 from tarragon_jax.model import reference
 from tarragon_jax.serving.chat_template import ChatTemplate
+from tarragon_jax.serving.openai_tools import ToolChoice, calls
 from seeding import fresh_rng
 from tests.fault_workload import SCHEMA, follows_schema
 
@@ -27,12 +28,34 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "chat_tiny")
 WORDS = ["alpha", "beta", "gamma", "delta", "kiwi", "mango", "pear", "plum", "über", "naïve", "東京"]
 
 
+# ChatML with the tools listed in a system turn and calls as Hermes <tool_call> blocks (Qwen's layout)
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\n# Tools\\n<tools>' }}{% for t in tools %}{{ t | tojson }}{% endfor %}"
+    "{{ '</tools><|im_end|>\\n' }}{% endif %}{% for message in messages %}{{ '<|im_start|>' + message['role'] + "
+    "'\\n' + message['content'] }}{% for c in message.get('tool_calls') or [] %}{{ '<tool_call>' + "
+    "c['function'] | tojson + '</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def _weather_args(arguments: str) -> bool:
+    a = json.loads(arguments)
+    return set(a) == {"city", "days"} and isinstance(a["city"], str) and len(a["city"]) <= 10 and 1 <= a["days"] <= 7
+
+
 @pytest.fixture(scope="module")
 def chat():
     tok, template = Tokenizer.from_file(os.path.join(FIXTURE, "tokenizer.json")), ChatTemplate.from_checkpoint(FIXTURE)
     eos = tok.token_to_id("<|im_end|>")
     kw = dict(tokenizer=tok, chat_template=template, model_name="tiny-chat", eos_ids=(eos,), allow_faults=True)
-    with serving("qwen3_moe", 3, main=kw, bare=dict(model_name="tiny-chat"), vocab=(tok, (eos,)),
+    tools = dict(kw, chat_template=ChatTemplate(TOOLS_TEMPLATE, template.special_tokens), allow_faults=False)
+    with serving("qwen3_moe", 3, main=kw, bare=dict(model_name="tiny-chat"), tools=tools, vocab=(tok, (eos,)),
                  cache=dict(page_size=16, num_pages=256)) as (cfg, params, loop, servers):
         yield cfg, params, tok, template, eos, loop, servers
 
@@ -102,6 +125,61 @@ def test_json_schema_answers_through_the_official_client(chat):
         client.chat.completions.create(model="tiny-chat", messages=_messages(fresh_rng()), response_format=bad)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_through_the_official_client(chat, stream):
+    """tool_choice naming a function: one call to it, its arguments following its parameters'
+    schema, finish "stop"; "required": one or more calls to the tools, each one's arguments its
+    schema's, finish "tool_calls"; the tools reach the model through the template (a longer
+    prompt); an assistant message holding tool calls and a tool message go back in."""
+    _, _, tok, _, _, _, servers = chat
+    client = _client(servers["tools"][1])
+    messages = _messages(fresh_rng())
+
+    def ask(**kw):
+        if not stream:
+            out = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=160,
+                                                 temperature=1.0, seed=3, tools=[WEATHER, TIME], **kw)
+            c = out.choices[0]
+            return c.message.content, [t.model_dump() for t in c.message.tool_calls or []], c.finish_reason, out.usage
+        calls, content, reason = [], "", None
+        for ch in client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=160, temperature=1.0,
+                                                 seed=3, tools=[WEATHER, TIME], stream=True, **kw):
+            d = ch.choices[0].delta
+            content += d.content or ""
+            calls += [t.model_dump(exclude={"index"}) for t in d.tool_calls or []]
+            reason = ch.choices[0].finish_reason or reason
+        return content or None, calls, reason, None
+    content, calls, reason, usage = ask(tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert content is None and reason == "stop" and len(calls) == 1
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"]["name"] == "get_weather" and _weather_args(calls[0]["function"]["arguments"])
+    content, calls, reason, _ = ask(tool_choice="required")
+    assert content is None and reason == "tool_calls" and calls
+    for c in calls:
+        args = json.loads(c["function"]["arguments"])
+        assert _weather_args(c["function"]["arguments"]) if c["function"]["name"] == "get_weather" else \
+            args in ({"zone": "UTC"}, {"zone": "CET"})
+    if not stream:
+        plain = _client(servers["tools"][1]).chat.completions.create(model="tiny-chat", messages=messages, max_tokens=1)
+        assert usage.prompt_tokens > plain.usage.prompt_tokens + 20            # the tools are in the prompt
+        back = messages + [{"role": "assistant", "content": None, "tool_calls": calls},
+                           {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny"}]
+        out = client.chat.completions.create(model="tiny-chat", messages=back, max_tokens=4, tools=[WEATHER, TIME])
+        assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_auto_tool_choice_parses_hermes_blocks():
+    """"auto": the model's <tool_call> blocks become calls and the rest stays content; text with
+    no block, or a malformed one, is plain content."""
+    auto = ToolChoice("auto")
+    text = 'Let me check. <tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    content, found = calls(auto, text)
+    assert content == "Let me check." and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                          for c in found] == [("get_time", {"zone": "UTC"})]
+    assert calls(auto, "no call here") == ("no call here", None)
+    assert calls(auto, "<tool_call>{oops}</tool_call>") == ("<tool_call>{oops}</tool_call>", None)
+
+
 def _unspecial(tok: Tokenizer, text: str) -> str:
     """`text` without the special tokens a random model may emit mid-answer: the content skips them
     (as transformers' `skip_special_tokens` does), a logprobs entry names the token it scores."""
@@ -159,9 +237,10 @@ def test_chat_text_parts_stop_strings_and_template_errors(chat):
         client.chat.completions.create(model="tiny-chat", messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="no chat template"):
         _client(servers["bare"][1]).chat.completions.create(model="tiny-chat", messages=messages)
-    with pytest.raises(openai.BadRequestError, match="tools"):
+    with pytest.raises(openai.BadRequestError, match=r"names 'g', which is not one of the \"tools\" \['f'\]"):
         client.chat.completions.create(model="tiny-chat", messages=messages, tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {"type": "object", "properties": {}}}}])
+            "name": "f", "parameters": {"type": "object", "properties": {}}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}})
     with pytest.raises(openai.NotFoundError) as e:
         client.embeddings.create(model="tiny-chat", input="x")
     assert e.value.body["message"] == "no such endpoint: POST /v1/embeddings"

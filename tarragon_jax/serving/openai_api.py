@@ -24,8 +24,8 @@ n. suffix gets a 400 naming the field.
 
 Chat: messages (string content, or text parts) rendered by the checkpoint's chat template
 (chat_template.py), max_completion_tokens (or max_tokens), add_generation_prompt (default true),
-logprobs (true/false) with top_logprobs (0-20), and the fields above; tools / tool_choice get
-a 400. Both APIs take response_format: {"type": "json_object"} (any JSON object) or
+logprobs (true/false) with top_logprobs (0-20), tools and tool_choice (openai_tools.py), and
+the fields above. Both APIs take response_format: {"type": "json_object"} (any JSON object) or
 {"type": "json_schema", "json_schema": {"name", "schema"}}: every token follows the JSON's
 grammar (compact: no whitespace between tokens), masked on the device (workers/grammar.py); a
 schema llguidance cannot use gets a 400 naming why. It needs the checkpoint's tokenizer.
@@ -37,6 +37,8 @@ import time
 import uuid
 
 from tarragon_jax.config import MAX_LOGPROBS, ConfigError, SamplingParams
+from tarragon_jax.serving import openai_tools
+from tarragon_jax.serving.openai_tools import ToolChoice
 from tarragon_jax.workers.grammar import json_grammar
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
@@ -46,8 +48,7 @@ _FIELDS = {"completion": _COMMON | {"prompt", "best_of", "echo", "suffix"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                               "add_generation_prompt"}}
 # field: the only value(s) accepted (what OpenAI's own defaults mean)
-_FIXED = {"suffix": (None, ""),
-          "tools": (None, []), "tool_choice": (None, "none")}
+_FIXED = {"suffix": (None, "")}
 MAX_STOP = 4
 MAX_CHOICES = 128      # most choices (n) one request may ask for (OpenAI's limit)
 # engine finish reason -> OpenAI's ("stop": a stop token/string; "length": a token limit)
@@ -66,6 +67,7 @@ class CompletionRequest:
     echo: bool = False # completions: the prompt comes back before the completion (with its logprobs)
     max_tokens: int = 16   # what the client asked: 0 with echo scores the prompt alone (one token runs, unsent)
     n: int = 1             # choices, each its own engine request (openai_choices)
+    tool_choice: ToolChoice = ToolChoice("none")   # chat: what becomes tool_calls (openai_tools)
 
     def choice_sampling(self, i: int) -> SamplingParams:
         """Choice i's sampling: the request's, with seed + i (as vLLM seeds parallel samples)."""
@@ -140,7 +142,8 @@ def _choices(body: dict) -> int:
 
 
 def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: tuple, chat: bool,
-             max_tokens: int) -> CompletionRequest:
+             max_tokens: int, tool_choice: ToolChoice = ToolChoice("none"), tool_grammar: str | None = None
+             ) -> CompletionRequest:
     """Sampling, stop strings, logprobs and streaming options, the same for both APIs."""
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
@@ -161,6 +164,9 @@ def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: 
     if not isinstance(echo, bool):
         raise ValueError('"echo" must be true or false')
     logprobs = _logprobs(body, chat)
+    grammar = _grammar(body)
+    if grammar is not None and tool_grammar is not None:
+        raise ValueError('"response_format" and a "tool_choice" that forces a call cannot both shape the answer')
     try:
         sampling = SamplingParams(max_new_tokens=1 if echo and max_tokens == 0 else max_tokens,
                                   temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
@@ -169,12 +175,12 @@ def _request(body: dict, prompt_ids: list, tokenizer, model_name: str, eos_ids: 
                                   presence_penalty=body.get("presence_penalty", 0.0),
                                   frequency_penalty=body.get("frequency_penalty", 0.0),
                                   repetition_penalty=body.get("repetition_penalty", 1.0),
-                                  logit_bias=logit_bias(body.get("logit_bias", {})), grammar=_grammar(body))
+                                  logit_bias=logit_bias(body.get("logit_bias", {})), grammar=grammar or tool_grammar)
     except ConfigError as e:
         raise ValueError(str(e).replace("max_new_tokens", "max_tokens")) from None
     return CompletionRequest(prompt_ids, sampling, body.get("stream", False), tuple(stop),
                              bool(options.get("include_usage", False)), body.get("model", model_name), chat, echo,
-                             max_tokens, _choices(body))
+                             max_tokens, _choices(body), tool_choice)
 
 
 def parse_completion(body, tokenizer, model_name: str, eos_ids: tuple = ()) -> CompletionRequest:
@@ -199,7 +205,7 @@ def _content(i: int, message) -> dict:
     """A message as templates expect it: {"role", "content": str}; text parts are joined."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ValueError(f'"messages"[{i}] must be an object with a "role" string')
-    content = message.get("content", "")
+    content = message.get("content") or ""       # null: an assistant message of tool calls alone
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
@@ -225,12 +231,14 @@ def parse_chat(body, tokenizer, template, model_name: str, eos_ids: tuple = ()) 
     add = body.get("add_generation_prompt", True)
     if not isinstance(add, bool):
         raise ValueError('"add_generation_prompt" must be true or false')
-    text = template.render([_content(i, m) for i, m in enumerate(messages)], add_generation_prompt=add)
+    tools, tool_choice, tool_grammar = openai_tools.parse(body)
+    text = template.render([_content(i, m) for i, m in enumerate(messages)], add_generation_prompt=add,
+                           **({"tools": tools} if tools else {}))
     prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids
     if not prompt_ids:
         raise ValueError("the chat template rendered these messages as an empty prompt")
     return _request(body, prompt_ids, tokenizer, model_name, eos_ids, True,
-                    body.get("max_completion_tokens", body.get("max_tokens", 16)))
+                    body.get("max_completion_tokens", body.get("max_tokens", 16)), tool_choice, tool_grammar)
 
 
 class TextStream:
@@ -287,22 +295,26 @@ def new_id(chat: bool) -> str:
 
 
 def chunk(cid: str, req: CompletionRequest, text: str, reason: str | None, first: bool = False,
-          logprobs: dict | None = None, index: int = 0) -> dict:
+          logprobs: dict | None = None, index: int = 0, tool_calls: list | None = None) -> dict:
     """One stream chunk of choice `index`: a text delta (and, with reason, the end) and its
-    tokens' logprobs. A chat stream's first chunk of a choice carries the assistant role, as
-    OpenAI's does."""
+    tokens' logprobs, or its tool calls (whole, at the end). A chat stream's first chunk of a
+    choice carries the assistant role, as OpenAI's does."""
     if not req.chat:
         choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
         return _answer(cid, req, "text_completion", [choice])
     delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
+    if tool_calls:
+        delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(tool_calls)]
     choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
     return _answer(cid, req, "chat.completion.chunk", [choice])
 
 
-def answer(cid: str, req: CompletionRequest, choices: list[tuple[str, str, dict | None]], usage_: dict) -> dict:
-    """The whole (non-streamed) completion: (text, finish reason, logprobs) per choice."""
-    def choice(i: int, text: str, reason: str, logprobs: dict | None) -> dict:
-        body = {"message": {"role": "assistant", "content": text}} if req.chat else {"text": text}
+def answer(cid: str, req: CompletionRequest, choices: list[tuple], usage_: dict) -> dict:
+    """The whole (non-streamed) completion: (text or None, finish reason, logprobs, tool calls or
+    None) per choice."""
+    def choice(i: int, text: str | None, reason: str, logprobs: dict | None, calls: list | None) -> dict:
+        message = {"role": "assistant", "content": text} | ({"tool_calls": calls} if calls else {})
+        body = {"message": message} if req.chat else {"text": text}
         return dict(index=i, **body, finish_reason=reason, logprobs=logprobs)
     return dict(_answer(cid, req, "chat.completion" if req.chat else "text_completion",
                         [choice(i, *c) for i, c in enumerate(choices)]), usage=usage_)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from typing import AsyncIterator, Awaitable, Callable
 
-from tarragon_jax.serving import openai_api
+from tarragon_jax.serving import openai_api, openai_tools
 from tarragon_jax.serving.openai_logprobs import Logprobs, TokenTexts
 
 _DONE = object()
@@ -30,6 +30,9 @@ class Choice:
         self.logprobs = None if req.sampling.logprobs is None else Logprobs(token_texts, req.chat)
         self.echoed = (tokenizer.decode(req.prompt_ids) if tokenizer is not None else "") if req.echo else ""
         self._pending: list = []           # (token, TokenLogprob) not yet in a chunk
+        self.tools = req.tool_choice.mode != "none"    # the text may be tool calls: held to the end
+        self.content: str | None = None    # once ended: the message content (None: tool calls alone)
+        self.tool_calls: list | None = None
 
     def _taken(self) -> list:
         out, self._pending[:] = list(self._pending), []
@@ -40,9 +43,10 @@ class Choice:
 
     async def chunks(self, finish: Callable[[int], Awaitable]):
         """(delta, None, its tokens' logprobs) per token with text (with echo, the prompt's
-        first), then ("", (finish reason, completion tokens), logprobs) at the end; nothing more
-        if the client left (the request is cancelled). finish(rid): the engine forgets a finished
-        request."""
+        first), then (the last delta, (finish reason, completion tokens), logprobs) at the end,
+        when `content` and `tool_calls` are set (with tools, the text is held to the end: it may
+        be calls); nothing more if the client left (the request is cancelled). finish(rid): the
+        engine forgets a finished request."""
         req, n, reason = self.req, 0, ""
         async with contextlib.aclosing(self.events) as tokens:
             async for ev in tokens:
@@ -57,7 +61,7 @@ class Choice:
                 delta = "" if ev.finish_reason == "stop" else self.text.push(ev.token)
                 if ev.logprob is not None and ev.finish_reason != "stop":
                     self._pending.append((ev.token, ev.logprob))
-                if delta:
+                if delta and not self.tools:
                     yield delta, None, self._taken()
                 if self.text.stopped:
                     reason = "stop"
@@ -67,7 +71,14 @@ class Choice:
             return
         if not self.text.stopped:
             await finish(self.rid)
-        yield self.text.finish(), (openai_api.finish_reason(reason, self.text.stopped), n), self._taken()
+        last, reason = self.text.finish(), openai_api.finish_reason(reason, self.text.stopped)
+        self.content = self.echoed + self.text.released
+        if self.tools:                          # the whole text, now: content and tool calls
+            self.content, self.tool_calls = openai_tools.calls(req.tool_choice, self.text.released)
+            last = self.content or ""
+            if self.tool_calls and req.tool_choice.mode != "named":
+                reason = "tool_calls"
+        yield last, (reason, n), self._taken()
 
 
 async def chained(first, rest: AsyncIterator):

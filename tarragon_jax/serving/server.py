@@ -534,7 +534,7 @@ def _app(s: Server) -> fastapi.FastAPI:
                 return _error(500, str(e))
             if None in ends:
                 return Response(status_code=499)
-            return openai_api.answer(cid, req, [(c.echoed + c.text.released, end[0], c.format(lp))
+            return openai_api.answer(cid, req, [(c.content, end[0], c.format(lp), c.tool_calls)
                                                 for c, end, lp in zip(choices, ends, every)],
                                      openai_api.usage(req, sum(end[1] for end in ends)))
 
@@ -549,7 +549,8 @@ def _app(s: Server) -> fastapi.FastAPI:
                     if end is None:
                         yield _sse(openai_api.chunk(cid, req, delta, None, logprobs=lp, index=i))
                         continue
-                    yield _sse(openai_api.chunk(cid, req, delta, end[0], logprobs=lp, index=i))
+                    yield _sse(openai_api.chunk(cid, req, delta, end[0], logprobs=lp, index=i,
+                                                tool_calls=choices[i].tool_calls))
                     ended, n_tokens = ended + 1, n_tokens + end[1]
                     if ended < req.n:
                         continue
