@@ -249,6 +249,24 @@ def test_bad_requests_name_the_field(api, body, message):
     assert code == 400 and message in json.loads(text)["error"]["message"], text
 
 
+def test_tokenizer_endpoints_as_vllm_serves_them(api):
+    """/tokenize (text, or chat messages through the template), /detokenize and /tokenizer_info
+    agree with the tokenizer; a server without one, or bad ids, get a 400 naming it."""
+    cfg, _, tok, urls, _, _ = api
+    text = tok.decode(fresh_rng().integers(3, cfg.vocab_size, 9).tolist())
+    code, body = request(urls["text"] + "/tokenize", {"prompt": text, "add_special_tokens": False})
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert code == 200 and json.loads(body) == {"tokens": ids, "count": len(ids), "max_model_len": cfg.max_position}
+    code, body = request(urls["text"] + "/detokenize", {"tokens": ids})
+    assert code == 200 and json.loads(body) == {"prompt": text}
+    info = json.loads(request(urls["text"] + "/tokenizer_info")[1])
+    assert info["model_max_length"] == cfg.max_position and "eos_token" in info
+    assert "no tokenizer" in request(urls["ids"] + "/tokenize", {"prompt": "x"})[1]
+    code, body = request(urls["text"] + "/detokenize", {"tokens": [cfg.vocab_size]})
+    assert code == 400 and "token ids in [0, 512)" in body
+    assert "exactly one of" in request(urls["text"] + "/tokenize", {})[1]
+
+
 def test_null_fields_mean_their_defaults(api):
     cfg, params, tok, urls, _, _ = api
     prompt, want = _prompt_and_reference(cfg, params, tok, 16)

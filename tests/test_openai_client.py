@@ -168,6 +168,16 @@ def test_tool_calls_through_the_official_client(chat, stream):
         assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_tokenize_renders_chat_messages_as_the_chat_api_does(chat):
+    _, _, tok, template, _, _, servers = chat
+    messages = _messages(fresh_rng())
+    r = httpx.post(servers["main"][1] + "/tokenize", json={"messages": messages})
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode(template.render(messages),
+                                                                      add_special_tokens=False).ids
+    out = _client(servers["main"][1]).chat.completions.create(model="tiny-chat", messages=messages, max_tokens=1)
+    assert out.usage.prompt_tokens == r.json()["count"]
+
+
 def test_auto_tool_choice_parses_hermes_blocks():
     """"auto": the model's <tool_call> blocks become calls and the rest stays content; text with
     no block, or a malformed one, is plain content."""

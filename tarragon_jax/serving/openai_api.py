@@ -222,6 +222,15 @@ def parse_chat(body, tokenizer, template, model_name: str, eos_ids: tuple = ()) 
     (a ChatTemplate; None: NoChatTemplate-style 400) and tokenized without added special tokens,
     as transformers' apply_chat_template does; ValueError names the problem."""
     body = _checked(body, "chat", model_name)
+    tools, tool_choice, tool_grammar = openai_tools.parse(body)
+    prompt_ids = render_chat(body, tokenizer, template, tools)
+    return _request(body, prompt_ids, tokenizer, model_name, eos_ids, True,
+                    body.get("max_completion_tokens", body.get("max_tokens", 16)), tool_choice, tool_grammar)
+
+
+def render_chat(body: dict, tokenizer, template, tools: list | None = None) -> list[int]:
+    """The token ids of body's "messages" (and "add_generation_prompt", default true) rendered by
+    the chat template with these tools; ValueError names what is wrong."""
     if template is None or tokenizer is None:
         raise ValueError("this model has no chat template (chat_template in tokenizer_config.json) or no "
                          "tokenizer: use /v1/completions")
@@ -231,14 +240,12 @@ def parse_chat(body, tokenizer, template, model_name: str, eos_ids: tuple = ()) 
     add = body.get("add_generation_prompt", True)
     if not isinstance(add, bool):
         raise ValueError('"add_generation_prompt" must be true or false')
-    tools, tool_choice, tool_grammar = openai_tools.parse(body)
     text = template.render([_content(i, m) for i, m in enumerate(messages)], add_generation_prompt=add,
                            **({"tools": tools} if tools else {}))
     prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids
     if not prompt_ids:
         raise ValueError("the chat template rendered these messages as an empty prompt")
-    return _request(body, prompt_ids, tokenizer, model_name, eos_ids, True,
-                    body.get("max_completion_tokens", body.get("max_tokens", 16)), tool_choice, tool_grammar)
+    return prompt_ids
 
 
 class TextStream:

@@ -18,6 +18,8 @@ Endpoints (JSON in, JSON out; every error is OpenAI's {"error": {"message", "typ
   POST /fail                 {"worker": "ew1"}: fail-stop a worker now (allow_faults only; for demos):
                               checked and killed in one closure on the engine thread
   POST /reset_prefix_cache   every AW forgets its cached prefixes (as vLLM's): a benchmark pass starts cold
+  POST /tokenize, POST /detokenize, GET /tokenizer_info: the checkpoint's tokenizer, as vLLM's server
+                              serves it (tokenizer_api.py; lm-evaluation-harness tokenizes through them)
 
 With an API key (`api_key`; launch/serve.py's --api_key or TARRAGON_API_KEY), every endpoint but
 /health and /metrics needs `Authorization: Bearer <key>` (401 otherwise), as vLLM's --api-key.
@@ -54,7 +56,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tarragon_jax.config import ConfigError, SamplingParams
 from tarragon_jax.errors import RequestError
-from tarragon_jax.serving import openai_api, openai_logprobs
+from tarragon_jax.serving import openai_api, openai_logprobs, tokenizer_api
 from tarragon_jax.serving.openai_choices import Choice, chained, merged
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.serving.engine_loop import EngineLoop, EngineStopped, Refused
@@ -221,6 +223,7 @@ class Server:
         self.model_name, self.eos_ids, self.chat_template = model_name, tuple(eos_ids), chat_template
         self.max_unfinished = loop.call(kv_admission_limit) if max_unfinished == AUTO else max_unfinished
         self.prefix_caching = loop.engine.config.prefix_caching
+        self.max_model_len = loop.engine.model.max_position
         self._draining = threading.Event()
         self._handlers = 0
         self.app = _app(self)
@@ -465,6 +468,18 @@ def _app(s: Server) -> fastapi.FastAPI:
     @app.get("/v1/models")
     async def _models():
         return openai_api.models(s.model_name)
+
+    @app.get("/tokenizer_info")
+    async def _tokenizer_info():
+        return tokenizer_api.info(s.tokenizer, s.eos_ids, s.chat_template, s.max_model_len)
+
+    @app.post("/tokenize")
+    async def _tokenize(request: fastapi.Request):
+        return tokenizer_api.tokenize(await s.body(request), s.tokenizer, s.chat_template, s.max_model_len)
+
+    @app.post("/detokenize")
+    async def _detokenize(request: fastapi.Request):
+        return tokenizer_api.detokenize(await s.body(request), s.tokenizer)
 
     @app.post("/reset_prefix_cache")
     async def _reset_prefix_cache():
