@@ -64,7 +64,8 @@ def test_workers_spread_over_nodes_and_a_lost_node_changes_no_token(cluster):
                 time.sleep(0.05)
         eng.step()
     assert [eng.requests[i].output for i in ids] == want
-    assert {r.worker for r in eng.controller.records} == lost
+    store_lost = {"store"} if procs["store"]["node_id"] == victim.node_id else set()   # it may share the node
+    assert {r.worker for r in eng.controller.records} - store_lost == lost
     assert all(r.process["node_id"] == victim.node_id for r in eng.controller.records)
     assert os.getpid() not in {procs[w]["pid"] for w in workers}      # every worker is a process of its own
     eng.close()
