@@ -58,9 +58,9 @@ def constrain(logits_BxV: jax.Array, mask_BxW: jax.Array) -> jax.Array:
     """The logits with every token whose bit is clear in its row's mask (int32 [B, ceil(V/32)],
     bit v % 32 of word v // 32; workers/grammar.py) set to -inf. A row whose bits are all set
     keeps its logits bit for bit."""
-    V = logits_BxV.shape[1]
-    v = jnp.arange(V)
-    allowed = (jnp.right_shift(mask_BxW[:, v // 32], (v % 32).astype(jnp.int32)) & 1).astype(jnp.bool_)
+    B, V = logits_BxV.shape
+    bits_BxWx32 = jnp.right_shift(mask_BxW[:, :, None], jnp.arange(32, dtype=jnp.int32)) & 1   # no gather
+    allowed = bits_BxWx32.reshape(B, -1)[:, :V].astype(jnp.bool_)
     return jnp.where(allowed, logits_BxV, -jnp.inf)
 
 

@@ -17,7 +17,7 @@ import os
 
 import llguidance
 import numpy as np
-from llguidance.numpy import fill_next_token_bitmask, fill_next_token_bitmask_par
+from llguidance.numpy import fill_next_token_bitmask_par
 
 from tarragon_jax.workers.sequence import Sequence
 
@@ -104,9 +104,10 @@ class Grammars:
                 live.append((m, r))
         if len(live) >= PARALLEL_ROWS:
             fill_next_token_bitmask_par(self._executor, live, mask)
-        else:
+        else:                # llguidance.numpy's fill_next_token_bitmask, less its per-row checks
+            base, row_bytes = mask.ctypes.data, mask.strides[0]
             for m, r in live:
-                fill_next_token_bitmask(m, mask, r)
+                m.unsafe_compute_mask_ptr(base + r * row_bytes, row_bytes)
         return mask
 
     def release(self, request_id: int) -> None:
