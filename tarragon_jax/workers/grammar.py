@@ -7,24 +7,19 @@ it computes a mask in ~0.05-0.1 ms a token on the demo's 2,048-token vocabulary
 (docs/flags.md). A matcher's state is a function of the grammar and the tokens it consumed,
 so an AW that receives a moved request, or replays a step, rebuilds or reuses it from the
 request's own output tokens: the mask, and so the token, is the same as on a failure-free run.
-The masks are computed once a step while the step's layers run (AttentionWorker.head), never
-per layer. Host-only.
+A request's next mask row is computed when its token is committed (the device is idle then:
+on a CPU host, under the layers, the same work took ~5x longer), one row at a time (on 2 cores,
+llguidance's thread pool was slower: 16 rows 0.39-0.53 ms against 0.24-0.29 ms), and a step's
+rows are gathered into one array when it begins; never per layer. Host-only.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import llguidance
 import numpy as np
-from llguidance.numpy import fill_next_token_bitmask_par
 
-from tarragon_jax.workers.sequence import Sequence
-
-
-# rows from which llguidance's thread pool computes a step's masks: below it, one by one on this
-# thread (2 cores, 16 rows of the demo's JSON: 0.24-0.29 ms one by one, 0.39-0.53 ms in the pool)
-PARALLEL_ROWS = 64 if (os.cpu_count() or 1) <= 4 else 4
+from tarragon_jax.workers.sequence import Sequence, SeqState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +69,8 @@ class Grammars:
         self.vocab = vocab
         self.tokenizer = llguidance.LLTokenizer(vocab.tokenizer_json, n_vocab=vocab.vocab_size,
                                                 eos_token=list(vocab.eos_ids))
-        self._executor = llguidance.LLExecutor()
         self._matchers: dict[int, tuple[object, int]] = {}      # request id -> (matcher, output tokens consumed)
+        self._rows: dict[int, tuple[int, np.ndarray]] = {}      # request id -> (output tokens, its next mask row)
 
     def _matcher(self, seq: Sequence):
         """The request's matcher, having consumed exactly its output tokens so far."""
@@ -87,28 +82,40 @@ class Grammars:
         self._matchers[seq.request_id] = (m, len(seq.output))
         return m
 
+    def _row(self, seq: Sequence) -> np.ndarray:
+        """int32 [words]: the request's allowed next tokens after its output so far (kept: advance()
+        computed it at the last commit). A matcher in error (it cannot be, if every token came
+        through its mask) allows only EOS, so the request ends."""
+        kept = self._rows.get(seq.request_id)
+        if kept is not None and kept[0] == len(seq.output):
+            return kept[1]
+        m = self._matcher(seq)
+        if m.is_error():
+            row = _only(self.vocab.eos_ids, self.vocab.mask_words)
+        else:
+            row = np.empty(self.vocab.mask_words, np.int32)
+            m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+        self._rows[seq.request_id] = (len(seq.output), row)
+        return row
+
+    def advance(self, seqs: list[Sequence]) -> None:
+        """After a commit: the next mask row of each unfinished request that asks, now, while the
+        device is idle (the next step's masks() only gathers them)."""
+        for s in seqs:
+            if s.sampling.grammar is not None and s.state is not SeqState.FINISHED:
+                self._row(s)
+
     def masks(self, seqs: list[Sequence], rows: int) -> np.ndarray | None:
         """int32 [rows, words]: each row's allowed tokens (all, for rows without a grammar), or
-        None when no request of the step asks. A matcher in error (it cannot be, if every token
-        came through its mask) allows only EOS, so the request ends."""
+        None when no request of the step asks."""
         asking = [(r, s) for r, s in enumerate(seqs) if s.sampling.grammar is not None]
         if not asking:
             return None
         mask = np.full((rows, self.vocab.mask_words), -1, np.int32)
-        live = []
         for r, s in asking:
-            m = self._matcher(s)
-            if m.is_error():
-                mask[r] = _only(self.vocab.eos_ids, self.vocab.mask_words)
-            else:
-                live.append((m, r))
-        if len(live) >= PARALLEL_ROWS:
-            fill_next_token_bitmask_par(self._executor, live, mask)
-        else:                # llguidance.numpy's fill_next_token_bitmask, less its per-row checks
-            base, row_bytes = mask.ctypes.data, mask.strides[0]
-            for m, r in live:
-                m.unsafe_compute_mask_ptr(base + r * row_bytes, row_bytes)
+            mask[r] = self._row(s)
         return mask
 
     def release(self, request_id: int) -> None:
         self._matchers.pop(request_id, None)
+        self._rows.pop(request_id, None)
