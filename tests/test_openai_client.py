@@ -128,9 +128,10 @@ def test_json_schema_answers_through_the_official_client(chat):
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_calls_through_the_official_client(chat, stream):
     """tool_choice naming a function: one call to it, its arguments following its parameters'
-    schema, finish "stop"; "required": one or more calls to the tools, each one's arguments its
-    schema's, finish "tool_calls"; the tools reach the model through the template (a longer
-    prompt); an assistant message holding tool calls and a tool message go back in."""
+    schema (streamed as they come), finish "stop"; "required": one or more calls to the tools,
+    each one's arguments its schema's, finish "tool_calls"; the tools reach the model through the
+    template (a longer prompt); an assistant message holding tool calls and a tool message go
+    back in."""
     _, _, tok, _, _, _, servers = chat
     client = _client(servers["tools"][1])
     messages = _messages(fresh_rng())
@@ -141,14 +142,20 @@ def test_tool_calls_through_the_official_client(chat, stream):
                                                  temperature=1.0, seed=3, tools=[WEATHER, TIME], **kw)
             c = out.choices[0]
             return c.message.content, [t.model_dump() for t in c.message.tool_calls or []], c.finish_reason, out.usage
-        calls, content, reason = [], "", None
+        calls, content, reason, deltas = {}, "", None, 0
         for ch in client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=160, temperature=1.0,
                                                  seed=3, tools=[WEATHER, TIME], stream=True, **kw):
             d = ch.choices[0].delta
             content += d.content or ""
-            calls += [t.model_dump(exclude={"index"}) for t in d.tool_calls or []]
+            for t in d.tool_calls or []:              # deltas of a call by index, as the client merges them
+                deltas += 1
+                call = calls.setdefault(t.index, {"id": t.id, "type": t.type, "function": {"name": "", "arguments": ""}})
+                call["function"]["name"] += t.function.name or ""
+                call["function"]["arguments"] += t.function.arguments or ""
             reason = ch.choices[0].finish_reason or reason
-        return content or None, calls, reason, None
+        if kw["tool_choice"] != "required":
+            assert deltas > 2                          # a named call's arguments stream as they come
+        return content or None, [calls[i] for i in sorted(calls)], reason, None
     content, calls, reason, usage = ask(tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert content is None and reason == "stop" and len(calls) == 1
     assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")

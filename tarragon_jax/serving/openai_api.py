@@ -304,14 +304,14 @@ def new_id(chat: bool) -> str:
 def chunk(cid: str, req: CompletionRequest, text: str, reason: str | None, first: bool = False,
           logprobs: dict | None = None, index: int = 0, tool_calls: list | None = None) -> dict:
     """One stream chunk of choice `index`: a text delta (and, with reason, the end) and its
-    tokens' logprobs, or its tool calls (whole, at the end). A chat stream's first chunk of a
-    choice carries the assistant role, as OpenAI's does."""
+    tokens' logprobs, or tool_calls entries (openai_choices.Choice.delta_calls). A chat stream's
+    first chunk of a choice carries the assistant role, as OpenAI's does."""
     if not req.chat:
         choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
         return _answer(cid, req, "text_completion", [choice])
     delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
     if tool_calls:
-        delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(tool_calls)]
+        delta["tool_calls"] = tool_calls
     choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
     return _answer(cid, req, "chat.completion.chunk", [choice])
 

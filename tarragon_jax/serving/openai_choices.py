@@ -31,6 +31,9 @@ class Choice:
         self.echoed = (tokenizer.decode(req.prompt_ids) if tokenizer is not None else "") if req.echo else ""
         self._pending: list = []           # (token, TokenLogprob) not yet in a chunk
         self.tools = req.tool_choice.mode != "none"    # the text may be tool calls: held to the end
+        self.named = req.tool_choice.mode == "named"   # the text is one call's arguments: streamed as such
+        self.call_id = openai_tools.call_id() if self.named else None
+        self._streamed = False             # a named call's first arguments delta went out (it names the call)
         self.content: str | None = None    # once ended: the message content (None: tool calls alone)
         self.tool_calls: list | None = None
 
@@ -40,6 +43,18 @@ class Choice:
 
     def format(self, tokens: list) -> dict | None:
         return None if self.logprobs is None else self.logprobs.format(tokens)
+
+    def delta_calls(self, delta: str, ended: bool) -> tuple[str, list | None]:
+        """(content delta, tool_calls entries) of a stream chunk: a named call's arguments go
+        out as they come; other calls whole, in the last chunk."""
+        if self.named:
+            if not delta:
+                return "", None
+            first, self._streamed = not self._streamed, True
+            return "", [openai_tools.argument_delta(self.req.tool_choice, self.call_id, delta, first)]
+        if ended and self.tool_calls:
+            return delta, [dict(c, index=i) for i, c in enumerate(self.tool_calls)]
+        return delta, None
 
     async def chunks(self, finish: Callable[[int], Awaitable]):
         """(delta, None, its tokens' logprobs) per token with text (with echo, the prompt's
@@ -61,7 +76,7 @@ class Choice:
                 delta = "" if ev.finish_reason == "stop" else self.text.push(ev.token)
                 if ev.logprob is not None and ev.finish_reason != "stop":
                     self._pending.append((ev.token, ev.logprob))
-                if delta and not self.tools:
+                if delta and (self.named or not self.tools):
                     yield delta, None, self._taken()
                 if self.text.stopped:
                     reason = "stop"
@@ -74,10 +89,10 @@ class Choice:
         last, reason = self.text.finish(), openai_api.finish_reason(reason, self.text.stopped)
         self.content = self.echoed + self.text.released
         if self.tools:                          # the whole text, now: content and tool calls
-            self.content, self.tool_calls = openai_tools.calls(req.tool_choice, self.text.released)
-            last = self.content or ""
-            if self.tool_calls and req.tool_choice.mode != "named":
-                reason = "tool_calls"
+            self.content, self.tool_calls = openai_tools.calls(req.tool_choice, self.text.released, self.call_id)
+            if not self.named:
+                last = self.content or ""
+                reason = "tool_calls" if self.tool_calls else reason
         yield last, (reason, n), self._taken()
 
 

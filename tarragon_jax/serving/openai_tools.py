@@ -3,7 +3,8 @@
 The tools reach the model through the checkpoint's chat template (its `tools` variable, as
 transformers' apply_chat_template passes them). What the model answers becomes `tool_calls`:
 - a named function (`tool_choice: {"type": "function", "function": {"name"}}`): the answer is
-  that function's arguments, constrained to its `parameters` schema (workers/grammar.py);
+  that function's arguments, constrained to its `parameters` schema (workers/grammar.py), and a
+  stream sends them as they come, as OpenAI's tool_calls deltas;
 - "required": a JSON list of one or more {"name", "parameters"} calls, constrained to the
   tools' schemas (vLLM builds the same list schema);
 - "auto": the model decides; calls written as Hermes-style `<tool_call>{"name", "arguments"}
@@ -58,16 +59,27 @@ def parse(body: dict) -> tuple[list | None, ToolChoice, str | None]:
     return tools or None, ToolChoice(choice), None
 
 
-def _call(name: str, arguments) -> dict:
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _call(name: str, arguments, id_: str | None = None) -> dict:
     text = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": text}}
+    return {"id": id_ or call_id(), "type": "function", "function": {"name": name, "arguments": text}}
 
 
-def calls(choice: ToolChoice, text: str) -> tuple[str | None, list | None]:
+def argument_delta(choice: ToolChoice, id_: str, text: str, first: bool) -> dict:
+    """A stream's tool_calls entry for more of a named call's arguments (the first also names it)."""
+    if first:
+        return {"index": 0, "id": id_, "type": "function", "function": {"name": choice.name, "arguments": text}}
+    return {"index": 0, "function": {"arguments": text}}
+
+
+def calls(choice: ToolChoice, text: str, id_: str | None = None) -> tuple[str | None, list | None]:
     """(message content, tool_calls) of a finished answer: tool_calls None when there are none
-    (then the content is the text)."""
+    (then the content is the text). id_: the named call's id (its stream's)."""
     if choice.mode == "named":
-        return None, [_call(choice.name, text)]
+        return None, [_call(choice.name, text, id_)]
     if choice.mode == "required":
         try:
             return None, [_call(c["name"], c["parameters"]) for c in json.loads(text)]

@@ -561,11 +561,11 @@ def _app(s: Server) -> fastapi.FastAPI:
             try:
                 async for i, (delta, end, tokens) in merged(streams):
                     lp = choices[i].format(tokens)
+                    text, calls = choices[i].delta_calls(delta, end is not None)
+                    yield _sse(openai_api.chunk(cid, req, text, end and end[0], logprobs=lp, index=i,
+                                                tool_calls=calls))
                     if end is None:
-                        yield _sse(openai_api.chunk(cid, req, delta, None, logprobs=lp, index=i))
                         continue
-                    yield _sse(openai_api.chunk(cid, req, delta, end[0], logprobs=lp, index=i,
-                                                tool_calls=choices[i].tool_calls))
                     ended, n_tokens = ended + 1, n_tokens + end[1]
                     if ended < req.n:
                         continue
