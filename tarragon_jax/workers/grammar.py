@@ -2,9 +2,9 @@
 an llguidance grammar: a JSON schema's, a Lark grammar, a regex), computed by llguidance on the
 host of the AW that runs them, one bit per token, and applied on the device before sampling.
 
-Why llguidance: it needs only the tokenizer's JSON (xgrammar needs torch and transformers), and
-it computes a mask in ~0.05-0.1 ms a token on the demo's 2,048-token vocabulary
-(docs/flags.md). A matcher's state is a function of the grammar and the tokens it consumed,
+Why llguidance: it needs only the tokenizer's JSON (xgrammar's wheel requires torch,
+transformers and triton), and it computes a mask row in ~17 µs on the demo's 2,048-token
+vocabulary (docs/results.md, structured outputs). A matcher's state is a function of the grammar and the tokens it consumed,
 so an AW that receives a moved request, or replays a step, rebuilds or reuses it from the
 request's own output tokens: the mask, and so the token, is the same as on a failure-free run.
 A request's next mask row is computed when its token is committed (the device is idle then:
