@@ -30,8 +30,8 @@ class Choice:
         self.logprobs = None if req.sampling.logprobs is None else Logprobs(token_texts, req.chat)
         self.echoed = (tokenizer.decode(req.prompt_ids) if tokenizer is not None else "") if req.echo else ""
         self._pending: list = []           # (token, TokenLogprob) not yet in a chunk
-        self.tools = req.tool_choice.mode != "none"    # the text may be tool calls: held to the end
-        self.named = req.tool_choice.mode == "named"   # the text is one call's arguments: streamed as such
+        self.tools = req.tool_choice.mode != "none"    # the text may be tool calls: held to the end ...
+        self.named = req.tool_choice.mode == "named"   # ... but one call's arguments stream as they come
         self.call_id = openai_tools.call_id() if self.named else None
         self._streamed = False             # a named call's first arguments delta went out (it names the call)
         self.content: str | None = None    # once ended: the message content (None: tool calls alone)
