@@ -43,6 +43,8 @@ def _task_dir() -> str:
 
 def evaluate(model: str, model_args: dict) -> dict:
     """{"acc", "loglikelihoods": per example, per choice} of one lm-eval run."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")   # local data and checkpoint only: never the hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
     from lm_eval.tasks import TaskManager
     out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK], limit=FLAGS.limit,
