@@ -4,7 +4,8 @@ Endpoints (JSON in, JSON out; every error is OpenAI's {"error": {"message", "typ
 
   POST /generate             {"prompt_ids": [int] | "prompt": str, "max_new_tokens", "temperature",
                               "top_p", "seed", "stop_token_ids", "stream", "presence_penalty",
-                              "frequency_penalty", "repetition_penalty", "logit_bias": {"id": bias}}
+                              "frequency_penalty", "repetition_penalty", "logit_bias": {"id": bias},
+                              "grammar": an llguidance grammar}
                               -> {"request_id", "output_ids",
                               "text"?, "finish_reason", "ttft_s"}; stream: one JSON line per token, then
                               the summary line
