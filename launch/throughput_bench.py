@@ -151,10 +151,12 @@ def main(argv):
     if FLAGS.reverse_variants:
         variants = dict(reversed(variants.items()))
     runtimes = list(variants)                    # the measured variants, by name
-    tokenizer = serving_flags.tokenizer(ckpt, cfg)
-    vocab = serving_flags.vocabulary(tokenizer, serving_flags.eos_ids(ckpt, tokenizer), cfg)
-    if compared == ["grammar"] and vocab is None:
-        sys.exit("error: --compare_grammar needs a tokenizer (the checkpoint's tokenizer.json)")
+    vocab = None                                 # what grammars follow: only where they are measured
+    if compared == ["grammar"]:
+        tokenizer = serving_flags.tokenizer(ckpt, cfg)
+        vocab = serving_flags.vocabulary(tokenizer, serving_flags.eos_ids(ckpt, tokenizer), cfg)
+        if vocab is None:
+            sys.exit("error: --compare_grammar needs a tokenizer (the checkpoint's tokenizer.json)")
     built: dict = {}                             # variants of the same engine config share its engine
     engines = {}
     for rt, kw in variants.items():

@@ -39,8 +39,6 @@ def follows_schema(text: str) -> bool:
             and all(t in ("a", "b", "c") for t in obj.get("tags", [])) and len(obj.get("tags", [])) <= 3)
 
 
-
-
 def workload(seed, vocab):
     rng = np.random.default_rng(seed)
     early = [rng.integers(3, vocab, n).tolist() for n in (5, 13, 3, 9)]

@@ -145,22 +145,19 @@ class AttentionWorker:
         every AW (an expert's pairs of one step go to the same replicas from every AW)."""
         self.handle.check()
         R = len(batch.last_B)
-        # the host's work for the head first, while the device is idle (under the layers it runs
-        # ~5x slower on a CPU host: the same cores)
-        masks = None if self.grammars is None else self.grammars.masks(batch.seqs, R)
+        masks = None if self.grammars is None else self.grammars.masks(batch.seqs, R)   # rows kept from commit
         adjusts = adjust_inputs(batch.seqs, R, self.model.vocab_size)
         sp = [s.sampling for s in batch.seqs] + [batch.seqs[0].sampling] * (R - len(batch.seqs))
         names = ("ids", "pos", "slot", "tables", "last", "temperature", "top_p", "seed", "index", "step")
-        self._dev = dict(zip(names, self.handle.put((
+        inputs, self._masks, self._adjust = self.handle.put(((
             batch.ids_T, batch.pos_T, batch.slot_T, batch.tables_BxP, batch.last_B,
             np.array([p.temperature for p in sp], np.float32), np.array([p.top_p for p in sp], np.float32),
             np.array([p.seed for p in sp], np.uint32),
             np.array([len(s.output) for s in batch.seqs] + [0] * (R - len(batch.seqs)), np.int32),
-            np.uint32(step % 2**32)))))
+            np.uint32(step % 2**32)), masks, adjusts))                  # None (nobody asks) puts nothing
+        self._dev = dict(zip(names, inputs))
         self._carry = self.programs.call(stage.embed, self.model, self.params, self._dev["ids"])
         self._ys, self._inputs = self._no_answers(len(batch.ids_T)), {}
-        self._masks = None if masks is None else self.handle.put(masks)
-        self._adjust = None if adjusts is None else self.handle.put(adjusts)
         asked = [s.sampling.logprobs for s in batch.seqs if s.sampling.logprobs is not None]
         self._logprobs = logprob_k(max(asked), self.model.vocab_size) if asked else None
         self._scored = prompt_positions([(s, s.num_cached, n) for s, n in zip(batch.seqs, batch.chunks)])

@@ -15,6 +15,7 @@ rows are gathered into one array when it begins; never per layer. Host-only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import llguidance
 import numpy as np
@@ -50,8 +51,11 @@ def json_grammar(schema: dict) -> str:
     return grammar
 
 
+@functools.lru_cache(maxsize=256)
 def check_grammar(grammar: str) -> str:
-    """'' if llguidance accepts the grammar, else its error (for a clear 400)."""
+    """'' if llguidance accepts the grammar, else its error (for a clear 400). Cached: an API
+    request's grammar is checked where its schema is read and again where the engine admits it,
+    and clients send the same few schemas over and over."""
     return llguidance.LLMatcher.validate_grammar(grammar)
 
 
